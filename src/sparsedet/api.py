@@ -1,0 +1,111 @@
+"""The user-facing ``Detector``: presets, pretrained run folders and ``predict`` on raw images."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config, apply_overrides
+from .data.batch import Batch
+from .data.coco import load_image
+from .data.transforms import resize
+from .engine.checkpoint import load_run, save_run
+from .errors import SparsedetError
+from .models.detector import DetectionTransformer
+from .presets import get_preset
+
+ImageLike = Any  # path, PIL image, HxWx3 array (uint8 or float in [0, 1]) or (3, H, W) tensor in [0, 1]
+
+
+class Detector(DetectionTransformer):
+    """A detection transformer with loading, saving and prediction.
+
+    >>> model = Detector.from_preset("dino_tiny", num_classes=5)
+    >>> model.save_pretrained("run")
+    >>> model = Detector.from_pretrained("run")
+    >>> model.predict("image.png", threshold=0.5)[0]["boxes"]   # xyxy, original pixels
+    """
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Detector":
+        model = cls(config.model)
+        model.run_config = config
+        return model
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "Detector":
+        """Build a randomly initialised model; overrides are config fields (``num_classes=5``,
+        ``backbone.depth=18`` or ``train.lr=1e-4``)."""
+        config = apply_overrides(get_preset(name), overrides)
+        if config.model.classes:
+            config.model.num_classes = len(config.model.classes)
+        return cls.from_config(config)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu") -> "Detector":
+        """Load a run folder written by ``save_pretrained``, ``sparsedet train`` or ``convert``."""
+        config, state = load_run(run_dir)
+        config.model.backbone.weights = None  # the run's weights already hold the backbone
+        model = cls.from_config(config)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SparsedetError(
+                f"weights in {run_dir} do not fit its config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+        return model.to(map_location).eval()
+
+    def save_pretrained(self, run_dir: str | Path) -> None:
+        save_run(run_dir, self.state_dict(), getattr(self, "run_config", None) or Config(model=self.config))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config.classes or [str(i) for i in range(self.config.num_classes)]
+
+    @torch.no_grad()
+    def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5,
+                top_k: int | None = None, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+        """Detect objects.
+
+        Returns per image {"boxes": [n, 4] xyxy in original pixels, "scores": [n], "labels": [n]
+        (column index into ``classes``)}, sorted by score.
+        """
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        results = []
+        try:
+            for start in range(0, len(images), batch_size):
+                pils = [_to_pil(im) for im in images[start:start + batch_size]]
+                tensors, sizes = [], []
+                for im in pils:
+                    resized, _ = resize(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+                                        self.config.eval_size, self.config.eval_max_size)
+                    tensors.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
+                    sizes.append((im.height, im.width))
+                batch = Batch.from_images(tensors).to(device)
+                results += self.detect(batch, torch.tensor(sizes, device=device), threshold, top_k)
+        finally:
+            self.train(was_training)
+        return results
+
+
+def _to_pil(image: ImageLike) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise SparsedetError(f"image tensors must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
+        image = image.detach().cpu().permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise SparsedetError(f"image arrays must be (H, W, 3), got shape {image.shape}")
+        if image.dtype != np.uint8:
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        return Image.fromarray(image)
+    raise SparsedetError(f"cannot read an image from {type(image).__name__}; pass a path, PIL image, array or tensor")

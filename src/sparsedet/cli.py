@@ -1,0 +1,280 @@
+"""Command line: ``sparsedet <verb>``. Every verb has ``--help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import SparsedetError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return args.func(args) or 0
+    except SparsedetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsedet", description="Efficient detection transformers: train, evaluate, "
+                                "predict and convert on CPU or GPU.")
+    sub = p.add_subparsers(title="verbs", metavar="VERB")
+
+    s = sub.add_parser("demo", help="synth -> train -> eval -> predict on a synthetic dataset",
+                       description="Writes a synthetic COCO dataset, trains a small model for --minutes, evaluates "
+                       "it and draws predictions. Outputs DIR/metrics.json and DIR/predictions.png.")
+    s.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget (default 10)")
+    s.add_argument("--preset", default="dino_tiny", help="model preset (default dino_tiny)")
+    s.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("synth", help="write a deterministic synthetic COCO dataset",
+                       description="Writes DIR/train.json, DIR/val.json and the images they reference.")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--train", type=int, default=400, help="training images (default 400)")
+    s.add_argument("--val", type=int, default=100, help="validation images (default 100)")
+    s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("train", help="train a model on a COCO-format dataset",
+                       description="Trains PRESET (or continues from --weights RUN) and writes checkpoints, "
+                       "history.jsonl and metrics.json into --out. Any config field can be overridden as "
+                       "key.sub=value, e.g. train.max_steps=500 train.batch_size=4 model.num_queries=300.")
+    s.add_argument("--preset", help="model preset (see `sparsedet presets`)")
+    s.add_argument("--weights", help="start from this run folder instead of a preset (fine-tuning)")
+    s.add_argument("--train", required=True, dest="train_ann", help="training annotations (COCO json)")
+    s.add_argument("--val", dest="val_ann", help="validation annotations (COCO json)")
+    s.add_argument("--images", help="image root (default: each json's folder)")
+    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="COCO AP of a run folder or of a results file",
+                       description="Either --weights RUN (runs the model on --val) or --results DET.json "
+                       "(a COCO results file). Prints a table and writes DIR/metrics.json.")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="run folder")
+    src.add_argument("--results", help="COCO results json")
+    s.add_argument("--val", required=True, dest="val_ann", help="ground-truth annotations (COCO json)")
+    s.add_argument("--images", help="image root (default: the json's folder)")
+    s.add_argument("--out", help="folder for metrics.json (default: RUN, or . for --results)")
+    s.add_argument("--batch-size", type=int, default=4)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("predict", help="detect objects in images",
+                       description="Writes DIR/predictions.json (COCO results entries plus file_name; boxes in "
+                       "original pixels) and one drawn PNG per image.")
+    s.add_argument("--weights", required=True, help="run folder")
+    s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
+    s.add_argument("--top-k", type=int, default=None, help="at most K detections per image")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
+                       description="Sources: hf-deformable-detr (a folder written by Hugging Face "
+                       "save_pretrained).")
+    s.add_argument("--from", dest="source", required=True, choices=["hf-deformable-detr"])
+    s.add_argument("path", help="checkpoint file or folder")
+    s.add_argument("--out", required=True, help="run folder to write")
+    s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("check-data", help="validate a COCO-format dataset",
+                       description="Reports missing/unreadable images, degenerate or out-of-bounds boxes, duplicate "
+                       "ids, unknown category ids and images without annotations. Exit 0 when clean, 1 on errors.")
+    s.add_argument("--ann", required=True, help="annotations (COCO json)")
+    s.add_argument("--images", help="image root (default: the json's folder)")
+    s.set_defaults(func=cmd_check_data)
+
+    s = sub.add_parser("presets", help="list the model presets")
+    s.set_defaults(func=cmd_presets)
+    return p
+
+
+def cmd_presets(args) -> int:
+    from .presets import PRESETS
+    for name, fn in PRESETS.items():
+        print(f"{name:32s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .data.synthetic import write_synthetic
+    info = write_synthetic(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
+    print(f"wrote {info['train']} and {info['val']} ({info['num_images']['train']} + {info['num_images']['val']} images)")
+    return 0
+
+
+def _prepare_training(preset: str | None, weights: str | None, overrides: list[str], train_ann, val_ann, images):
+    """Config, model and datasets for a training run (classes come from the training json)."""
+    from .api import Detector
+    from .config import apply_overrides
+    from .engine.checkpoint import load_run
+    from .engine.trainer import make_datasets
+    from .presets import get_preset
+    if bool(preset) == bool(weights):
+        raise SparsedetError("give exactly one of --preset NAME or --weights RUN")
+    config = load_run(weights)[0] if weights else get_preset(preset)
+    apply_overrides(config, overrides)
+    train_set, val_set = make_datasets(config, train_ann, val_ann, images)
+    m = config.model
+    if weights:
+        model = Detector.from_pretrained(weights)
+        if list(model.config.category_ids) != list(train_set.category_ids):
+            raise SparsedetError(
+                f"{weights} was trained on categories {model.config.category_ids} but {train_ann} has "
+                f"{train_set.category_ids}; fine-tuning onto a new class set is not supported yet")
+        model.config, model.run_config = m, config
+        m.classes, m.category_ids, m.num_classes = train_set.classes, train_set.category_ids, len(train_set.classes)
+        return config, model, train_set, val_set
+    m.classes, m.category_ids, m.num_classes = train_set.classes, train_set.category_ids, len(train_set.classes)
+    return config, Detector.from_config(config), train_set, val_set
+
+
+def cmd_train(args) -> int:
+    from .engine.trainer import Trainer, seed_everything, set_threads
+    config_preview = None
+    config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides,
+                                                          args.train_ann, args.val_ann, args.images)
+    del config_preview
+    set_threads(config.train.threads)
+    seed_everything(config.train.seed)
+    trainer = Trainer(model, config, train_set, val_set, args.out, progress=not args.no_progress)
+    trainer.fit()
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine.evaluator import evaluate_coco, format_metrics, load_results
+    if args.results:
+        metrics = evaluate_coco(args.val_ann, load_results(args.results))
+        out = Path(args.out or ".")
+    else:
+        from .api import Detector
+        from .data.coco import CocoDetection
+        from .data.transforms import build_transforms
+        from .engine.trainer import evaluate
+        model = Detector.from_pretrained(args.weights)
+        tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
+        dataset = CocoDetection(args.val_ann, args.images, tf)
+        if model.config.category_ids and list(model.config.category_ids) != list(dataset.category_ids):
+            unknown = sorted(set(model.config.category_ids) - set(dataset.category_ids))
+            if unknown:
+                raise SparsedetError(f"the model predicts category ids {unknown} that {args.val_ann} does not have; "
+                                     "evaluate on a dataset with the model's categories")
+        metrics, _ = evaluate(model, dataset, args.batch_size)
+        out = Path(args.out or args.weights)
+    print(format_metrics(metrics))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _collect_images(inputs: list[str]) -> list[Path]:
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SparsedetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SparsedetError(f"image or folder not found: {path}")
+    return files
+
+
+def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top_k: int | None) -> list[dict]:
+    """Run ``model`` on files; write predictions.json and one drawn PNG per image."""
+    from tqdm import tqdm
+
+    from .data.coco import load_image
+    from .tools.draw import draw_detections
+    out.mkdir(parents=True, exist_ok=True)
+    ids = model.config.category_ids or list(range(model.num_classes))
+    entries, drawn = [], []
+    for i, path in enumerate(tqdm(files, desc="predict", disable=len(files) < 4)):
+        image = load_image(path)
+        det = model.predict(image, threshold=threshold, top_k=top_k)[0]
+        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            x1, y1, x2, y2 = box
+            entries.append({"file_name": str(path), "image_id": i, "category_id": ids[label],
+                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                            "score": round(score, 5)})
+        picture = draw_detections(image, det, model.classes)
+        picture.save(out / f"{path.stem}_pred.png")
+        drawn.append(picture)
+    (out / "predictions.json").write_text(json.dumps(entries, indent=1))
+    return drawn
+
+
+def cmd_predict(args) -> int:
+    from .api import Detector
+    model = Detector.from_pretrained(args.weights)
+    files = _collect_images(args.inputs)
+    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k)
+    print(f"wrote {Path(args.out) / 'predictions.json'} and {len(files)} drawn images")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .tools.convert import convert_to_run
+    convert_to_run(args.source, args.path, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    from .data.check import check_dataset, format_problems
+    problems = check_dataset(args.ann, args.images)
+    print(format_problems(problems) if problems else f"{args.ann}: no problems found")
+    return 1 if any(p.severity == "error" for p in problems) else 0
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from .data.synthetic import write_synthetic
+    from .engine.trainer import Trainer, seed_everything
+    from .tools.draw import grid
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    info = write_synthetic(out / "data", n_train=400, n_val=100, size=256, seed=args.seed)
+    print(f"[1/4] synthetic dataset: {info['num_images']['train']} train / {info['num_images']['val']} val images "
+          f"in {out / 'data'}")
+    overrides = [f"train.minutes={args.minutes}", "train.max_steps=1000000", f"train.seed={args.seed}"] + args.overrides
+    config, model, train_set, val_set = _prepare_training(args.preset, None, overrides, info["train"], info["val"], None)
+    seed_everything(config.train.seed)
+    print(f"[2/4] training {args.preset} for {args.minutes:g} min")
+    trainer = Trainer(model, config, train_set, val_set, out / "run", progress=True)
+    metrics = trainer.fit()
+    (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
+    print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")
+    val_images = sorted((out / "data" / "images" / "val").glob("*.png"))[:8]
+    drawn = predict_to_folder(model, val_images, out / "predictions", 0.5, None)
+    grid(drawn).save(out / "predictions.png")
+    print(f"[4/4] drew predictions on {len(drawn)} val images: {out / 'predictions.png'} "
+          f"(total {time.perf_counter() - t0:.0f} s)")
+    return 0

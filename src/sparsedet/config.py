@@ -1,0 +1,203 @@
+"""Dataclass configs with JSON round-trip and dotted ``key.sub=value`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SparsedetError
+
+
+@dataclass
+class BackboneConfig:
+    depth: int = 50
+    width: int = 64                 # stem channels; 64 = the standard ResNet
+    weights: str | None = None      # torchvision-format ImageNet file
+    frozen_stages: int = 1          # stem + layer1 frozen, as in DETR recipes
+    norm: str = "frozen_bn"         # "frozen_bn" (pretrained) or "bn" (trainable, for training from scratch)
+    return_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+
+
+@dataclass
+class LossConfig:
+    cls_weight: float = 2.0
+    bbox_weight: float = 5.0
+    giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    match_cls: float = 2.0
+    match_bbox: float = 5.0
+    match_giou: float = 2.0
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "deformable"        # "deformable" | "dino"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    classes: list[str] = field(default_factory=list)        # names per logit column
+    category_ids: list[int] = field(default_factory=list)   # dataset category id per logit column
+    num_classes: int = 91
+    hidden_dim: int = 256
+    ffn_dim: int = 1024
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    num_levels: int = 4
+    enc_points: int = 4
+    dec_points: int = 4
+    dropout: float = 0.1
+    num_queries: int = 300
+    two_stage: bool = False
+    box_refine: bool = False
+    pos_temperature: float = 10000.0
+    pos_offset: float = -0.5        # Deformable DETR centres cells at (i + 0.5); DINO uses 0
+    sigmoid_eps: float = 1e-5
+    dn_queries: int = 0             # DINO contrastive denoising: 100
+    dn_label_noise: float = 0.5
+    dn_box_noise: float = 1.0
+    top_k: int = 100                # detections kept per image by post-processing
+    eval_size: int = 800            # preprocessing: shorter side at inference (pixels)
+    eval_max_size: int = 1333       # preprocessing: longer side at most (pixels)
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class DataConfig:
+    train_scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
+    max_size: int = 1333
+    crop: bool = True
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_range: list[int] = field(default_factory=lambda: [384, 600])
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1   # sampling offsets / reference points
+    weight_decay: float = 1e-4
+    batch_size: int = 2
+    max_steps: int = 0                 # 0: use epochs
+    epochs: int = 50
+    lr_drop: float = 0.8               # fraction of training after which lr drops x0.1
+    warmup_steps: int = 0
+    clip_grad: float = 0.1
+    minutes: float = 0.0               # wall-clock budget; 0 = none
+    eval_every: int = 0                # steps; 0 = at the end only
+    checkpoint_every: int = 0          # steps; 0 = at evaluations and at the end
+    log_every: int = 20
+    seed: int = 42
+    device: str = "auto"
+    amp: str = "none"                  # "none" | "bf16" | "auto" (bf16 where the device runs it natively)
+    threads: int = 0                   # 0 = torch default
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _build(cls, d, "")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise SparsedetError(f"config not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise SparsedetError(f"malformed config {path}: {e}") from None
+
+
+def _build(cls, d: dict, prefix: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            _unknown(prefix + key, [prefix + n for n in names])
+        sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub()):
+            value = _build(type(sub()), value, prefix + key + ".")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _unknown(key: str, known: list[str]):
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    raise SparsedetError(f"unknown config key {key!r}{hint}")
+
+
+def parse_value(text: str) -> Any:
+    """JSON value if it parses (numbers, true/false, null, lists), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lowered = text.lower()
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        if lowered in ("none", "null"):
+            return None
+        return text
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Config:
+    """Set fields by dotted key, e.g. ``{"train.max_steps": 100}`` or ``["train.max_steps=100"]``.
+
+    Keys may omit the leading ``model.`` for model fields (``hidden_dim=128``).
+    """
+    if isinstance(overrides, list):
+        parsed = {}
+        for item in overrides:
+            if "=" not in item:
+                raise SparsedetError(f"override {item!r} is not of the form key.sub=value")
+            k, v = item.split("=", 1)
+            parsed[k.strip()] = parse_value(v.strip())
+        overrides = parsed
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] not in ("model", "data", "train"):
+            parts = ["model"] + parts
+        obj = config
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                known = [".".join(parts[:i] + [f.name]) for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+                _unknown(".".join(parts), known)
+            if i == len(parts) - 1:
+                setattr(obj, part, _coerce(getattr(obj, part), value, ".".join(parts)))
+            else:
+                obj = getattr(obj, part)
+    return config
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    if current is None or value is None or isinstance(current, (list, dict)):
+        return value
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise SparsedetError(f"{key} expects true or false, got {value!r}")
+        return value
+    if isinstance(current, (int, float)) and not isinstance(value, bool):
+        try:
+            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float) and not value.is_integer()) else value
+        except (TypeError, ValueError):
+            raise SparsedetError(f"{key} expects a number, got {value!r}") from None
+    if isinstance(current, str) and not isinstance(value, str):
+        return str(value)
+    return value

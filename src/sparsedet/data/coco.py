@@ -1,0 +1,187 @@
+"""COCO-json detection dataset with category-id mapping and clear validation errors.
+
+Category ids (any integers) map to contiguous labels 0..C-1 in increasing id order.
+Boxes in the json are COCO ``[x, y, w, h]`` pixels; targets hold cxcywh normalised to
+the transformed image size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..errors import SparsedetError
+from .transforms import ToTensorAndNormaliseBoxes
+
+REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def read_coco_json(ann_file: str | Path) -> dict:
+    """Parse a COCO json and check its top-level shape; SparsedetError on any problem."""
+    path = Path(ann_file)
+    if not path.is_file():
+        raise SparsedetError(f"annotation file not found: {path}. Pass the path of an existing "
+                             "COCO-format .json file.")
+    try:
+        data = json.loads(path.read_bytes())
+    except json.JSONDecodeError as err:
+        raise SparsedetError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column "
+                             f"{err.colno}. Fix the file there or export it again.") from None
+    except UnicodeDecodeError as err:
+        raise SparsedetError(f"{path} is not valid JSON text ({err.reason} at byte {err.start}). "
+                             "Save it as UTF-8.") from None
+    if not isinstance(data, dict):
+        raise SparsedetError(f"{path} holds a JSON {type(data).__name__}, not a COCO object with "
+                             "'images', 'annotations' and 'categories'.")
+    missing = [key for key in REQUIRED_KEYS if not isinstance(data.get(key), list)]
+    if missing:
+        raise SparsedetError(f"{path} lacks the list(s) {', '.join(repr(k) for k in missing)}. A COCO "
+                             "detection file needs top-level 'images', 'annotations' and 'categories' lists.")
+    return data
+
+
+def require(entry: object, keys: tuple[str, ...], what: str, path: Path) -> dict:
+    """Return ``entry`` if it is a dict holding ``keys``, else raise naming ``what`` in ``path``."""
+    if not isinstance(entry, dict):
+        raise SparsedetError(f"{what} in {path} is not a JSON object.")
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise SparsedetError(f"{what} in {path} lacks {', '.join(repr(k) for k in missing)}; "
+                             f"add {'it' if len(missing) == 1 else 'them'} or remove the entry.")
+    return entry
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB (pixels as stored; no EXIF rotation). SparsedetError if unreadable."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise SparsedetError(f"image not found: {path}. Check the images folder and the file_name "
+                             "entries of the annotation file.") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise SparsedetError(f"cannot read image {path} ({err}). Replace the file or remove "
+                             "its entry.") from None
+
+
+class CocoDetection(Dataset):
+    """Detection samples from a COCO json.
+
+    ``dataset[i]`` is ``(image, target)`` or ``None`` when the image cannot be read (a
+    warning names the file). image: float (3, H, W) in [0, 1] RGB after ``transforms``.
+    target: ``labels`` long [n] (contiguous), ``boxes`` float [n, 4] cxcywh normalised to
+    the transformed image, ``image_id`` int, ``orig_size`` long [2] (h, w) of the file,
+    ``size`` long [2] (h, w) after transforms.
+
+    ``transforms`` takes and returns ``(image, target)`` with boxes in absolute xyxy
+    pixels, and must end with :class:`ToTensorAndNormaliseBoxes` (as
+    ``build_transforms`` does); by default only that step is applied.
+    """
+
+    def __init__(self, ann_file: str | Path, images_root: str | Path | None = None,
+                 transforms: Callable | None = None):
+        self.ann_file = Path(ann_file)
+        self.images_root = Path(images_root) if images_root is not None else self.ann_file.parent
+        self.transforms = transforms if transforms is not None else ToTensorAndNormaliseBoxes()
+        self.coco = read_coco_json(self.ann_file)
+        path = self.ann_file
+        if not self.coco["images"]:
+            raise SparsedetError(f"{path} contains no images; add entries to 'images' or pick "
+                                 "another annotation file.")
+        categories = [require(c, ("id", "name"), f"category #{i}", path)
+                      for i, c in enumerate(self.coco["categories"])]
+        if not categories:
+            raise SparsedetError(f"{path} defines no categories; add entries to 'categories'.")
+        categories.sort(key=lambda c: c["id"])
+        self.category_ids: list[int] = [c["id"] for c in categories]
+        self.classes: list[str] = [str(c["name"]) for c in categories]
+        if len(set(self.category_ids)) != len(categories):
+            raise SparsedetError(f"{path} repeats a category id; each category needs its own id.")
+        label_of = {cid: label for label, cid in enumerate(self.category_ids)}
+
+        self._images = [require(img, ("id", "file_name", "width", "height"), f"image #{i}", path)
+                        for i, img in enumerate(self.coco["images"])]
+        self.image_ids: list[int] = [img["id"] for img in self._images]
+        index_of = {img_id: i for i, img_id in enumerate(self.image_ids)}
+        if len(index_of) != len(self.image_ids):
+            raise SparsedetError(f"{path} repeats an image id; each image needs its own id.")
+
+        boxes: list[list[list[float]]] = [[] for _ in self._images]
+        labels: list[list[int]] = [[] for _ in self._images]
+        self.num_degenerate = 0
+        self.num_crowd = 0
+        degenerate_example = None
+        for i, ann in enumerate(self.coco["annotations"]):
+            ann = require(ann, ("image_id", "category_id", "bbox"), f"annotation #{i}", path)
+            ann_id = ann.get("id", f"#{i}")
+            if ann["image_id"] not in index_of:
+                raise SparsedetError(f"annotation id {ann_id} in {path} refers to image id "
+                                     f"{ann['image_id']}, which is not in 'images'. Add the image or "
+                                     "remove the annotation.")
+            if ann["category_id"] not in label_of:
+                raise SparsedetError(f"annotation id {ann_id} in {path} has category id "
+                                     f"{ann['category_id']}, which is not in 'categories' (known: "
+                                     f"{self.category_ids}). Add the category or fix the annotation.")
+            if ann.get("iscrowd", 0):
+                self.num_crowd += 1  # crowd regions are ignored for training, as in DETR
+                continue
+            index = index_of[ann["image_id"]]
+            box = clipped_xyxy(ann["bbox"], self._images[index]["width"], self._images[index]["height"])
+            if box is None:
+                self.num_degenerate += 1
+                degenerate_example = ann_id if degenerate_example is None else degenerate_example
+                continue
+            boxes[index].append(box)
+            labels[index].append(label_of[ann["category_id"]])
+        self._boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes]
+        self._labels = [np.asarray(lab, dtype=np.int64) for lab in labels]
+        if self.num_degenerate:
+            warnings.warn(f"{path}: dropped {self.num_degenerate} degenerate box(es) (no area inside "
+                          f"the image, non-finite or malformed), e.g. annotation id {degenerate_example}. "
+                          "Run `sparsedet check-data` to list them.", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict] | None:
+        info = self._images[index]
+        try:
+            image = load_image(self.images_root / info["file_name"])
+        except SparsedetError as err:
+            warnings.warn(f"skipping image id {info['id']}: {err}", stacklevel=2)
+            return None
+        width, height = image.size
+        boxes = torch.from_numpy(self._boxes[index].copy())
+        labels = torch.from_numpy(self._labels[index].copy())
+        # The json's width/height may disagree with the file: keep boxes inside the real image.
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = {"boxes": boxes[keep], "labels": labels[keep], "image_id": info["id"],
+                  "orig_size": torch.tensor([height, width])}
+        image, target = self.transforms(image, target)
+        target["size"] = torch.tensor([image.shape[-2], image.shape[-1]])
+        return image, target
+
+
+def clipped_xyxy(bbox: object, width: float, height: float) -> list[float] | None:
+    """COCO ``[x, y, w, h]`` -> xyxy clipped to the image, or None if degenerate or malformed."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return None
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+        return None
+    x, y, w, h = bbox
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, width), min(y + h, height)
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return [x1, y1, x2, y2]

@@ -1,0 +1,259 @@
+"""COCO box AP with pycocotools semantics (computed by faster-coco-eval), per-class AP, results json.
+
+Detections in the COCO results format are dicts ``{"image_id", "category_id", "bbox": [x, y, w, h]
+in original image pixels, "score"}``. Metrics are fractions in [0, 1]; -1 means undefined (no ground
+truth in that area range or category), exactly as pycocotools' ``stats``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from faster_coco_eval import COCO, COCOeval_faster
+
+from sparsedet.errors import SparsedetError
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_STAT_MEANINGS = (
+    "IoU=0.50:0.95  area=all     maxDets=100",
+    "IoU=0.50       area=all     maxDets=100",
+    "IoU=0.75       area=all     maxDets=100",
+    "IoU=0.50:0.95  area=small   maxDets=100",
+    "IoU=0.50:0.95  area=medium  maxDets=100",
+    "IoU=0.50:0.95  area=large   maxDets=100",
+    "IoU=0.50:0.95  area=all     maxDets=1",
+    "IoU=0.50:0.95  area=all     maxDets=10",
+    "IoU=0.50:0.95  area=all     maxDets=100",
+    "IoU=0.50:0.95  area=small   maxDets=100",
+    "IoU=0.50:0.95  area=medium  maxDets=100",
+    "IoU=0.50:0.95  area=large   maxDets=100",
+)
+_RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
+_RESULTS_HINT = 'each detection needs "image_id", "category_id", "bbox": [x, y, w, h] and "score"'
+
+
+def _read_json(path: str | Path, what: str) -> object:
+    path = Path(path)
+    if not path.is_file():
+        raise SparsedetError(f"{what} file {path} not found; check the path")
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SparsedetError(f"{what} file {path} is not valid JSON ({err}); re-export it") from None
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Read a COCO results json (a list of detections, bbox xywh in pixels)."""
+    data = _read_json(path, "results")
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise SparsedetError(f"results file {path} must hold a JSON list of detections; {_RESULTS_HINT}")
+    return data
+
+
+def save_results(results: list[dict], path: str | Path) -> None:
+    """Write detections in the COCO results format (the inverse of `load_results`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results), encoding="utf-8")
+    tmp.replace(path)  # atomic: a crash never leaves a half-written results file
+
+
+def _ground_truth(gt: dict | str | Path) -> dict:
+    """A private, evaluator-ready copy of the ground truth (the caller's dict is never touched)."""
+    data = _read_json(gt, "ground-truth") if isinstance(gt, (str, Path)) else gt
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), list)
+                                         for k in ("images", "annotations", "categories")):
+        raise SparsedetError('ground truth must be a COCO dict with "images", "annotations" and "categories" lists')
+    data = {k: copy.deepcopy(data[k]) for k in ("images", "annotations", "categories")}
+    for new_id, ann in enumerate(data["annotations"], start=1):
+        missing = [k for k in ("image_id", "category_id", "bbox") if k not in ann]
+        if missing:
+            raise SparsedetError(f"ground-truth annotation {ann.get('id', new_id - 1)!r} is missing "
+                                 f"{', '.join(map(repr, missing))}; fix the annotation file")
+        # The evaluator uses annotation id 0 as "unmatched" and keys by id: renumber so that
+        # 0-based or duplicated ids in a dataset cannot skew the matching.
+        ann["id"] = new_id
+        if "area" not in ann:
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        ann.setdefault("iscrowd", 0)
+    return data
+
+
+def _numbers(det: dict, i: int) -> tuple[list[float], float]:
+    """Detection `i`'s bbox and score as floats, or the error that names what is wrong with them."""
+    try:
+        bbox, score = [float(v) for v in det["bbox"]], float(det["score"])
+    except (TypeError, ValueError):
+        bbox, score = [math.nan], math.nan
+    if not all(map(math.isfinite, [*bbox, score])):
+        raise SparsedetError(
+            f"detection {i} has a non-finite or non-numeric bbox/score "
+            f"(bbox={det['bbox']!r}, score={det['score']!r}); {_RESULTS_HINT}"
+        )
+    if len(bbox) != 4 or bbox[2] < 0 or bbox[3] < 0:
+        raise SparsedetError(
+            f"detection {i} has bbox {det['bbox']!r}; it must be [x, y, width, height] in pixels "
+            "with width, height >= 0 (convert xyxy boxes to xywh)"
+        )
+    return bbox, score
+
+
+def _clean_detections(detections: Iterable[dict], image_ids: dict, category_ids: dict) -> list[dict]:
+    """Validated copies holding only the four result keys (extra keys such as file_name are dropped).
+
+    `image_ids` / `category_ids` map each ground-truth id to itself, so that an equal value of
+    another type (3.0 for 3) is replaced by the ground truth's own id.
+    """
+    clean, bad_images, bad_categories = [], {}, {}
+    for i, det in enumerate(detections):
+        if not isinstance(det, dict):
+            raise SparsedetError(f"detection {i} is a {type(det).__name__}, not a dict; {_RESULTS_HINT}")
+        missing = [k for k in _RESULT_KEYS if k not in det]
+        if missing:
+            raise SparsedetError(f"detection {i} is missing {', '.join(map(repr, missing))}; {_RESULTS_HINT}")
+        bbox, score = _numbers(det, i)
+        image_id, category_id = det["image_id"], det["category_id"]
+        if image_id not in image_ids:
+            bad_images.setdefault(image_id, i)
+        if category_id not in category_ids:
+            bad_categories[category_id] = bad_categories.get(category_id, 0) + 1
+        if not bad_images and not bad_categories:
+            clean.append({"image_id": image_ids[image_id], "category_id": category_ids[category_id],
+                          "bbox": bbox, "score": score})
+    if bad_categories:
+        counts = ", ".join(f"{c!r} (in {n} detection{'s' * (n > 1)})" for c, n in list(bad_categories.items())[:5])
+        counts += f" and {len(bad_categories) - 5} more" if len(bad_categories) > 5 else ""
+        raise SparsedetError(
+            f"category_id {counts} {'is' if len(bad_categories) == 1 else 'are'} not in the ground truth "
+            f"(known ids: {sorted(category_ids)}); "
+            "the model's classes must match the dataset's categories, so evaluate with a model "
+            "trained on this dataset or fix its class list"
+        )
+    if bad_images:
+        image_id, i = next(iter(bad_images.items()))
+        raise SparsedetError(
+            f"detection {i} is on image_id {image_id!r}, which is not in the ground truth "
+            f"({len(bad_images)} unknown image ids in all); evaluate against the annotation file "
+            "the detections were made for"
+        )
+    return clean
+
+
+def _undefined_mean(values: np.ndarray) -> float:
+    """Mean over defined entries (> -1), or -1 when there are none, as pycocotools summarises."""
+    defined = values[values > -1]
+    return float(defined.mean()) if defined.size else -1.0
+
+
+def evaluate_coco(
+    gt: dict | str | Path, detections: list[dict], *, per_class: bool = True, quiet: bool = True
+) -> dict:
+    """COCO box metrics of `detections` (results format, xywh pixels) against ground truth `gt`.
+
+    `gt` is a COCO dict or a path to one. Returns the 12 pycocotools ``stats`` under `STAT_NAMES`
+    and, when `per_class`, ``"per_class": {category name: AP@[.50:.95]}`` (-1 = no ground truth).
+    """
+    data = _ground_truth(gt)
+    image_ids = {img["id"]: img["id"] for img in data["images"]}
+    category_ids = {cat["id"]: cat["id"] for cat in data["categories"]}
+    results = _clean_detections(detections, image_ids, category_ids)
+
+    say = print if not quiet else (lambda *args, **kwargs: None)
+    coco_gt = COCO(data, print_function=say)
+    coco_dt = coco_gt.loadRes(results)
+    evaluation = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=say)
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+
+    metrics: dict = {name: float(v) for name, v in zip(STAT_NAMES, evaluation.stats[: len(STAT_NAMES)])}
+    if per_class:
+        names = {cat["id"]: str(cat.get("name", cat["id"])) for cat in data["categories"]}
+        repeated = {name for name, n in Counter(names.values()).items() if n > 1}
+        precision = np.asarray(evaluation.eval["precision"])  # [IoU, recall, class, area, maxDets]
+        metrics["per_class"] = {}
+        for k, cat_id in enumerate(evaluation.params.catIds):
+            name = f"{names[cat_id]} ({cat_id})" if names[cat_id] in repeated else names[cat_id]
+            metrics["per_class"][name] = _undefined_mean(precision[:, :, k, 0, -1])
+    return metrics
+
+
+class Evaluator:
+    """Collects a model's detections over an evaluation pass and scores them with `evaluate_coco`.
+
+    `category_ids[i]` is the original COCO category id of the model's contiguous label ``i``.
+    An image updated twice (e.g. the padding a distributed sampler adds) counts once: the last wins.
+    """
+
+    def __init__(self, gt: dict, category_ids: list[int]):
+        self.gt = gt
+        known = {cat["id"] for cat in gt.get("categories", [])}
+        unknown = [c for c in category_ids if c not in known]
+        if unknown:
+            raise SparsedetError(
+                f"the model's category ids {unknown} are not in the ground truth (known ids: {sorted(known)}); "
+                "the model's classes must match the dataset's categories"
+            )
+        self.category_ids = list(category_ids)
+        self._image_ids = {img["id"] for img in gt.get("images", [])}
+        self._per_image: dict[int, list[dict]] = {}
+
+    def update(self, image_ids: list[int], detections: list[dict]) -> None:
+        """Add one batch. Each detection: "boxes" [n,4] xyxy in original pixels, "scores" [n], "labels" [n]."""
+        if len(image_ids) != len(detections):
+            raise ValueError(f"{len(image_ids)} image ids for {len(detections)} detection dicts")
+        for image_id, det in zip(image_ids, detections):
+            image_id = int(image_id)
+            if image_id not in self._image_ids:
+                raise SparsedetError(f"image_id {image_id} is not in the ground truth; the data loader and "
+                                     "the annotation file must describe the same images")
+            boxes = det["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
+            labels = [int(label) for label in det["labels"].detach().cpu().reshape(-1).tolist()]
+            scores = det["scores"].detach().cpu().reshape(-1).tolist()
+            bad = [label for label in labels if not 0 <= label < len(self.category_ids)]
+            if bad:
+                raise SparsedetError(
+                    f"label {bad[0]} on image {image_id} is outside the model's {len(self.category_ids)} classes; "
+                    "the model's classes must match the dataset's categories"
+                )
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+            self._per_image[image_id] = [
+                # 1/1000 pixel is far below what changes an IoU decision; keeps results json small
+                {"image_id": image_id, "category_id": self.category_ids[label],
+                 "bbox": [round(v, 3) for v in box], "score": score}
+                for box, score, label in zip(xywh, scores, labels)
+            ]
+
+    def results(self) -> list[dict]:
+        """All detections so far in the COCO results format (xywh pixels, original category ids)."""
+        return [entry for entries in self._per_image.values() for entry in entries]
+
+    def compute(self, per_class: bool = True) -> dict:
+        """COCO metrics of everything collected so far (see `evaluate_coco`)."""
+        return evaluate_coco(self.gt, self.results(), per_class=per_class)
+
+
+def format_metrics(metrics: dict) -> str:
+    """An aligned terminal table: the 12 COCO stats, then per-class AP. Undefined (-1) shows as n/a."""
+
+    def show(value: float) -> str:
+        return "  n/a" if value < 0 else f"{value:.3f}"
+
+    lines = [f"{'metric':<6}  {'value':>5}  setting"]
+    lines += [f"{name:<6}  {show(metrics[name]):>5}  {meaning}"
+              for name, meaning in zip(STAT_NAMES, _STAT_MEANINGS) if name in metrics]
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        width = max(len("class"), *(len(name) for name in per_class))
+        lines += ["", f"{'class':<{width}}  {'AP':>5}"]
+        lines += [f"{name:<{width}}  {show(ap):>5}" for name, ap in per_class.items()]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Deformable decoder with iterative box refinement (Deformable DETR and DINO conventions)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...nn.attention import MSDeformAttn
+from ...nn.mlp import MLP
+from ...nn.neck import MultiLevel
+from ...nn.position import sine_embed_coords
+from ...ops.functional import inverse_sigmoid
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Self-attention (q = k = tgt + pos) -> norm2 -> deformable cross-attention -> norm1 -> FFN -> norm3."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor,
+                shapes: list[tuple[int, int]], memory_padding: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        q = tgt + query_pos
+        x = self.self_attn(q, q, tgt, attn_mask=attn_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout(x))
+        x = self.cross_attn(tgt + query_pos, reference, memory, shapes, memory_padding)
+        tgt = self.norm1(tgt + self.dropout(x))
+        x = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout(x))
+
+
+class DeformableDecoder(nn.Module):
+    """Stack of deformable decoder layers.
+
+    Args:
+        query_pos_from_reference: DINO: query_pos = ref_point_head(sine(reference)) at every layer.
+        final_norm: DINO: a shared LayerNorm on every layer's output before the heads.
+        look_forward_twice: DINO: layer l predicts from the undetached refined box of layer l-1.
+        eps: inverse-sigmoid floor (1e-5 Deformable DETR, 1e-3 DINO).
+    """
+
+    def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float, num_levels: int,
+                 num_heads: int, num_points: int, query_pos_from_reference: bool = False,
+                 final_norm: bool = False, look_forward_twice: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            DeformableDecoderLayer(dim, ffn_dim, dropout, num_levels, num_heads, num_points) for _ in range(num_layers))
+        self.ref_point_head = MLP(2 * dim, dim, dim, 2) if query_pos_from_reference else None
+        self.norm = nn.LayerNorm(dim) if final_norm else None
+        self.look_forward_twice, self.eps, self.dim = look_forward_twice, eps, dim
+
+    def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: MultiLevel,
+                query_pos: Tensor | None = None, attn_mask: Tensor | None = None,
+                box_heads: list[Callable[[Tensor], Tensor]] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """
+        Args:
+            tgt: [B, Q, C]; reference: [B, Q, 2|4] in [0, 1] of the valid image.
+            box_heads: per-layer box-delta heads for iterative refinement (None: references stay fixed).
+        Returns:
+            (outputs per layer [B, Q, C], references per layer that the layer's box delta is added to).
+        """
+        ratios = levels.valid_ratios
+        outputs, pred_refs = [], []
+        prev_undetached = reference
+        for lid, layer in enumerate(self.layers):
+            scale = torch.cat([ratios, ratios], -1) if reference.shape[-1] == 4 else ratios
+            ref_input = reference[:, :, None] * scale[:, None]
+            pos = query_pos
+            if self.ref_point_head is not None:
+                pos = self.ref_point_head(sine_embed_coords(ref_input[:, :, 0], self.dim // 2, 10000.0, "yxwh"))
+            tgt = layer(tgt, pos, ref_input, memory, levels.shapes, levels.padding, attn_mask)
+            pred_refs.append(prev_undetached if self.look_forward_twice else reference)
+            outputs.append(self.norm(tgt) if self.norm is not None else tgt)
+            if box_heads is not None:
+                delta = box_heads[lid](tgt)
+                if reference.shape[-1] == 4:
+                    new_ref = (delta + inverse_sigmoid(reference, self.eps)).sigmoid()
+                else:
+                    new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference, self.eps), delta[..., 2:]], -1).sigmoid()
+                prev_undetached = new_ref
+                reference = new_ref.detach()
+        return outputs, pred_refs

@@ -1,0 +1,130 @@
+"""DetectionTransformer: backbone -> neck -> encoder -> queries -> decoder -> heads -> post-processing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..data.batch import Batch
+from ..errors import SparsedetError
+from ..nn.attention import MSDeformAttn
+from ..nn.backbone import ResNet
+from ..nn.neck import Neck
+from .decoders.deformable import DeformableDecoder
+from .denoising import ContrastiveDenoising
+from .encoders.dense import DenseEncoder
+from .heads import PredictionHeads, postprocess
+from .queries import LearnedQueries, ProposalQueries
+
+KINDS = ("deformable", "dino")
+
+
+@dataclass
+class DetectorOutput:
+    """Raw model output.
+
+    logits: [B, Q, C] (sigmoid, no background column); boxes: [B, Q, 4] normalised cxcywh of the
+    unpadded image; aux: earlier decoder layers, each {"logits", "boxes"}; enc: two-stage encoder
+    predictions {"logits", "boxes", "binary"} or None; dn: denoising predictions
+    {"logits": [L, B, D, C], "boxes": [L, B, D, 4], "queries": DenoisingQueries} or None;
+    selection: per encoder layer, the kept token indices and scores (empty for dense encoders).
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    aux: list[dict] = field(default_factory=list)
+    enc: dict | None = None
+    dn: dict | None = None
+    selection: list = field(default_factory=list)
+
+
+class DetectionTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.kind not in KINDS:
+            raise SparsedetError(f"unknown model kind {config.kind!r}; choose one of {KINDS}")
+        if config.classes and len(config.classes) != config.num_classes:
+            raise SparsedetError(
+                f"model has {config.num_classes} classes but {len(config.classes)} class names; make them agree")
+        self.config = c = config
+        dino = c.kind == "dino"
+        b = c.backbone
+        self.backbone = ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm)
+        if b.weights:
+            self.backbone.load_weights(b.weights)
+        self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset)
+        self.encoder = DenseEncoder(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout,
+                                    c.num_levels, c.num_heads, c.enc_points)
+        if dino:
+            self.queries = ProposalQueries("mixed", c.num_queries, c.hidden_dim, c.num_classes)
+        elif c.two_stage:
+            self.queries = ProposalQueries("two_stage", c.num_queries, c.hidden_dim, c.num_classes)
+        else:
+            self.queries = LearnedQueries(c.num_queries, c.hidden_dim)
+        self.decoder = DeformableDecoder(
+            c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.dec_points,
+            query_pos_from_reference=dino, final_norm=dino, look_forward_twice=dino, eps=c.sigmoid_eps)
+        shared = dino or not c.box_refine
+        self.heads = PredictionHeads(c.hidden_dim, c.num_classes, c.num_decoder_layers, shared,
+                                     initial_size_bias=0.0 if (dino or c.two_stage) else -2.0)
+        self.denoising = (ContrastiveDenoising(c.num_classes, c.hidden_dim, c.dn_queries, c.dn_label_noise,
+                                               c.dn_box_noise, c.sigmoid_eps) if dino else None)
+        self.register_buffer("image_mean", torch.tensor(c.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(c.image_std).view(1, 3, 1, 1), persistent=False)
+        self._reset_transformer_parameters()
+
+    def _reset_transformer_parameters(self) -> None:
+        # The official transformers xavier-initialise every matrix they own, then re-apply the
+        # deformable-attention and reference-point inits; the prediction heads keep theirs.
+        heads = {id(p) for m in (self.heads, getattr(self.queries, "class_head", None),
+                                 getattr(self.queries, "box_head", None)) if m is not None for p in m.parameters()}
+        for module in (self.encoder, self.decoder, self.queries):
+            for p in module.parameters():
+                if p.dim() > 1 and id(p) not in heads:
+                    nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        if isinstance(self.queries, LearnedQueries):
+            nn.init.xavier_uniform_(self.queries.reference_points.weight, gain=1.0)
+            nn.init.zeros_(self.queries.reference_points.bias)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, batch: Batch, targets: list[dict] | None = None) -> DetectorOutput:
+        """batch: images [B, 3, H, W] in [0, 1] with padding mask; targets enable denoising in training."""
+        x = (batch.images - self.image_mean) / self.image_std
+        x = x.masked_fill(batch.mask[:, None], 0.0)
+        levels = self.neck(self.backbone(x), batch.mask)
+        memory, selection = self.encoder(levels)
+        init = self.queries(memory, levels)
+        tgt, reference, attn_mask, dn = init.tgt, init.reference, None, None
+        if self.denoising is not None and self.training and targets is not None:
+            dn = self.denoising(targets, tgt.shape[1])
+            if dn is not None:
+                tgt = torch.cat([dn.tgt, tgt], 1)
+                reference = torch.cat([dn.reference, reference], 1)
+                attn_mask = dn.attn_mask
+        refine = self.config.box_refine or self.config.kind == "dino"
+        box_heads = [self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if refine else None
+        outputs, refs = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads)
+        logits, boxes = self.heads(outputs, refs, self.config.sigmoid_eps)
+        dn_out = None
+        if dn is not None:
+            D = dn.num_queries
+            dn_out = {"logits": logits[:, :, :D], "boxes": boxes[:, :, :D], "queries": dn}
+            logits, boxes = logits[:, :, D:], boxes[:, :, D:]
+            # Keep label_enc in the graph even when no positive slot is used (DDP needs every parameter).
+            logits = logits + 0.0 * self.denoising.label_enc.weight[0, 0]
+        aux = [{"logits": logits[i], "boxes": boxes[i]} for i in range(len(logits) - 1)]
+        return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection)
+
+    @torch.no_grad()
+    def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:
+        """Forward + post-processing. sizes: [B, 2] (height, width) to scale boxes to."""
+        out = self(batch)
+        return postprocess(out.logits, out.boxes, sizes, top_k or self.config.top_k, threshold)

@@ -1,0 +1,77 @@
+"""Class and box heads per decoder layer, and top-k post-processing."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.mlp import MLP
+from ..ops.boxes import cxcywh_to_xyxy
+from ..ops.functional import inverse_sigmoid
+
+PRIOR_PROB = 0.01
+
+
+class PredictionHeads(nn.Module):
+    """``class_embed[k]`` (Linear) and ``box_embed[k]`` (3-layer MLP) for each decoder layer,
+    or one pair shared by all layers (``shared=True``)."""
+
+    def __init__(self, dim: int, num_classes: int, num_layers: int, shared: bool, initial_size_bias: float):
+        super().__init__()
+        n = 1 if shared else num_layers
+        self.num_layers = num_layers
+        self.class_embed = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n))
+        self.box_embed = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(n))
+        for cls, box in zip(self.class_embed, self.box_embed):
+            nn.init.constant_(cls.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
+            nn.init.zeros_(box.layers[-1].weight)
+            nn.init.zeros_(box.layers[-1].bias)
+        # Small initial boxes (sigmoid(-2) ~ 0.12) for the first layer's head only.
+        nn.init.constant_(self.box_embed[0].layers[-1].bias[2:], initial_size_bias)
+
+    def box_head(self, layer: int) -> nn.Module:
+        return self.box_embed[layer if len(self.box_embed) > 1 else 0]
+
+    def class_head(self, layer: int) -> nn.Module:
+        return self.class_embed[layer if len(self.class_embed) > 1 else 0]
+
+    def forward(self, outputs: list[Tensor], refs: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
+        """outputs/refs per layer -> logits [L, B, Q, C], boxes [L, B, Q, 4] (normalised cxcywh)."""
+        logits, boxes = [], []
+        for lid, (h, ref) in enumerate(zip(outputs, refs)):
+            logits.append(self.class_head(lid)(h))
+            delta = self.box_head(lid)(h)
+            ref_unact = inverse_sigmoid(ref, eps)
+            if ref.shape[-1] == 4:
+                boxes.append((delta + ref_unact).sigmoid())
+            else:
+                boxes.append(torch.cat([delta[..., :2] + ref_unact, delta[..., 2:]], -1).sigmoid())
+        return torch.stack(logits), torch.stack(boxes)
+
+
+@torch.no_grad()
+def postprocess(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int = 100,
+                threshold: float = 0.0) -> list[dict[str, Tensor]]:
+    """Top-k over queries x classes.
+
+    Args:
+        logits: [B, Q, C]; boxes: [B, Q, 4] normalised cxcywh of the (unpadded) image.
+        sizes: [B, 2] target sizes as (height, width) in pixels.
+    Returns:
+        per image {"boxes": [k, 4] xyxy pixels, "scores": [k], "labels": [k]}, sorted by score.
+    """
+    B, Q, C = logits.shape
+    prob = logits.sigmoid().flatten(1)
+    k = min(top_k, prob.shape[1])
+    scores, idx = prob.topk(k, dim=1)
+    query, labels = idx // C, idx % C
+    picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
+    h, w = sizes.unbind(-1)
+    scale = torch.stack([w, h, w, h], -1).to(picked.dtype)[:, None]
+    xyxy = cxcywh_to_xyxy(picked) * scale
+    results = []
+    for b in range(B):
+        keep = scores[b] > threshold
+        results.append({"boxes": xyxy[b][keep], "scores": scores[b][keep], "labels": labels[b][keep]})
+    return results

@@ -1,0 +1,123 @@
+"""Decoder query initialisation: learned queries, two-stage proposals, mixed query selection.
+
+All three return a ``QueryInit``: content queries, initial references (sigmoid space) and,
+for the two-stage kinds, the encoder-side predictions that get their own loss.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.mlp import MLP
+from ..nn.neck import MultiLevel
+from ..nn.position import sine_embed_coords
+from ..ops.functional import gather_rows
+
+
+@dataclass
+class QueryInit:
+    """tgt: [B, Q, C] content; reference: [B, Q, 2|4] in [0, 1]; query_pos: [B, Q, C] or None
+    (then the decoder derives it from the reference); enc: encoder-side predictions or None."""
+
+    tgt: Tensor
+    reference: Tensor
+    query_pos: Tensor | None = None
+    enc: dict | None = None
+
+
+def encoder_proposals(memory: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """One anchor per token: its cell centre in the valid image, size 0.05 * 2**level.
+
+    Returns (memory with padding/invalid tokens zeroed [B, S, C], proposals in logit space
+    [B, S, 4] with +inf where padded or too close to the border).
+    """
+    B = memory.shape[0]
+    proposals, start = [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        pad = padding[:, start:start + h * w].view(B, h, w)
+        valid_h = (~pad[:, :, 0]).sum(1)
+        valid_w = (~pad[:, 0, :]).sum(1)
+        ys, xs = torch.meshgrid(torch.arange(h, device=memory.device, dtype=memory.dtype),
+                                torch.arange(w, device=memory.device, dtype=memory.dtype), indexing="ij")
+        grid = torch.stack([xs, ys], -1)[None] + 0.5
+        scale = torch.stack([valid_w, valid_h], -1).to(memory.dtype).view(B, 1, 1, 2)
+        centre = grid / scale
+        size = torch.full_like(centre, 0.05 * 2.0 ** lvl)
+        proposals.append(torch.cat([centre, size], -1).view(B, -1, 4))
+        start += h * w
+    props = torch.cat(proposals, 1)
+    valid = ((props > 0.01) & (props < 0.99)).all(-1, keepdim=True)
+    logits = torch.log(props / (1 - props))
+    invalid = padding[..., None] | ~valid
+    logits = logits.masked_fill(invalid, float("inf"))
+    return memory.masked_fill(invalid, 0.0), logits
+
+
+class LearnedQueries(nn.Module):
+    """Single-stage Deformable DETR: an embedding holds query_pos and tgt; references are
+    predicted from query_pos (2-D)."""
+
+    def __init__(self, num_queries: int, dim: int):
+        super().__init__()
+        self.query_embed = nn.Embedding(num_queries, 2 * dim)
+        self.reference_points = nn.Linear(dim, 2)
+        nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+        nn.init.zeros_(self.reference_points.bias)
+
+    def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
+        B = memory.shape[0]
+        pos, tgt = self.query_embed.weight.chunk(2, dim=-1)
+        pos, tgt = pos[None].expand(B, -1, -1), tgt[None].expand(B, -1, -1)
+        return QueryInit(tgt, self.reference_points(pos).sigmoid(), pos)
+
+
+class ProposalQueries(nn.Module):
+    """Two-stage query selection on the encoder memory.
+
+    ``mode='two_stage'`` (Deformable DETR): rank by the first class channel, build query_pos and
+    tgt from the sine embedding of the selected boxes; encoder loss is class-agnostic over all tokens.
+    ``mode='mixed'`` (DINO): rank by the best class, content queries are a learned ``tgt_embed``;
+    encoder loss is multi-class on the selected tokens.
+    """
+
+    def __init__(self, mode: str, num_queries: int, dim: int, num_classes: int):
+        super().__init__()
+        if mode not in ("two_stage", "mixed"):
+            raise ValueError(f"unknown query selection mode {mode!r}")
+        self.mode, self.num_queries, self.dim = mode, num_queries, dim
+        self.enc_output = nn.Linear(dim, dim)
+        self.enc_output_norm = nn.LayerNorm(dim)
+        self.class_head = nn.Linear(dim, num_classes)
+        self.box_head = MLP(dim, dim, 4, 3)
+        if mode == "two_stage":
+            self.pos_trans = nn.Linear(2 * dim, 2 * dim)
+            self.pos_trans_norm = nn.LayerNorm(2 * dim)
+        else:
+            self.tgt_embed = nn.Embedding(num_queries, dim)
+        nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(self.box_head.layers[-1].weight)
+        nn.init.zeros_(self.box_head.layers[-1].bias)
+
+    def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
+        B = memory.shape[0]
+        masked, proposals = encoder_proposals(memory, levels.padding, levels.shapes)
+        feats = self.enc_output_norm(self.enc_output(masked))
+        logits = self.class_head(feats)
+        boxes_unact = self.box_head(feats) + proposals
+        k = min(self.num_queries, logits.shape[1])
+        if self.mode == "two_stage":
+            top = logits[..., 0].topk(k, dim=1).indices
+            ref_unact = gather_rows(boxes_unact, top).detach()
+            pos_tgt = self.pos_trans_norm(self.pos_trans(
+                sine_embed_coords(ref_unact.sigmoid(), self.dim // 2, 10000.0, order="xywh")))
+            query_pos, tgt = pos_tgt.split(self.dim, dim=-1)
+            enc = {"logits": logits, "boxes": boxes_unact.sigmoid(), "binary": True}
+            return QueryInit(tgt, ref_unact.sigmoid(), query_pos, enc)
+        top = logits.max(-1).values.topk(k, dim=1).indices
+        ref_unact = gather_rows(boxes_unact, top)
+        enc = {"logits": self.class_head(gather_rows(feats, top)), "boxes": ref_unact.sigmoid(), "binary": False}
+        tgt = self.tgt_embed.weight[None, :k].expand(B, -1, -1)
+        return QueryInit(tgt, ref_unact.detach().sigmoid(), None, enc)

@@ -1,0 +1,83 @@
+"""Attention modules with parameters: multi-scale deformable attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.deform_attn import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Deformable DETR), official layout and init.
+
+    Parameter names follow the official module: ``sampling_offsets``,
+    ``attention_weights``, ``value_proj``, ``output_proj``.
+    """
+
+    def __init__(self, dim: int = 256, num_levels: int = 4, num_heads: int = 8, num_points: int = 4):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden dim {dim} must be divisible by num_heads {num_heads}")
+        self.dim, self.num_levels, self.num_heads, self.num_points = dim, num_levels, num_heads, num_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        # Each head starts looking in its own direction, on square rings of growing radius.
+        theta = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([theta.cos(), theta.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference: Tensor,
+        value: Tensor,
+        shapes: list[tuple[int, int]],
+        value_padding: Tensor | None = None,
+        value_is_projected: bool = False,
+    ) -> Tensor:
+        """
+        Args:
+            query: [B, Q, C] (content + position).
+            reference: [B, Q, L, 2] points (x, y) or [B, Q, L, 4] boxes (cx, cy, w, h), in [0, 1]
+                of the padded map, i.e. already multiplied by each level's valid ratio.
+            value: [B, S, C] flattened multi-level input (or already ``value_proj``-ed values,
+                see ``value_is_projected``).
+            shapes: per level (H, W) as Python ints.
+            value_padding: [B, S] True on padding; those values are zeroed.
+        Returns:
+            [B, Q, C].
+        """
+        B, Q, _ = query.shape
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        v = value if value_is_projected else self.value_proj(value)
+        if value_padding is not None:
+            v = v.masked_fill(value_padding[..., None], 0.0)
+        v = v.view(B, v.shape[1], M, self.dim // M)
+        offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
+        weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
+        if reference.shape[-1] == 2:
+            normaliser = torch.tensor([(w, h) for h, w in shapes], dtype=query.dtype, device=query.device)
+            loc = reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        else:
+            loc = reference[:, :, None, :, None, :2] + offsets / P * reference[:, :, None, :, None, 2:] * 0.5
+        # Sampling stays in fp32 under autocast: bf16 bilinear sampling is slower and less exact.
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            out = ms_deform_attn(v.float(), shapes, loc.float(), weights.float())
+        return self.output_proj(out.to(query.dtype))

@@ -1,0 +1,167 @@
+"""ResNet-18/34/50/101 in plain PyTorch with torchvision-compatible parameter names.
+
+Batch norm is frozen (``FrozenBatchNorm2d``: statistics and affine parameters are
+buffers), as in every DETR recipe. ``width`` scales the channel counts for tiny
+CPU models; at the standard width 64 a torchvision ImageNet file loads as is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import SparsedetError
+
+BLOCKS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
+          50: ("bottleneck", [3, 4, 6, 3]), 101: ("bottleneck", [3, 4, 23, 3])}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters (all buffers)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # present in torchvision files
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+
+NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, norm):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 3, stride), norm(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3), norm(planes)
+        self.downsample = _downsample(cin, planes, stride, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, norm):
+        super().__init__()
+        self.conv1, self.bn1 = _conv(cin, planes, 1), norm(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3, stride), norm(planes)
+        self.conv3, self.bn3 = _conv(planes, planes * 4, 1), norm(planes * 4)
+        self.downsample = _downsample(cin, planes * 4, stride, norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+def _downsample(cin: int, cout: int, stride: int, norm) -> nn.Sequential | None:
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(_conv(cin, cout, 1, stride), norm(cout))
+
+
+class ResNet(nn.Module):
+    """ResNet body returning the outputs of ``return_layers`` (1..4 = strides 4, 8, 16, 32).
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        width: channels of the stem (64 is the standard network).
+        return_layers: which stages to return, e.g. (2, 3, 4) for C3-C5.
+        frozen_stages: stem and stages up to this index get no gradient (1 = stem + layer1,
+            the DETR default; -1 trains everything).
+        norm: ``frozen_bn`` for pretrained weights, ``bn`` (trainable) when training from scratch.
+    """
+
+    def __init__(self, depth: int = 50, width: int = 64, return_layers=(2, 3, 4), frozen_stages: int = 1,
+                 norm: str = "frozen_bn"):
+        super().__init__()
+        if depth not in BLOCKS:
+            raise SparsedetError(f"unknown ResNet depth {depth}; choose one of {sorted(BLOCKS)}")
+        if norm not in NORMS:
+            raise SparsedetError(f"unknown backbone norm {norm!r}; choose one of {sorted(NORMS)}")
+        kind, counts = BLOCKS[depth]
+        make_norm = NORMS[norm]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = make_norm(width)
+        cin = width
+        self.channels = []
+        for i, n in enumerate(counts):
+            planes = width * 2 ** i
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, planes, 2 if (j == 0 and i > 0) else 1, make_norm))
+                cin = planes * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.channels.append(cin)
+        self.return_layers = tuple(return_layers)
+        self.out_channels = [self.channels[i - 1] for i in self.return_layers]
+        self.out_strides = [2 ** (i + 1) for i in self.return_layers]
+        for name, p in self.named_parameters():
+            stage = 0 if not name.startswith("layer") else int(name[5])
+            if stage <= frozen_stages:
+                p.requires_grad_(False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
+        outs = []
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+            if i in self.return_layers:
+                outs.append(x)
+            if i == max(self.return_layers):
+                break
+        return outs
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a torchvision-format ImageNet state dict (``.pth`` or ``.safetensors``); ``fc.*`` is ignored."""
+        path = Path(path)
+        if not path.is_file():
+            raise SparsedetError(f"backbone weights not found: {path}; pass an existing file as model.backbone.weights=PATH")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
+                raise SparsedetError(f"could not read backbone weights {path}: {e}") from None
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+        state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("body."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise SparsedetError(
+                f"backbone weights {path} do not fit ResNet (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
+                "expected a torchvision-format ResNet state dict of the same depth and width")

@@ -1,0 +1,84 @@
+"""Box conversions, IoU/GIoU and NMS in plain PyTorch.
+
+Conventions: ``cxcywh`` is (centre x, centre y, width, height); ``xyxy`` is
+(x1, y1, x2, y2). Both may be normalised to [0, 1] or in pixels; functions
+here do not care as long as inputs agree.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of xyxy boxes, shape [..., 4] -> [...]."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def _inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    return inter, union
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise IoU of xyxy boxes: [N, 4] x [M, 4] -> [N, M]."""
+    inter, union = _inter_union(a, b)
+    return inter / union.clamp(min=1e-12)
+
+
+def generalized_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise generalised IoU of xyxy boxes: [N, 4] x [M, 4] -> [N, M] in [-1, 1]."""
+    inter, union = _inter_union(a, b)
+    iou = inter / union.clamp(min=1e-12)
+    lt = torch.minimum(a[:, None, :2], b[None, :, :2])
+    rb = torch.maximum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    hull = wh[..., 0] * wh[..., 1]
+    return iou - (hull - union) / hull.clamp(min=1e-12)
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression; returns kept indices sorted by score (descending).
+
+    Pure PyTorch: the IoU matrix is computed once, then suppression runs over the
+    sorted order. A box is dropped when its IoU with a kept higher-scoring box is
+    strictly greater than ``iou_threshold`` (torchvision's convention).
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    order = scores.argsort(descending=True)
+    iou = box_iou(boxes[order], boxes[order])
+    n = order.numel()
+    keep = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    overlaps = (iou > iou_threshold).triu(diagonal=1)
+    # Host loop over candidates: suppression is inherently sequential.
+    overlaps_cpu = overlaps.cpu()
+    keep_cpu = keep.cpu()
+    for i in range(n):
+        if keep_cpu[i]:
+            keep_cpu &= ~overlaps_cpu[i]
+    return order[keep_cpu.to(boxes.device)]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """NMS applied independently within each group id (e.g. class or image)."""
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    # Offset boxes per group so that boxes of different groups never overlap.
+    span = boxes.max() - boxes.min() + 1
+    shifted = boxes + (groups.to(boxes) * span)[:, None]
+    return nms(shifted, scores, iou_threshold)

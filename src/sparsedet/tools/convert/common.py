@@ -1,0 +1,237 @@
+"""Helpers shared by the checkpoint converters.
+
+A converter reads a foreign checkpoint without unpickling arbitrary objects, folds
+duplicate (aliased) keys after checking they hold equal tensors, renames every key
+by an ordered table of regular expressions, and compares the result with the key
+layout our ``Detector`` expects. Anything left over or missing is reported in ONE
+``SparsedetError`` that names the file, so a wrong file fails early and clearly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...errors import SparsedetError
+
+SHOW = 10  # how many offending keys an error message lists
+
+# Objects that official training scripts pickle next to the weights (e.g. ``args``).
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON object, raising one clear error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SparsedetError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SparsedetError(f"could not read {path} as JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SparsedetError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read tensors from ``.safetensors`` or a torch pickle (``.bin``/``.pth``/``.pt``).
+
+    Pickles are loaded with ``weights_only=True`` (plus ``argparse.Namespace``), so no
+    arbitrary code runs. A training checkpoint ``{"model": state_dict, ...}`` (or
+    ``"state_dict"``) is unwrapped to its state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SparsedetError(f"weights file {path} not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise SparsedetError(f"could not read {path} as safetensors: {e}") from None
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a file we refuse to read
+        raise SparsedetError(f"could not read {path} as a weights-only torch file: {e}") from None
+    if isinstance(data, dict):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(data.get(wrapper), dict):
+                data = data[wrapper]
+                break
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise SparsedetError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return dict(data)
+
+
+def read_hf_weights(directory: str | Path) -> tuple[dict[str, Tensor], Path]:
+    """Read a Hugging Face model directory's weights; returns (state dict, file read).
+
+    Looks for ``model.safetensors``, a sharded ``model.safetensors.index.json``, then
+    ``pytorch_model.bin``.
+    """
+    directory = Path(directory)
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return read_state_dict(single), single
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise SparsedetError(f"{index} has no 'weight_map'; re-save the model with save_pretrained")
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(read_state_dict(directory / shard))
+        return state, index
+    legacy = directory / "pytorch_model.bin"
+    if legacy.is_file():
+        return read_state_dict(legacy), legacy
+    raise SparsedetError(
+        f"no weights in {directory}: expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin")
+
+
+def fold_aliases(state: dict[str, Tensor], aliases: Mapping[str, str], source: str | Path) -> dict[str, Tensor]:
+    """Merge duplicated key prefixes into one canonical prefix.
+
+    aliases: {alias_prefix: canonical_prefix}, e.g. ``{"model.decoder.class_embed.": "class_embed."}``.
+    A key present under both prefixes must hold equal tensors (else one error lists the
+    differing keys); a key present only under the alias is moved to the canonical name.
+    """
+    out = dict(state)
+    differing = []
+    for alias, canonical in aliases.items():
+        for key in [k for k in out if k.startswith(alias)]:
+            target = canonical + key[len(alias):]
+            value = out.pop(key)
+            if target not in out:
+                out[target] = value
+            elif out[target].shape != value.shape or not torch.equal(out[target], value):
+                differing.append(f"{key} != {target}")
+    if differing:
+        raise SparsedetError(
+            f"{source}: keys that should be copies of each other differ ({len(differing)}): "
+            f"{', '.join(differing[:SHOW])}; the checkpoint is inconsistent")
+    return out
+
+
+Target = str | Callable[[re.Match], str | None]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Rename keys that fully match ``pattern``.
+
+    target: a ``re`` template (``\\1`` refers to groups) or a function of the match that
+    returns the new name, or ``None`` when this particular match has no place in our layout
+    (the key is then reported as unknown).
+    """
+
+    pattern: str
+    target: Target
+    regex: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern))
+
+    def apply(self, key: str) -> str | None:
+        match = self.regex.fullmatch(key)
+        if match is None:
+            return None
+        return match.expand(self.target) if isinstance(self.target, str) else self.target(match)
+
+
+def rename_keys(state: Mapping[str, Tensor], rules: Iterable[Rule], source: str | Path,
+                ignore: Iterable[str] = ()) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename every key by the first rule that gives it a name.
+
+    ignore: regular expressions of keys that are dropped on purpose (e.g. ``num_batches_tracked``).
+    Returns (renamed state dict, keys nobody claimed). Two keys of ``source`` that get the
+    same name (the same tensor stored under two spellings) raise one error.
+    """
+    rules = list(rules)
+    ignored = [re.compile(p) for p in ignore]
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if any(p.fullmatch(key) for p in ignored):
+            continue
+        new = next((n for n in (r.apply(key) for r in rules) if n is not None), None)
+        if new is None:
+            unknown.append(key)
+        elif new in out:
+            raise SparsedetError(f"{source}: two keys give our {new!r} (the second is {key!r}); "
+                                 "the checkpoint stores one tensor twice under different names")
+        else:
+            out[new] = value
+    return out, unknown
+
+
+def check_layout(source: str | Path, produced: Iterable[str], expected: Iterable[str],
+                 unknown: Iterable[str] = (), hint: str = "") -> None:
+    """Raise one error listing unknown source keys and keys missing from / foreign to our layout."""
+    produced, expected = set(produced), set(expected)
+    problems = []
+    for label, keys in (("unknown keys in the checkpoint", sorted(unknown)),
+                        ("keys our model needs but the checkpoint lacks", sorted(expected - produced)),
+                        ("converted keys our model does not have", sorted(produced - expected))):
+        if keys:
+            more = f" (+{len(keys) - SHOW} more)" if len(keys) > SHOW else ""
+            problems.append(f"{label} ({len(keys)}): {', '.join(keys[:SHOW])}{more}")
+    if problems:
+        raise SparsedetError(f"{source}: cannot convert. " + "; ".join(problems) + (f". {hint}" if hint else ""))
+
+
+def deformable_detr_keys(*, depth: int, num_levels: int, num_encoder_layers: int, num_decoder_layers: int,
+                         two_stage: bool, box_refine: bool, num_backbone_levels: int = 3) -> set[str]:
+    """State-dict keys of our Deformable DETR ``Detector`` (layout of /tmp/brief/keys.md).
+
+    The backbone is a torchvision-named ResNet (18/34/50/101); ``num_backbone_levels`` input
+    projections read C3..C5 and the rest are the extra stride-2 levels.
+    """
+    from ...nn.backbone import BLOCKS  # the one table of ResNet block counts
+
+    if depth not in BLOCKS:
+        raise SparsedetError(f"unsupported ResNet depth {depth}; choose one of {sorted(BLOCKS)}")
+    kind, counts = BLOCKS[depth]
+    bn = ("weight", "bias", "running_mean", "running_var")
+    wb = ("weight", "bias")
+    keys = {"backbone.conv1.weight", *(f"backbone.bn1.{p}" for p in bn)}
+    convs = 2 if kind == "basic" else 3
+    for stage, blocks in enumerate(counts, start=1):
+        for b in range(blocks):
+            prefix = f"backbone.layer{stage}.{b}"
+            for c in range(1, convs + 1):
+                keys |= {f"{prefix}.conv{c}.weight", *(f"{prefix}.bn{c}.{p}" for p in bn)}
+            if b == 0 and (kind == "bottleneck" or stage > 1):
+                keys |= {f"{prefix}.downsample.0.weight", *(f"{prefix}.downsample.1.{p}" for p in bn)}
+    keys.add("neck.level_embed")
+    keys |= {f"neck.input_proj.{lvl}.{m}.{p}" for lvl in range(num_levels) for m in (0, 1) for p in wb}
+    msda = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+    for i in range(num_encoder_layers):
+        keys |= {f"encoder.layers.{i}.self_attn.{m}.{p}" for m in msda for p in wb}
+        keys |= {f"encoder.layers.{i}.{m}.{p}" for m in ("norm1", "linear1", "linear2", "norm2") for p in wb}
+    for i in range(num_decoder_layers):
+        prefix = f"decoder.layers.{i}"
+        keys |= {f"{prefix}.self_attn.in_proj_weight", f"{prefix}.self_attn.in_proj_bias",
+                 f"{prefix}.self_attn.out_proj.weight", f"{prefix}.self_attn.out_proj.bias"}
+        keys |= {f"{prefix}.cross_attn.{m}.{p}" for m in msda for p in wb}
+        keys |= {f"{prefix}.{m}.{p}" for m in ("norm1", "norm2", "norm3", "linear1", "linear2") for p in wb}
+    if two_stage:
+        keys |= {f"queries.{m}.{p}" for m in ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm",
+                                               "class_head") for p in wb}
+        keys |= {f"queries.box_head.layers.{j}.{p}" for j in range(3) for p in wb}
+    else:
+        keys |= {"queries.query_embed.weight", "queries.reference_points.weight", "queries.reference_points.bias"}
+    for k in range(num_decoder_layers if box_refine else 1):
+        keys |= {f"heads.class_embed.{k}.{p}" for p in wb}
+        keys |= {f"heads.box_embed.{k}.layers.{j}.{p}" for j in range(3) for p in wb}
+    return keys

@@ -1,0 +1,33 @@
+"""Drawing detections on images (PIL only)."""
+from __future__ import annotations
+
+from PIL import Image, ImageDraw
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+def draw_detections(image: Image.Image, detections: dict, classes: list[str]) -> Image.Image:
+    """Boxes (xyxy pixels) with 'name score' labels, coloured by class."""
+    out = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(out)
+    for box, score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
+                                 detections["labels"].tolist()):
+        colour = PALETTE[label % len(PALETTE)]
+        draw.rectangle(box, outline=colour, width=2)
+        text = f"{classes[label] if label < len(classes) else label} {score:.2f}"
+        x, y = box[0], max(0, box[1] - 11)
+        draw.rectangle([x, y, x + 6 * len(text) + 2, y + 11], fill=colour)
+        draw.text((x + 1, y), text, fill=(0, 0, 0))
+    return out
+
+
+def grid(images: list[Image.Image], columns: int = 4, cell: int = 256) -> Image.Image:
+    """Tile images (each fitted into a cell x cell square) into one picture."""
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
+    for i, im in enumerate(images):
+        im = im.copy()
+        im.thumbnail((cell, cell))
+        canvas.paste(im, ((i % columns) * cell, (i // columns) * cell))
+    return canvas
