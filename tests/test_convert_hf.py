@@ -257,3 +257,16 @@ def test_single_stage_matches_hf(tmp_path, box_refine):
     assert overrides["model.backbone.depth"] == 18 and overrides["model.num_queries"] == 30
     assert ("heads.class_embed.1.weight" in sd) == box_refine and "queries.query_embed.weight" in sd
     _compare(hf, _our_model("deformable_detr_r50", converted), *_padded_batch(5))
+
+
+def test_cli_convert_writes_a_run_that_predicts_like_hf(hf_model, tmp_path):
+    """`sparsedet convert --from hf-deformable-detr` gives a run folder that loads and matches HF."""
+    from sparsedet import Detector
+    from sparsedet.cli import main
+
+    run = tmp_path / "run"
+    assert main(["convert", "--from", "hf-deformable-detr", str(hf_model[1]), "--out", str(run)]) == 0
+    model = Detector.from_pretrained(run)
+    assert model.classes == [f"thing{i}" for i in range(NUM_CLASSES)]
+    images = torch.rand(1, 3, 128, 160, generator=torch.Generator().manual_seed(5))
+    _compare(hf_model[0], model, images, torch.zeros(1, 128, 160, dtype=torch.bool))

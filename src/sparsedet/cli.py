@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
                        description="Sources: hf-deformable-detr (a folder written by Hugging Face "
-                       "save_pretrained).")
-    s.add_argument("--from", dest="source", required=True, choices=["hf-deformable-detr"])
+                       "save_pretrained); official-dino (an IDEA-Research/DINO .pth, read without unpickling code).")
+    s.add_argument("--from", dest="source", required=True, choices=["hf-deformable-detr", "official-dino"])
     s.add_argument("path", help="checkpoint file or folder")
     s.add_argument("--out", required=True, help="run folder to write")
     s.set_defaults(func=cmd_convert)
@@ -151,10 +151,8 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
 
 def cmd_train(args) -> int:
     from .engine.trainer import Trainer, seed_everything, set_threads
-    config_preview = None
     config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides,
                                                           args.train_ann, args.val_ann, args.images)
-    del config_preview
     set_threads(config.train.threads)
     seed_everything(config.train.seed)
     trainer = Trainer(model, config, train_set, val_set, args.out, progress=not args.no_progress)
@@ -264,7 +262,8 @@ def cmd_demo(args) -> int:
     info = write_synthetic(out / "data", n_train=400, n_val=100, size=256, seed=args.seed)
     print(f"[1/4] synthetic dataset: {info['num_images']['train']} train / {info['num_images']['val']} val images "
           f"in {out / 'data'}")
-    overrides = [f"train.minutes={args.minutes}", "train.max_steps=1000000", f"train.seed={args.seed}"] + args.overrides
+    overrides = [f"train.minutes={args.minutes}", "train.max_steps=1000000", "train.eval_every=-1",
+                 f"train.seed={args.seed}"] + args.overrides
     config, model, train_set, val_set = _prepare_training(args.preset, None, overrides, info["train"], info["val"], None)
     seed_everything(config.train.seed)
     print(f"[2/4] training {args.preset} for {args.minutes:g} min")
@@ -273,8 +272,12 @@ def cmd_demo(args) -> int:
     (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
     print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")
     val_images = sorted((out / "data" / "images" / "val").glob("*.png"))[:8]
-    drawn = predict_to_folder(model, val_images, out / "predictions", 0.5, None)
+    drawn = predict_to_folder(model, val_images, out / "predictions", 0.3, None)
     grid(drawn).save(out / "predictions.png")
     print(f"[4/4] drew predictions on {len(drawn)} val images: {out / 'predictions.png'} "
           f"(total {time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

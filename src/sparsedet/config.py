@@ -74,6 +74,7 @@ class DataConfig:
     crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_range: list[int] = field(default_factory=lambda: [384, 600])
     num_workers: int = 0
+    size_divisor: int = 1              # pad batches to a multiple: fewer distinct shapes, faster CPU kernels
 
 
 @dataclass
@@ -89,8 +90,8 @@ class TrainConfig:
     warmup_steps: int = 0
     clip_grad: float = 0.1
     minutes: float = 0.0               # wall-clock budget; 0 = none
-    eval_every: int = 0                # steps; 0 = at the end only
-    checkpoint_every: int = 0          # steps; 0 = at evaluations and at the end
+    eval_every: int = 0                # steps; 0 = once per epoch, -1 = at the end only
+    checkpoint_every: int = 0          # steps; 0 = at every evaluation and at the end
     log_every: int = 20
     seed: int = 42
     device: str = "auto"
@@ -152,7 +153,7 @@ def parse_value(text: str) -> Any:
         lowered = text.lower()
         if lowered in ("true", "false"):
             return lowered == "true"
-        if lowered in ("none", "null"):
+        if lowered == "null":
             return None
         return text
 

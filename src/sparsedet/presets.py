@@ -43,12 +43,13 @@ def _tiny(cfg: Config) -> Config:
     m.num_queries, m.top_k, m.dropout = 100, 100, 0.0
     if m.dn_queries:
         m.dn_queries = 30
-    cfg.data = DataConfig(train_scales=[224, 240, 256, 272, 288], max_size=384, crop=True,
-                          crop_scales=[192, 224, 256], crop_range=[160, 256])
+    # Mild scale jitter, no crop: few distinct shapes keep CPU kernels warm (2x faster steps).
+    cfg.data = DataConfig(train_scales=[224, 240, 256], max_size=320, crop=False, size_divisor=32)
     m.eval_size, m.eval_max_size = 256, 384
     t = cfg.train
-    t.lr, t.lr_backbone, t.batch_size, t.clip_grad = 4e-4, 4e-4, 8, 0.1
-    t.warmup_steps, t.eval_every, t.log_every, t.amp = 50, 0, 20, "auto"
+    # Batch 2 beat 1, 4 and 8 at a fixed 3-minute CPU budget (more updates per second).
+    t.lr, t.lr_backbone, t.batch_size, t.clip_grad = 4e-4, 4e-4, 2, 0.1
+    t.warmup_steps, t.log_every, t.amp = 50, 20, "auto"
     return cfg
 
 

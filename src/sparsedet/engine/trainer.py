@@ -133,9 +133,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
         generator = torch.Generator().manual_seed(t.seed)
         self.loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, generator=generator,
-                                 collate_fn=collate, num_workers=config.data.num_workers, drop_last=len(train_set) > t.batch_size)
+                                 collate_fn=partial(collate, size_divisor=config.data.size_divisor), num_workers=config.data.num_workers, drop_last=len(train_set) > t.batch_size)
+        (self.out_dir / "history.jsonl").unlink(missing_ok=True)  # a new run starts a new history
         self.step = 0
         self.skipped_images = 0
+        self.eval_seconds = 0.0  # evaluation time does not count against the training budget
         self.history = []
 
     def total_steps(self) -> int:
@@ -147,8 +149,11 @@ class Trainer:
         total = self.total_steps()
         budget = t.minutes * 60.0
         start = time.perf_counter()
-        bar = tqdm(total=total, desc="train", disable=not self.progress, dynamic_ncols=True)
+        # With a wall-clock budget the bar counts training seconds; otherwise steps.
+        bar = tqdm(total=int(budget) if budget else total, desc="train", unit="s" if budget else "step",
+                   disable=not self.progress, dynamic_ncols=True)
         bad_in_row, metrics = 0, {}
+        eval_every = self._eval_interval(total)
         self.model.train()
         done = False
         while not done:
@@ -156,7 +161,7 @@ class Trainer:
                 self.skipped_images += dropped
                 if batch is None:
                     continue
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - self.eval_seconds
                 progress = max(self.step / total, elapsed / budget if budget else 0.0)
                 factor = lr_factor(self.step, progress, t)
                 for g in self.optimizer.param_groups:
@@ -172,16 +177,19 @@ class Trainer:
                     continue
                 bad_in_row = 0
                 self.step += 1
-                bar.update(1)
+                bar.update(int(time.perf_counter() - start - self.eval_seconds) - bar.n if budget else 1)
                 if self.step % t.log_every == 0 or self.step == 1:
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.1e}")
-                    self._log({"step": self.step, "time_s": round(time.perf_counter() - start, 1), "loss": loss,
+                    bar.set_postfix(step=self.step, loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.1e}")
+                    self._log({"step": self.step, "time_s": round(time.perf_counter() - start - self.eval_seconds, 1), "loss": loss,
                                **{k: round(v, 5) for k, v in terms.items()}})
-                if t.eval_every and self.step % t.eval_every == 0 and self.val_set is not None:
-                    metrics = self.evaluate(time.perf_counter() - start)
+                last = self.step >= total or (budget and time.perf_counter() - start - self.eval_seconds >= budget)
+                if not last and self.step % eval_every == 0 and self.val_set is not None:
+                    metrics = self.evaluate(time.perf_counter() - start - self.eval_seconds)
+                    if not t.checkpoint_every:
+                        self.save()
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self.save()
-                if self.step >= total or (budget and time.perf_counter() - start >= budget):
+                if last:
                     done = True
                     break
         bar.close()
@@ -189,8 +197,15 @@ class Trainer:
             warnings.warn(f"skipped {self.skipped_images} unreadable images during training")
         self.save()
         if self.val_set is not None:
-            metrics = self.evaluate(time.perf_counter() - start)
+            metrics = self.evaluate(time.perf_counter() - start - self.eval_seconds)
         return metrics
+
+    def _eval_interval(self, total: int) -> int:
+        """Steps between evaluations: ``train.eval_every``, or one epoch (0), or never before the end (-1)."""
+        every = self.config.train.eval_every
+        if every == 0:
+            return max(1, len(self.loader))
+        return every if every > 0 else total + 1
 
     def _train_step(self, batch, targets) -> tuple[float | None, dict]:
         t = self.config.train
@@ -212,12 +227,15 @@ class Trainer:
         return loss.item(), main
 
     def evaluate(self, elapsed: float) -> dict:
+        """Evaluate on the validation set; ``elapsed`` is the training time so far (logged)."""
+        t0 = time.perf_counter()
         metrics, results = evaluate(self.model, self.val_set, self.config.train.batch_size, self.progress)
         self._log({"step": self.step, "time_s": round(elapsed, 1), "eval": {k: v for k, v in metrics.items() if k != "per_class"}})
         payload = json.dumps({"step": self.step, **metrics}, indent=2)
         atomic_write(self.out_dir / "metrics.json", lambda p: Path(p).write_text(payload))
         if self.progress:
             tqdm.write(format_metrics(metrics))
+        self.eval_seconds += time.perf_counter() - t0
         return metrics
 
     def save(self) -> None:

@@ -101,23 +101,27 @@ class ProposalQueries(nn.Module):
         nn.init.zeros_(self.box_head.layers[-1].weight)
         nn.init.zeros_(self.box_head.layers[-1].bias)
 
+    def select(self, logits: Tensor, k: int) -> Tensor:
+        """Indices [B, k] of the tokens that become queries, ranked by raw logits: the first
+        class channel (two-stage) or the best class (mixed)."""
+        scores = logits[..., 0] if self.mode == "two_stage" else logits.max(-1).values
+        return scores.topk(k, dim=1).indices
+
     def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
         B = memory.shape[0]
         masked, proposals = encoder_proposals(memory, levels.padding, levels.shapes)
         feats = self.enc_output_norm(self.enc_output(masked))
         logits = self.class_head(feats)
         boxes_unact = self.box_head(feats) + proposals
-        k = min(self.num_queries, logits.shape[1])
+        top = self.select(logits, min(self.num_queries, logits.shape[1]))
         if self.mode == "two_stage":
-            top = logits[..., 0].topk(k, dim=1).indices
             ref_unact = gather_rows(boxes_unact, top).detach()
             pos_tgt = self.pos_trans_norm(self.pos_trans(
                 sine_embed_coords(ref_unact.sigmoid(), self.dim // 2, 10000.0, order="xywh")))
             query_pos, tgt = pos_tgt.split(self.dim, dim=-1)
             enc = {"logits": logits, "boxes": boxes_unact.sigmoid(), "binary": True}
             return QueryInit(tgt, ref_unact.sigmoid(), query_pos, enc)
-        top = logits.max(-1).values.topk(k, dim=1).indices
         ref_unact = gather_rows(boxes_unact, top)
         enc = {"logits": self.class_head(gather_rows(feats, top)), "boxes": ref_unact.sigmoid(), "binary": False}
-        tgt = self.tgt_embed.weight[None, :k].expand(B, -1, -1)
+        tgt = self.tgt_embed.weight[None, :top.shape[1]].expand(B, -1, -1)
         return QueryInit(tgt, ref_unact.detach().sigmoid(), None, enc)

@@ -65,18 +65,17 @@ def ms_deform_attn(
 def _reference(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = locations.shape
-    grids = 2 * locations - 1
-    sampled = []
+    grids = (2 * locations - 1).transpose(1, 2).reshape(B * M, Q, L, P, 2)
+    w = weights.transpose(1, 2).reshape(B * M, 1, Q, L, P)
+    out = None
     start = 0
-    for level, (h, w) in enumerate(shapes):
-        v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(B * M, D, h, w)
-        start += h * w
-        g = grids[:, :, :, level].transpose(1, 2).reshape(B * M, Q, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [B*M, D, Q, L, P] weighted over (L, P)
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)
-    w = weights.transpose(1, 2).reshape(B * M, 1, Q, L * P)
-    out = (stacked * w).sum(-1)
+    # Accumulate level by level: never materialise the [B*M, D, Q, L, P] stack of all samples.
+    for level, (h, w_) in enumerate(shapes):
+        v = value[:, start:start + h * w_].permute(0, 2, 3, 1).reshape(B * M, D, h, w_)
+        start += h * w_
+        sampled = F.grid_sample(v, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        part = (sampled * w[..., level, :]).sum(-1)  # [B*M, D, Q]
+        out = part if out is None else out + part
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()
 
 

@@ -3,27 +3,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...config import apply_overrides
+from ...config import Config, apply_overrides
 from ...engine.checkpoint import save_run
 from ...presets import get_preset
+from .common import check_layout
 
-SOURCES = ("hf-deformable-detr",)
+# source name -> (module, function, base preset)
+SOURCES = {
+    "hf-deformable-detr": ("hf_deformable_detr", "convert_hf_deformable_detr", "deformable_detr_r50"),
+    "official-dino": ("official_dino", "convert_official_dino", "dino_r50"),
+}
+
+
+def convert(source: str, path: str | Path):
+    """Returns (our ``Detector`` with the converted weights loaded, its ``Config``)."""
+    import importlib
+
+    from ...api import Detector
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
+    module, function, preset = SOURCES[source]
+    state, overrides = getattr(importlib.import_module(f"{__name__}.{module}"), function)(path)
+    config: Config = get_preset(preset)
+    overrides = dict(overrides)
+    config.model.classes = overrides.pop("classes", [])
+    config.model.category_ids = overrides.pop("category_ids", [])
+    apply_overrides(config, overrides)
+    model = Detector.from_config(config)
+    expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    check_layout(path, state, expected)
+    model.load_state_dict(state, strict=False)
+    return model.eval(), config
 
 
 def convert_to_run(source: str, path: str | Path, out: str | Path) -> None:
     """Convert ``path`` (as released by ``source``) and write a run folder to ``out``."""
-    if source == "hf-deformable-detr":
-        from .hf_deformable_detr import convert_hf_deformable_detr
-        state, overrides = convert_hf_deformable_detr(path)
-        config = get_preset("deformable_detr_r50")
-    else:
-        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
-    overrides = dict(overrides)
-    config.model.classes = overrides.pop("classes")
-    config.model.category_ids = overrides.pop("category_ids")
-    apply_overrides(config, overrides)
-    # Building the model checks that the converted weights fit the config before anything is written.
-    from ...api import Detector
-    model = Detector.from_config(config)
-    model.load_state_dict(state, strict=True)
+    model, config = convert(source, path)
     save_run(out, model.state_dict(), config)

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set-up (idempotent) then `sparsedet demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/sparsedet demo "$@"

@@ -1,0 +1,108 @@
+"""The command line end to end on tiny data, and the errors a user sees on bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparsedet.cli import build_parser, main
+
+TINY = ["train.max_steps=2", "train.batch_size=2", "model.num_queries=20", "model.dn_queries=6",
+        "model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.hidden_dim=64", "model.ffn_dim=64",
+        "model.backbone.width=8", "model.eval_size=96", "model.eval_max_size=128", "data.train_scales=[96]",
+        "data.max_size=128", "train.amp=none"]
+
+
+def test_every_verb_has_help(capsys):
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    assert {"demo", "synth", "train", "eval", "predict", "convert", "check-data"} <= set(verbs)
+    for verb in verbs:
+        with pytest.raises(SystemExit) as e:
+            main([verb, "--help"])
+        assert e.value.code == 0
+        assert "usage: sparsedet " + verb in capsys.readouterr().out
+
+
+def test_train_eval_predict_round_trip(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "dino_tiny", "--train", synth["train"], "--val", synth["val"],
+                 "--out", str(run), "--no-progress", *TINY]) == 0
+    assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["classes"] == synth["classes"] and config["model"]["category_ids"] == [1, 2, 3, 5, 7]
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert history[0]["step"] == 1 and "loss_giou" in history[0]
+
+    assert main(["eval", "--weights", str(run), "--val", synth["val"]]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
+    assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1 for k in ("AP", "AP50", "AR100"))
+
+    images = tmp_path / "images"
+    shutil.copytree(Path(synth["root"]) / "images" / "val", images)
+    out = tmp_path / "pred"
+    assert main(["predict", "--weights", str(run), str(images), "--out", str(out), "--threshold", "0", "--top-k", "5"]) == 0
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == 4 * 5 and {"file_name", "bbox", "score", "category_id"} <= set(preds[0])
+    assert all(p["category_id"] in (1, 2, 3, 5, 7) for p in preds)
+    assert len(list(out.glob("*_pred.png"))) == 4
+
+    # A COCO results file evaluates the same way (writes metrics.json in --out).
+    results = [{**p, "image_id": int(p["file_name"].split("/")[-1].split(".")[0])} for p in preds]
+    det = tmp_path / "det.json"
+    det.write_text(json.dumps(results))
+    assert main(["eval", "--results", str(det), "--val", synth["val"], "--out", str(tmp_path / "m")]) == 0
+    assert "AP" in json.loads((tmp_path / "m" / "metrics.json").read_text())
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_give_one_clear_error(synth, tmp_path, capsys):
+    base = ["train", "--train", synth["train"], "--out", str(tmp_path / "r"), "--no-progress"]
+    assert "unknown preset 'dino_tinny'" in _error(capsys, base + ["--preset", "dino_tinny"])
+    assert "did you mean train.max_steps" in _error(capsys, base + ["--preset", "dino_tiny", "train.max_stepz=1"])
+    missing = tmp_path / "nope.json"
+    assert str(missing) in _error(capsys, ["train", "--preset", "dino_tiny", "--train", str(missing), "--out", "x"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [}')
+    assert "bad.json" in _error(capsys, ["check-data", "--ann", str(bad)])
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    assert "no images" in _error(capsys, ["train", "--preset", "dino_tiny", "--train", str(empty), "--out", "x"])
+    det = tmp_path / "det.json"
+    det.write_text(json.dumps([{"image_id": 1, "category_id": 99, "bbox": [0, 0, 5, 5], "score": 0.9}]))
+    assert "99" in _error(capsys, ["eval", "--results", str(det), "--val", synth["val"]])
+    assert "run folder not found" in _error(capsys, ["predict", "--weights", str(tmp_path / "norun"), "x.png", "--out", "o"])
+
+
+def test_training_skips_corrupt_images_and_degenerate_boxes(synth, tmp_path, capsys):
+    data = json.loads(open(synth["train"]).read())
+    root = tmp_path / "data"
+    shutil.copytree(Path(synth["root"]) / "images", root / "images")
+    (root / data["images"][0]["file_name"]).write_bytes(b"not a png")
+    data["annotations"][0]["bbox"] = [10, 10, 0, 5]
+    ann = root / "train.json"
+    ann.write_text(json.dumps(data))
+    with pytest.warns(UserWarning) as record:
+        assert main(["train", "--preset", "dino_tiny", "--train", str(ann), "--out", str(tmp_path / "r"),
+                     "--no-progress", *TINY, "train.max_steps=6"]) == 0
+    messages = " | ".join(str(w.message) for w in record)
+    assert "1 degenerate" in messages or "degenerate" in messages
+    assert "000001.png" in messages or "not a png" in messages or "unreadable" in messages
+
+
+def test_check_data_exit_codes(synth, tmp_path, capsys):
+    assert main(["check-data", "--ann", synth["train"]]) == 0
+    data = json.loads(open(synth["train"]).read())
+    data["annotations"][0]["category_id"] = 42
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    assert main(["check-data", "--ann", str(ann), "--images", str(synth["root"])]) == 1
+    out = capsys.readouterr().out
+    assert "unknown category id 42" in out and f"annotation id {data['annotations'][0]['id']} " in out
