@@ -6,6 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${SPARSEDET_TORCH:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[dev]"
