@@ -32,6 +32,23 @@ def test_save_load_round_trip_and_predict(preset, tmp_path):
         loaded.predict(3.14)
 
 
+def test_deformable_two_stage_encoder_loss_is_class_agnostic():
+    torch.manual_seed(0)
+    model = Detector.from_preset("deformable_detr_tiny", num_classes=3, **SMALL).train()
+    batch = Batch.from_images([torch.rand(3, 64, 64)])
+    targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
+    out = model(batch, targets)
+    assert out.dn is None and out.enc["binary"] and out.enc["logits"].shape[1] == sum(h * w for h, w in [(8, 8), (4, 4), (2, 2), (1, 1)])
+    criterion = SetCriterion(3, model.config.loss)
+    losses = criterion(out, targets)
+    assert set(losses) == {f"loss_{t}{s}" for t in ("cls", "bbox", "giou") for s in ("", "_0", "_enc")}
+    # Class-agnostic: the encoder's target column is 0 whatever the label, so only column 0 is pulled up.
+    logits = out.enc["logits"].detach().requires_grad_()
+    out.enc["logits"] = logits
+    criterion(out, targets)["loss_cls_enc"].backward()
+    assert (logits.grad[..., 0] < 0).any() and not (logits.grad[..., 2] < 0).any()
+
+
 def test_training_outputs_and_losses_have_the_documented_names():
     torch.manual_seed(0)
     model = Detector.from_preset("dino_tiny", num_classes=3, **SMALL).train()

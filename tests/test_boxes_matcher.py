@@ -48,7 +48,7 @@ def test_hungarian_matches_brute_force(seed, n_pred, n_gt):
     target = {"labels": torch.randint(0, 3, (n_gt,), generator=g),
               "boxes": torch.rand(n_gt, 4, generator=g) * 0.5 + 0.1}
     matcher = HungarianMatcher()
-    (rows, cols), = matcher.match_many([(logits, boxes)], [target])[0]
+    (rows, cols), = matcher.match_many([(logits, boxes, [target])])[0]
     cost = matcher.cost(logits[0], boxes[0], target["labels"], target["boxes"]).numpy()
     best = min(sum(cost[p, j] for j, p in enumerate(perm)) for perm in itertools.permutations(range(n_pred), n_gt))
     assert cost[rows.numpy(), cols.numpy()].sum() == pytest.approx(best, rel=1e-6)
@@ -59,7 +59,7 @@ def test_matcher_handles_images_without_targets_in_one_call():
     logits, boxes = torch.randn(2, 4, 2), torch.rand(2, 4, 4)
     targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])},
                {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
-    out = HungarianMatcher().match_many([(logits, boxes), (logits, boxes)], targets)
+    out = HungarianMatcher().match_many([(logits, boxes, targets), (logits, boxes, targets)])
     assert len(out) == 2 and len(out[0][0][0]) == 1 and len(out[0][1][0]) == 0
 
 

@@ -119,7 +119,8 @@ def cmd_presets(args) -> int:
 def cmd_synth(args) -> int:
     from .data.synthetic import write_synthetic
     info = write_synthetic(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
-    print(f"wrote {info['train']} and {info['val']} ({info['num_images']['train']} + {info['num_images']['val']} images)")
+    counts = info["num_images"]
+    print(f"wrote {info['train']} and {info['val']} ({counts['train']} + {counts['val']} images)")
     return 0
 
 
@@ -264,7 +265,8 @@ def cmd_demo(args) -> int:
           f"in {out / 'data'}")
     overrides = [f"train.minutes={args.minutes}", "train.max_steps=1000000", "train.eval_every=-1",
                  f"train.seed={args.seed}"] + args.overrides
-    config, model, train_set, val_set = _prepare_training(args.preset, None, overrides, info["train"], info["val"], None)
+    config, model, train_set, val_set = _prepare_training(args.preset, None, overrides, info["train"], info["val"],
+                                                          None)
     seed_everything(config.train.seed)
     print(f"[2/4] training {args.preset} for {args.minutes:g} min")
     trainer = Trainer(model, config, train_set, val_set, out / "run", progress=True)

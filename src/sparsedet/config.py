@@ -178,7 +178,8 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Co
         obj = config
         for i, part in enumerate(parts):
             if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-                known = [".".join(parts[:i] + [f.name]) for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+                fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else []
+                known = [".".join(parts[:i] + [f.name]) for f in fields]
                 _unknown(".".join(parts), known)
             if i == len(parts) - 1:
                 setattr(obj, part, _coerce(getattr(obj, part), value, ".".join(parts)))
@@ -194,11 +195,12 @@ def _coerce(current: Any, value: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise SparsedetError(f"{key} expects true or false, got {value!r}")
         return value
-    if isinstance(current, (int, float)) and not isinstance(value, bool):
-        try:
-            return type(current)(value) if not (isinstance(current, int) and isinstance(value, float) and not value.is_integer()) else value
-        except (TypeError, ValueError):
-            raise SparsedetError(f"{key} expects a number, got {value!r}") from None
+    if isinstance(current, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SparsedetError(f"{key} expects a number, got {value!r}")
+        if isinstance(current, int) and not float(value).is_integer():
+            raise SparsedetError(f"{key} expects a whole number, got {value!r}")
+        return type(current)(value)
     if isinstance(current, str) and not isinstance(value, str):
         return str(value)
     return value

@@ -30,7 +30,8 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def save_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], config: Config, extra: dict | None = None) -> None:
+def save_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], config: Config,
+             extra: dict | None = None) -> None:
     run_dir = Path(run_dir)
     # safetensors refuses tensors that share memory; store each once, contiguous.
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
@@ -46,7 +47,8 @@ def save_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], config: C
 def load_run(run_dir: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise SparsedetError(f"run folder not found: {run_dir}; pass a folder written by `sparsedet train` or `convert`")
+        raise SparsedetError(
+            f"run folder not found: {run_dir}; pass a folder written by `sparsedet train` or `convert`")
     for name in (WEIGHTS, CONFIG):
         if not (run_dir / name).is_file():
             raise SparsedetError(f"{run_dir} has no {name}; it is not a sparsedet run folder")

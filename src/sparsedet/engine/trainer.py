@@ -133,7 +133,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
         generator = torch.Generator().manual_seed(t.seed)
         self.loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, generator=generator,
-                                 collate_fn=partial(collate, size_divisor=config.data.size_divisor), num_workers=config.data.num_workers, drop_last=len(train_set) > t.batch_size)
+                                 collate_fn=partial(collate, size_divisor=config.data.size_divisor),
+                                 num_workers=config.data.num_workers, drop_last=len(train_set) > t.batch_size)
         (self.out_dir / "history.jsonl").unlink(missing_ok=True)  # a new run starts a new history
         self.step = 0
         self.skipped_images = 0
@@ -179,9 +180,10 @@ class Trainer:
                 self.step += 1
                 bar.update(int(time.perf_counter() - start - self.eval_seconds) - bar.n if budget else 1)
                 if self.step % t.log_every == 0 or self.step == 1:
-                    bar.set_postfix(step=self.step, loss=f"{loss:.3f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.1e}")
-                    self._log({"step": self.step, "time_s": round(time.perf_counter() - start - self.eval_seconds, 1), "loss": loss,
-                               **{k: round(v, 5) for k, v in terms.items()}})
+                    lr = self.optimizer.param_groups[-1]["lr"]
+                    bar.set_postfix(step=self.step, loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+                    self._log({"step": self.step, "time_s": round(time.perf_counter() - start - self.eval_seconds, 1),
+                               "loss": loss, **{k: round(v, 5) for k, v in terms.items()}})
                 last = self.step >= total or (budget and time.perf_counter() - start - self.eval_seconds >= budget)
                 if not last and self.step % eval_every == 0 and self.val_set is not None:
                     metrics = self.evaluate(time.perf_counter() - start - self.eval_seconds)
@@ -230,7 +232,8 @@ class Trainer:
         """Evaluate on the validation set; ``elapsed`` is the training time so far (logged)."""
         t0 = time.perf_counter()
         metrics, results = evaluate(self.model, self.val_set, self.config.train.batch_size, self.progress)
-        self._log({"step": self.step, "time_s": round(elapsed, 1), "eval": {k: v for k, v in metrics.items() if k != "per_class"}})
+        summary = {k: v for k, v in metrics.items() if k != "per_class"}
+        self._log({"step": self.step, "time_s": round(elapsed, 1), "eval": summary})
         payload = json.dumps({"step": self.step, **metrics}, indent=2)
         atomic_write(self.out_dir / "metrics.json", lambda p: Path(p).write_text(payload))
         if self.progress:

@@ -43,21 +43,16 @@ class SetCriterion:
             n = torch.tensor([num_boxes], device=outputs.logits.device)
             torch.distributed.all_reduce(n)
             num_boxes = max(n.item() / torch.distributed.get_world_size(), 1.0)
-        sets = [(outputs.logits, outputs.boxes, "")]
-        sets += [(a["logits"], a["boxes"], f"_{i}") for i, a in enumerate(outputs.aux)]
-        enc_targets = targets
+        sets = [(outputs.logits, outputs.boxes, targets, "")]
+        sets += [(a["logits"], a["boxes"], targets, f"_{i}") for i, a in enumerate(outputs.aux)]
         if outputs.enc is not None:
-            sets.append((outputs.enc["logits"], outputs.enc["boxes"], "_enc"))
-            if outputs.enc.get("binary"):
-                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-        matches = self.matcher.match_many([(s[0], s[1]) for s in sets[:-1]], targets)
-        if outputs.enc is not None:
-            matches += self.matcher.match_many([(sets[-1][0], sets[-1][1])], enc_targets)
-        else:
-            matches += self.matcher.match_many([(sets[-1][0], sets[-1][1])], targets)
+            # Deformable DETR's two-stage proposals are class-agnostic: every target is class 0.
+            enc_targets = ([{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+                           if outputs.enc.get("binary") else targets)
+            sets.append((outputs.enc["logits"], outputs.enc["boxes"], enc_targets, "_enc"))
+        matches = self.matcher.match_many([s[:3] for s in sets])
         losses = {}
-        for (logits, boxes, suffix), match in zip(sets, matches):
-            tg = enc_targets if suffix == "_enc" else targets
+        for (logits, boxes, tg, suffix), match in zip(sets, matches):
             losses.update({k + suffix: v for k, v in self._terms(logits, boxes, tg, match, num_boxes).items()})
         if outputs.dn is not None:
             dn = outputs.dn
@@ -74,8 +69,9 @@ class SetCriterion:
         B, Q, C = logits.shape
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(match)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in match]).to(logits.device)
-        tgt_labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, match)]).to(logits.device)
-        tgt_boxes = torch.cat([t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, match)]).to(boxes.device)
+        tgt_labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, match)])
+        tgt_boxes = torch.cat([t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, match)])
+        tgt_labels, tgt_boxes = tgt_labels.to(logits.device), tgt_boxes.to(boxes.device)
         onehot = torch.zeros(B, Q, C, dtype=logits.dtype, device=logits.device)
         onehot[batch_idx, src_idx, tgt_labels] = 1.0
         loss_cls = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma) / num_boxes

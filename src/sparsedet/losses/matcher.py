@@ -31,25 +31,26 @@ class HungarianMatcher:
         return self.cost_bbox * c_box + self.cost_class * c_cls + self.cost_giou * c_giou
 
     @torch.no_grad()
-    def match_many(self, sets: list[tuple[Tensor, Tensor]], targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
-        """sets: prediction sets (logits [B, Q, C], boxes [B, Q, 4]) -> per set, per image
-        (prediction indices, target indices)."""
-        sizes = [len(t["labels"]) for t in targets]
+    def match_many(self, sets: list[tuple[Tensor, Tensor, list[dict]]]) -> list[list[tuple[Tensor, Tensor]]]:
+        """sets: (logits [B, Q, C], boxes [B, Q, 4], targets) per prediction set; the targets of
+        all sets have the same boxes (labels may differ, e.g. class-agnostic encoder targets).
+        Returns per set, per image (prediction indices, target indices)."""
+        sizes = [len(t["labels"]) for t in sets[0][2]]
         if sum(sizes) == 0:
             empty = (torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
-            return [[empty for _ in targets] for _ in sets]
-        tgt_labels = torch.cat([t["labels"] for t in targets])
-        tgt_boxes = torch.cat([t["boxes"] for t in targets])
+            return [[empty for _ in sizes] for _ in sets]
         costs = []
-        for logits, boxes in sets:
+        for logits, boxes, targets in sets:
             B, Q, _ = logits.shape
+            tgt_labels = torch.cat([t["labels"] for t in targets])
+            tgt_boxes = torch.cat([t["boxes"] for t in targets])
             costs.append(self.cost(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels, tgt_boxes).view(B, Q, -1))
         host = [c.cpu().numpy() for c in costs]  # the one device->host transfer of the step
         bounds = np.cumsum([0] + sizes)
         results = []
         for c in host:
             per_image = []
-            for b in range(len(targets)):
+            for b in range(len(sizes)):
                 block = c[b, :, bounds[b]:bounds[b + 1]]
                 if block.shape[1] == 0:
                     per_image.append((torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)))
