@@ -150,6 +150,10 @@ class Trainer:
         total = self.total_steps()
         budget = t.minutes * 60.0
         start = time.perf_counter()
+
+        def trained() -> float:  # seconds of training so far; evaluation time is not counted
+            return time.perf_counter() - start - self.eval_seconds
+
         # With a wall-clock budget the bar counts training seconds; otherwise steps.
         bar = tqdm(total=int(budget) if budget else total, desc="train", unit="s" if budget else "step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -162,8 +166,7 @@ class Trainer:
                 self.skipped_images += dropped
                 if batch is None:
                     continue
-                elapsed = time.perf_counter() - start - self.eval_seconds
-                progress = max(self.step / total, elapsed / budget if budget else 0.0)
+                progress = max(self.step / total, trained() / budget if budget else 0.0)
                 factor = lr_factor(self.step, progress, t)
                 for g in self.optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
@@ -178,15 +181,14 @@ class Trainer:
                     continue
                 bad_in_row = 0
                 self.step += 1
-                bar.update(int(time.perf_counter() - start - self.eval_seconds) - bar.n if budget else 1)
+                bar.update(int(trained()) - bar.n if budget else 1)
                 if self.step % t.log_every == 0 or self.step == 1:
                     lr = self.optimizer.param_groups[-1]["lr"]
                     bar.set_postfix(step=self.step, loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-                    self._log({"step": self.step, "time_s": round(time.perf_counter() - start - self.eval_seconds, 1),
-                               "loss": loss, **{k: round(v, 5) for k, v in terms.items()}})
-                last = self.step >= total or (budget and time.perf_counter() - start - self.eval_seconds >= budget)
+                    self._log({"step": self.step, "time_s": round(trained(), 1), "loss": loss, **{k: round(v, 5) for k, v in terms.items()}})
+                last = self.step >= total or (budget and trained() >= budget)
                 if not last and self.step % eval_every == 0 and self.val_set is not None:
-                    metrics = self.evaluate(time.perf_counter() - start - self.eval_seconds)
+                    metrics = self.evaluate(trained())
                     if not t.checkpoint_every:
                         self.save()
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
@@ -199,7 +201,7 @@ class Trainer:
             warnings.warn(f"skipped {self.skipped_images} unreadable images during training")
         self.save()
         if self.val_set is not None:
-            metrics = self.evaluate(time.perf_counter() - start - self.eval_seconds)
+            metrics = self.evaluate(trained())
         return metrics
 
     def _eval_interval(self, total: int) -> int:

@@ -66,15 +66,15 @@ def _reference(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, 
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = locations.shape
     grids = (2 * locations - 1).transpose(1, 2).reshape(B * M, Q, L, P, 2)
-    w = weights.transpose(1, 2).reshape(B * M, 1, Q, L, P)
+    wts = weights.transpose(1, 2).reshape(B * M, 1, Q, L, P)
     out = None
     start = 0
     # Accumulate level by level: never materialise the [B*M, D, Q, L, P] stack of all samples.
-    for level, (h, w_) in enumerate(shapes):
-        v = value[:, start:start + h * w_].permute(0, 2, 3, 1).reshape(B * M, D, h, w_)
-        start += h * w_
+    for level, (h, w) in enumerate(shapes):
+        v = value[:, start:start + h * w].permute(0, 2, 3, 1).reshape(B * M, D, h, w)
+        start += h * w
         sampled = F.grid_sample(v, grids[:, :, level], mode="bilinear", padding_mode="zeros", align_corners=False)
-        part = (sampled * w[..., level, :]).sum(-1)  # [B*M, D, Q]
+        part = (sampled * wts[..., level, :]).sum(-1)  # [B*M, D, Q]
         out = part if out is None else out + part
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()
 

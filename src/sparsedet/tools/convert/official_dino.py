@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ...errors import SparsedetError
+from ...nn.backbone import BLOCKS
 from .common import Rule, fold_aliases, read_state_dict, rename_keys
 
 WB = r"(weight|bias)"
@@ -65,8 +66,10 @@ def convert_official_dino(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 
 
 def _resnet_depth(state: dict[str, Tensor]) -> int:
-    blocks = {s: 1 + max((int(k.split(".")[2]) for k in state if k.startswith(f"backbone.layer{s}.")), default=-1)
-              for s in range(1, 5)}
-    bottleneck = any(".conv3." in k for k in state if k.startswith("backbone."))
-    table = {(True, 23): 101, (True, 6): 50, (False, 6): 34, (False, 2): 18}
-    return table.get((bottleneck, blocks[3]), 50)
+    """The ResNet depth whose block kind and stage-3 block count fit the converted backbone keys."""
+    kind = "bottleneck" if any(k.startswith("backbone.") and ".conv3." in k for k in state) else "basic"
+    stage3 = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("backbone.layer3.")), default=-1)
+    for depth, (block, counts) in BLOCKS.items():
+        if (block, counts[2]) == (kind, stage3):
+            return depth
+    raise SparsedetError(f"backbone with {stage3} {kind} blocks in layer3 is not a ResNet-18/34/50/101")
