@@ -6,7 +6,7 @@ import torch
 
 from sparsedet.config import Config, apply_overrides
 from sparsedet.errors import SparsedetError
-from sparsedet.losses.criterion import sigmoid_focal_loss
+from sparsedet.losses.focal import sigmoid_focal_loss
 from sparsedet.models.denoising import ContrastiveDenoising
 from sparsedet.nn.backbone import ResNet
 from sparsedet.nn.position import SineMapEmbedding, sine_embed_coords

@@ -1,6 +1,7 @@
-"""A tiny DINO learns: it overfits 4 synthetic images (loss falls, AP >= 0.9 on them)."""
+"""Each tiny preset learns: it overfits 4 synthetic images (loss falls, AP >= 0.9 on them)."""
 import warnings
 
+import pytest
 import torch
 
 from sparsedet import Detector
@@ -12,11 +13,12 @@ from sparsedet.engine.trainer import Trainer, evaluate, seed_everything
 from sparsedet.presets import get_preset
 
 
-def test_dino_tiny_overfits_four_images(tmp_path):
+@pytest.mark.parametrize("preset", ["dino_tiny", "sparse_detr_tiny", "focus_detr_tiny", "salience_detr_tiny"])
+def test_tiny_preset_overfits_four_images(preset, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = write_synthetic(tmp_path / "data", n_train=4, n_val=1, size=128, seed=11)
-    cfg = get_preset("dino_tiny")
+    cfg = get_preset(preset)
     apply_overrides(cfg, OVERFIT)
     fixed = build_transforms(False, [128], 128)  # no augmentation: the point is memorisation
     train = CocoDetection(info["train"], transforms=fixed)

@@ -31,6 +31,27 @@ class LossConfig:
     match_cls: float = 2.0
     match_bbox: float = 5.0
     match_giou: float = 2.0
+    cls_loss: str = "focal"         # "focal" | "varifocal" (Salience DETR: IoU-aware soft targets)
+    select_weight: float = 1.0      # token-selection supervision (DAM 1, foreground 1.5, salience 2)
+
+
+@dataclass
+class EncoderConfig:
+    """Which tokens the encoder updates (specs/encoders.md). ``kind``: "dense" (every token, every
+    layer), "sparse" (Sparse DETR), "focus" (Focus-DETR) or "salience" (Salience DETR)."""
+
+    kind: str = "dense"
+    keep_ratio: float = 0.1         # fraction of valid tokens kept (Sparse rho; Focus base ratio 0.5)
+    layer_ratios: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6, 0.6, 0.4, 0.2])  # cascade
+    level_ratios: list[float] = field(default_factory=lambda: [0.4, 0.8, 1.0, 1.0])  # Salience per-level quotas
+    object_tokens: int = 300        # Focus/Salience: tokens in the dual attention's self-attention
+    # Focus/Salience label assignment: box-size range (max distance from a token to the box
+    # edges, pixels) owned by each level. Default: the official code's non-overlapping ranges.
+    label_ranges: list[list[float]] = field(
+        default_factory=lambda: [[-1.0, 64.0], [64.0, 128.0], [128.0, 256.0], [256.0, 1e5]])
+    aux_heads: bool = True          # Sparse DETR: detection heads on the sparse tokens of layers 0..L-2
+    background_size: int = 200      # Salience: learned background embedding table (max cells per side)
+    fusion: bool = True             # Salience: cross-level token fusion on the encoder memory
 
 
 @dataclass
@@ -46,12 +67,15 @@ class ModelConfig:
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
     num_levels: int = 4
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
     enc_points: int = 4
     dec_points: int = 4
     dropout: float = 0.1
     num_queries: int = 300
     two_stage: bool = False
     box_refine: bool = False
+    efficient_queries: bool = False  # Sparse DETR: content queries = top memory tokens, class-specific ranking
+    proposal_nms: float = 0.0        # Salience: IoU of the cell-grid NMS on two-stage proposals (0 = off)
     pos_temperature: float = 10000.0
     pos_offset: float = -0.5        # Deformable DETR centres cells at (i + 0.5); DINO uses 0
     sigmoid_eps: float = 1e-5

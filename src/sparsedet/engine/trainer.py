@@ -129,7 +129,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.model.to(self.device)
         self.amp_dtype = resolve_amp(t.amp, self.device)
-        self.criterion = SetCriterion(model.num_classes, config.model.loss)
+        self.criterion = SetCriterion.for_model(config.model)
         self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
         generator = torch.Generator().manual_seed(t.seed)
         self.loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, generator=generator,
@@ -227,7 +227,7 @@ class Trainer:
         if t.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
         self.optimizer.step()
-        main = {k: v.item() for k, v in terms.items() if k in ("loss_cls", "loss_bbox", "loss_giou")}
+        main = {k: v.item() for k, v in terms.items() if k in ("loss_cls", "loss_bbox", "loss_giou", "loss_select")}
         return loss.item(), main
 
     def evaluate(self, elapsed: float) -> dict:
@@ -258,11 +258,11 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-
 def _float(out):
     """Losses run in fp32 whatever precision the forward pass used."""
     out.logits, out.boxes = out.logits.float(), out.boxes.float()
     out.aux = [{k: v.float() for k, v in a.items()} for a in out.aux]
+    out.enc_aux = [{k: v.float() for k, v in a.items()} for a in out.enc_aux]
     if out.enc is not None:
         out.enc = {k: v.float() if torch.is_tensor(v) else v for k, v in out.enc.items()}
     if out.dn is not None:

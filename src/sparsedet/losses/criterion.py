@@ -2,38 +2,42 @@
 
 Terms are named like the community's: ``loss_cls``, ``loss_bbox``, ``loss_giou`` for the final
 layer, suffixed ``_0 .. _{L-2}`` for earlier decoder layers, ``_enc`` for the two-stage encoder
-predictions and ``_dn`` (``_dn_{i}``) for denoising queries. Each term is a sum over boxes
-divided by the number of ground-truth boxes in the batch.
+predictions, ``_enc_{i}`` for detection heads on encoder layers (Sparse DETR) and ``_dn``
+(``_dn_{i}``) for denoising queries. Each term is a sum over boxes divided by the number of
+ground-truth boxes in the batch. Sparse encoders add ``loss_select``, their scorer's supervision
+(losses/selection.py).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import LossConfig
-from ..ops.boxes import cxcywh_to_xyxy, generalized_box_iou
+from ..config import LossConfig, ModelConfig
+from ..ops.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
+from . import selection as sel
+from .focal import sigmoid_focal_loss, varifocal_loss
 from .matcher import HungarianMatcher
 
 
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Sum of the focal loss over all elements (logits and targets of the same shape)."""
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.sum()
-
-
 class SetCriterion:
-    def __init__(self, num_classes: int, config: LossConfig):
+    def __init__(self, num_classes: int, config: LossConfig, selection: str = "dense",
+                 label_ranges: list[list[float]] | None = None):
+        """selection: the encoder kind whose token scorer is supervised ("dense": none)."""
+        if config.cls_loss not in ("focal", "varifocal"):
+            raise ValueError(f"unknown classification loss {config.cls_loss!r}; choose focal or varifocal")
         self.num_classes, self.cfg = num_classes, config
+        self.selection, self.label_ranges = selection, label_ranges
         self.matcher = HungarianMatcher(config.match_cls, config.match_bbox, config.match_giou,
                                         config.focal_alpha, config.focal_gamma)
         self.weights = {"loss_cls": config.cls_weight, "loss_bbox": config.bbox_weight,
-                        "loss_giou": config.giou_weight}
+                        "loss_giou": config.giou_weight, "loss_select": config.select_weight}
+
+    @classmethod
+    def for_model(cls, config: ModelConfig) -> "SetCriterion":
+        return cls(config.num_classes, config.loss, config.encoder.kind, config.encoder.label_ranges)
 
     def __call__(self, outputs, targets: list[dict]) -> dict[str, Tensor]:
         """outputs: ``DetectorOutput``; targets: per image {"labels", "boxes" (normalised cxcywh)}.
@@ -50,6 +54,7 @@ class SetCriterion:
             enc_targets = ([{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
                            if outputs.enc.get("binary") else targets)
             sets.append((outputs.enc["logits"], outputs.enc["boxes"], enc_targets, "_enc"))
+        sets += [(a["logits"], a["boxes"], targets, f"_enc_{i}") for i, a in enumerate(outputs.enc_aux)]
         matches = self.matcher.match_many([s[:3] for s in sets])
         losses = {}
         for (logits, boxes, tg, suffix), match in zip(sets, matches):
@@ -63,7 +68,29 @@ class SetCriterion:
                 suffix = "_dn" if i == L - 1 else f"_dn_{i}"
                 terms = self._terms(dn["logits"][i], dn["boxes"][i], targets, match, norm)
                 losses.update({k + suffix: v for k, v in terms.items()})
+        if self.selection != "dense" and outputs.selection is not None:
+            losses["loss_select"] = self._selection_loss(outputs.selection, targets)
         return losses
+
+    def _selection_loss(self, selection, targets: list[dict]) -> Tensor:
+        """The scorer's supervision: the decoder's attention map (sparse), per-level foreground
+        (focus) or scale-independent salience (salience)."""
+        logits, padding, shapes = selection.token_logits.float(), selection.padding, selection.shapes
+        if self.selection == "sparse":
+            if selection.decoder_sampling is None:
+                raise ValueError("Sparse DETR's selection loss needs the decoder's sampling (train mode)")
+            locations, weights = selection.decoder_sampling
+            dam = sel.decoder_attention_map(locations.float(), weights.float(), shapes)
+            target = sel.top_count_targets(dam, padding, selection.layers[0].counts)
+            return sel.attention_map_loss(logits.masked_fill(padding, logits.min()), target)
+        boxes = [_pixel_xyxy(t["boxes"], size) for t, size in zip(targets, selection.image_sizes)]
+        if self.selection == "focus":
+            H, W = selection.padded_size
+            strides = [2 ** round(math.log2(H / h)) for h, _ in shapes]
+            target = sel.foreground_targets(boxes, shapes, strides, self.label_ranges)
+            return sel.foreground_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
+        target = sel.salience_targets(boxes, shapes, selection.padded_size, self.label_ranges)
+        return sel.salience_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
 
     def _terms(self, logits: Tensor, boxes: Tensor, targets: list[dict], match, num_boxes: float) -> dict[str, Tensor]:
         B, Q, C = logits.shape
@@ -74,8 +101,15 @@ class SetCriterion:
         tgt_labels, tgt_boxes = tgt_labels.to(logits.device), tgt_boxes.to(boxes.device)
         onehot = torch.zeros(B, Q, C, dtype=logits.dtype, device=logits.device)
         onehot[batch_idx, src_idx, tgt_labels] = 1.0
-        loss_cls = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma) / num_boxes
         matched = boxes[batch_idx, src_idx]
+        if self.cfg.cls_loss == "varifocal":
+            quality = torch.zeros(B, Q, dtype=logits.dtype, device=logits.device)
+            if matched.numel():
+                iou = box_iou(cxcywh_to_xyxy(matched), cxcywh_to_xyxy(tgt_boxes)).diagonal()
+                quality[batch_idx, src_idx] = iou.detach().to(logits.dtype)
+            loss_cls = varifocal_loss(logits, onehot, quality, self.cfg.focal_alpha, self.cfg.focal_gamma) / num_boxes
+        else:
+            loss_cls = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma) / num_boxes
         if matched.numel() == 0:
             zero = boxes.sum() * 0.0
             return {"loss_cls": loss_cls, "loss_bbox": zero, "loss_giou": zero}
@@ -89,8 +123,14 @@ class SetCriterion:
         return sum(self.weights[_base(k)] * v for k, v in losses.items())
 
 
+def _pixel_xyxy(boxes: Tensor, size: Tensor) -> Tensor:
+    """Normalised cxcywh of the unpadded image -> xyxy pixels; size: (height, width)."""
+    h, w = size.to(boxes.dtype).unbind()
+    return cxcywh_to_xyxy(boxes) * torch.stack([w, h, w, h])
+
+
 def _base(key: str) -> str:
-    for base in ("loss_cls", "loss_bbox", "loss_giou"):
+    for base in ("loss_cls", "loss_bbox", "loss_giou", "loss_select"):
         if key.startswith(base):
             return base
     raise KeyError(key)

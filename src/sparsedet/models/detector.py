@@ -11,11 +11,12 @@ from ..data.batch import Batch
 from ..errors import SparsedetError
 from ..nn.attention import MSDeformAttn
 from ..nn.backbone import ResNet
-from ..nn.neck import Neck
+from ..nn.neck import MultiLevel, Neck
 from .decoders.deformable import DeformableDecoder
 from .denoising import ContrastiveDenoising
-from .encoders.dense import DenseEncoder
+from .encoders import build_encoder
 from .heads import PredictionHeads, postprocess
+from .encoders.scoring import TokenSelection
 from .queries import LearnedQueries, ProposalQueries
 
 KINDS = ("deformable", "dino")
@@ -29,7 +30,9 @@ class DetectorOutput:
     unpadded image; aux: earlier decoder layers, each {"logits", "boxes"}; enc: two-stage encoder
     predictions {"logits", "boxes", "binary"} or None; dn: denoising predictions
     {"logits": [L, B, D, C], "boxes": [L, B, D, 4], "queries": DenoisingQueries} or None;
-    selection: per encoder layer, the kept token indices and scores (empty for dense encoders).
+    selection: a sparse encoder's ``TokenSelection`` (per layer: kept token indices, scores and
+    counts; per level via ``level_counts``), None for dense encoders; enc_aux: detection outputs
+    on the sparse tokens of encoder layers (Sparse DETR), each {"logits", "boxes"}.
     """
 
     logits: Tensor
@@ -37,7 +40,8 @@ class DetectorOutput:
     aux: list[dict] = field(default_factory=list)
     enc: dict | None = None
     dn: dict | None = None
-    selection: list = field(default_factory=list)
+    selection: TokenSelection | None = None
+    enc_aux: list[dict] = field(default_factory=list)
 
 
 class DetectionTransformer(nn.Module):
@@ -55,12 +59,12 @@ class DetectionTransformer(nn.Module):
         if b.weights:
             self.backbone.load_weights(b.weights)
         self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset)
-        self.encoder = DenseEncoder(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout,
-                                    c.num_levels, c.num_heads, c.enc_points)
+        self.encoder = build_encoder(c)
         if dino:
-            self.queries = ProposalQueries("mixed", c.num_queries, c.hidden_dim, c.num_classes)
+            self.queries = ProposalQueries("mixed", c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
         elif c.two_stage:
-            self.queries = ProposalQueries("two_stage", c.num_queries, c.hidden_dim, c.num_classes)
+            mode = "efficient" if c.efficient_queries else "two_stage"
+            self.queries = ProposalQueries(mode, c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
         else:
             self.queries = LearnedQueries(c.num_queries, c.hidden_dim)
         self.decoder = DeformableDecoder(
@@ -77,9 +81,11 @@ class DetectionTransformer(nn.Module):
 
     def _reset_transformer_parameters(self) -> None:
         # The official transformers xavier-initialise every matrix they own, then re-apply the
-        # deformable-attention and reference-point inits; the prediction heads keep theirs.
-        heads = {id(p) for m in (self.heads, getattr(self.queries, "class_head", None),
-                                 getattr(self.queries, "box_head", None)) if m is not None for p in m.parameters()}
+        # deformable-attention and reference-point inits; prediction heads, the background
+        # embedding and the fusion convolutions keep theirs.
+        own = [self.heads, getattr(self.queries, "class_head", None), getattr(self.queries, "box_head", None)]
+        own += [getattr(self.encoder, n, None) for n in ("aux_heads", "fusion", "background_rows", "background_cols")]
+        heads = {id(p) for m in own if m is not None for p in m.parameters()}
         for module in (self.encoder, self.decoder, self.queries):
             for p in module.parameters():
                 if p.dim() > 1 and id(p) not in heads:
@@ -95,12 +101,17 @@ class DetectionTransformer(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def forward(self, batch: Batch, targets: list[dict] | None = None) -> DetectorOutput:
-        """batch: images [B, 3, H, W] in [0, 1] with padding mask; targets enable denoising in training."""
+    def features(self, batch: Batch) -> MultiLevel:
+        """Normalise, backbone, neck: the encoder's input."""
         x = (batch.images - self.image_mean) / self.image_std
         x = x.masked_fill(batch.mask[:, None], 0.0)
-        levels = self.neck(self.backbone(x), batch.mask)
-        memory, selection = self.encoder(levels)
+        return self.neck(self.backbone(x), batch.mask)
+
+    def forward(self, batch: Batch, targets: list[dict] | None = None) -> DetectorOutput:
+        """batch: images [B, 3, H, W] in [0, 1] with padding mask; targets enable denoising in training."""
+        levels = self.features(batch)
+        encoded = self.encoder(levels, self.queries)
+        memory, selection = encoded.memory, encoded.selection
         init = self.queries(memory, levels)
         tgt, reference, attn_mask, dn = init.tgt, init.reference, None, None
         if self.denoising is not None and self.training and targets is not None:
@@ -111,7 +122,14 @@ class DetectionTransformer(nn.Module):
                 attn_mask = dn.attn_mask
         refine = self.config.box_refine or self.config.kind == "dino"
         box_heads = [self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if refine else None
-        outputs, refs = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads)
+        # Sparse DETR's scorer learns from where the decoder looked.
+        record = self.training and self.config.encoder.kind == "sparse"
+        outputs, refs, sampling = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
+                                               record_sampling=record)
+        if selection is not None:
+            selection.decoder_sampling = sampling
+            selection.padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
+            selection.image_sizes = torch.stack([(~batch.mask[:, :, 0]).sum(1), (~batch.mask[:, 0, :]).sum(1)], -1)
         logits, boxes = self.heads(outputs, refs, self.config.sigmoid_eps)
         dn_out = None
         if dn is not None:
@@ -121,7 +139,7 @@ class DetectionTransformer(nn.Module):
             # Keep label_enc in the graph even when no positive slot is used (DDP needs every parameter).
             logits = logits + 0.0 * self.denoising.label_enc.weight[0, 0]
         aux = [{"logits": logits[i], "boxes": boxes[i]} for i in range(len(logits) - 1)]
-        return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection)
+        return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection, encoded.aux)
 
     @torch.no_grad()
     def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..nn.mlp import MLP
 from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
+from ..ops.boxes import batched_nms
 from ..ops.functional import gather_rows
 
 
@@ -79,15 +80,22 @@ class ProposalQueries(nn.Module):
 
     ``mode='two_stage'`` (Deformable DETR): rank by the first class channel, build query_pos and
     tgt from the sine embedding of the selected boxes; encoder loss is class-agnostic over all tokens.
+    ``mode='efficient'`` (Sparse DETR, after Efficient DETR): rank by the best class; content queries
+    are the selected memory tokens themselves, query_pos comes from their boxes; encoder loss is
+    multi-class over all tokens.
     ``mode='mixed'`` (DINO): rank by the best class, content queries are a learned ``tgt_embed``;
-    encoder loss is multi-class on the selected tokens.
+    encoder loss is multi-class on the selected tokens. ``nms_iou > 0`` (Salience DETR) first drops
+    candidates next to a better one on the same level (cell-grid NMS).
+
+    ``project`` and ``class_head`` are lent to the sparse encoders, which score tokens with the
+    same projection (weights shared as in the official models).
     """
 
-    def __init__(self, mode: str, num_queries: int, dim: int, num_classes: int):
+    def __init__(self, mode: str, num_queries: int, dim: int, num_classes: int, nms_iou: float = 0.0):
         super().__init__()
-        if mode not in ("two_stage", "mixed"):
+        if mode not in ("two_stage", "efficient", "mixed"):
             raise ValueError(f"unknown query selection mode {mode!r}")
-        self.mode, self.num_queries, self.dim = mode, num_queries, dim
+        self.mode, self.num_queries, self.dim, self.nms_iou = mode, num_queries, dim, nms_iou
         self.enc_output = nn.Linear(dim, dim)
         self.enc_output_norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, num_classes)
@@ -95,33 +103,72 @@ class ProposalQueries(nn.Module):
         if mode == "two_stage":
             self.pos_trans = nn.Linear(2 * dim, 2 * dim)
             self.pos_trans_norm = nn.LayerNorm(2 * dim)
+        elif mode == "efficient":
+            self.pos_trans = nn.Linear(2 * dim, dim)
+            self.pos_trans_norm = nn.LayerNorm(dim)
         else:
             self.tgt_embed = nn.Embedding(num_queries, dim)
         nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(self.box_head.layers[-1].weight)
         nn.init.zeros_(self.box_head.layers[-1].bias)
 
+    def project(self, tokens: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        """LayerNorm(Linear(tokens)) with padded and border tokens zeroed first, and each token's
+        proposal in logit space: ([B, S, C], [B, S, 4])."""
+        masked, proposals = encoder_proposals(tokens, padding, shapes)
+        return self.enc_output_norm(self.enc_output(masked)), proposals
+
     def select(self, logits: Tensor, k: int) -> Tensor:
         """Indices [B, k] of the tokens that become queries, ranked by raw logits: the first
-        class channel (two-stage) or the best class (mixed)."""
+        class channel (two-stage) or the best class."""
         scores = logits[..., 0] if self.mode == "two_stage" else logits.max(-1).values
         return scores.topk(k, dim=1).indices
 
     def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
         B = memory.shape[0]
-        masked, proposals = encoder_proposals(memory, levels.padding, levels.shapes)
-        feats = self.enc_output_norm(self.enc_output(masked))
+        feats, proposals = self.project(memory, levels.padding, levels.shapes)
         logits = self.class_head(feats)
         boxes_unact = self.box_head(feats) + proposals
-        top = self.select(logits, min(self.num_queries, logits.shape[1]))
-        if self.mode == "two_stage":
+        if self.nms_iou > 0:
+            top = self.select_distinct(logits, levels.shapes)
+        else:
+            top = self.select(logits, min(self.num_queries, logits.shape[1]))
+        if self.mode != "mixed":
             ref_unact = gather_rows(boxes_unact, top).detach()
-            pos_tgt = self.pos_trans_norm(self.pos_trans(
+            pos = self.pos_trans_norm(self.pos_trans(
                 sine_embed_coords(ref_unact.sigmoid(), self.dim // 2, 10000.0, order="xywh")))
-            query_pos, tgt = pos_tgt.split(self.dim, dim=-1)
-            enc = {"logits": logits, "boxes": boxes_unact.sigmoid(), "binary": True}
+            if self.mode == "two_stage":
+                query_pos, tgt = pos.split(self.dim, dim=-1)
+            else:
+                query_pos, tgt = pos, gather_rows(memory, top)
+            enc = {"logits": logits, "boxes": boxes_unact.sigmoid(), "binary": self.mode == "two_stage"}
             return QueryInit(tgt, ref_unact.sigmoid(), query_pos, enc)
         ref_unact = gather_rows(boxes_unact, top)
         enc = {"logits": self.class_head(gather_rows(feats, top)), "boxes": ref_unact.sigmoid(), "binary": False}
         tgt = self.tgt_embed.weight[None, :top.shape[1]].expand(B, -1, -1)
         return QueryInit(tgt, ref_unact.detach().sigmoid(), None, enc)
+
+    @torch.no_grad()
+    def select_distinct(self, logits: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """Salience DETR's redundancy removal: of the best 4 x num_queries tokens, suppress those
+        whose 3x3-cell box on their own level overlaps a better one by IoU > ``nms_iou`` (direct
+        neighbours at 0.3; diagonal ones survive). Returns [B, num_queries]: survivors by score,
+        then, where an image has too few, its best suppressed tokens (the official code instead
+        truncates every image to the smallest survivor count)."""
+        S = logits.shape[1]
+        scores, cand = logits.max(-1).values.topk(min(4 * self.num_queries, S), dim=1)
+        starts = torch.tensor([0] + [h * w for h, w in shapes], device=logits.device).cumsum(0)
+        widths = torch.tensor([w for _, w in shapes], device=logits.device)
+        level = torch.bucketize(cand, starts[1:], right=True)
+        local = cand - starts[level]
+        x, y = (local % widths[level]).to(scores.dtype), (local // widths[level]).to(scores.dtype)
+        boxes = torch.stack([x - 1, y - 1, x + 1, y + 1], -1)
+        k = min(self.num_queries, S)
+        out = []
+        for b in range(logits.shape[0]):
+            kept = batched_nms(boxes[b], scores[b], level[b], self.nms_iou)
+            suppressed = torch.ones(cand.shape[1], dtype=torch.bool, device=cand.device)
+            suppressed[kept] = False
+            rest = suppressed.nonzero().squeeze(1)
+            out.append(cand[b, torch.cat([kept, rest])[:k]])
+        return torch.stack(out)

@@ -51,7 +51,8 @@ class MSDeformAttn(nn.Module):
         shapes: list[tuple[int, int]],
         value_padding: Tensor | None = None,
         value_is_projected: bool = False,
-    ) -> Tensor:
+        return_sampling: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
         """
         Args:
             query: [B, Q, C] (content + position).
@@ -61,8 +62,10 @@ class MSDeformAttn(nn.Module):
                 see ``value_is_projected``).
             shapes: per level (H, W) as Python ints.
             value_padding: [B, S] True on padding; those values are zeroed.
+            return_sampling: also return the sampling locations [B, Q, heads, L, P, 2] (x, y in
+                [0, 1] of the padded map) and their attention weights [B, Q, heads, L, P].
         Returns:
-            [B, Q, C].
+            [B, Q, C] (and the sampling, if asked).
         """
         B, Q, _ = query.shape
         M, L, P = self.num_heads, self.num_levels, self.num_points
@@ -80,4 +83,5 @@ class MSDeformAttn(nn.Module):
         # Sampling stays in fp32 under autocast: bf16 bilinear sampling is slower and less exact.
         with torch.autocast(device_type=query.device.type, enabled=False):
             out = ms_deform_attn(v.float(), shapes, loc.float(), weights.float())
-        return self.output_proj(out.to(query.dtype))
+        out = self.output_proj(out.to(query.dtype))
+        return (out, loc, weights) if return_sampling else out

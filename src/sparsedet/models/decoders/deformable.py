@@ -29,14 +29,19 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference: Tensor, memory: Tensor,
-                shapes: list[tuple[int, int]], memory_padding: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+                shapes: list[tuple[int, int]], memory_padding: Tensor, attn_mask: Tensor | None = None,
+                record_sampling: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Returns (tgt, (sampling locations, attention weights) of the cross-attention or None)."""
         q = tgt + query_pos
         x = self.self_attn(q, q, tgt, attn_mask=attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout(x))
-        x = self.cross_attn(tgt + query_pos, reference, memory, shapes, memory_padding)
+        x = self.cross_attn(tgt + query_pos, reference, memory, shapes, memory_padding, return_sampling=record_sampling)
+        sampling = None
+        if record_sampling:
+            x, sampling = x[0], x[1:]
         tgt = self.norm1(tgt + self.dropout(x))
         x = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout(x))
+        return self.norm3(tgt + self.dropout(x)), sampling
 
 
 class DeformableDecoder(nn.Module):
@@ -61,16 +66,20 @@ class DeformableDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: MultiLevel,
                 query_pos: Tensor | None = None, attn_mask: Tensor | None = None,
-                box_heads: list[Callable[[Tensor], Tensor]] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+                box_heads: list[Callable[[Tensor], Tensor]] | None = None,
+                record_sampling: bool = False) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, Tensor] | None]:
         """
         Args:
             tgt: [B, Q, C]; reference: [B, Q, 2|4] in [0, 1] of the valid image.
             box_heads: per-layer box-delta heads for iterative refinement (None: references stay fixed).
+            record_sampling: also return every layer's cross-attention sampling (Sparse DETR's
+                attention-map target).
         Returns:
-            (outputs per layer [B, Q, C], references per layer that the layer's box delta is added to).
+            (outputs per layer [B, Q, C], references per layer that the layer's box delta is added to,
+            None or (locations [B, layers, Q, heads, levels, points, 2], weights [B, layers, Q, heads, levels, points])).
         """
         ratios = levels.valid_ratios
-        outputs, pred_refs = [], []
+        outputs, pred_refs, sampling = [], [], []
         prev_undetached = reference
         for lid, layer in enumerate(self.layers):
             scale = torch.cat([ratios, ratios], -1) if reference.shape[-1] == 4 else ratios
@@ -78,7 +87,8 @@ class DeformableDecoder(nn.Module):
             pos = query_pos
             if self.ref_point_head is not None:
                 pos = self.ref_point_head(sine_embed_coords(ref_input[:, :, 0], self.dim // 2, 10000.0, "yxwh"))
-            tgt = layer(tgt, pos, ref_input, memory, levels.shapes, levels.padding, attn_mask)
+            tgt, sampled = layer(tgt, pos, ref_input, memory, levels.shapes, levels.padding, attn_mask, record_sampling)
+            sampling.append(sampled)
             pred_refs.append(prev_undetached if self.look_forward_twice else reference)
             outputs.append(self.norm(tgt) if self.norm is not None else tgt)
             if box_heads is not None:
@@ -89,4 +99,6 @@ class DeformableDecoder(nn.Module):
                     new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference, self.eps), delta[..., 2:]], -1).sigmoid()
                 prev_undetached = new_ref
                 reference = new_ref.detach()
-        return outputs, pred_refs
+        if not record_sampling:
+            return outputs, pred_refs, None
+        return outputs, pred_refs, (torch.stack([s[0] for s in sampling], 1), torch.stack([s[1] for s in sampling], 1))

@@ -1,0 +1,28 @@
+"""Encoders by ``model.encoder.kind``: the one table from config name to class."""
+from __future__ import annotations
+
+from torch import nn
+
+from ...config import ModelConfig
+from ...errors import SparsedetError
+from .dense import DenseEncoder
+from .focus import FocusEncoder
+from .salience import SalienceEncoder
+from .sparse import SparseEncoder
+
+ENCODERS = {"dense": None, "sparse": SparseEncoder, "focus": FocusEncoder, "salience": SalienceEncoder}
+
+
+def build_encoder(c: ModelConfig) -> nn.Module:
+    kind = c.encoder.kind
+    if kind not in ENCODERS:
+        raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}")
+    if kind == "dense":
+        return DenseEncoder(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads,
+                            c.enc_points)
+    if kind in ("focus", "salience") and c.kind != "dino":
+        raise SparsedetError(f"encoder.kind={kind!r} needs the DINO base (kind='dino'): its object scores come "
+                             "from the mixed query selection's class head")
+    if kind == "sparse" and not c.two_stage:
+        raise SparsedetError("encoder.kind='sparse' scores tokens with the two-stage projection; set two_stage=true")
+    return ENCODERS[kind](c)

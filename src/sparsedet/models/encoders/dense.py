@@ -1,12 +1,25 @@
 """Dense deformable encoder (Deformable DETR / DINO): every token is updated by every layer."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...nn.attention import MSDeformAttn
 from ...nn.neck import MultiLevel
+
+
+@dataclass
+class EncoderOutput:
+    """memory: [B, S, C]; selection: a sparse encoder's ``TokenSelection`` (None when dense);
+    aux: detection outputs of encoder layers, each {"logits", "boxes"} (Sparse DETR)."""
+
+    memory: Tensor
+    selection: Any = None
+    aux: list[dict] = field(default_factory=list)
 
 
 def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -52,10 +65,10 @@ class DenseEncoder(nn.Module):
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim, ffn_dim, dropout, num_levels, num_heads, num_points) for _ in range(num_layers))
 
-    def forward(self, levels: MultiLevel) -> tuple[Tensor, list]:
-        """Returns (memory [B, S, C], selection facts per layer: empty for a dense encoder)."""
+    def forward(self, levels: MultiLevel, queries: nn.Module | None = None) -> EncoderOutput:
+        """Every token attends, every layer (``queries`` is unused; sparse encoders share its heads)."""
         reference = encoder_reference_points(levels.shapes, levels.valid_ratios)
         x = levels.tokens
         for layer in self.layers:
             x = layer(x, levels.pos, reference, x, levels.shapes, levels.padding)
-        return x, []
+        return EncoderOutput(x)

@@ -1,0 +1,99 @@
+"""Focus-DETR encoder (specs/encoders.md §3): a foreground token selector scored per level,
+coarse to fine with top-down modulation, keeps a nested cascade of tokens per layer; each layer
+runs dual attention: self-attention among the most object-like tokens (foreground logit x best
+class logit of the shared two-stage class head), then deformable attention whose values are the
+original backbone tokens."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...config import ModelConfig
+from ...errors import SparsedetError
+from ...nn.neck import MultiLevel
+from ...ops.functional import gather_rows
+from .dense import DeformableEncoderLayer, EncoderOutput
+from .scoring import (LayerSelection, TokenScorer, TokenSelection, batch_width, check_ratios, encoder_points,
+                      gather_points, keep_counts, mask_padding, scatter_tokens, top_down_scores, uniform_alpha)
+
+
+class DualAttentionLayer(DeformableEncoderLayer):
+    """Self-attention over the ``num_objects`` best-scored tokens (q = k = token + pos, v = token;
+    residual, ``pre_norm``), then the deformable layer on all given tokens."""
+
+    def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int):
+        super().__init__(dim, ffn_dim, dropout, num_levels, num_heads, num_points)
+        self.pre_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.pre_norm = nn.LayerNorm(dim)
+
+    def forward(self, query: Tensor, pos: Tensor, reference: Tensor, value: Tensor, shapes: list[tuple[int, int]],
+                value_padding: Tensor, object_scores: Tensor, num_objects: int) -> Tensor:
+        top = object_scores.topk(min(num_objects, query.shape[1]), dim=1).indices
+        objects, objects_pos = gather_rows(query, top), gather_rows(pos, top)
+        q = objects + objects_pos
+        objects = self.pre_norm(objects + self.dropout(self.pre_attn(q, q, objects, need_weights=False)[0]))
+        query = query.scatter(1, top[..., None].expand(-1, -1, query.shape[-1]), objects)
+        return super().forward(query, pos, reference, value, shapes, value_padding)
+
+
+class FocusEncoder(nn.Module):
+    # Level l is modulated by alpha[ALPHA[l]]: Focus counts from the top (alpha[0] -> level 2).
+    alpha_index = [2, 1, 0]
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        e = c.encoder
+        if len(e.layer_ratios) != c.num_encoder_layers:
+            raise SparsedetError(f"encoder.layer_ratios has {len(e.layer_ratios)} entries for "
+                                 f"{c.num_encoder_layers} encoder layers; give one ratio per layer")
+        check_ratios([e.keep_ratio] + list(e.layer_ratios), "encoder.keep_ratio and encoder.layer_ratios")
+        self.keep_ratio, self.layer_ratios, self.object_tokens = e.keep_ratio, list(e.layer_ratios), e.object_tokens
+        self.layers = nn.ModuleList(
+            DualAttentionLayer(c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.enc_points)
+            for _ in range(c.num_encoder_layers))
+        self.scorer = TokenScorer(c.hidden_dim)
+        self.alpha = uniform_alpha(c.num_levels - 1)
+
+    def select(self, level_logits: list[Tensor], levels: MultiLevel) -> list[LayerSelection]:
+        """Global top-k of floor(rho * valid) + 1 tokens, then nested prefixes per layer."""
+        ranking = mask_padding(torch.cat(level_logits, 1), levels.padding)
+        counts = keep_counts((~levels.padding).sum(1), self.keep_ratio, plus_one=True)
+        total = ranking.shape[1]
+        k = min(batch_width(counts, int(total * self.keep_ratio) + 1), total)
+        scores, indices = ranking.topk(k, dim=1)
+        return _cascade(indices, scores, counts, self.layer_ratios)
+
+    def forward(self, levels: MultiLevel, queries: nn.Module) -> EncoderOutput:
+        """``queries`` lends its token projection and its class head (object scores)."""
+        tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
+        feats, _ = queries.project(tokens + levels.pos, padding, shapes)
+        level_logits = top_down_scores(self.scorer, feats, shapes, self.alpha, self.alpha_index)
+        layers = self.select(level_logits, levels)
+        logits = torch.cat(level_logits, 1)
+        foreground = mask_padding(logits, padding)
+        points = encoder_points(shapes, levels.valid_ratios)
+        memory = tokens
+        for layer, sel in zip(self.layers, layers):
+            query = gather_rows(memory, sel.indices)
+            objectness = queries.class_head(query).max(-1).values * foreground.gather(1, sel.indices)
+            query = layer(query, gather_rows(levels.pos, sel.indices), gather_points(points, sel.indices, len(shapes)),
+                          tokens, shapes, padding, objectness, self.object_tokens)
+            memory = scatter_tokens(memory, sel.indices, query, sel.counts)
+        selection = TokenSelection(logits, layers, shapes, padding)
+        return EncoderOutput(self.finish(memory, selection, levels), selection)
+
+    def finish(self, memory: Tensor, selection: TokenSelection, levels: MultiLevel) -> Tensor:
+        """Hook for what a method does to the memory after the layers (Salience)."""
+        return memory
+
+
+def _cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float]) -> list[LayerSelection]:
+    """Layer t keeps the first floor(k * ratios[t]) of the score-sorted selection (nested sets);
+    image i writes back at most its own count. The product is taken in float32 like the official
+    code, so the floors agree."""
+    k = indices.shape[1]
+    out = []
+    for r in ratios:
+        k_t = max(1, int(torch.tensor(r, dtype=torch.float32) * k))
+        out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], counts.clamp(max=k_t)))
+    return out

@@ -1,0 +1,69 @@
+"""Salience DETR encoder (specs/encoders.md §4): Focus-DETR's dual-attention cascade with
+hierarchical filtering (a quota of each level's valid tokens, then nested prefixes per layer of
+the score-sorted union), a learned background embedding on the tokens the last layer did not
+update, and cross-level fusion of the memory."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...config import ModelConfig
+from ...errors import SparsedetError
+from ...nn.fusion import CrossLevelFusion
+from ...nn.neck import MultiLevel
+from .focus import FocusEncoder, _cascade
+from .scoring import LayerSelection, TokenSelection, batch_width, check_ratios, keep_counts
+
+
+class SalienceEncoder(FocusEncoder):
+    # Salience indexes the modulation weights by level (alpha[l] for level l); Focus counts from the top.
+    alpha_index = [0, 1, 2]
+
+    def __init__(self, c: ModelConfig):
+        super().__init__(c)
+        e = c.encoder
+        if len(e.level_ratios) != c.num_levels:
+            raise SparsedetError(f"encoder.level_ratios has {len(e.level_ratios)} entries for {c.num_levels} levels")
+        check_ratios(e.level_ratios, "encoder.level_ratios")
+        self.level_ratios = list(e.level_ratios)
+        self.background_rows = nn.Embedding(e.background_size, c.hidden_dim // 2)
+        self.background_cols = nn.Embedding(e.background_size, c.hidden_dim // 2)
+        nn.init.uniform_(self.background_rows.weight)
+        nn.init.uniform_(self.background_cols.weight)
+        self.fusion = CrossLevelFusion(c.hidden_dim, c.num_levels) if e.fusion else None
+
+    def select(self, level_logits: list[Tensor], levels: MultiLevel) -> list[LayerSelection]:
+        """Per level, the top floor(ratio_l * valid) tokens (batch-wide quota = the largest),
+        merged and re-sorted by score; then nested prefixes per layer."""
+        scores, indices, counts = [], [], 0
+        for lvl, (start, logits) in enumerate(zip(levels.level_starts, level_logits)):
+            pad = levels.padding[:, start:start + logits.shape[1]]
+            n = keep_counts((~pad).sum(1), self.level_ratios[lvl], plus_one=False)
+            static = int(torch.tensor(self.level_ratios[lvl], dtype=torch.float32) * logits.shape[1])
+            s, i = logits.masked_fill(pad, logits.min()).topk(batch_width(n, static), dim=1)
+            scores.append(s)
+            indices.append(i + start)
+            counts = counts + n
+        scores, order = torch.cat(scores, 1).sort(dim=1, descending=True)
+        indices = torch.cat(indices, 1).gather(1, order)
+        return _cascade(indices, scores, counts, self.layer_ratios)
+
+    def finish(self, memory: Tensor, selection: TokenSelection, levels: MultiLevel) -> Tensor:
+        """Background embedding on every valid token the last layer did not select; then fusion."""
+        B, _, C = memory.shape
+        if max(max(s) for s in levels.shapes) > self.background_rows.num_embeddings:
+            raise SparsedetError(
+                f"feature map {max(levels.shapes)} is larger than the background embedding table "
+                f"({self.background_rows.num_embeddings} cells per side); lower the input size or raise "
+                "model.encoder.background_size")
+        background = torch.cat([torch.cat([self.background_cols.weight[:w][None].expand(h, -1, -1),
+                                           self.background_rows.weight[:h][:, None].expand(-1, w, -1)], -1).view(h * w, C)
+                                for h, w in levels.shapes])
+        last = selection.layers[-1].indices
+        keep = (~levels.padding).to(memory.dtype).scatter(1, last, 0.0)
+        memory = memory + background[None].to(memory.dtype) * keep[..., None]
+        if self.fusion is None:
+            return memory
+        maps = [m.transpose(1, 2).reshape(B, C, h, w)
+                for m, (h, w) in zip(memory.split([h * w for h, w in levels.shapes], 1), levels.shapes)]
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in self.fusion(maps)], 1)

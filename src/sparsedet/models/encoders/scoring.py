@@ -1,0 +1,157 @@
+"""What the token-sparse encoders share: the token scorer, top-down score modulation, keep
+counts, and the gather -> layer -> scatter bookkeeping (specs/encoders.md §1).
+
+Shapes stay static for a given input size and keep ratio: selections are top-k index tensors of
+one width per batch with a per-image count of entries that are written back, never boolean masks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...errors import SparsedetError
+from ...ops.functional import gather_rows
+from .dense import encoder_reference_points
+
+
+class TokenScorer(nn.Module):
+    """Per-token objectness logit (Sparse DETR's ``MaskPredictor``; child names kept for loading).
+
+    Half of the hidden features are replaced by their mean over the tokens given (padding
+    included), so every token's score also sees a summary of its image.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
+        self.layer2 = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
+                                    nn.Linear(dim // 4, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, n, C] -> logits [B, n]."""
+        z = self.layer1(x)
+        local, summary = z.chunk(2, dim=-1)
+        summary = summary.mean(1, keepdim=True).expand_as(summary)
+        return self.layer2(torch.cat([local, summary], -1)).squeeze(-1)
+
+
+def top_down_scores(scorer: TokenScorer, feats: Tensor, shapes: list[tuple[int, int]], alpha: Tensor,
+                    alpha_index: list[int]) -> list[Tensor]:
+    """Score levels coarse to fine; each finer level's features are modulated by the upsampled
+    logits of the level above: x + alpha[alpha_index[l]] * x * up(s_{l+1}).
+
+    feats: [B, S, C] flattened fine to coarse. Returns per-level logits [B, H_l * W_l], fine to coarse.
+    """
+    B = feats.shape[0]
+    parts = list(feats.split([h * w for h, w in shapes], 1))
+    scores: list[Tensor] = [feats.new_empty(0)] * len(shapes)
+    above = None
+    for lvl in range(len(shapes) - 1, -1, -1):
+        x = parts[lvl]
+        if above is not None:
+            h, w = shapes[lvl]
+            up = F.interpolate(above, size=(h, w), mode="bilinear", align_corners=True).view(B, h * w, 1)
+            x = x + x * up * alpha[alpha_index[lvl]]
+        scores[lvl] = scorer(x)
+        above = scores[lvl].view(B, 1, *shapes[lvl])
+    return scores
+
+
+def mask_padding(scores: Tensor, padding: Tensor) -> Tensor:
+    """Padding tokens get the smallest score of the tensor, so they rank last."""
+    return scores.masked_fill(padding, scores.min())
+
+
+def keep_counts(valid: Tensor, ratio: float, plus_one: bool) -> Tensor:
+    """Tokens kept per image: floor(valid * ratio) (+ 1 for Sparse DETR and Focus-DETR).
+    Computed in float32 like the official code, so the floors agree."""
+    n = (valid.float() * torch.tensor(ratio, dtype=torch.float32)).long()
+    return n + 1 if plus_one else n
+
+
+def batch_width(counts: Tensor, static: int) -> int:
+    """Width of the batch's selection: the largest count. While exporting, tensors hold no values,
+    so the width for an unpadded input (``static``) is used instead."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return static
+    return int(counts.max())
+
+
+def scatter_tokens(memory: Tensor, indices: Tensor, values: Tensor, counts: Tensor) -> Tensor:
+    """Write ``values`` [B, k, C] at ``indices`` [B, k] of ``memory`` [B, S, C]; only each image's
+    first ``counts[i]`` entries are written, the rest leave memory as it was."""
+    k = indices.shape[1]
+    written = torch.arange(k, device=indices.device)[None] < counts[:, None]
+    values = torch.where(written[..., None], values, gather_rows(memory, indices))
+    return memory.scatter(1, indices[..., None].expand(-1, -1, memory.shape[-1]), values.to(memory.dtype))
+
+
+@dataclass
+class LayerSelection:
+    """One encoder layer's tokens. indices: [B, k] flat token indices, best first; scores: [B, k]
+    their ranking logits; counts: [B] entries per image that are written back (the rest are
+    padding of the batch-wide width)."""
+
+    indices: Tensor
+    scores: Tensor
+    counts: Tensor
+
+
+@dataclass
+class TokenSelection:
+    """The facts losses, visualisation and benchmarks read about a sparse encoder's choices.
+
+    token_logits: [B, S] scorer logits before padding is masked (the selection losses' input);
+    layers: one ``LayerSelection`` per encoder layer; shapes: per level (H, W); padding: [B, S];
+    image_sizes: [B, 2] unpadded (height, width) and padded_size (height, width) in input pixels,
+    filled by the detector; decoder_sampling: (locations, weights) of the decoder's deformable
+    attention when the method learns from it (Sparse DETR), else None.
+    """
+
+    token_logits: Tensor
+    layers: list[LayerSelection]
+    shapes: list[tuple[int, int]]
+    padding: Tensor
+    image_sizes: Tensor | None = None
+    padded_size: tuple[int, int] | None = None
+    decoder_sampling: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+
+    def level_counts(self, layer: int) -> Tensor:
+        """[B, L] tokens each image kept per level in ``layer``."""
+        sel = self.layers[layer]
+        starts = torch.tensor([0] + [h * w for h, w in self.shapes], device=sel.indices.device).cumsum(0)
+        level = torch.bucketize(sel.indices, starts[1:], right=True)
+        written = torch.arange(sel.indices.shape[1], device=level.device)[None] < sel.counts[:, None]
+        onehot = F.one_hot(level, len(self.shapes)) * written[..., None]
+        return onehot.sum(1)
+
+    def kept_fraction(self) -> float:
+        """Mean over layers and images of kept tokens / valid tokens."""
+        valid = (~self.padding).sum(1).clamp(min=1).float()
+        return float(torch.stack([s.counts.float() / valid for s in self.layers]).mean())
+
+
+def uniform_alpha(n: int) -> nn.Parameter:
+    """Learnable top-down modulation weights, U(-0.3, 0.3) as in Focus-DETR and Salience DETR."""
+    return nn.Parameter(torch.empty(n).uniform_(-0.3, 0.3))
+
+
+def encoder_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+    """Token reference points flattened to [B, S, L*2] so they gather like token rows."""
+    return encoder_reference_points(shapes, valid_ratios).flatten(2)
+
+
+def gather_points(points: Tensor, indices: Tensor, num_levels: int) -> Tensor:
+    """Rows of ``encoder_points`` at ``indices`` -> [B, k, L, 2]."""
+    return gather_rows(points, indices).view(indices.shape[0], indices.shape[1], num_levels, 2)
+
+
+def check_ratios(ratios: list[float], name: str) -> None:
+    """Keep ratios are fractions in (0, 1]."""
+    for ratio in ratios:
+        if not 0.0 < ratio <= 1.0 or math.isnan(ratio):
+            raise SparsedetError(f"{name} must be in (0, 1], got {ratios}")

@@ -1,0 +1,59 @@
+"""Sparse DETR encoder (specs/encoders.md §2): one scorer over all levels picks the top rho of
+each image's valid tokens; every layer updates only those, reading the progressively updated
+memory as deformable-attention values. Optional detection heads on the sparse tokens of every
+layer but the last (encoder auxiliary loss)."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ...config import ModelConfig
+from ...nn.neck import MultiLevel
+from ...ops.functional import gather_rows
+from ..heads import PredictionHeads
+from .dense import DeformableEncoderLayer, EncoderOutput
+from .scoring import (LayerSelection, TokenScorer, TokenSelection, batch_width, check_ratios, encoder_points,
+                      gather_points, keep_counts, mask_padding, scatter_tokens)
+
+
+class SparseEncoder(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        check_ratios([c.encoder.keep_ratio], "encoder.keep_ratio")
+        self.keep_ratio = c.encoder.keep_ratio
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.enc_points)
+            for _ in range(c.num_encoder_layers))
+        self.scorer = TokenScorer(c.hidden_dim)
+        n_aux = c.num_encoder_layers - 1
+        self.aux_heads = (PredictionHeads(c.hidden_dim, c.num_classes, n_aux, shared=False, initial_size_bias=0.0)
+                          if c.encoder.aux_heads and n_aux > 0 else None)
+
+    def select(self, logits: Tensor, levels: MultiLevel) -> LayerSelection:
+        """Top floor(rho * valid) + 1 tokens of each image over all levels (one set for all layers)."""
+        counts = keep_counts((~levels.padding).sum(1), self.keep_ratio, plus_one=True)
+        total = logits.shape[1]
+        k = min(batch_width(counts, int(total * self.keep_ratio) + 1), total)
+        scores, indices = mask_padding(logits, levels.padding).topk(k, dim=1)
+        return LayerSelection(indices, scores, counts)
+
+    def forward(self, levels: MultiLevel, queries: nn.Module) -> EncoderOutput:
+        """``queries`` lends its token projection (shared with the two-stage head)."""
+        tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
+        feats, proposals = queries.project(tokens + levels.pos, padding, shapes)
+        logits = self.scorer(feats)
+        selected = self.select(logits, levels)
+        indices, counts = selected.indices, selected.counts
+
+        reference = gather_points(encoder_points(shapes, levels.valid_ratios), indices, len(shapes))
+        pos = gather_rows(levels.pos, indices)
+        query = gather_rows(tokens, indices)
+        memory, aux = tokens, []
+        for t, layer in enumerate(self.layers):
+            query = layer(query, pos, reference, memory, shapes, padding)
+            memory = scatter_tokens(memory, indices, query, counts)
+            if self.aux_heads is not None and t < len(self.aux_heads.box_embed):
+                box = self.aux_heads.box_head(t)(query) + gather_rows(proposals, indices)
+                aux.append({"logits": self.aux_heads.class_head(t)(query), "boxes": box.sigmoid()})
+        selection = TokenSelection(logits, [selected] * len(self.layers), shapes, padding)
+        return EncoderOutput(memory, selection, aux)
+
