@@ -6,7 +6,7 @@ from sparsedet.config import apply_overrides
 from sparsedet.data.batch import Batch
 from sparsedet.losses.criterion import SetCriterion
 from sparsedet.models.detector import DetectionTransformer
-from sparsedet.models.encoders.scoring import TokenScorer, scatter_tokens, top_down_scores
+from sparsedet.models.encoders.scoring import TokenScorer, mask_padding, scatter_tokens, top_down_scores
 from sparsedet.nn.neck import MultiLevel
 from sparsedet.presets import get_preset
 
@@ -38,10 +38,9 @@ def test_kept_counts_match_the_worked_example(preset, overrides, expected):
     levels = _levels(WORKED_SHAPES)
     torch.manual_seed(0)
     logits = [torch.randn(1, h * w) for h, w in WORKED_SHAPES]
-    if preset.startswith("sparse"):
-        layers = [enc.select(torch.cat(logits, 1), levels)] * len(enc.layers)
-    else:
-        layers = enc.select(logits, levels)
+    flat = torch.cat(logits, 1)
+    layers = [enc.select(flat, levels)] * len(enc.layers) if preset.startswith("sparse") else enc.select(
+        logits, flat, levels)
     assert [int(sel.counts.clamp(max=sel.indices.shape[1])[0]) for sel in layers] == expected
     assert [sel.indices.shape[1] for sel in layers] == expected
     if preset.startswith("salience"):
@@ -64,7 +63,8 @@ def test_padding_is_never_selected(preset):
     # Padding gets the best raw scores: masking must still rank it last.
     logits = [torch.rand(2, h * w) + 10 * m.flatten(1) for m, (h, w) in zip(pad_maps, shapes)]
     enc = _encoder(preset)
-    layers = [enc.select(torch.cat(logits, 1), levels)] if preset.startswith("sparse") else enc.select(logits, levels)
+    flat = mask_padding(torch.cat(logits, 1), padding)
+    layers = [enc.select(flat, levels)] if preset.startswith("sparse") else enc.select(logits, flat, levels)
     for sel in layers:
         written = torch.arange(sel.indices.shape[1])[None] < sel.counts[:, None]
         assert not padding.gather(1, sel.indices)[written].any()

@@ -75,6 +75,22 @@ def _level_ranges(shapes: list[tuple[int, int]], ranges: list[list[float]], devi
                       for (h, w), r in zip(shapes, ranges)])
 
 
+def _per_image(boxes: list[Tensor], centres: Tensor, bounds: Tensor, target) -> Tensor:
+    """Stack ``target(distances [S, n, 4], owned [S, n])`` over images; images without boxes get
+    zeros. ``owned``: the token is strictly inside the box and the box's largest centre-to-edge
+    distance lies in the token level's range (low, high]."""
+    out = []
+    for b in boxes:
+        if b.numel() == 0:
+            out.append(torch.zeros(centres.shape[0], device=centres.device))
+            continue
+        d = _edge_distances(centres, b.float())
+        size = d.max(-1).values
+        owned = (d.min(-1).values > 0) & (size > bounds[:, :1]) & (size <= bounds[:, 1:])
+        out.append(target(d, owned))
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def foreground_targets(boxes: list[Tensor], shapes: list[tuple[int, int]], strides: list[int],
                        ranges: list[list[float]]) -> Tensor:
@@ -83,17 +99,7 @@ def foreground_targets(boxes: list[Tensor], shapes: list[tuple[int, int]], strid
     (j * s + s // 2, i * s + s // 2) for stride s. Returns [B, S]."""
     device = boxes[0].device if boxes else torch.device("cpu")
     centres = torch.cat([_token_centres([shape], [(s, s)], 0.0, device) + s // 2 for shape, s in zip(shapes, strides)])
-    bounds = _level_ranges(shapes, ranges, device)
-    out = []
-    for b in boxes:
-        if b.numel() == 0:
-            out.append(torch.zeros(centres.shape[0], device=device))
-            continue
-        d = _edge_distances(centres, b.float())
-        size = d.max(-1).values
-        positive = (d.min(-1).values > 0) & (size > bounds[:, :1]) & (size <= bounds[:, 1:])
-        out.append(positive.any(1).float())
-    return torch.stack(out)
+    return _per_image(boxes, centres, _level_ranges(shapes, ranges, device), lambda d, owned: owned.any(1).float())
 
 
 @torch.no_grad()
@@ -106,21 +112,14 @@ def salience_targets(boxes: list[Tensor], shapes: list[tuple[int, int]], padded_
     H, W = padded_size
     device = boxes[0].device if boxes else torch.device("cpu")
     centres = _token_centres(shapes, [(H / h, W / w) for h, w in shapes], 0.5, device)
-    bounds = _level_ranges(shapes, ranges, device)
-    out = []
-    for b in boxes:
-        if b.numel() == 0:
-            out.append(torch.zeros(centres.shape[0], device=device))
-            continue
-        d = _edge_distances(centres, b.float())
-        inside = d.min(-1).values > 0
-        l, t, r, bt = d.unbind(-1)
-        off = ((l - r) / (l + r)).square() + ((t - bt) / (t + bt)).square()
-        conf = torch.where(inside, 1 - 0.5 * off.clamp(min=0).sqrt(), torch.zeros_like(l))
-        size = d.max(-1).values
-        owned = (inside & (size > bounds[:, :1]) & (size <= bounds[:, 1:])).any(1)
-        out.append(conf.max(1).values * owned)
-    return torch.stack(out)
+
+    def salience(d: Tensor, owned: Tensor) -> Tensor:
+        l, t, r, b = d.unbind(-1)
+        off = ((l - r) / (l + r)).square() + ((t - b) / (t + b)).square()
+        conf = torch.where(d.min(-1).values > 0, 1 - 0.5 * off.sqrt(), torch.zeros_like(l))
+        return conf.max(1).values * owned.any(1)
+
+    return _per_image(boxes, centres, _level_ranges(shapes, ranges, device), salience)
 
 
 def attention_map_loss(logits: Tensor, target: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from ...errors import SparsedetError
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
 from .dense import DeformableEncoderLayer, EncoderOutput
-from .scoring import (LayerSelection, TokenScorer, TokenSelection, batch_width, check_ratios, encoder_points,
+from .scoring import (LayerSelection, TokenScorer, TokenSelection, batch_width, cascade, check_ratios, encoder_points,
                       gather_points, keep_counts, mask_padding, scatter_tokens, top_down_scores, uniform_alpha)
 
 
@@ -54,23 +54,23 @@ class FocusEncoder(nn.Module):
         self.scorer = TokenScorer(c.hidden_dim)
         self.alpha = uniform_alpha(c.num_levels - 1)
 
-    def select(self, level_logits: list[Tensor], levels: MultiLevel) -> list[LayerSelection]:
-        """Global top-k of floor(rho * valid) + 1 tokens, then nested prefixes per layer."""
-        ranking = mask_padding(torch.cat(level_logits, 1), levels.padding)
+    def select(self, level_logits: list[Tensor], ranking: Tensor, levels: MultiLevel) -> list[LayerSelection]:
+        """Global top-k of floor(rho * valid) + 1 tokens of the padding-masked ``ranking`` [B, S],
+        then nested prefixes per layer."""
         counts = keep_counts((~levels.padding).sum(1), self.keep_ratio, plus_one=True)
         total = ranking.shape[1]
         k = min(batch_width(counts, int(total * self.keep_ratio) + 1), total)
         scores, indices = ranking.topk(k, dim=1)
-        return _cascade(indices, scores, counts, self.layer_ratios)
+        return cascade(indices, scores, counts, self.layer_ratios)
 
     def forward(self, levels: MultiLevel, queries: nn.Module) -> EncoderOutput:
         """``queries`` lends its token projection and its class head (object scores)."""
         tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
         feats, _ = queries.project(tokens + levels.pos, padding, shapes)
         level_logits = top_down_scores(self.scorer, feats, shapes, self.alpha, self.alpha_index)
-        layers = self.select(level_logits, levels)
         logits = torch.cat(level_logits, 1)
         foreground = mask_padding(logits, padding)
+        layers = self.select(level_logits, foreground, levels)
         points = encoder_points(shapes, levels.valid_ratios)
         memory = tokens
         for layer, sel in zip(self.layers, layers):
@@ -85,15 +85,3 @@ class FocusEncoder(nn.Module):
     def finish(self, memory: Tensor, selection: TokenSelection, levels: MultiLevel) -> Tensor:
         """Hook for what a method does to the memory after the layers (Salience)."""
         return memory
-
-
-def _cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float]) -> list[LayerSelection]:
-    """Layer t keeps the first floor(k * ratios[t]) of the score-sorted selection (nested sets);
-    image i writes back at most its own count. The product is taken in float32 like the official
-    code, so the floors agree."""
-    k = indices.shape[1]
-    out = []
-    for r in ratios:
-        k_t = max(1, int(torch.tensor(r, dtype=torch.float32) * k))
-        out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], counts.clamp(max=k_t)))
-    return out

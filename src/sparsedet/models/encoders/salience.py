@@ -11,8 +11,8 @@ from ...config import ModelConfig
 from ...errors import SparsedetError
 from ...nn.fusion import CrossLevelFusion
 from ...nn.neck import MultiLevel
-from .focus import FocusEncoder, _cascade
-from .scoring import LayerSelection, TokenSelection, batch_width, check_ratios, keep_counts
+from .focus import FocusEncoder
+from .scoring import LayerSelection, TokenSelection, batch_width, cascade, check_ratios, keep_counts
 
 
 class SalienceEncoder(FocusEncoder):
@@ -32,9 +32,9 @@ class SalienceEncoder(FocusEncoder):
         nn.init.uniform_(self.background_cols.weight)
         self.fusion = CrossLevelFusion(c.hidden_dim, c.num_levels) if e.fusion else None
 
-    def select(self, level_logits: list[Tensor], levels: MultiLevel) -> list[LayerSelection]:
-        """Per level, the top floor(ratio_l * valid) tokens (batch-wide quota = the largest),
-        merged and re-sorted by score; then nested prefixes per layer."""
+    def select(self, level_logits: list[Tensor], ranking: Tensor, levels: MultiLevel) -> list[LayerSelection]:
+        """Per level, the top floor(ratio_l * valid) tokens (batch-wide quota = the largest; padding
+        masked per level), merged and re-sorted by score; then nested prefixes per layer."""
         scores, indices, counts = [], [], 0
         for lvl, (start, logits) in enumerate(zip(levels.level_starts, level_logits)):
             pad = levels.padding[:, start:start + logits.shape[1]]
@@ -46,7 +46,7 @@ class SalienceEncoder(FocusEncoder):
             counts = counts + n
         scores, order = torch.cat(scores, 1).sort(dim=1, descending=True)
         indices = torch.cat(indices, 1).gather(1, order)
-        return _cascade(indices, scores, counts, self.layer_ratios)
+        return cascade(indices, scores, counts, self.layer_ratios)
 
     def finish(self, memory: Tensor, selection: TokenSelection, levels: MultiLevel) -> Tensor:
         """Background embedding on every valid token the last layer did not select; then fusion."""

@@ -101,6 +101,18 @@ class LayerSelection:
     counts: Tensor
 
 
+def cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float]) -> list[LayerSelection]:
+    """Layer t keeps the first floor(k * ratios[t]) of the score-sorted selection (nested sets);
+    image i writes back at most its own count. The product is taken in float32 like the official
+    code, so the floors agree."""
+    k = indices.shape[1]
+    out = []
+    for r in ratios:
+        k_t = max(1, int(torch.tensor(r, dtype=torch.float32) * k))
+        out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], counts.clamp(max=k_t)))
+    return out
+
+
 @dataclass
 class TokenSelection:
     """The facts losses, visualisation and benchmarks read about a sparse encoder's choices.
