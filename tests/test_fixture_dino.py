@@ -1,24 +1,11 @@
 """Parity with the official DINO implementation (IDEA-Research/DINO), from ../shared/fixtures."""
-import importlib.util
-
 import torch
+from conftest import StoredFeatures
 from scipy.optimize import linear_sum_assignment
-from safetensors.torch import load_file
 
 from sparsedet.data.batch import Batch
 from sparsedet.nn.backbone import ResNet
 from sparsedet.tools.convert import convert
-
-
-class StoredFeatures(torch.nn.Module):
-    """Stands in for the backbone: returns the features the official model consumed."""
-
-    def __init__(self, features):
-        super().__init__()
-        self.features = features
-
-    def forward(self, x):
-        return self.features
 
 
 def _in_fixture_order(select, expected_logits):
@@ -42,12 +29,8 @@ def _in_fixture_order(select, expected_logits):
     return wrapped
 
 
-def test_official_dino_fixture_matches(shared_dir, tmp_path):
-    folder = shared_dir / "fixtures" / "official"
-    spec = importlib.util.spec_from_file_location("fixture_state_dict", folder / "state_dict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    state = module.official_state_dict(str(folder / "dino"))
+def test_official_dino_fixture_matches(official, tmp_path):
+    state, inputs, expected, _ = official("dino")
     # The fixture leaves the backbone out; a released file has one under backbone.0.body.
     state.update({f"backbone.0.body.{k}": v for k, v in ResNet(50).state_dict().items()})
     path = tmp_path / "checkpoint.pth"
@@ -55,8 +38,6 @@ def test_official_dino_fixture_matches(shared_dir, tmp_path):
 
     model, config = convert("official-dino", path)
     assert (config.model.num_encoder_layers, config.model.num_decoder_layers, config.model.num_queries) == (2, 2, 900)
-    inputs = load_file(str(folder / "dino" / "inputs.safetensors"))
-    expected = load_file(str(folder / "dino" / "outputs.safetensors"))
     model.backbone = StoredFeatures([inputs[f"features.{i}"].float() for i in (1, 2, 3)])
     mask = inputs["image_mask"]
     model.queries.select = _in_fixture_order(model.queries.select, expected["enc.pred_logits"])

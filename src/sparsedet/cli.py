@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from .errors import SparsedetError
+from .tools.convert import SOURCES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
                        description="Sources: hf-deformable-detr (a folder written by Hugging Face "
-                       "save_pretrained); official-dino (an IDEA-Research/DINO .pth, read without unpickling code).")
-    s.add_argument("--from", dest="source", required=True, choices=["hf-deformable-detr", "official-dino"])
+                       "save_pretrained); official-dino (an IDEA-Research/DINO .pth); official-sparse-detr (a "
+                       "kakaobrain/sparse-detr .pth). Official files are read without unpickling code.")
+    s.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES))
     s.add_argument("path", help="checkpoint file or folder")
     s.add_argument("--out", required=True, help="run folder to write")
     s.set_defaults(func=cmd_convert)

@@ -12,6 +12,7 @@ from .common import check_layout
 SOURCES = {
     "hf-deformable-detr": ("hf_deformable_detr", "convert_hf_deformable_detr", "deformable_detr_r50"),
     "official-dino": ("official_dino", "convert_official_dino", "dino_r50"),
+    "official-sparse-detr": ("official_sparse_detr", "convert_official_sparse_detr", "sparse_detr_r50"),
 }
 
 

@@ -47,6 +47,12 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     arbitrary code runs. A training checkpoint ``{"model": state_dict, ...}`` (or
     ``"state_dict"``) is unwrapped to its state dict.
     """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Like ``read_state_dict``, also returning the training arguments a checkpoint pickled next to
+    the weights (``args``, an ``argparse.Namespace``) as a dict (empty when there are none)."""
     path = Path(path)
     if not path.is_file():
         raise SparsedetError(f"weights file {path} not found")
@@ -54,7 +60,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return load_file(str(path)), {}
         except (SafetensorError, OSError) as e:
             raise SparsedetError(f"could not read {path} as safetensors: {e}") from None
     try:
@@ -62,14 +68,17 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a file we refuse to read
         raise SparsedetError(f"could not read {path} as a weights-only torch file: {e}") from None
+    args = {}
     if isinstance(data, dict):
+        if isinstance(data.get("args"), argparse.Namespace):
+            args = vars(data["args"])
         for wrapper in ("model", "state_dict"):
             if isinstance(data.get(wrapper), dict):
                 data = data[wrapper]
                 break
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
         raise SparsedetError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return dict(data)
+    return dict(data), args
 
 
 def read_hf_weights(directory: str | Path) -> tuple[dict[str, Tensor], Path]:

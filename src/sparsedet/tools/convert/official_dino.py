@@ -60,12 +60,12 @@ def convert_official_dino(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         "model.enc_points": out["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * num_levels)
         if enc_layers else 4,
         "model.dec_points": attn // (heads * num_levels),
-        "model.backbone.depth": _resnet_depth(out),
+        "model.backbone.depth": resnet_depth(out),
     }
     return out, overrides
 
 
-def _resnet_depth(state: dict[str, Tensor]) -> int:
+def resnet_depth(state: dict[str, Tensor]) -> int:
     """The ResNet depth whose block kind and stage-3 block count fit the converted backbone keys."""
     kind = "bottleneck" if any(k.startswith("backbone.") and ".conv3." in k for k in state) else "basic"
     stage3 = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("backbone.layer3.")), default=-1)

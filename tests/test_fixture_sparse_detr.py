@@ -1,0 +1,43 @@
+"""Parity with the official Sparse DETR (kakaobrain/sparse-detr), from ../shared/fixtures."""
+import argparse
+
+import torch
+from conftest import StoredFeatures
+
+from sparsedet.data.batch import Batch
+from sparsedet.models.encoders.scoring import mask_padding
+from sparsedet.nn.backbone import ResNet
+from sparsedet.tools.convert import convert
+
+
+def test_official_sparse_detr_fixture_matches(official, tmp_path):
+    state, inputs, expected, manifest = official("sparse_detr")
+    state.update({f"backbone.0.body.{k}": v for k, v in ResNet(50).state_dict().items()})
+    c = manifest["config"]
+    args = argparse.Namespace(rho=c["rho"], num_queries=c["num_queries"], nheads=c["nheads"], dropout=c["dropout"])
+    path = tmp_path / "sparse_detr_r50_30.pth"
+    torch.save({"model": state, "epoch": 49, "args": args}, path)
+
+    model, config = convert("official-sparse-detr", path)
+    m = config.model
+    assert (m.num_encoder_layers, m.num_decoder_layers, m.encoder.keep_ratio) == (6, 2, 0.3)
+    model.backbone = StoredFeatures([inputs[f"features.{i}"].float() for i in range(3)])
+    mask = inputs["image_mask"]
+    with torch.no_grad():
+        out = model(Batch(torch.zeros(mask.shape[0], 3, *mask.shape[1:]), mask))
+
+    def close(ours, key):
+        torch.testing.assert_close(ours, expected[key], atol=1e-4, rtol=0)
+
+    assert out.selection.layers[0].counts.tolist() == expected["sparse_token_nums"].tolist()
+    # The official model returns its scores with padding set to the batch minimum.
+    close(mask_padding(out.selection.token_logits, out.selection.padding), "backbone_mask_prediction")
+    for i, aux in enumerate(out.enc_aux):
+        close(aux["logits"], f"enc_aux.{i}.pred_logits")
+        close(aux["boxes"], f"enc_aux.{i}.pred_boxes")
+    close(out.enc["logits"], "enc.pred_logits")
+    close(out.enc["boxes"], "enc.pred_boxes")
+    close(out.aux[0]["logits"], "aux.0.pred_logits")
+    close(out.aux[0]["boxes"], "aux.0.pred_boxes")
+    close(out.logits, "pred_logits")
+    close(out.boxes, "pred_boxes")
