@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from sparsedet.data.synthetic import write_synthetic
 
@@ -35,6 +36,27 @@ class StoredFeatures(torch.nn.Module):
 
     def forward(self, x):
         return self.features
+
+
+def in_fixture_order(select, expected_logits):
+    """Query selection ranks tokens by logits; two tokens whose best logits agree to ~1e-6 may swap
+    places between two correct implementations (float rounding), and the learned content query of
+    each slot then meets the other box. This wrapper keeps our selected set, checks it is the
+    fixture's, and orders it as the fixture did, so that everything downstream can be compared."""
+
+    def wrapped(logits, k):
+        top = select(logits, k)
+        ordered = []
+        for b in range(top.shape[0]):
+            ours = logits[b, top[b]]
+            dist = (expected_logits[b][:, None, :] - ours[None]).abs().amax(-1)  # [k expected, k ours]
+            # Padding tokens share identical logits, so match one-to-one rather than nearest-first.
+            rows, cols = linear_sum_assignment(dist.numpy())
+            assert dist[rows, cols].max() < 1e-4, "our selected tokens are not the fixture's"
+            ordered.append(top[b, torch.as_tensor(cols)])
+        return torch.stack(ordered)
+
+    return wrapped
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
                        description="Sources: hf-deformable-detr (a folder written by Hugging Face "
                        "save_pretrained); official-dino (an IDEA-Research/DINO .pth); official-sparse-detr (a "
-                       "kakaobrain/sparse-detr .pth). Official files are read without unpickling code.")
+                       "kakaobrain/sparse-detr .pth); official-focus-detr (a Focus-DETR detectron2 .pth, unzipped). Official files are read without unpickling code.")
     s.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES))
     s.add_argument("path", help="checkpoint file or folder")
     s.add_argument("--out", required=True, help="run folder to write")

@@ -74,6 +74,7 @@ class ModelConfig:
     num_queries: int = 300
     two_stage: bool = False
     box_refine: bool = False
+    share_heads: bool | None = None  # one class/box head pair for all decoder layers; None: the base's default
     efficient_queries: bool = False  # Sparse DETR: content queries = top memory tokens, class-specific ranking
     proposal_nms: float = 0.0        # Salience: IoU of the cell-grid NMS on two-stage proposals (0 = off)
     pos_temperature: float = 10000.0
@@ -82,6 +83,7 @@ class ModelConfig:
     dn_queries: int = 0             # DINO contrastive denoising: 100
     dn_label_noise: float = 0.5
     dn_box_noise: float = 1.0
+    dn_spare_label: bool = True     # DINO's label table has a row for unused slots; Focus/Salience do not
     top_k: int = 100                # detections kept per image by post-processing
     eval_size: int = 800            # preprocessing: shorter side at inference (pixels)
     eval_max_size: int = 1333       # preprocessing: longer side at most (pixels)

@@ -52,7 +52,7 @@ def focus_detr_r50() -> Config:
     80 classes in the official detectron2 order."""
     cfg = dino_r50()
     m = cfg.model
-    m.num_classes, m.pos_temperature, m.pos_offset = 80, 10000.0, -0.5
+    m.num_classes, m.pos_temperature, m.pos_offset, m.share_heads, m.dn_spare_label = 80, 10000.0, -0.5, False, False
     m.encoder = EncoderConfig(kind="focus", keep_ratio=0.5, object_tokens=300)
     m.loss.select_weight = 1.5
     return cfg
@@ -64,7 +64,7 @@ def salience_detr_r50() -> Config:
     IoU 0.3, varifocal classification loss."""
     cfg = dino_r50()
     m = cfg.model
-    m.pos_temperature, m.pos_offset, m.proposal_nms = 10000.0, -0.5, 0.3
+    m.pos_temperature, m.pos_offset, m.proposal_nms, m.share_heads, m.dn_spare_label = 10000.0, -0.5, 0.3, False, False
     m.encoder = EncoderConfig(kind="salience", level_ratios=[0.4, 0.8, 1.0, 1.0], object_tokens=300)
     m.loss.cls_loss, m.loss.select_weight = "varifocal", 2.0
     cfg.train.lr_drop = 10 / 12

@@ -36,9 +36,11 @@ class ContrastiveDenoising(nn.Module):
     """
 
     def __init__(self, num_classes: int, dim: int, num_queries: int = 100,
-                 label_noise: float = 0.5, box_noise: float = 1.0, eps: float = 1e-3):
+                 label_noise: float = 0.5, box_noise: float = 1.0, eps: float = 1e-3, spare_label: bool = True):
+        """spare_label: one extra embedding row for unused slots (DINO); Focus-DETR and Salience
+        DETR have exactly one row per class (unused slots are zeroed either way)."""
         super().__init__()
-        self.label_enc = nn.Embedding(num_classes + 1, dim)
+        self.label_enc = nn.Embedding(num_classes + int(spare_label), dim)
         self.num_classes, self.num_dn, self.eps = num_classes, num_queries, eps
         self.label_noise, self.box_noise = label_noise, box_noise
 
@@ -50,7 +52,7 @@ class ContrastiveDenoising(nn.Module):
         G = max(1, self.num_dn // P)
         B, dev = len(targets), self.label_enc.weight.device
         D = 2 * P * G
-        labels = torch.full((B, D), self.num_classes, dtype=torch.long, device=dev)
+        labels = torch.full((B, D), self.label_enc.num_embeddings - 1, dtype=torch.long, device=dev)
         boxes = torch.zeros(B, D, 4, device=dev)
         filled = torch.zeros(B, D, dtype=torch.bool, device=dev)
         negative = torch.zeros(B, D, dtype=torch.bool, device=dev)

@@ -70,11 +70,11 @@ class DetectionTransformer(nn.Module):
         self.decoder = DeformableDecoder(
             c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.dec_points,
             query_pos_from_reference=dino, final_norm=dino, look_forward_twice=dino, eps=c.sigmoid_eps)
-        shared = dino or not c.box_refine
+        shared = c.share_heads if c.share_heads is not None else (dino or not c.box_refine)
         self.heads = PredictionHeads(c.hidden_dim, c.num_classes, c.num_decoder_layers, shared,
                                      initial_size_bias=0.0 if (dino or c.two_stage) else -2.0)
         self.denoising = (ContrastiveDenoising(c.num_classes, c.hidden_dim, c.dn_queries, c.dn_label_noise,
-                                               c.dn_box_noise, c.sigmoid_eps) if dino else None)
+                                               c.dn_box_noise, c.sigmoid_eps, c.dn_spare_label) if dino else None)
         self.register_buffer("image_mean", torch.tensor(c.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(c.image_std).view(1, 3, 1, 1), persistent=False)
         self._reset_transformer_parameters()

@@ -1,0 +1,101 @@
+"""Convert an official Focus-DETR checkpoint (huawei-noah Focus-DETR / detrex ``projects/focus_detr``).
+
+Released files are detectron2 checkpoints ``{"model": state_dict, ...}`` (most inside a .zip:
+unzip first). The backbone uses detectron2 ResNet names, mapped to torchvision's here. The
+two-stage class head is also saved as ``enhance_MCSP`` (once per encoder layer) and the decoder
+heads again under ``transformer.decoder.*``: those copies are checked equal and dropped. Heads
+are 80-way in detectron2's contiguous COCO order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from ...errors import SparsedetError
+from .common import Rule, fold_aliases, read_checkpoint, rename_keys
+from .official_dino import WB, resnet_depth
+
+HINT = "Expected an official Focus-DETR checkpoint (e.g. focus_detr_r50_4scale_12ep.pth, unzipped)."
+BN = r"(weight|bias|running_mean|running_var)"
+
+
+def _encoder_part(m) -> str | None:
+    names = {"attentions.0.attn": "pre_attn", "attentions.1": "self_attn", "ffns.0.layers.0.0": "linear1",
+             "ffns.0.layers.1": "linear2", "norms.0": "norm1", "norms.1": "norm2", "norm2": "pre_norm"}
+    return f"encoder.layers.{m.group(1)}.{names[m.group(2)]}{m.group(3)}" if m.group(2) in names else None
+
+
+def _decoder_part(m) -> str | None:
+    names = {"attentions.0.attn": "self_attn", "attentions.1": "cross_attn", "ffns.0.layers.0.0": "linear1",
+             "ffns.0.layers.1": "linear2", "norms.0": "norm2", "norms.1": "norm1", "norms.2": "norm3"}
+    return f"decoder.layers.{m.group(1)}.{names[m.group(2)]}{m.group(3)}" if m.group(2) in names else None
+
+
+def _head(kind: str, num_decoder_layers: int):
+    ours = "class_embed" if kind == "class" else "box_embed"
+
+    def target(m) -> str:
+        i, rest = int(m.group(1)), m.group(2)
+        if i < num_decoder_layers:
+            return f"heads.{ours}.{i}.{rest}"
+        return f"queries.{'class_head' if kind == 'class' else 'box_head'}.{rest}"
+    return target
+
+
+LAYER = r"\.(\d+)\.(attentions\.0\.attn|attentions\.1|ffns\.0\.layers\.0\.0|ffns\.0\.layers\.1|norms\.\d|norm2)(\..+)"
+RULES = [
+    # detectron2 ResNet -> torchvision names
+    Rule(r"backbone\.stem\.conv1\.weight", "backbone.conv1.weight"),
+    Rule(r"backbone\.stem\.conv1\.norm\." + BN, r"backbone.bn1.\1"),
+    Rule(r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight", lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.conv{m.group(3)}.weight"),
+    Rule(r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\." + BN,
+         lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.bn{m.group(3)}.{m.group(4)}"),
+    Rule(r"backbone\.res(\d)\.0\.shortcut\.weight", lambda m: f"backbone.layer{int(m.group(1)) - 1}.0.downsample.0.weight"),
+    Rule(r"backbone\.res(\d)\.0\.shortcut\.norm\." + BN,
+         lambda m: f"backbone.layer{int(m.group(1)) - 1}.0.downsample.1.{m.group(2)}"),
+    Rule(r"neck\.convs\.(\d)\.conv\." + WB, r"neck.input_proj.\1.0.\2"),
+    Rule(r"neck\.convs\.(\d)\.norm\." + WB, r"neck.input_proj.\1.1.\2"),
+    Rule(r"neck\.extra_convs\.0\.conv\." + WB, r"neck.input_proj.3.0.\1"),
+    Rule(r"neck\.extra_convs\.0\.norm\." + WB, r"neck.input_proj.3.1.\1"),
+    Rule(r"transformer\.level_embeds", "neck.level_embed"),
+    Rule(r"transformer\.alpha", "encoder.alpha"),
+    Rule(r"transformer\.tgt_embed\.weight", "queries.tgt_embed.weight"),
+    Rule(r"transformer\.(enc_output|enc_output_norm)\." + WB, r"queries.\1.\2"),
+    Rule(r"transformer\.enc_mask_predictor\.(layer[12]\.\d\." + WB + ")", r"encoder.scorer.\1"),
+    Rule(r"transformer\.encoder\.layers" + LAYER, _encoder_part),
+    Rule(r"transformer\.decoder\.layers" + LAYER, _decoder_part),
+    Rule(r"transformer\.decoder\.(ref_point_head\.layers\.[01]|norm)\." + WB, r"decoder.\1.\2"),
+    Rule(r"label_enc\.weight", "denoising.label_enc.weight"),
+]
+
+
+def convert_official_focus_detr(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Returns (state dict in our layout, config overrides for the ``focus_detr_r50`` preset)."""
+    state, _ = read_checkpoint(path)
+    if "transformer.alpha" not in state or "transformer.enc_mask_predictor.layer2.4.weight" not in state:
+        raise SparsedetError(f"{path} has no foreground selector (transformer.alpha / enc_mask_predictor). {HINT}")
+    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("transformer.decoder.layers."))
+    enc_layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("transformer.encoder.layers."))
+    aliases = {"transformer.decoder.class_embed.": "class_embed.", "transformer.decoder.bbox_embed.": "bbox_embed."}
+    aliases.update({f"{prefix}.{i}.": f"class_embed.{layers}." for prefix in
+                    ("enhance_MCSP_layerlist", "transformer.encoder.enhance_MCSP") for i in range(enc_layers)})
+    state = fold_aliases(state, aliases, path)
+    rules = RULES + [Rule(r"class_embed\.(\d+)\.(" + WB + ")", _head("class", layers)),
+                     Rule(r"bbox_embed\.(\d+)\.(layers\.[0-2]\." + WB + ")", _head("box", layers))]
+    out, unknown = rename_keys(state, rules, path, ignore=[r".*num_batches_tracked", r".*total_(ops|params)"])
+    if unknown:
+        raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
+    num_classes, hidden = out["heads.class_embed.0.weight"].shape
+    num_levels, heads = out["neck.level_embed"].shape[0], 8
+    overrides = {
+        "model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
+        "model.ffn_dim": out["decoder.layers.0.linear1.weight"].shape[0],
+        "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": layers, "model.num_levels": num_levels,
+        "model.num_queries": out["queries.tgt_embed.weight"].shape[0],
+        "model.enc_points": out["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
+        "model.dec_points": out["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
+    }
+    if any(k.startswith("backbone.") for k in out):
+        overrides["model.backbone.depth"] = resnet_depth(out)
+    return out, overrides

@@ -1,0 +1,58 @@
+"""Parity with the official Focus-DETR (huawei-noah / detrex projects/focus_detr), from ../shared/fixtures."""
+import torch
+from conftest import StoredFeatures, in_fixture_order
+
+from sparsedet.data.batch import Batch
+from sparsedet.tools.convert import convert
+
+
+def _detectron2_resnet50() -> dict:
+    """A released file carries a detectron2-named ResNet-50 (the fixture leaves it out)."""
+    from sparsedet.nn.backbone import ResNet
+    names = {"conv1.weight": "stem.conv1.weight"}
+    out = {}
+    for k, v in ResNet(50).state_dict().items():
+        if k.startswith("bn1."):
+            out["backbone.stem.conv1.norm." + k[4:]] = v
+        elif k in names:
+            out["backbone." + names[k]] = v
+        else:
+            stage, block, rest = k.split(".", 2)
+            res = f"res{int(stage[5:]) + 1}"
+            rest = rest.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+            for n in (1, 2, 3):
+                rest = rest.replace(f"bn{n}.", f"conv{n}.norm.")
+            out[f"backbone.{res}.{block}.{rest}"] = v
+    return {k: v for k, v in out.items() if not k.endswith("num_batches_tracked")}
+
+
+def test_official_focus_detr_fixture_matches(official, tmp_path):
+    state, inputs, expected, manifest = official("focus_detr")
+    state.update(_detectron2_resnet50())
+    path = tmp_path / "focus_detr_r50_4scale_12ep.pth"
+    torch.save({"model": state, "iteration": 89999}, path)
+
+    model, config = convert("official-focus-detr", path)
+    m = config.model
+    assert (m.num_encoder_layers, m.num_decoder_layers, m.num_classes, m.num_queries) == (6, 6, 80, 900)
+    model.backbone = StoredFeatures([inputs[f"features.res{i}"].float() for i in (3, 4, 5)])
+    B, _, h, w = inputs["features.res3"].shape
+    mask = torch.zeros(B, h * 8, w * 8, dtype=torch.bool)
+    model.queries.select = in_fixture_order(model.queries.select, expected["enc.pred_logits"])
+    with torch.no_grad():
+        out = model(Batch(torch.zeros(B, 3, h * 8, w * 8), mask))
+
+    def close(ours, key, atol=1e-4):
+        torch.testing.assert_close(ours, expected[key], atol=atol, rtol=0)
+
+    close(out.selection.token_logits[..., None], "foreground_logits")
+    close(out.enc["logits"], "enc.pred_logits")
+    close(out.enc["boxes"], "enc.pred_boxes")
+    # Float32 rounding grows about 2x per decoder layer here: this model's own float32 and float64
+    # final logits differ by 2.0e-4 (measured), so the six-layer decoder cannot agree to 1e-4 with
+    # any float32 run; its first layers still do.
+    for i, aux in enumerate(out.aux):
+        close(aux["logits"], f"aux.{i}.pred_logits", 1e-4 if i < 2 else 4e-4)
+        close(aux["boxes"], f"aux.{i}.pred_boxes")
+    close(out.logits, "pred_logits", 4e-4)
+    close(out.boxes, "pred_boxes")
