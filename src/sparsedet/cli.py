@@ -93,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
                        description="Sources: hf-deformable-detr (a folder written by Hugging Face "
                        "save_pretrained); official-dino (an IDEA-Research/DINO .pth); official-sparse-detr (a "
-                       "kakaobrain/sparse-detr .pth); official-focus-detr (a Focus-DETR detectron2 .pth, unzipped). Official files are read without unpickling code.")
+                       "kakaobrain/sparse-detr .pth); official-focus-detr (a Focus-DETR detectron2 .pth, unzipped); "
+                       "official-salience-detr (a xiuqhou/Salience-DETR .pth). Official files are read without "
+                       "unpickling code. Trailing key=value pairs set what a checkpoint cannot tell.")
     s.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES))
     s.add_argument("path", help="checkpoint file or folder")
     s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("overrides", nargs="*", help="config overrides, e.g. encoder.object_tokens=300")
     s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("check-data", help="validate a COCO-format dataset",
@@ -242,7 +245,7 @@ def cmd_predict(args) -> int:
 
 def cmd_convert(args) -> int:
     from .tools.convert import convert_to_run
-    convert_to_run(args.source, args.path, args.out)
+    convert_to_run(args.source, args.path, args.out, args.overrides)
     print(f"wrote {args.out}")
     return 0
 

@@ -14,23 +14,29 @@ SOURCES = {
     "official-dino": ("official_dino", "convert_official_dino", "dino_r50"),
     "official-sparse-detr": ("official_sparse_detr", "convert_official_sparse_detr", "sparse_detr_r50"),
     "official-focus-detr": ("official_focus_detr", "convert_official_focus_detr", "focus_detr_r50"),
+    "official-salience-detr": ("official_salience_detr", "convert_official_salience_detr", "salience_detr_r50"),
 }
 
 
-def convert(source: str, path: str | Path):
-    """Returns (our ``Detector`` with the converted weights loaded, its ``Config``)."""
+def convert(source: str, path: str | Path, overrides: dict | list[str] | None = None):
+    """Returns (our ``Detector`` with the converted weights loaded, its ``Config``).
+
+    overrides: config values the checkpoint cannot tell (e.g. ``{"model.encoder.object_tokens": 64}``),
+    applied after those read from it.
+    """
     import importlib
 
     from ...api import Detector
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
     module, function, preset = SOURCES[source]
-    state, overrides = getattr(importlib.import_module(f"{__name__}.{module}"), function)(path)
+    state, found = getattr(importlib.import_module(f"{__name__}.{module}"), function)(path)
     config: Config = get_preset(preset)
-    overrides = dict(overrides)
-    config.model.classes = overrides.pop("classes", [])
-    config.model.category_ids = overrides.pop("category_ids", [])
-    apply_overrides(config, overrides)
+    found = dict(found)
+    config.model.classes = found.pop("classes", [])
+    config.model.category_ids = found.pop("category_ids", [])
+    apply_overrides(config, found)
+    apply_overrides(config, overrides or {})
     model = Detector.from_config(config)
     expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
     check_layout(path, state, expected)
@@ -38,7 +44,7 @@ def convert(source: str, path: str | Path):
     return model.eval(), config
 
 
-def convert_to_run(source: str, path: str | Path, out: str | Path) -> None:
+def convert_to_run(source: str, path: str | Path, out: str | Path, overrides: dict | list[str] | None = None) -> None:
     """Convert ``path`` (as released by ``source``) and write a run folder to ``out``."""
-    model, config = convert(source, path)
+    model, config = convert(source, path, overrides)
     save_run(out, model.state_dict(), config)

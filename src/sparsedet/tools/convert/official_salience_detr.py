@@ -1,0 +1,77 @@
+"""Convert an official xiuqhou/Salience-DETR checkpoint (``salience_detr_resnet50_800_1333_coco_1x.pth``).
+
+Released files are flat state dicts (saved through accelerate). The filter ratios are buffers and
+become config (``encoder.level_ratios``, ``encoder.layer_ratios``); ``enhance_mcsp`` is a second
+name of the two-stage class head and is checked equal and dropped, as are the sine-embedding
+buffers and ``_classes_``. The neck's convolutions have no bias: ours get zeros.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...errors import SparsedetError
+from .common import Rule, fold_aliases, read_checkpoint, rename_keys
+from .official_dino import WB, resnet_depth
+
+HINT = "Expected an official Salience DETR checkpoint (xiuqhou/Salience-DETR, e.g. salience_detr_resnet50_800_1333_coco_1x.pth)."
+ENCODER_PARTS = {"pre_attention": "pre_attn", "pre_norm": "pre_norm", "self_attn": "self_attn", "norm1": "norm1",
+                 "linear1": "linear1", "linear2": "linear2", "norm2": "norm2"}
+RULES = [
+    Rule(r"backbone\.((conv1|bn1|layer\d)\..+)", r"backbone.\1"),
+    Rule(r"neck\.convs\.(\d)\.([01])\." + WB, r"neck.input_proj.\1.\2.\3"),
+    Rule(r"transformer\.level_embeds", "neck.level_embed"),
+    Rule(r"transformer\.alpha", "encoder.alpha"),
+    Rule(r"transformer\.tgt_embed\.weight", "queries.tgt_embed.weight"),
+    Rule(r"transformer\.(enc_output|enc_output_norm)\." + WB, r"queries.\1.\2"),
+    Rule(r"transformer\.encoder_class_head\." + WB, r"queries.class_head.\1"),
+    Rule(r"transformer\.encoder_bbox_head\.(layers\.[0-2]\." + WB + ")", r"queries.box_head.\1"),
+    Rule(r"transformer\.enc_mask_predictor\.(layer[12]\.\d\." + WB + ")", r"encoder.scorer.\1"),
+    Rule(r"transformer\.encoder\.layers\.(\d+)\.(\w+)(\..+)",
+         lambda m: f"encoder.layers.{m.group(1)}.{ENCODER_PARTS[m.group(2)]}{m.group(3)}"
+         if m.group(2) in ENCODER_PARTS else None),
+    Rule(r"transformer\.encoder\.background_embedding\.(row|col)_embed\.weight",
+         lambda m: f"encoder.background_{m.group(1)}s.weight"),
+    Rule(r"transformer\.neck\.(.+)", r"encoder.fusion.\1"),
+    Rule(r"transformer\.decoder\.layers\.(.+)", r"decoder.layers.\1"),
+    Rule(r"transformer\.decoder\.(ref_point_head\.layers\.[01]|norm)\." + WB, r"decoder.\1.\2"),
+    Rule(r"transformer\.decoder\.class_head\.(\d+)\." + WB, r"heads.class_embed.\1.\2"),
+    Rule(r"transformer\.decoder\.bbox_head\.(\d+)\.(layers\.[0-2]\." + WB + ")", r"heads.box_embed.\1.\2"),
+    Rule(r"denoising_generator\.label_encoder\.weight", "denoising.label_enc.weight"),
+]
+DROPPED = [r"position_embedding\.dim_t[xy]", r"_classes_", r".*total_(ops|params)", r".*num_batches_tracked",
+           r"transformer\.(level|layer)_filter_ratio"]
+
+
+def convert_official_salience_detr(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Returns (state dict in our layout, config overrides for the ``salience_detr_r50`` preset)."""
+    state, _ = read_checkpoint(path)
+    if "transformer.level_filter_ratio" not in state or "transformer.enc_mask_predictor.layer2.4.weight" not in state:
+        raise SparsedetError(f"{path} has no salience filter (transformer.level_filter_ratio / enc_mask_predictor). {HINT}")
+    state = fold_aliases(state, {"transformer.encoder.enhance_mcsp.": "transformer.encoder_class_head."}, path)
+    out, unknown = rename_keys(state, RULES, path, ignore=DROPPED)
+    if unknown:
+        raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
+    for key in [k for k in out if k.startswith("neck.input_proj.") and k.endswith(".0.weight")]:
+        out.setdefault(key[:-len("weight")] + "bias", torch.zeros(out[key].shape[0]))
+    layers = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("decoder.layers."))
+    enc_layers = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("encoder.layers."))
+    num_classes, hidden = out["heads.class_embed.0.weight"].shape
+    num_levels, heads = out["neck.level_embed"].shape[0], 8
+    overrides = {
+        "model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
+        "model.ffn_dim": out["decoder.layers.0.linear1.weight"].shape[0],
+        "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": layers, "model.num_levels": num_levels,
+        "model.num_queries": out["queries.tgt_embed.weight"].shape[0],
+        "model.enc_points": out["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
+        "model.dec_points": out["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
+        "model.encoder.level_ratios": [round(float(r), 6) for r in state["transformer.level_filter_ratio"]],
+        "model.encoder.layer_ratios": [round(float(r), 6) for r in state["transformer.layer_filter_ratio"]],
+        "model.encoder.background_size": out["encoder.background_rows.weight"].shape[0],
+        "model.encoder.fusion": any(k.startswith("encoder.fusion.") for k in out),
+    }
+    if any(k.startswith("backbone.") for k in out):
+        overrides["model.backbone.depth"] = resnet_depth(out)
+    return out, overrides
