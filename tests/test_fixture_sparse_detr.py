@@ -41,3 +41,15 @@ def test_official_sparse_detr_fixture_matches(official, tmp_path):
     close(out.aux[0]["boxes"], "aux.0.pred_boxes")
     close(out.logits, "pred_logits")
     close(out.boxes, "pred_boxes")
+
+
+def test_a_file_from_another_source_fails_clearly(tmp_path):
+    import pytest
+
+    from sparsedet.errors import SparsedetError
+    path = tmp_path / "checkpoint0011_4scale.pth"
+    torch.save({"model": {"transformer.tgt_embed.weight": torch.zeros(2, 4)}}, path)
+    for source, name in (("official-sparse-detr", "Sparse DETR"), ("official-focus-detr", "Focus-DETR"),
+                         ("official-salience-detr", "Salience DETR")):
+        with pytest.raises(SparsedetError, match=f"{path.name}.*official {name} checkpoint"):
+            convert(source, path)

@@ -110,3 +110,20 @@ def test_official_hyper_parameters_in_presets():
     assert two.two_stage and two.box_refine
     assert (dino.ffn_dim, dino.num_queries, dino.dropout, dino.pos_temperature, dino.pos_offset) == (2048, 900, 0.0, 20.0, 0.0)
     assert (dino.dn_queries, dino.sigmoid_eps, dino.loss.cls_weight, dino.top_k) == (100, 1e-3, 1.0, 300)
+
+
+def test_varifocal_loss_matches_its_formula():
+    from sparsedet.losses.focal import varifocal_loss
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    onehot = torch.zeros(2, 3, 4)
+    onehot[0, 1, 2] = onehot[1, 0, 3] = 1
+    quality = torch.tensor([[0.0, 0.7, 0.0], [0.4, 0.0, 0.0]])
+    p = logits.sigmoid()
+    target = onehot * quality[..., None]
+    weight = 0.75 * p.detach() ** 2 * (1 - onehot) + target
+    direct = -(weight * (target * torch.log(p) + (1 - target) * torch.log(1 - p))).sum()
+    loss = varifocal_loss(logits, onehot, quality)
+    assert torch.allclose(loss, direct, atol=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

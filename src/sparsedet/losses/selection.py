@@ -54,12 +54,13 @@ def top_count_targets(scores: Tensor, padding: Tensor, counts: Tensor) -> Tensor
 
 def _token_centres(shapes: list[tuple[int, int]], strides: list[tuple[float, float]], offset: float,
                    device: torch.device) -> Tensor:
-    """[S, 2] (x, y) pixel centres: (index * stride + offset(stride)) per level."""
+    """[S, 2] (x, y) pixel centres (index + offset) * stride per level, rounded once in float32 as
+    the official code does (Salience DETR: half-integers times a float stride)."""
     centres = []
     for (h, w), (sy, sx) in zip(shapes, strides):
-        ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=torch.float32),
-                                torch.arange(w, device=device, dtype=torch.float32), indexing="ij")
-        centres.append(torch.stack([xs * sx + offset * sx, ys * sy + offset * sy], -1).view(-1, 2))
+        ys, xs = torch.meshgrid((torch.arange(h, device=device, dtype=torch.float32) + offset) * sy,
+                                (torch.arange(w, device=device, dtype=torch.float32) + offset) * sx, indexing="ij")
+        centres.append(torch.stack([xs, ys], -1).view(-1, 2))
     return torch.cat(centres)
 
 
