@@ -37,8 +37,10 @@ class DualAttentionLayer(DeformableEncoderLayer):
 
 
 class FocusEncoder(nn.Module):
-    # Level l is modulated by alpha[ALPHA[l]]: Focus counts from the top (alpha[0] -> level 2).
-    alpha_index = [2, 1, 0]
+    def alpha_index(self, num_levels: int) -> list[int]:
+        """Which modulation weight each level below the top uses: Focus counts from the top
+        (alpha[0] modulates the second-coarsest level)."""
+        return list(range(num_levels - 2, -1, -1))
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -67,7 +69,7 @@ class FocusEncoder(nn.Module):
         """``queries`` lends its token projection and its class head (object scores)."""
         tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
         feats, _ = queries.project(tokens + levels.pos, padding, shapes)
-        level_logits = top_down_scores(self.scorer, feats, shapes, self.alpha, self.alpha_index)
+        level_logits = top_down_scores(self.scorer, feats, shapes, self.alpha, self.alpha_index(len(shapes)))
         logits = torch.cat(level_logits, 1)
         foreground = mask_padding(logits, padding)
         layers = self.select(level_logits, foreground, levels)

@@ -16,8 +16,9 @@ from .scoring import LayerSelection, TokenSelection, batch_width, cascade, check
 
 
 class SalienceEncoder(FocusEncoder):
-    # Salience indexes the modulation weights by level (alpha[l] for level l); Focus counts from the top.
-    alpha_index = [0, 1, 2]
+    def alpha_index(self, num_levels: int) -> list[int]:
+        """Salience indexes the modulation weights by level (alpha[l] for level l)."""
+        return list(range(num_levels - 1))
 
     def __init__(self, c: ModelConfig):
         super().__init__(c)
