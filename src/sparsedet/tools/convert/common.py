@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
+from ...nn.backbone import BLOCKS
 
 SHOW = 10  # how many offending keys an error message lists
 
@@ -244,3 +245,36 @@ def deformable_detr_keys(*, depth: int, num_levels: int, num_encoder_layers: int
         keys |= {f"heads.class_embed.{k}.{p}" for p in wb}
         keys |= {f"heads.box_embed.{k}.layers.{j}.{p}" for j in range(3) for p in wb}
     return keys
+
+
+def resnet_depth(state: dict[str, Tensor]) -> int:
+    """The ResNet depth whose block kind and stage-3 block count fit the converted backbone keys."""
+    kind = "bottleneck" if any(k.startswith("backbone.") and ".conv3." in k for k in state) else "basic"
+    stage3 = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("backbone.layer3.")), default=-1)
+    for depth, (block, counts) in BLOCKS.items():
+        if (block, counts[2]) == (kind, stage3):
+            return depth
+    raise SparsedetError(f"backbone with {stage3} {kind} blocks in layer3 is not a ResNet-18/34/50/101")
+
+
+def sizes_from_state(state: dict[str, Tensor], heads: int = 8) -> dict:
+    """Config overrides for the architecture sizes a converted (our layout) state dict implies.
+    The number of attention heads is not recoverable from shapes (heads x points); every released
+    model of these families uses 8."""
+    def count(prefix: str) -> int:
+        return 1 + max((int(k.split(".")[2]) for k in state if k.startswith(prefix)), default=-1)
+
+    num_classes, hidden = state["heads.class_embed.0.weight"].shape
+    levels = state["neck.level_embed"].shape[0]
+    enc_layers, dec_layers = count("encoder.layers."), count("decoder.layers.")
+    sizes = {"model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
+             "model.ffn_dim": state["decoder.layers.0.linear1.weight"].shape[0], "model.num_levels": levels,
+             "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": dec_layers,
+             "model.dec_points": state["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0] // (heads * levels)}
+    if enc_layers:
+        sizes["model.enc_points"] = state["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * levels)
+    if "queries.tgt_embed.weight" in state:
+        sizes["model.num_queries"] = state["queries.tgt_embed.weight"].shape[0]
+    if any(k.startswith("backbone.") for k in state):
+        sizes["model.backbone.depth"] = resnet_depth(state)
+    return sizes

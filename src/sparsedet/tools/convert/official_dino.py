@@ -13,8 +13,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ...errors import SparsedetError
-from ...nn.backbone import BLOCKS
-from .common import Rule, fold_aliases, read_state_dict, rename_keys
+from .common import Rule, fold_aliases, read_state_dict, rename_keys, sizes_from_state
 
 WB = r"(weight|bias)"
 HINT = "Expected an official DINO checkpoint (IDEA-Research/DINO, e.g. checkpoint0011_4scale.pth)."
@@ -40,7 +39,6 @@ def convert_official_dino(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     if "transformer.tgt_embed.weight" not in state or "label_enc.weight" not in state:
         raise SparsedetError(f"{path} has no transformer.tgt_embed / label_enc weights. {HINT}")
     layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("transformer.decoder.layers."))
-    enc_layers = 1 + max((int(k.split(".")[3]) for k in state if k.startswith("transformer.encoder.layers.")), default=-1)
     # The heads are shared: one module saved once per layer and again inside the decoder.
     aliases = {"transformer.decoder.class_embed.": "class_embed.", "transformer.decoder.bbox_embed.": "bbox_embed."}
     aliases.update({f"{kind}.{k}.": f"{kind}.0." for kind in ("class_embed", "bbox_embed") for k in range(1, layers)})
@@ -48,28 +46,4 @@ def convert_official_dino(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     out, unknown = rename_keys(state, RULES, path, ignore=[r".*num_batches_tracked"])
     if unknown:
         raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
-    num_classes, hidden = out["heads.class_embed.0.weight"].shape
-    attn = out["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0]
-    num_levels = out["neck.level_embed"].shape[0]
-    heads = 8  # not recoverable from shapes (heads x points); every released DINO uses 8
-    overrides = {
-        "model.num_classes": num_classes, "model.hidden_dim": hidden,
-        "model.ffn_dim": out["decoder.layers.0.linear1.weight"].shape[0],
-        "model.num_heads": heads, "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": layers,
-        "model.num_queries": out["queries.tgt_embed.weight"].shape[0], "model.num_levels": num_levels,
-        "model.enc_points": out["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * num_levels)
-        if enc_layers else 4,
-        "model.dec_points": attn // (heads * num_levels),
-        "model.backbone.depth": resnet_depth(out),
-    }
-    return out, overrides
-
-
-def resnet_depth(state: dict[str, Tensor]) -> int:
-    """The ResNet depth whose block kind and stage-3 block count fit the converted backbone keys."""
-    kind = "bottleneck" if any(k.startswith("backbone.") and ".conv3." in k for k in state) else "basic"
-    stage3 = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("backbone.layer3.")), default=-1)
-    for depth, (block, counts) in BLOCKS.items():
-        if (block, counts[2]) == (kind, stage3):
-            return depth
-    raise SparsedetError(f"backbone with {stage3} {kind} blocks in layer3 is not a ResNet-18/34/50/101")
+    return out, sizes_from_state(out)

@@ -13,8 +13,8 @@ from pathlib import Path
 from torch import Tensor
 
 from ...errors import SparsedetError
-from .common import Rule, fold_aliases, read_checkpoint, rename_keys
-from .official_dino import WB, resnet_depth
+from .common import Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
+from .official_dino import WB
 
 HINT = "Expected an official Focus-DETR checkpoint (e.g. focus_detr_r50_4scale_12ep.pth, unzipped)."
 BN = r"(weight|bias|running_mean|running_var)"
@@ -86,16 +86,4 @@ def convert_official_focus_detr(path: str | Path) -> tuple[dict[str, Tensor], di
     out, unknown = rename_keys(state, rules, path, ignore=[r".*num_batches_tracked", r".*total_(ops|params)"])
     if unknown:
         raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
-    num_classes, hidden = out["heads.class_embed.0.weight"].shape
-    num_levels, heads = out["neck.level_embed"].shape[0], 8
-    overrides = {
-        "model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
-        "model.ffn_dim": out["decoder.layers.0.linear1.weight"].shape[0],
-        "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": layers, "model.num_levels": num_levels,
-        "model.num_queries": out["queries.tgt_embed.weight"].shape[0],
-        "model.enc_points": out["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
-        "model.dec_points": out["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
-    }
-    if any(k.startswith("backbone.") for k in out):
-        overrides["model.backbone.depth"] = resnet_depth(out)
-    return out, overrides
+    return out, sizes_from_state(out)

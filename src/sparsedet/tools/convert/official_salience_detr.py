@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
-from .common import Rule, fold_aliases, read_checkpoint, rename_keys
-from .official_dino import WB, resnet_depth
+from .common import Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
+from .official_dino import WB
 
 HINT = "Expected an official Salience DETR checkpoint (xiuqhou/Salience-DETR, e.g. salience_detr_resnet50_800_1333_coco_1x.pth)."
 ENCODER_PARTS = {"pre_attention": "pre_attn", "pre_norm": "pre_norm", "self_attn": "self_attn", "norm1": "norm1",
@@ -56,22 +56,11 @@ def convert_official_salience_detr(path: str | Path) -> tuple[dict[str, Tensor],
         raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
     for key in [k for k in out if k.startswith("neck.input_proj.") and k.endswith(".0.weight")]:
         out.setdefault(key[:-len("weight")] + "bias", torch.zeros(out[key].shape[0]))
-    layers = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("decoder.layers."))
-    enc_layers = 1 + max(int(k.split(".")[2]) for k in out if k.startswith("encoder.layers."))
-    num_classes, hidden = out["heads.class_embed.0.weight"].shape
-    num_levels, heads = out["neck.level_embed"].shape[0], 8
-    overrides = {
-        "model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
-        "model.ffn_dim": out["decoder.layers.0.linear1.weight"].shape[0],
-        "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": layers, "model.num_levels": num_levels,
-        "model.num_queries": out["queries.tgt_embed.weight"].shape[0],
-        "model.enc_points": out["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
-        "model.dec_points": out["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
+    overrides = sizes_from_state(out)
+    overrides.update({
         "model.encoder.level_ratios": [round(float(r), 6) for r in state["transformer.level_filter_ratio"]],
         "model.encoder.layer_ratios": [round(float(r), 6) for r in state["transformer.layer_filter_ratio"]],
         "model.encoder.background_size": out["encoder.background_rows.weight"].shape[0],
         "model.encoder.fusion": any(k.startswith("encoder.fusion.") for k in out),
-    }
-    if any(k.startswith("backbone.") for k in out):
-        overrides["model.backbone.depth"] = resnet_depth(out)
+    })
     return out, overrides

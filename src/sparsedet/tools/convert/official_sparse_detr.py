@@ -14,8 +14,8 @@ from pathlib import Path
 from torch import Tensor
 
 from ...errors import SparsedetError
-from .common import Rule, fold_aliases, read_checkpoint, rename_keys
-from .official_dino import WB, resnet_depth
+from .common import Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
+from .official_dino import WB
 
 HINT = "Expected an official Sparse DETR checkpoint (kakaobrain/sparse-detr, e.g. sparse_detr_r50_30.pth)."
 
@@ -61,18 +61,8 @@ def convert_official_sparse_detr(path: str | Path) -> tuple[dict[str, Tensor], d
         raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
     if "rho" not in args:
         warnings.warn(f"{path} carries no training args; assuming the preset's keep ratio and 300 queries")
-    num_classes, hidden = out["heads.class_embed.0.weight"].shape
-    num_levels = out["neck.level_embed"].shape[0]
-    heads = args.get("nheads", 8)
-    overrides = {
-        "model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
-        "model.ffn_dim": out["decoder.layers.0.linear1.weight"].shape[0],
-        "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": layers, "model.num_levels": num_levels,
-        "model.enc_points": out["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
-        "model.dec_points": out["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0] // (heads * num_levels),
-        "model.encoder.aux_heads": any(k.startswith("encoder.aux_heads.") for k in out),
-        "model.backbone.depth": resnet_depth(out),
-    }
+    overrides = sizes_from_state(out, args.get("nheads", 8))
+    overrides["model.encoder.aux_heads"] = any(k.startswith("encoder.aux_heads.") for k in out)
     if "rho" in args:
         overrides["model.encoder.keep_ratio"] = float(args["rho"])
     if "num_queries" in args:
