@@ -2,7 +2,6 @@
 import warnings
 
 import pytest
-import torch
 
 from sparsedet import Detector
 from sparsedet.config import apply_overrides

@@ -16,6 +16,7 @@ from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
 from ..ops.boxes import batched_nms
 from ..ops.functional import gather_rows
+from .encoders.scoring import token_levels
 
 
 @dataclass
@@ -159,7 +160,7 @@ class ProposalQueries(nn.Module):
         scores, cand = logits.max(-1).values.topk(min(4 * self.num_queries, S), dim=1)
         starts = torch.tensor([0] + [h * w for h, w in shapes], device=logits.device).cumsum(0)
         widths = torch.tensor([w for _, w in shapes], device=logits.device)
-        level = torch.bucketize(cand, starts[1:], right=True)
+        level = token_levels(cand, shapes)
         local = cand - starts[level]
         x, y = (local % widths[level]).to(scores.dtype), (local // widths[level]).to(scores.dtype)
         boxes = torch.stack([x - 1, y - 1, x + 1, y + 1], -1)

@@ -13,8 +13,8 @@ from ...errors import SparsedetError
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
 from .dense import DeformableEncoderLayer, EncoderOutput
-from .scoring import (LayerSelection, TokenScorer, TokenSelection, batch_width, cascade, check_ratios, encoder_points,
-                      gather_points, keep_counts, mask_padding, scatter_tokens, top_down_scores, uniform_alpha)
+from .scoring import (LayerSelection, TokenScorer, TokenSelection, cascade, check_ratios, encoder_points, gather_points,
+                      mask_padding, scatter_tokens, top_down_scores, top_share, uniform_alpha)
 
 
 class DualAttentionLayer(DeformableEncoderLayer):
@@ -59,11 +59,8 @@ class FocusEncoder(nn.Module):
     def select(self, level_logits: list[Tensor], ranking: Tensor, levels: MultiLevel) -> list[LayerSelection]:
         """Global top-k of floor(rho * valid) + 1 tokens of the padding-masked ``ranking`` [B, S],
         then nested prefixes per layer."""
-        counts = keep_counts((~levels.padding).sum(1), self.keep_ratio, plus_one=True)
-        total = ranking.shape[1]
-        k = min(batch_width(counts, int(total * self.keep_ratio) + 1), total)
-        scores, indices = ranking.topk(k, dim=1)
-        return cascade(indices, scores, counts, self.layer_ratios)
+        top = top_share(ranking, levels.padding, self.keep_ratio, plus_one=True)
+        return cascade(top.indices, top.scores, top.counts, self.layer_ratios)
 
     def forward(self, levels: MultiLevel, queries: nn.Module) -> EncoderOutput:
         """``queries`` lends its token projection and its class head (object scores)."""

@@ -12,7 +12,7 @@ from ...errors import SparsedetError
 from ...nn.fusion import CrossLevelFusion
 from ...nn.neck import MultiLevel
 from .focus import FocusEncoder
-from .scoring import LayerSelection, TokenSelection, batch_width, cascade, check_ratios, keep_counts
+from .scoring import (LayerSelection, TokenSelection, cascade, check_ratios, top_share)
 
 
 class SalienceEncoder(FocusEncoder):
@@ -38,13 +38,11 @@ class SalienceEncoder(FocusEncoder):
         masked per level), merged and re-sorted by score; then nested prefixes per layer."""
         scores, indices, counts = [], [], 0
         for lvl, (start, logits) in enumerate(zip(levels.level_starts, level_logits)):
-            pad = levels.padding[:, start:start + logits.shape[1]]
-            n = keep_counts((~pad).sum(1), self.level_ratios[lvl], plus_one=False)
-            static = int(torch.tensor(self.level_ratios[lvl], dtype=torch.float32) * logits.shape[1])
-            s, i = logits.masked_fill(pad, logits.min()).topk(batch_width(n, static), dim=1)
-            scores.append(s)
-            indices.append(i + start)
-            counts = counts + n
+            top = top_share(logits, levels.padding[:, start:start + logits.shape[1]], self.level_ratios[lvl],
+                            plus_one=False)
+            scores.append(top.scores)
+            indices.append(top.indices + start)
+            counts = counts + top.counts
         scores, order = torch.cat(scores, 1).sort(dim=1, descending=True)
         indices = torch.cat(indices, 1).gather(1, order)
         return cascade(indices, scores, counts, self.layer_ratios)

@@ -81,12 +81,31 @@ def batch_width(counts: Tensor, static: int) -> int:
     return int(counts.max())
 
 
+def top_share(logits: Tensor, padding: Tensor, ratio: float, plus_one: bool) -> "LayerSelection":
+    """Each image's best floor(ratio * valid) (+ 1) tokens of ``logits`` [B, n], padding masked to
+    the minimum, at the batch-wide width of the largest count."""
+    counts = keep_counts((~padding).sum(1), ratio, plus_one)
+    total = logits.shape[1]
+    static = int(torch.tensor(ratio, dtype=torch.float32) * total) + int(plus_one)
+    scores, indices = mask_padding(logits, padding).topk(min(batch_width(counts, static), total), dim=1)
+    return LayerSelection(indices, scores, counts)
+
+
+def written(indices: Tensor, counts: Tensor) -> Tensor:
+    """[B, k] True on the entries of a selection that are written back (each image's first counts[i])."""
+    return torch.arange(indices.shape[1], device=indices.device)[None] < counts[:, None]
+
+
+def token_levels(indices: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    """Level of each flat token index (levels flattened fine to coarse)."""
+    ends = torch.tensor([h * w for h, w in shapes], device=indices.device).cumsum(0)
+    return torch.bucketize(indices, ends, right=True)
+
+
 def scatter_tokens(memory: Tensor, indices: Tensor, values: Tensor, counts: Tensor) -> Tensor:
     """Write ``values`` [B, k, C] at ``indices`` [B, k] of ``memory`` [B, S, C]; only each image's
     first ``counts[i]`` entries are written, the rest leave memory as it was."""
-    k = indices.shape[1]
-    written = torch.arange(k, device=indices.device)[None] < counts[:, None]
-    values = torch.where(written[..., None], values, gather_rows(memory, indices))
+    values = torch.where(written(indices, counts)[..., None], values, gather_rows(memory, indices))
     return memory.scatter(1, indices[..., None].expand(-1, -1, memory.shape[-1]), values.to(memory.dtype))
 
 
@@ -135,11 +154,8 @@ class TokenSelection:
     def level_counts(self, layer: int) -> Tensor:
         """[B, L] tokens each image kept per level in ``layer``."""
         sel = self.layers[layer]
-        starts = torch.tensor([0] + [h * w for h, w in self.shapes], device=sel.indices.device).cumsum(0)
-        level = torch.bucketize(sel.indices, starts[1:], right=True)
-        written = torch.arange(sel.indices.shape[1], device=level.device)[None] < sel.counts[:, None]
-        onehot = F.one_hot(level, len(self.shapes)) * written[..., None]
-        return onehot.sum(1)
+        onehot = F.one_hot(token_levels(sel.indices, self.shapes), len(self.shapes))
+        return (onehot * written(sel.indices, sel.counts)[..., None]).sum(1)
 
     def kept_fraction(self) -> float:
         """Mean over layers and images of kept tokens / valid tokens."""

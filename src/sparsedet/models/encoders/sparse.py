@@ -11,8 +11,8 @@ from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
 from ..heads import PredictionHeads
 from .dense import DeformableEncoderLayer, EncoderOutput
-from .scoring import (LayerSelection, TokenScorer, TokenSelection, batch_width, check_ratios, encoder_points,
-                      gather_points, keep_counts, mask_padding, scatter_tokens)
+from .scoring import (LayerSelection, TokenScorer, TokenSelection, check_ratios, encoder_points, gather_points,
+                      scatter_tokens, top_share)
 
 
 class SparseEncoder(nn.Module):
@@ -30,11 +30,7 @@ class SparseEncoder(nn.Module):
 
     def select(self, logits: Tensor, levels: MultiLevel) -> LayerSelection:
         """Top floor(rho * valid) + 1 tokens of each image over all levels (one set for all layers)."""
-        counts = keep_counts((~levels.padding).sum(1), self.keep_ratio, plus_one=True)
-        total = logits.shape[1]
-        k = min(batch_width(counts, int(total * self.keep_ratio) + 1), total)
-        scores, indices = mask_padding(logits, levels.padding).topk(k, dim=1)
-        return LayerSelection(indices, scores, counts)
+        return top_share(logits, levels.padding, self.keep_ratio, plus_one=True)
 
     def forward(self, levels: MultiLevel, queries: nn.Module) -> EncoderOutput:
         """``queries`` lends its token projection (shared with the two-stage head)."""
