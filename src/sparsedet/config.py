@@ -31,7 +31,9 @@ class LossConfig:
     match_cls: float = 2.0
     match_bbox: float = 5.0
     match_giou: float = 2.0
-    cls_loss: str = "focal"         # "focal" | "varifocal" (Salience DETR: IoU-aware soft targets)
+    cls_loss: str = "focal"         # "focal" | "varifocal" (Salience: IoU-aware) | "aligned" (SD-DETR: score^a * IoU^b)
+    align_alpha: float = 0.25       # SD-DETR alignment target t = score^align_alpha * IoU^align_beta
+    align_beta: float = 0.75
     select_weight: float = 1.0      # token-selection supervision (DAM 1, foreground 1.5, salience 2)
 
 
@@ -55,8 +57,20 @@ class EncoderConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """Switches of the query-side methods (specs/decoders.md §2-3)."""
+
+    smca: bool = False              # SAM-DETR: Gaussian-like spatial prior around each head's salient point
+    task_queries: bool = True       # SD-DETR: content queries from each task's salient points (else learned)
+    split_cross_attention: bool = True  # SD-DETR: one cross-attention per task (else one shared)
+    task_points: int = 8            # SD-DETR: salient points per task and query
+
+
+@dataclass
 class ModelConfig:
-    kind: str = "deformable"        # "deformable" | "dino"
+    # Base detector and decoder: "deformable" | "dino" (multi-scale deformable decoders),
+    # "conditional" | "sam" | "decoupled" (single-level global attention: Conditional DETR, SAM-DETR, SD-DETR)
+    kind: str = "deformable"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     classes: list[str] = field(default_factory=list)        # names per logit column
     category_ids: list[int] = field(default_factory=list)   # dataset category id per logit column
@@ -68,6 +82,8 @@ class ModelConfig:
     num_decoder_layers: int = 6
     num_levels: int = 4
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    input_norm: bool = True         # GroupNorm after the input projections (Conditional DETR: none)
     enc_points: int = 4
     dec_points: int = 4
     dropout: float = 0.1

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..config import LossConfig, ModelConfig
 from ..ops.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from . import selection as sel
-from .focal import sigmoid_focal_loss, varifocal_loss
+from .focal import aligned_loss, sigmoid_focal_loss, varifocal_loss
 from .matcher import HungarianMatcher
 
 
@@ -26,8 +26,8 @@ class SetCriterion:
     def __init__(self, num_classes: int, config: LossConfig, selection: str = "dense",
                  label_ranges: list[list[float]] | None = None):
         """selection: the encoder kind whose token scorer is supervised ("dense": none)."""
-        if config.cls_loss not in ("focal", "varifocal"):
-            raise ValueError(f"unknown classification loss {config.cls_loss!r}; choose focal or varifocal")
+        if config.cls_loss not in ("focal", "varifocal", "aligned"):
+            raise ValueError(f"unknown classification loss {config.cls_loss!r}; choose focal, varifocal or aligned")
         self.num_classes, self.cfg = num_classes, config
         self.selection, self.label_ranges = selection, label_ranges
         self.matcher = HungarianMatcher(config.match_cls, config.match_bbox, config.match_giou,
@@ -102,12 +102,17 @@ class SetCriterion:
         onehot = torch.zeros(B, Q, C, dtype=logits.dtype, device=logits.device)
         onehot[batch_idx, src_idx, tgt_labels] = 1.0
         matched = boxes[batch_idx, src_idx]
-        if self.cfg.cls_loss == "varifocal":
+        if self.cfg.cls_loss in ("varifocal", "aligned"):
             quality = torch.zeros(B, Q, dtype=logits.dtype, device=logits.device)
             if matched.numel():
                 iou = box_iou(cxcywh_to_xyxy(matched), cxcywh_to_xyxy(tgt_boxes)).diagonal()
                 quality[batch_idx, src_idx] = iou.detach().to(logits.dtype)
-            loss_cls = varifocal_loss(logits, onehot, quality, self.cfg.focal_alpha, self.cfg.focal_gamma) / num_boxes
+            if self.cfg.cls_loss == "varifocal":
+                loss_cls = varifocal_loss(logits, onehot, quality, self.cfg.focal_alpha, self.cfg.focal_gamma)
+            else:
+                loss_cls = aligned_loss(logits, onehot, quality, self.cfg.align_alpha, self.cfg.align_beta,
+                                        self.cfg.focal_gamma)
+            loss_cls = loss_cls / num_boxes
         else:
             loss_cls = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma) / num_boxes
         if matched.numel() == 0:

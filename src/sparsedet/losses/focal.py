@@ -24,3 +24,16 @@ def varifocal_loss(logits: Tensor, onehot: Tensor, quality: Tensor, alpha: float
     prob = logits.detach().sigmoid()
     weight = (1 - alpha) * prob.pow(gamma) * (1 - onehot) + target
     return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+
+
+def aligned_loss(logits: Tensor, onehot: Tensor, quality: Tensor, alpha: float = 0.25, beta: float = 0.75,
+                 gamma: float = 2.0) -> Tensor:
+    """SD-DETR's task-alignment classification loss as we rebuild it (specs/decoders.md §3.3 C),
+    summed: the matched class's target is score^alpha * IoU^beta (both detached), so a confident
+    prediction is pushed up only as far as its box deserves; every element is weighted by
+    |target - p|^gamma (quality-focal form), negatives have target 0."""
+    prob = logits.detach().sigmoid()
+    score = (prob * onehot).sum(-1)
+    target = onehot * (score.clamp(min=1e-8).pow(alpha) * quality.clamp(min=0).pow(beta))[..., None]
+    weight = (target - prob).abs().pow(gamma)
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")

@@ -12,14 +12,43 @@ from ..errors import SparsedetError
 from ..nn.attention import MSDeformAttn
 from ..nn.backbone import ResNet
 from ..nn.neck import MultiLevel, Neck
-from .decoders.deformable import DeformableDecoder
+from .decoders import SINGLE_LEVEL, build_decoder
 from .denoising import ContrastiveDenoising
 from .encoders import build_encoder
 from .heads import PredictionHeads, postprocess
 from .encoders.scoring import TokenSelection
-from .queries import LearnedQueries, ProposalQueries
+from .queries import AnchorPointQueries, BoxQueries, LearnedQueries, ProposalQueries
 
-KINDS = ("deformable", "dino")
+KINDS = ("deformable", "dino") + SINGLE_LEVEL
+REFINING = ("dino", "sam", "decoupled")   # always refine boxes layer by layer
+
+
+def check_model_config(c: ModelConfig) -> None:
+    """Clear errors for combinations the architecture cannot build."""
+    if c.kind not in KINDS:
+        raise SparsedetError(f"unknown model kind {c.kind!r}; choose one of {KINDS}")
+    if c.classes and len(c.classes) != c.num_classes:
+        raise SparsedetError(
+            f"model has {c.num_classes} classes but {len(c.classes)} class names; make them agree")
+    single = c.kind in SINGLE_LEVEL
+    if single and (c.num_levels != 1 or c.encoder.kind != "global"):
+        raise SparsedetError(f"kind={c.kind!r} attends globally over one feature level: set num_levels=1 and "
+                             "encoder.kind='global' (as the conditional_detr/sam_detr/decoupled_detr presets)")
+    if not single and c.encoder.kind == "global":
+        raise SparsedetError("encoder.kind='global' is for the single-level kinds (conditional, sam, decoupled)")
+
+
+def build_queries(c: ModelConfig) -> nn.Module:
+    if c.kind in ("dino", "decoupled"):
+        return ProposalQueries("mixed", c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
+    if c.kind == "conditional":
+        return AnchorPointQueries(c.num_queries, c.hidden_dim)
+    if c.kind == "sam":
+        return BoxQueries(c.num_queries, c.hidden_dim)
+    if c.two_stage:
+        mode = "efficient" if c.efficient_queries else "two_stage"
+        return ProposalQueries(mode, c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
+    return LearnedQueries(c.num_queries, c.hidden_dim)
 
 
 @dataclass
@@ -47,32 +76,23 @@ class DetectorOutput:
 class DetectionTransformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.kind not in KINDS:
-            raise SparsedetError(f"unknown model kind {config.kind!r}; choose one of {KINDS}")
-        if config.classes and len(config.classes) != config.num_classes:
-            raise SparsedetError(
-                f"model has {config.num_classes} classes but {len(config.classes)} class names; make them agree")
+        check_model_config(config)
         self.config = c = config
         dino = c.kind == "dino"
         b = c.backbone
         self.backbone = ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm)
         if b.weights:
             self.backbone.load_weights(b.weights)
-        self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset)
+        self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset,
+                         norm=c.input_norm, level_embed=c.kind not in SINGLE_LEVEL)
         self.encoder = build_encoder(c)
-        if dino:
-            self.queries = ProposalQueries("mixed", c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
-        elif c.two_stage:
-            mode = "efficient" if c.efficient_queries else "two_stage"
-            self.queries = ProposalQueries(mode, c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
-        else:
-            self.queries = LearnedQueries(c.num_queries, c.hidden_dim)
-        self.decoder = DeformableDecoder(
-            c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.dec_points,
-            query_pos_from_reference=dino, final_norm=dino, look_forward_twice=dino, eps=c.sigmoid_eps)
-        shared = c.share_heads if c.share_heads is not None else (dino or not c.box_refine)
+        self.queries = build_queries(c)
+        self.decoder = build_decoder(c)
+        default_shared = {"dino": True, "conditional": True, "sam": False, "decoupled": False}.get(
+            c.kind, not c.box_refine)
+        shared = c.share_heads if c.share_heads is not None else default_shared
         self.heads = PredictionHeads(c.hidden_dim, c.num_classes, c.num_decoder_layers, shared,
-                                     initial_size_bias=0.0 if (dino or c.two_stage) else -2.0)
+                                     initial_size_bias=-2.0 if c.kind == "deformable" and not c.two_stage else 0.0)
         self.denoising = (ContrastiveDenoising(c.num_classes, c.hidden_dim, c.dn_queries, c.dn_label_noise,
                                                c.dn_box_noise, c.sigmoid_eps, c.dn_spare_label) if dino else None)
         self.register_buffer("image_mean", torch.tensor(c.image_mean).view(1, 3, 1, 1), persistent=False)
@@ -82,8 +102,9 @@ class DetectionTransformer(nn.Module):
     def _reset_transformer_parameters(self) -> None:
         # The official transformers xavier-initialise every matrix they own, then re-apply the
         # deformable-attention and reference-point inits; prediction heads, the background
-        # embedding and the fusion convolutions keep theirs.
-        own = [self.heads, getattr(self.queries, "class_head", None), getattr(self.queries, "box_head", None)]
+        # embedding, the fusion convolutions and the learned queries of the top-level official
+        # models (``query_embed``, N(0, 1)) keep theirs.
+        own = [self.heads] + [getattr(self.queries, n, None) for n in ("query_embed", "class_head", "box_head")]
         own += [getattr(self.encoder, n, None) for n in ("aux_heads", "fusion", "background_rows", "background_cols")]
         heads = {id(p) for m in own if m is not None for p in m.parameters()}
         for module in (self.encoder, self.decoder, self.queries):
@@ -120,7 +141,7 @@ class DetectionTransformer(nn.Module):
                 tgt = torch.cat([dn.tgt, tgt], 1)
                 reference = torch.cat([dn.reference, reference], 1)
                 attn_mask = dn.attn_mask
-        refine = self.config.box_refine or self.config.kind == "dino"
+        refine = self.config.box_refine or self.config.kind in REFINING
         box_heads = [self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if refine else None
         # Sparse DETR's scorer learns from where the decoder looked.
         record = self.training and self.config.encoder.kind == "sparse"

@@ -36,12 +36,16 @@ class PredictionHeads(nn.Module):
     def class_head(self, layer: int) -> nn.Module:
         return self.class_embed[layer if len(self.class_embed) > 1 else 0]
 
-    def forward(self, outputs: list[Tensor], refs: list[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-        """outputs/refs per layer -> logits [L, B, Q, C], boxes [L, B, Q, 4] (normalised cxcywh)."""
+    def forward(self, outputs: list[Tensor | tuple[Tensor, Tensor]], refs: list[Tensor], eps: float
+                ) -> tuple[Tensor, Tensor]:
+        """outputs/refs per layer -> logits [L, B, Q, C], boxes [L, B, Q, 4] (normalised cxcywh).
+        An output may be a pair (features for the class head, features for the box head): SD-DETR's
+        two task streams."""
         logits, boxes = [], []
         for lid, (h, ref) in enumerate(zip(outputs, refs)):
-            logits.append(self.class_head(lid)(h))
-            delta = self.box_head(lid)(h)
+            h_cls, h_box = h if isinstance(h, tuple) else (h, h)
+            logits.append(self.class_head(lid)(h_cls))
+            delta = self.box_head(lid)(h_box)
             ref_unact = inverse_sigmoid(ref, eps)
             if ref.shape[-1] == 4:
                 boxes.append((delta + ref_unact).sigmoid())

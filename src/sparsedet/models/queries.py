@@ -1,6 +1,7 @@
-"""Decoder query initialisation: learned queries, two-stage proposals, mixed query selection.
+"""Decoder query initialisation: learned queries (Deformable DETR's, Conditional DETR's anchor
+points, SAM-DETR's reference boxes), two-stage proposals, mixed query selection.
 
-All three return a ``QueryInit``: content queries, initial references (sigmoid space) and,
+All return a ``QueryInit``: content queries, initial references (sigmoid space) and,
 for the two-stage kinds, the encoder-side predictions that get their own loss.
 """
 from __future__ import annotations
@@ -74,6 +75,36 @@ class LearnedQueries(nn.Module):
         pos, tgt = self.query_embed.weight.chunk(2, dim=-1)
         pos, tgt = pos[None].expand(B, -1, -1), tgt[None].expand(B, -1, -1)
         return QueryInit(tgt, self.reference_points(pos).sigmoid(), pos)
+
+
+class AnchorPointQueries(nn.Module):
+    """Conditional DETR: learned positional queries (``query_embed``, C wide), zero content, and
+    one 2-D reference point per query predicted from its positional query (``ref_point_head``),
+    fixed for all decoder layers."""
+
+    def __init__(self, num_queries: int, dim: int):
+        super().__init__()
+        self.query_embed = nn.Embedding(num_queries, dim)
+        self.ref_point_head = MLP(dim, dim, 2, 2)
+
+    def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
+        pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
+        return QueryInit(torch.zeros_like(pos), self.ref_point_head(pos).sigmoid(), pos)
+
+
+class BoxQueries(nn.Module):
+    """SAM-DETR: learned reference boxes (``query_embed``, 4 logits per query, N(0, 1) init) and
+    zero content; the decoder derives positions from the boxes."""
+
+    def __init__(self, num_queries: int, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.query_embed = nn.Embedding(num_queries, 4)
+
+    def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
+        B, Q = memory.shape[0], self.query_embed.num_embeddings
+        boxes = self.query_embed.weight.sigmoid()[None].expand(B, -1, -1)
+        return QueryInit(memory.new_zeros(B, Q, self.dim), boxes)
 
 
 class ProposalQueries(nn.Module):

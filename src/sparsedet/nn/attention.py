@@ -1,9 +1,11 @@
-"""Attention modules with parameters: multi-scale deformable attention."""
+"""Attention modules with parameters: multi-scale deformable attention, and multi-head attention
+on already projected queries, keys and values (Conditional DETR, SAM-DETR)."""
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.deform_attn import ms_deform_attn
@@ -85,3 +87,36 @@ class MSDeformAttn(nn.Module):
             out = ms_deform_attn(v.float(), shapes, loc.float(), weights.float())
         out = self.output_proj(out.to(query.dtype))
         return (out, loc, weights) if return_sampling else out
+
+
+class ProjectedAttention(nn.Module):
+    """Multi-head attention whose inputs are already projected: only ``out_proj`` has weights.
+
+    The query/key width per head may differ from the value width per head: Conditional DETR
+    concatenates content and position per head (q/k 2C/M, v C/M), SAM-DETR gives every head a
+    full C-wide query (q/k C, v C/M). Scale is 1/sqrt(q/k width per head), as the official code.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None = None,
+                bias: Tensor | None = None) -> Tensor:
+        """q: [B, Q, M*Dk]; k: [B, S, M*Dk]; v: [B, S, C]; key_padding: [B, S] True = ignore;
+        bias: [B, M, Q, S] added to the logits (SMCA's spatial prior). Returns [B, Q, C]."""
+        B, Q, _ = q.shape
+        S, M = k.shape[1], self.num_heads
+        q = q.view(B, Q, M, -1).transpose(1, 2)
+        k = k.view(B, S, M, -1).transpose(1, 2)
+        v = v.view(B, S, M, -1).transpose(1, 2)
+        mask = None
+        if key_padding is not None:
+            mask = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(
+                key_padding[:, None, None], float("-inf"))
+        if bias is not None:
+            mask = bias if mask is None else bias + mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(B, Q, -1))

@@ -110,7 +110,8 @@ class ResNet(nn.Module):
         self.bn1 = make_norm(width)
         cin = width
         self.channels = []
-        for i, n in enumerate(counts):
+        # Stages after the last returned one are not built (a stride-16 model has no layer4).
+        for i, n in enumerate(counts[:max(return_layers)]):
             planes = width * 2 ** i
             blocks = []
             for j in range(n):
@@ -135,12 +136,10 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, stride=2, padding=1)
         outs = []
-        for i in range(1, 5):
+        for i in range(1, len(self.channels) + 1):
             x = getattr(self, f"layer{i}")(x)
             if i in self.return_layers:
                 outs.append(x)
-            if i == max(self.return_layers):
-                break
         return outs
 
     def load_weights(self, path: str | Path) -> None:
@@ -158,7 +157,8 @@ class ResNet(nn.Module):
                 raise SparsedetError(f"could not read backbone weights {path}: {e}") from None
             state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
         state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("body."): v for k, v in state.items()}
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        unbuilt = tuple(f"layer{i}." for i in range(len(self.channels) + 1, 5))
+        state = {k: v for k, v in state.items() if not k.startswith(("fc.",) + unbuilt)}
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:

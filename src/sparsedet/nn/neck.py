@@ -35,24 +35,32 @@ class MultiLevel:
 
 class Neck(nn.Module):
     """Projects backbone maps to ``dim`` channels (1x1 conv + GroupNorm) and adds extra levels
-    (3x3 stride-2 conv + GroupNorm, the first applied to the raw last backbone map)."""
+    (3x3 stride-2 conv + GroupNorm, the first applied to the raw last backbone map).
+
+    norm: GroupNorm after the 1x1 projections (Conditional DETR has none; SAM-DETR's 12-epoch
+    checkpoints have it). level_embed: a learned vector per level added to the position
+    (multi-level models); single-level DETRs have none.
+    """
 
     def __init__(self, in_channels: list[int], dim: int, num_levels: int,
-                 pos_temperature: float = 10000.0, pos_offset: float = -0.5):
+                 pos_temperature: float = 10000.0, pos_offset: float = -0.5, norm: bool = True,
+                 level_embed: bool = True):
         super().__init__()
-        projs = [nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(32, dim)) for c in in_channels[:num_levels]]
+        projs = [nn.Sequential(nn.Conv2d(c, dim, 1), *([nn.GroupNorm(32, dim)] if norm else []))
+                 for c in in_channels[:num_levels]]
         cin = in_channels[-1]
         for _ in range(num_levels - len(in_channels)):
             projs.append(nn.Sequential(nn.Conv2d(cin, dim, 3, stride=2, padding=1), nn.GroupNorm(32, dim)))
             cin = dim
         self.input_proj = nn.ModuleList(projs)
-        self.level_embed = nn.Parameter(torch.empty(num_levels, dim))
+        self.level_embed = nn.Parameter(torch.empty(num_levels, dim)) if level_embed else None
         self.position = SineMapEmbedding(dim // 2, pos_temperature, pos_offset)
         self.num_backbone_levels = min(len(in_channels), num_levels)
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
-        nn.init.normal_(self.level_embed)
+        if self.level_embed is not None:
+            nn.init.normal_(self.level_embed)
 
     def forward(self, features: list[Tensor], mask: Tensor) -> MultiLevel:
         """features: backbone maps fine to coarse; mask: [B, H, W] image padding (True = pad)."""
@@ -68,7 +76,8 @@ class Neck(nn.Module):
             pos = self.position(pad).to(m.dtype)
             tokens.append(m.flatten(2).transpose(1, 2))
             pads.append(pad.flatten(1))
-            poss.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl])
+            pos = pos.flatten(2).transpose(1, 2)
+            poss.append(pos + self.level_embed[lvl] if self.level_embed is not None else pos)
             shapes.append((int(h), int(w)))
             valid_h = (~pad[:, :, 0]).sum(1).float() / h
             valid_w = (~pad[:, 0, :]).sum(1).float() / w

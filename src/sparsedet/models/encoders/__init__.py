@@ -7,10 +7,11 @@ from ...config import ModelConfig
 from ...errors import SparsedetError
 from .dense import DenseEncoder
 from .focus import FocusEncoder
+from .global_attention import GlobalEncoder
 from .salience import SalienceEncoder
 from .sparse import SparseEncoder
 
-ENCODERS = {"dense": None, "sparse": SparseEncoder, "focus": FocusEncoder, "salience": SalienceEncoder}
+ENCODERS = {"dense": None, "global": GlobalEncoder, "sparse": SparseEncoder, "focus": FocusEncoder, "salience": SalienceEncoder}
 
 
 def build_encoder(c: ModelConfig) -> nn.Module:
@@ -20,6 +21,8 @@ def build_encoder(c: ModelConfig) -> nn.Module:
     if kind == "dense":
         return DenseEncoder(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads,
                             c.enc_points)
+    if kind == "global":
+        return GlobalEncoder(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads)
     if kind in ("focus", "salience") and c.kind != "dino":
         raise SparsedetError(f"encoder.kind={kind!r} needs the DINO base (kind='dino'): its object scores come "
                              "from the mixed query selection's class head")

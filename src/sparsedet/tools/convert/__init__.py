@@ -15,6 +15,7 @@ SOURCES = {
     "official-sparse-detr": ("official_sparse_detr", "convert_official_sparse_detr", "sparse_detr_r50"),
     "official-focus-detr": ("official_focus_detr", "convert_official_focus_detr", "focus_detr_r50"),
     "official-salience-detr": ("official_salience_detr", "convert_official_salience_detr", "salience_detr_r50"),
+    "official-sam-detr": ("official_sam_detr", "convert_official_sam_detr", "sam_detr_r50"),
 }
 
 

@@ -265,16 +265,19 @@ def sizes_from_state(state: dict[str, Tensor], heads: int = 8) -> dict:
         return 1 + max((int(k.split(".")[2]) for k in state if k.startswith(prefix)), default=-1)
 
     num_classes, hidden = state["heads.class_embed.0.weight"].shape
-    levels = state["neck.level_embed"].shape[0]
+    levels = state["neck.level_embed"].shape[0] if "neck.level_embed" in state else 1
     enc_layers, dec_layers = count("encoder.layers."), count("decoder.layers.")
     sizes = {"model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
              "model.ffn_dim": state["decoder.layers.0.linear1.weight"].shape[0], "model.num_levels": levels,
-             "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": dec_layers,
-             "model.dec_points": state["decoder.layers.0.cross_attn.attention_weights.weight"].shape[0] // (heads * levels)}
-    if enc_layers:
-        sizes["model.enc_points"] = state["encoder.layers.0.self_attn.attention_weights.weight"].shape[0] // (heads * levels)
-    if "queries.tgt_embed.weight" in state:
-        sizes["model.num_queries"] = state["queries.tgt_embed.weight"].shape[0]
+             "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": dec_layers}
+    # Deformable attention: points per head and level.
+    for part in ("encoder", "decoder"):
+        key = f"{part}.layers.0.{'self_attn' if part == 'encoder' else 'cross_attn'}.attention_weights.weight"
+        if key in state:
+            sizes[f"model.{part[:3]}_points"] = state[key].shape[0] // (heads * levels)
+    for key in ("queries.tgt_embed.weight", "queries.query_embed.weight"):
+        if key in state:
+            sizes["model.num_queries"] = state[key].shape[0]
     if any(k.startswith("backbone.") for k in state):
         sizes["model.backbone.depth"] = resnet_depth(state)
     return sizes

@@ -1,0 +1,42 @@
+"""DETR's encoder (Conditional DETR, SAM-DETR, SD-DETR): post-norm layers of global multi-head
+self-attention over one feature level, q = k = tokens + position, v = tokens."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...nn.neck import MultiLevel
+from .dense import EncoderOutput
+
+
+class GlobalEncoderLayer(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, dropout: float, num_heads: int):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, pos: Tensor, padding: Tensor) -> Tensor:
+        q = x + pos
+        attn = self.self_attn(q, q, x, key_padding_mask=padding, need_weights=False)[0]
+        x = self.norm1(x + self.dropout(attn))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.norm2(x + self.dropout(ffn))
+
+
+class GlobalEncoder(nn.Module):
+    """Every token attends to every token: cost grows with the square of the token count, so
+    the methods built on it use the stride-32 map only."""
+
+    def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float, num_heads: int):
+        super().__init__()
+        self.layers = nn.ModuleList(GlobalEncoderLayer(dim, ffn_dim, dropout, num_heads) for _ in range(num_layers))
+
+    def forward(self, levels: MultiLevel, queries=None) -> EncoderOutput:
+        x = levels.tokens
+        for layer in self.layers:
+            x = layer(x, levels.pos, levels.padding)
+        return EncoderOutput(x)
