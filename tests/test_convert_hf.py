@@ -13,29 +13,12 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from hf_parity import compare, padded_batch, perturb  # noqa: E402
+
 from sparsedet.errors import SparsedetError  # noqa: E402
 from sparsedet.tools.convert.hf_deformable_detr import convert_hf_deformable_detr  # noqa: E402
 
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 NUM_CLASSES, LAYERS, QUERIES = 5, 2, 100
-
-
-def _perturb(model: torch.nn.Module) -> None:
-    """Move every weight and buffer off its structured init (zero offsets, identity batch norm),
-    so that a swapped or misplaced tensor changes the outputs."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=gen)
-            if name.endswith("running_var"):
-                t.copy_(1.0 + 0.5 * torch.rand(t.shape, generator=gen))
-            elif "sampling_offsets" in name or "attention_weights" in name:
-                t.add_(noise * (0.5 if name.endswith("bias") else 0.02))
-            else:
-                t.add_(noise * 0.02)
 
 
 def _hf_model(directory, depth: int, two_stage: bool, box_refine: bool, layers: int, queries: int):
@@ -53,7 +36,7 @@ def _hf_model(directory, depth: int, two_stage: bool, box_refine: bool, layers: 
         num_queries=queries, two_stage_num_proposals=queries,
         id2label={i: f"thing{i}" for i in range(NUM_CLASSES)}, label2id={f"thing{i}": i for i in range(NUM_CLASSES)})
     model = DeformableDetrForObjectDetection(config).eval()
-    _perturb(model)
+    perturb(model)
     model.save_pretrained(directory)
     return model
 
@@ -206,26 +189,6 @@ def test_differing_duplicate_heads_are_an_error(hf_model, tmp_path):
         convert_hf_deformable_detr(bad)
 
 
-def _padded_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 128x160 images, the second one 96x112 padded bottom/right (zero on padding, as Batch)."""
-    images = torch.rand(2, 3, 128, 160, generator=torch.Generator().manual_seed(seed))
-    mask = torch.zeros(2, 128, 160, dtype=torch.bool)
-    mask[1, 96:, :] = True
-    mask[1, :, 112:] = True
-    return images.masked_fill(mask[:, None], 0.0), mask
-
-
-def _compare(hf, model, images, mask):
-    from sparsedet.data.batch import Batch
-
-    pixel_values = ((images - MEAN) / STD).masked_fill(mask[:, None], 0.0)  # HF pads after normalising
-    with torch.no_grad():
-        expected = hf(pixel_values=pixel_values, pixel_mask=(~mask).long())
-        out = model(Batch(images, mask))
-    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.boxes, expected.pred_boxes, rtol=1e-4, atol=1e-4)
-
-
 def _our_model(preset: str, converted):
     from sparsedet import Detector
 
@@ -242,11 +205,11 @@ def our_model(converted):
 
 def test_outputs_match_hf(hf_model, our_model):
     images = torch.rand(1, 3, 128, 160, generator=torch.Generator().manual_seed(3))
-    _compare(hf_model[0], our_model, images, torch.zeros(1, 128, 160, dtype=torch.bool))
+    compare(hf_model[0], our_model, images, torch.zeros(1, 128, 160, dtype=torch.bool))
 
 
 def test_padded_batch_matches_hf(hf_model, our_model):
-    _compare(hf_model[0], our_model, *_padded_batch(4))
+    compare(hf_model[0], our_model, *padded_batch(4))
 
 
 @pytest.mark.parametrize("box_refine", [False, True])
@@ -256,7 +219,7 @@ def test_single_stage_matches_hf(tmp_path, box_refine):
     sd, overrides = converted = convert_hf_deformable_detr(tmp_path / "hf")
     assert overrides["model.backbone.depth"] == 18 and overrides["model.num_queries"] == 30
     assert ("heads.class_embed.1.weight" in sd) == box_refine and "queries.query_embed.weight" in sd
-    _compare(hf, _our_model("deformable_detr_r50", converted), *_padded_batch(5))
+    compare(hf, _our_model("deformable_detr_r50", converted), *padded_batch(5))
 
 
 def test_cli_convert_writes_a_run_that_predicts_like_hf(hf_model, tmp_path):
@@ -269,4 +232,4 @@ def test_cli_convert_writes_a_run_that_predicts_like_hf(hf_model, tmp_path):
     model = Detector.from_pretrained(run)
     assert model.classes == [f"thing{i}" for i in range(NUM_CLASSES)]
     images = torch.rand(1, 3, 128, 160, generator=torch.Generator().manual_seed(5))
-    _compare(hf_model[0], model, images, torch.zeros(1, 128, 160, dtype=torch.bool))
+    compare(hf_model[0], model, images, torch.zeros(1, 128, 160, dtype=torch.bool))

@@ -12,7 +12,8 @@ from sparsedet.engine.trainer import Trainer, evaluate, seed_everything
 from sparsedet.presets import get_preset
 
 
-@pytest.mark.parametrize("preset", ["dino_tiny", "sparse_detr_tiny", "focus_detr_tiny", "salience_detr_tiny"])
+@pytest.mark.parametrize("preset", ["dino_tiny", "sparse_detr_tiny", "focus_detr_tiny", "salience_detr_tiny",
+                                    "conditional_detr_tiny", "sam_detr_tiny", "sam_detr_smca_tiny", "decoupled_detr_tiny"])
 def test_tiny_preset_overfits_four_images(preset, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

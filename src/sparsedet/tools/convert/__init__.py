@@ -11,6 +11,7 @@ from .common import check_layout
 # source name -> (module, function, base preset)
 SOURCES = {
     "hf-deformable-detr": ("hf_deformable_detr", "convert_hf_deformable_detr", "deformable_detr_r50"),
+    "hf-conditional-detr": ("hf_conditional_detr", "convert_hf_conditional_detr", "conditional_detr_r50"),
     "official-dino": ("official_dino", "convert_official_dino", "dino_r50"),
     "official-sparse-detr": ("official_sparse_detr", "convert_official_sparse_detr", "sparse_detr_r50"),
     "official-focus-detr": ("official_focus_detr", "convert_official_focus_detr", "focus_detr_r50"),

@@ -69,19 +69,13 @@ import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
-from ...nn.backbone import BLOCKS
+from .hf_backbone import BACKBONE_RULES, backbone_depth
 from .common import Rule, check_layout, deformable_detr_keys, fold_aliases, read_hf_weights, read_json, rename_keys
 
-BACKBONE = r"model\.backbone\.(?:conv_encoder\.)?model\."
-BN = r"(weight|bias|running_mean|running_var)"
 WB = r"(weight|bias)"
 MSDA = r"(sampling_offsets|attention_weights|value_proj|output_proj)"
 FFN = {"fc1": "linear1", "fc2": "linear2"}
 HINT = "Expected a transformers DeformableDetrForObjectDetection directory (config.json + model.safetensors)."
-
-
-def _stage(m: re.Match) -> str:
-    return f"backbone.layer{int(m[1]) + 1}.{m[2]}"
 
 
 def _rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
@@ -97,19 +91,7 @@ def _rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
 
     layer = r"model\.(encoder|decoder)\.layers\.(\d+)\."
     return [
-        # backbone: transformers ResNet names
-        Rule(BACKBONE + r"embedder\.embedder\.convolution\.weight", "backbone.conv1.weight"),
-        Rule(BACKBONE + r"embedder\.embedder\.normalization\." + BN, r"backbone.bn1.\1"),
-        Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.convolution\.weight",
-             lambda m: f"{_stage(m)}.conv{int(m[3]) + 1}.weight"),
-        Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.normalization\." + BN,
-             lambda m: f"{_stage(m)}.bn{int(m[3]) + 1}.{m[4]}"),
-        Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.weight",
-             lambda m: f"{_stage(m)}.downsample.0.weight"),
-        Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\." + BN,
-             lambda m: f"{_stage(m)}.downsample.1.{m[3]}"),
-        # backbone: timm ResNet names are torchvision names already
-        Rule(BACKBONE + r"((?:conv1|bn1|layer[1-4]\.\d+\.(?:conv\d|bn\d|downsample\.[01]))\.\w+)", r"backbone.\1"),
+        *BACKBONE_RULES,
         # neck
         Rule(r"model\.input_proj\.(\d+)\.([01])\." + WB, r"neck.input_proj.\1.\2.\3"),
         Rule(r"model\.level_embed", "neck.level_embed"),
@@ -145,44 +127,6 @@ def _fuse_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if all(p in out for p in parts):
             out[f"{prefix}.in_proj_{param}"] = torch.cat([out.pop(p) for p in parts], dim=0)
     return out
-
-
-def _backbone_depth(cfg: dict, source: Path) -> int:
-    """ResNet depth from the backbone part of a Deformable DETR config (transformers or timm)."""
-    bb = cfg.get("backbone_config") or {}
-    if bb.get("model_type") == "resnet":
-        counts = list(bb.get("depths", []))
-        kind = bb.get("layer_type", "bottleneck")
-        depth = next((d for d, (k, c) in BLOCKS.items() if k == kind and c == counts), None)
-        if depth is None:
-            raise SparsedetError(f"{source}: ResNet with {kind} blocks {counts} is not one of ResNet-{sorted(BLOCKS)}")
-        expansion = 4 if kind == "bottleneck" else 1
-        width = bb.get("embedding_size", 64)
-        sizes = [width * 2 ** i * expansion for i in range(4)]
-        problems = []
-        if width != 64 or list(bb.get("hidden_sizes", sizes)) != sizes:
-            problems.append(f"channels {bb.get('hidden_sizes')} (need {[64 * 2 ** i * expansion for i in range(4)]})")
-        if bb.get("downsample_in_bottleneck") or bb.get("downsample_in_first_stage"):
-            problems.append("downsample_in_bottleneck/downsample_in_first_stage (need both false: torchvision v1.5)")
-        if bb.get("hidden_act", "relu") != "relu":
-            problems.append(f"hidden_act {bb.get('hidden_act')!r} (need 'relu')")
-        if list(bb.get("out_features") or ["stage2", "stage3", "stage4"]) != ["stage2", "stage3", "stage4"]:
-            problems.append(f"out_features {bb.get('out_features')} (need stage2..stage4 = C3..C5)")
-        if problems:
-            raise SparsedetError(f"{source}: unsupported backbone: {'; '.join(problems)}")
-        return depth
-    if bb and bb.get("model_type") != "timm_backbone":
-        raise SparsedetError(f"{source}: unsupported backbone type {bb.get('model_type')!r}; a ResNet is needed")
-    # timm backbone: named in backbone_config (transformers 5) or at the top level (transformers 4);
-    # transformers builds a timm resnet50 when nothing is named.
-    name = (bb if bb.get("model_type") == "timm_backbone" else cfg).get("backbone") or "resnet50"
-    match = re.fullmatch(r"resnet(\d+)", str(name))
-    if match is None or int(match[1]) not in BLOCKS:
-        raise SparsedetError(f"{source}: unsupported backbone {name!r}; a ResNet-{sorted(BLOCKS)} is needed")
-    out_indices = list(bb.get("out_indices") or [2, 3, 4])
-    if out_indices != [2, 3, 4] or cfg.get("dilation") or bb.get("output_stride") not in (None, 32):
-        raise SparsedetError(f"{source}: backbone must return C3..C5 without dilation (out_indices [2, 3, 4])")
-    return int(match[1])
 
 
 # transformers' DeformableDetrConfig defaults, for keys a config.json leaves out.
@@ -230,7 +174,7 @@ def read_config(hf_dir: str | Path) -> dict:
         "model.dec_points": cfg["decoder_n_points"],
         "model.two_stage": two_stage,
         "model.box_refine": box_refine,
-        "model.backbone.depth": _backbone_depth(cfg, path),
+        "model.backbone.depth": backbone_depth(cfg, path, [2, 3, 4]),
         "classes": [str(id2label[str(i)]) for i in category_ids],
         "category_ids": category_ids,
     }

@@ -1,0 +1,74 @@
+"""Backbone part of transformers DETR checkpoints: ResNet key names (transformers' own ResNet or
+timm's, which are torchvision's) and the ResNet depth a config describes."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ...errors import SparsedetError
+from ...nn.backbone import BLOCKS
+from .common import Rule
+
+BACKBONE = r"model\.backbone\.(?:conv_encoder\.)?model\."
+BN = r"(weight|bias|running_mean|running_var)"
+
+
+def _stage(m: re.Match) -> str:
+    return f"backbone.layer{int(m[1]) + 1}.{m[2]}"
+
+
+BACKBONE_RULES = [
+    # backbone: transformers ResNet names
+    Rule(BACKBONE + r"embedder\.embedder\.convolution\.weight", "backbone.conv1.weight"),
+    Rule(BACKBONE + r"embedder\.embedder\.normalization\." + BN, r"backbone.bn1.\1"),
+    Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.convolution\.weight",
+         lambda m: f"{_stage(m)}.conv{int(m[3]) + 1}.weight"),
+    Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d)\.normalization\." + BN,
+         lambda m: f"{_stage(m)}.bn{int(m[3]) + 1}.{m[4]}"),
+    Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.weight",
+         lambda m: f"{_stage(m)}.downsample.0.weight"),
+    Rule(BACKBONE + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\." + BN,
+         lambda m: f"{_stage(m)}.downsample.1.{m[3]}"),
+    # backbone: timm ResNet names are torchvision names already
+    Rule(BACKBONE + r"((?:conv1|bn1|layer[1-4]\.\d+\.(?:conv\d|bn\d|downsample\.[01]))\.\w+)", r"backbone.\1"),
+]
+
+
+def backbone_depth(cfg: dict, source: Path, stages: list[int]) -> int:
+    """ResNet depth from the backbone part of a transformers DETR config (transformers or timm
+    ResNet); ``stages``: the ResNet stages the model must return (2..4 = C3..C5)."""
+    bb = cfg.get("backbone_config") or {}
+    if bb.get("model_type") == "resnet":
+        counts = list(bb.get("depths", []))
+        kind = bb.get("layer_type", "bottleneck")
+        depth = next((d for d, (k, c) in BLOCKS.items() if k == kind and c == counts), None)
+        if depth is None:
+            raise SparsedetError(f"{source}: ResNet with {kind} blocks {counts} is not one of ResNet-{sorted(BLOCKS)}")
+        expansion = 4 if kind == "bottleneck" else 1
+        width = bb.get("embedding_size", 64)
+        sizes = [width * 2 ** i * expansion for i in range(4)]
+        problems = []
+        if width != 64 or list(bb.get("hidden_sizes", sizes)) != sizes:
+            problems.append(f"channels {bb.get('hidden_sizes')} (need {[64 * 2 ** i * expansion for i in range(4)]})")
+        if bb.get("downsample_in_bottleneck") or bb.get("downsample_in_first_stage"):
+            problems.append("downsample_in_bottleneck/downsample_in_first_stage (need both false: torchvision v1.5)")
+        if bb.get("hidden_act", "relu") != "relu":
+            problems.append(f"hidden_act {bb.get('hidden_act')!r} (need 'relu')")
+        want = [f"stage{i}" for i in stages]
+        if list(bb.get("out_features") or want) != want:
+            problems.append(f"out_features {bb.get('out_features')} (need {want})")
+        if problems:
+            raise SparsedetError(f"{source}: unsupported backbone: {'; '.join(problems)}")
+        return depth
+    if bb and bb.get("model_type") != "timm_backbone":
+        raise SparsedetError(f"{source}: unsupported backbone type {bb.get('model_type')!r}; a ResNet is needed")
+    # timm backbone: named in backbone_config (transformers 5) or at the top level (transformers 4);
+    # transformers builds a timm resnet50 when nothing is named.
+    name = (bb if bb.get("model_type") == "timm_backbone" else cfg).get("backbone") or "resnet50"
+    match = re.fullmatch(r"resnet(\d+)", str(name))
+    if match is None or int(match[1]) not in BLOCKS:
+        raise SparsedetError(f"{source}: unsupported backbone {name!r}; a ResNet-{sorted(BLOCKS)} is needed")
+    out_indices = list(bb.get("out_indices") or stages)
+    if out_indices != stages or cfg.get("dilation") or bb.get("output_stride") not in (None, 32):
+        raise SparsedetError(f"{source}: backbone must return stages {stages} without dilation (out_indices {stages})")
+    return int(match[1])

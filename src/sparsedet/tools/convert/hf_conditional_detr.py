@@ -1,0 +1,129 @@
+"""Convert a Hugging Face ``ConditionalDetrForObjectDetection`` directory to our layout.
+
+Read from transformers 5.23 (``models/conditional_detr``). What matters numerically:
+* Backbone returns C5 only (stride 32); ``input_projection`` is a plain 1x1 conv (no GroupNorm).
+* Position: sine, normalize=True, scale 2*pi, NO half-pixel offset (``cumsum / (last + 1e-6)``),
+  temperature 10000, [y, x] channel order; no level embedding. Same as the official model.
+* Encoder: post-norm DETR layers, q = k = x + pos, v = x; HF's separate q/k/v projections are
+  fused into torch's ``in_proj`` (q, k, v order), numerically the same attention.
+* Decoder: reference points sigmoid(ref_point_head(query_position_embeddings)), fixed for all
+  layers; spatial query = sine(reference) times query_scale(previous output) from layer 1 on;
+  per-head concatenation of content and spatial parts; layer 0 alone has ``q_pos_proj`` in the
+  cross-attention; a shared ``layernorm`` on the outputs. With ``auxiliary_loss=True``
+  transformers 5 feeds the NORMED output to the next layer (the official model does not);
+  the final prediction is unaffected only when ``auxiliary_loss`` is false, the default.
+* Heads: shared ``class_labels_classifier`` and ``bbox_predictor``; box = sigmoid(delta +
+  [inverse_sigmoid(reference), 0, 0]) with eps 1e-5.
+Names: transformers 5 ``self_attn.{q,k}_{content,pos}_proj`` / ``encoder_attn.*`` and
+``mlp.fc1``; transformers 4 files (the hub's microsoft/conditional-detr-resnet-50) use the
+official ``sa_*`` / ``ca_*`` names with ``fc1``. Both convert.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...errors import SparsedetError
+from .common import Rule, read_hf_weights, read_json, rename_keys
+from .hf_backbone import BACKBONE_RULES, backbone_depth
+
+WB = r"(weight|bias)"
+HINT = "Expected a transformers ConditionalDetrForObjectDetection directory (config.json + model.safetensors)."
+ENC = r"model\.encoder\.layers\.(\d+)\."
+DEC = r"model\.decoder\.layers\.(\d+)\."
+SELF = {"q_content_proj": "sa_qcontent_proj", "q_pos_proj": "sa_qpos_proj", "k_content_proj": "sa_kcontent_proj",
+        "k_pos_proj": "sa_kpos_proj", "v_proj": "sa_v_proj"}
+CROSS = {"q_content_proj": "ca_qcontent_proj", "q_pos_proj": "ca_qpos_proj", "k_content_proj": "ca_kcontent_proj",
+         "k_pos_proj": "ca_kpos_proj", "v_proj": "ca_v_proj", "q_pos_sine_proj": "ca_qpos_sine_proj"}
+RULES = [
+    *BACKBONE_RULES,
+    Rule(r"model\.input_projection\." + WB, r"neck.input_proj.0.0.\1"),
+    Rule(r"model\.query_position_embeddings\.weight", "queries.query_embed.weight"),
+    Rule(r"model\.decoder\.ref_point_head\.(layers\.[01]\.)" + WB, r"queries.ref_point_head.\1\2"),
+    Rule(r"model\.decoder\.query_scale\.(layers\.[01]\.)" + WB, r"decoder.query_scale.\1\2"),
+    Rule(r"model\.decoder\.layernorm\." + WB, r"decoder.norm.\1"),
+    Rule(r"class_labels_classifier\." + WB, r"heads.class_embed.0.\1"),
+    Rule(r"bbox_predictor\.(layers\.[0-2]\.)" + WB, r"heads.box_embed.0.\1\2"),
+    # encoder
+    Rule(ENC + r"self_attn\.in_proj_" + WB, r"encoder.layers.\1.self_attn.in_proj_\2"),
+    Rule(ENC + r"self_attn\.(?:o_proj|out_proj)\." + WB, r"encoder.layers.\1.self_attn.out_proj.\2"),
+    Rule(ENC + r"self_attn_layer_norm\." + WB, r"encoder.layers.\1.norm1.\2"),
+    Rule(ENC + r"(?:mlp\.)?fc([12])\." + WB, r"encoder.layers.\1.linear\2.\3"),
+    Rule(ENC + r"final_layer_norm\." + WB, r"encoder.layers.\1.norm2.\2"),
+    # decoder: transformers 5 names
+    Rule(DEC + r"self_attn\.(\w+_proj)\." + WB,
+         lambda m: f"decoder.layers.{m[1]}.{SELF[m[2]]}.{m[3]}" if m[2] in SELF else None),
+    Rule(DEC + r"encoder_attn\.(\w+_proj)\." + WB,
+         lambda m: f"decoder.layers.{m[1]}.cross.{CROSS[m[2]]}.{m[3]}" if m[2] in CROSS else None),
+    # decoder: official / transformers 4 names
+    Rule(DEC + r"(sa_\w+_proj)\." + WB, r"decoder.layers.\1.\2.\3"),
+    Rule(DEC + r"(ca_\w+_proj)\." + WB, r"decoder.layers.\1.cross.\2.\3"),
+    # decoder: both
+    Rule(DEC + r"self_attn\.(?:o_proj|out_proj)\." + WB, r"decoder.layers.\1.self_attn.out_proj.\2"),
+    Rule(DEC + r"encoder_attn\.(?:o_proj|out_proj)\." + WB, r"decoder.layers.\1.cross.cross_attn.out_proj.\2"),
+    Rule(DEC + r"self_attn_layer_norm\." + WB, r"decoder.layers.\1.norm1.\2"),
+    Rule(DEC + r"encoder_attn_layer_norm\." + WB, r"decoder.layers.\1.cross.norm2.\2"),
+    Rule(DEC + r"(?:mlp\.)?fc([12])\." + WB, r"decoder.layers.\1.cross.linear\2.\3"),
+    Rule(DEC + r"final_layer_norm\." + WB, r"decoder.layers.\1.cross.norm3.\2"),
+]
+DEFAULTS = {"d_model": 256, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048, "encoder_attention_heads": 8,
+            "decoder_attention_heads": 8, "encoder_layers": 6, "decoder_layers": 6, "num_queries": 300,
+            "position_embedding_type": "sine", "activation_function": "relu", "dropout": 0.1}
+
+
+def read_config(hf_dir: str | Path) -> dict:
+    """Our config overrides (flat, dotted keys) from ``hf_dir/config.json``."""
+    path = Path(hf_dir) / "config.json"
+    raw = read_json(path)
+    if raw.get("model_type") != "conditional_detr":
+        raise SparsedetError(f"{path}: model_type is {raw.get('model_type')!r}, not 'conditional_detr'. {HINT}")
+    cfg = {**DEFAULTS, **raw}
+    problems = [f"{a} != {b} (ours share one value)" for a, b in (("encoder_ffn_dim", "decoder_ffn_dim"),
+                ("encoder_attention_heads", "decoder_attention_heads")) if cfg[a] != cfg[b]]
+    for key, need in (("position_embedding_type", "sine"), ("activation_function", "relu")):
+        if cfg[key] != need:
+            problems.append(f"{key} {cfg[key]!r} (need {need!r})")
+    id2label = cfg.get("id2label") or {}
+    if not id2label or set(id2label) != {str(i) for i in range(len(id2label))}:
+        problems.append("id2label keys must be 0..N-1 (one per logit column)")
+    if problems:
+        raise SparsedetError(f"{path}: unsupported Conditional DETR config: {'; '.join(problems)}")
+    return {
+        "model.num_classes": len(id2label), "model.hidden_dim": cfg["d_model"], "model.ffn_dim": cfg["encoder_ffn_dim"],
+        "model.num_heads": cfg["encoder_attention_heads"], "model.num_encoder_layers": cfg["encoder_layers"],
+        "model.num_decoder_layers": cfg["decoder_layers"], "model.num_queries": cfg["num_queries"],
+        "model.dropout": float(cfg["dropout"]), "model.backbone.depth": backbone_depth(cfg, path, [4]),
+        "classes": [str(id2label[str(i)]) for i in range(len(id2label))], "category_ids": list(range(len(id2label))),
+    }
+
+
+def _fuse_encoder_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Encoder self-attention: separate q/k/v projections -> torch's ``in_proj`` (q, k, v order)."""
+    out = dict(state)
+    for key in [k for k in state if re.fullmatch(ENC + r"self_attn\.q_proj\.(weight|bias)", k)]:
+        prefix, param = key.rsplit(".q_proj.", 1)
+        parts = [f"{prefix}.{p}_proj.{param}" for p in "qkv"]
+        if all(p in out for p in parts):
+            out[f"{prefix}.in_proj_{param}"] = torch.cat([out.pop(p) for p in parts], dim=0)
+    return out
+
+
+def convert_hf_conditional_detr(hf_dir: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Returns (state dict in our layout, config overrides for the ``conditional_detr_r50`` preset).
+    Unknown keys fail here; missing ones when ``convert`` checks the layout of the built model."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise SparsedetError(f"{hf_dir} is not a directory. {HINT}")
+    overrides = read_config(hf_dir)
+    state, source = read_hf_weights(hf_dir)
+    out, unknown = rename_keys(_fuse_encoder_qkv(state), RULES, source, ignore=[r".*\.num_batches_tracked"])
+    if unknown:
+        raise SparsedetError(f"{source}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
+    head = out.get("heads.class_embed.0.weight")
+    if head is not None and head.shape[0] != overrides["model.num_classes"]:
+        raise SparsedetError(f"{source}: class head has {head.shape[0]} outputs but config.json id2label "
+                             f"names {overrides['model.num_classes']} classes")
+    return out, overrides
