@@ -20,15 +20,13 @@ official ``sa_*`` / ``ca_*`` names with ``fc1``. Both convert.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
-from .common import Rule, read_hf_weights, read_json, rename_keys
-from .hf_backbone import BACKBONE_RULES, backbone_depth
+from .common import Rule, read_hf_weights, rename_keys
+from .hf_common import BACKBONE_RULES, backbone_depth, fuse_qkv, read_detr_config
 
 WB = r"(weight|bias)"
 HINT = "Expected a transformers ConditionalDetrForObjectDetection directory (config.json + model.safetensors)."
@@ -76,39 +74,16 @@ DEFAULTS = {"d_model": 256, "encoder_ffn_dim": 2048, "decoder_ffn_dim": 2048, "e
 
 def read_config(hf_dir: str | Path) -> dict:
     """Our config overrides (flat, dotted keys) from ``hf_dir/config.json``."""
-    path = Path(hf_dir) / "config.json"
-    raw = read_json(path)
-    if raw.get("model_type") != "conditional_detr":
-        raise SparsedetError(f"{path}: model_type is {raw.get('model_type')!r}, not 'conditional_detr'. {HINT}")
-    cfg = {**DEFAULTS, **raw}
-    problems = [f"{a} != {b} (ours share one value)" for a, b in (("encoder_ffn_dim", "decoder_ffn_dim"),
-                ("encoder_attention_heads", "decoder_attention_heads")) if cfg[a] != cfg[b]]
-    for key, need in (("position_embedding_type", "sine"), ("activation_function", "relu")):
-        if cfg[key] != need:
-            problems.append(f"{key} {cfg[key]!r} (need {need!r})")
-    id2label = cfg.get("id2label") or {}
-    if not id2label or set(id2label) != {str(i) for i in range(len(id2label))}:
-        problems.append("id2label keys must be 0..N-1 (one per logit column)")
+    cfg, path, problems, classes = read_detr_config(hf_dir, "conditional_detr", DEFAULTS, HINT)
     if problems:
         raise SparsedetError(f"{path}: unsupported Conditional DETR config: {'; '.join(problems)}")
     return {
-        "model.num_classes": len(id2label), "model.hidden_dim": cfg["d_model"], "model.ffn_dim": cfg["encoder_ffn_dim"],
+        "model.num_classes": len(classes), "model.hidden_dim": cfg["d_model"], "model.ffn_dim": cfg["encoder_ffn_dim"],
         "model.num_heads": cfg["encoder_attention_heads"], "model.num_encoder_layers": cfg["encoder_layers"],
         "model.num_decoder_layers": cfg["decoder_layers"], "model.num_queries": cfg["num_queries"],
         "model.dropout": float(cfg["dropout"]), "model.backbone.depth": backbone_depth(cfg, path, [4]),
-        "classes": [str(id2label[str(i)]) for i in range(len(id2label))], "category_ids": list(range(len(id2label))),
+        "classes": classes, "category_ids": list(range(len(classes))),
     }
-
-
-def _fuse_encoder_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Encoder self-attention: separate q/k/v projections -> torch's ``in_proj`` (q, k, v order)."""
-    out = dict(state)
-    for key in [k for k in state if re.fullmatch(ENC + r"self_attn\.q_proj\.(weight|bias)", k)]:
-        prefix, param = key.rsplit(".q_proj.", 1)
-        parts = [f"{prefix}.{p}_proj.{param}" for p in "qkv"]
-        if all(p in out for p in parts):
-            out[f"{prefix}.in_proj_{param}"] = torch.cat([out.pop(p) for p in parts], dim=0)
-    return out
 
 
 def convert_hf_conditional_detr(hf_dir: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -119,7 +94,7 @@ def convert_hf_conditional_detr(hf_dir: str | Path) -> tuple[dict[str, Tensor], 
         raise SparsedetError(f"{hf_dir} is not a directory. {HINT}")
     overrides = read_config(hf_dir)
     state, source = read_hf_weights(hf_dir)
-    out, unknown = rename_keys(_fuse_encoder_qkv(state), RULES, source, ignore=[r".*\.num_batches_tracked"])
+    out, unknown = rename_keys(fuse_qkv(state, ENC + r"self_attn"), RULES, source, ignore=[r".*\.num_batches_tracked"])
     if unknown:
         raise SparsedetError(f"{source}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
     head = out.get("heads.class_embed.0.weight")

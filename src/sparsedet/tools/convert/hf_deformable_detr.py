@@ -65,12 +65,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
-from .hf_backbone import BACKBONE_RULES, backbone_depth
-from .common import Rule, check_layout, deformable_detr_keys, fold_aliases, read_hf_weights, read_json, rename_keys
+from .common import Rule, check_layout, deformable_detr_keys, fold_aliases, read_hf_weights, rename_keys
+from .hf_common import BACKBONE_RULES, backbone_depth, fuse_qkv, read_detr_config
 
 WB = r"(weight|bias)"
 MSDA = r"(sampling_offsets|attention_weights|value_proj|output_proj)"
@@ -118,17 +117,6 @@ def _rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
     ]
 
 
-def _fuse_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Decoder self-attention: separate q/k/v projections -> one ``in_proj`` (torch MHA order q, k, v)."""
-    out = dict(state)
-    for key in [k for k in state if re.fullmatch(r"model\.decoder\.layers\.\d+\.self_attn\.q_proj\.(weight|bias)", k)]:
-        prefix, param = key.rsplit(".q_proj.", 1)
-        parts = [f"{prefix}.{p}_proj.{param}" for p in "qkv"]
-        if all(p in out for p in parts):
-            out[f"{prefix}.in_proj_{param}"] = torch.cat([out.pop(p) for p in parts], dim=0)
-    return out
-
-
 # transformers' DeformableDetrConfig defaults, for keys a config.json leaves out.
 DEFAULTS = {"d_model": 256, "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024, "encoder_attention_heads": 8,
             "decoder_attention_heads": 8, "encoder_layers": 6, "decoder_layers": 6, "num_queries": 300,
@@ -139,30 +127,16 @@ DEFAULTS = {"d_model": 256, "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024, "e
 
 def read_config(hf_dir: str | Path) -> dict:
     """Our config overrides (flat, dotted keys) from ``hf_dir/config.json``."""
-    path = Path(hf_dir) / "config.json"
-    raw = read_json(path)
-    if raw.get("model_type") != "deformable_detr":
-        raise SparsedetError(f"{path}: model_type is {raw.get('model_type')!r}, not 'deformable_detr'. {HINT}")
-    cfg = {**DEFAULTS, **raw}
-    problems = [f"{a} != {b} (ours share one value)" for a, b in (("encoder_ffn_dim", "decoder_ffn_dim"),
-                ("encoder_attention_heads", "decoder_attention_heads")) if cfg[a] != cfg[b]]
-    for key, need in (("position_embedding_type", "sine"), ("activation_function", "relu")):
-        if cfg[key] != need:
-            problems.append(f"{key} {cfg[key]!r} (need {need!r})")
+    cfg, path, problems, classes = read_detr_config(hf_dir, "deformable_detr", DEFAULTS, HINT)
     if cfg["num_feature_levels"] < 3:
         problems.append("num_feature_levels < 3 (need C3..C5 plus extra levels)")
     two_stage, box_refine = bool(cfg["two_stage"]), bool(cfg["with_box_refine"])
     if two_stage and not box_refine:
         problems.append("two_stage without with_box_refine")
-    # Logit column i is id2label[i] (for hub COCO models the index is the COCO category id).
-    id2label = cfg.get("id2label") or {}
-    category_ids = list(range(len(id2label)))
-    if not id2label or set(id2label) != {str(i) for i in category_ids}:
-        problems.append("id2label keys must be 0..N-1 (one per logit column)")
     if problems:
         raise SparsedetError(f"{path}: unsupported Deformable DETR config: {'; '.join(problems)}")
     return {
-        "model.num_classes": len(category_ids),
+        "model.num_classes": len(classes),
         "model.hidden_dim": cfg["d_model"],
         "model.ffn_dim": cfg["encoder_ffn_dim"],
         "model.num_heads": cfg["encoder_attention_heads"],
@@ -175,8 +149,8 @@ def read_config(hf_dir: str | Path) -> dict:
         "model.two_stage": two_stage,
         "model.box_refine": box_refine,
         "model.backbone.depth": backbone_depth(cfg, path, [2, 3, 4]),
-        "classes": [str(id2label[str(i)]) for i in category_ids],
-        "category_ids": category_ids,
+        "classes": classes,
+        "category_ids": list(range(len(classes))),
     }
 
 
@@ -206,7 +180,7 @@ def convert_hf_deformable_detr(hf_dir: str | Path) -> tuple[dict[str, Tensor], d
         # One shared head; files written by transformers 4 repeat it for every layer.
         state = fold_aliases(state, {f"{kind}.{k}.": f"{kind}.0." for kind in ("class_embed", "bbox_embed")
                                      for k in range(1, layers)}, source)
-    state = _fuse_qkv(state)
+    state = fuse_qkv(state, r"model\.decoder\.layers\.\d+\.self_attn")
     out, unknown = rename_keys(state, _rules(layers, two_stage), source, ignore=[r".*\.num_batches_tracked"])
     expected = deformable_detr_keys(
         depth=overrides["model.backbone.depth"], num_levels=overrides["model.num_levels"],

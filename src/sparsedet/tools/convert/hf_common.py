@@ -1,13 +1,17 @@
-"""Backbone part of transformers DETR checkpoints: ResNet key names (transformers' own ResNet or
-timm's, which are torchvision's) and the ResNet depth a config describes."""
+"""What transformers' DETR checkpoints share: config.json checks, fused q/k/v projections, ResNet
+key names (transformers' own ResNet or timm's, which are torchvision's) and the ResNet depth a
+config describes."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from ...errors import SparsedetError
 from ...nn.backbone import BLOCKS
-from .common import Rule
+from .common import Rule, read_json
 
 BACKBONE = r"model\.backbone\.(?:conv_encoder\.)?model\."
 BN = r"(weight|bias|running_mean|running_var)"
@@ -72,3 +76,37 @@ def backbone_depth(cfg: dict, source: Path, stages: list[int]) -> int:
     if out_indices != stages or cfg.get("dilation") or bb.get("output_stride") not in (None, 32):
         raise SparsedetError(f"{source}: backbone must return stages {stages} without dilation (out_indices {stages})")
     return int(match[1])
+
+
+def read_detr_config(hf_dir: str | Path, model_type: str, defaults: dict, hint: str
+                     ) -> tuple[dict, Path, list[str], list[str]]:
+    """``hf_dir/config.json`` over transformers' defaults. Returns (config, its path, problems
+    found so far, class names per logit column); the caller adds its own checks and raises."""
+    path = Path(hf_dir) / "config.json"
+    raw = read_json(path)
+    if raw.get("model_type") != model_type:
+        raise SparsedetError(f"{path}: model_type is {raw.get('model_type')!r}, not {model_type!r}. {hint}")
+    cfg = {**defaults, **raw}
+    problems = [f"{a} != {b} (ours share one value)" for a, b in (("encoder_ffn_dim", "decoder_ffn_dim"),
+                ("encoder_attention_heads", "decoder_attention_heads")) if cfg[a] != cfg[b]]
+    for key, need in (("position_embedding_type", "sine"), ("activation_function", "relu")):
+        if cfg.get(key, need) != need:
+            problems.append(f"{key} {cfg[key]!r} (need {need!r})")
+    # Logit column i is id2label[i] (for hub COCO models the index is the COCO category id).
+    id2label = cfg.get("id2label") or {}
+    if not id2label or set(id2label) != {str(i) for i in range(len(id2label))}:
+        problems.append("id2label keys must be 0..N-1 (one per logit column)")
+        return cfg, path, problems, []
+    return cfg, path, problems, [str(id2label[str(i)]) for i in range(len(id2label))]
+
+
+def fuse_qkv(state: dict[str, Tensor], attention: str) -> dict[str, Tensor]:
+    """Separate q/k/v projections of the attention modules whose key prefix matches the regular
+    expression ``attention`` -> one ``in_proj`` as torch's MultiheadAttention (q, k, v order)."""
+    out = dict(state)
+    for key in [k for k in state if re.fullmatch(attention + r"\.q_proj\.(weight|bias)", k)]:
+        prefix, param = key.rsplit(".q_proj.", 1)
+        parts = [f"{prefix}.{p}_proj.{param}" for p in "qkv"]
+        if all(p in out for p in parts):
+            out[f"{prefix}.in_proj_{param}"] = torch.cat([out.pop(p) for p in parts], dim=0)
+    return out
