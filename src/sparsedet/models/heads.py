@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..nn.mlp import MLP
 from ..ops.boxes import cxcywh_to_xyxy
-from ..ops.functional import inverse_sigmoid
+from ..ops.functional import apply_box_delta
 
 PRIOR_PROB = 0.01
 
@@ -45,12 +45,7 @@ class PredictionHeads(nn.Module):
         for lid, (h, ref) in enumerate(zip(outputs, refs)):
             h_cls, h_box = h if isinstance(h, tuple) else (h, h)
             logits.append(self.class_head(lid)(h_cls))
-            delta = self.box_head(lid)(h_box)
-            ref_unact = inverse_sigmoid(ref, eps)
-            if ref.shape[-1] == 4:
-                boxes.append((delta + ref_unact).sigmoid())
-            else:
-                boxes.append(torch.cat([delta[..., :2] + ref_unact, delta[..., 2:]], -1).sigmoid())
+            boxes.append(apply_box_delta(self.box_head(lid)(h_box), ref, eps))
         return torch.stack(logits), torch.stack(boxes)
 
 

@@ -11,6 +11,15 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
+def apply_box_delta(delta: Tensor, reference: Tensor, eps: float = 1e-5) -> Tensor:
+    """Refine a reference by a predicted delta in logit space: boxes [.., 4] move all four
+    coordinates; points [.., 2] move the centre and take the size from the delta alone.
+    delta: [..., 4]. Returns boxes [..., 4] in [0, 1]."""
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference, eps)).sigmoid()
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference, eps), delta[..., 2:]], -1).sigmoid()
+
+
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x: [B, N, D], index: [B, K] -> [B, K, D]."""
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
-from ...ops.functional import inverse_sigmoid
+from ...ops.functional import apply_box_delta
 from .conditional import ConditionalCrossAttention, QueryPositionSelfAttention
 from .sam import box_features, point_predictor, point_positions, salient_points
 
@@ -37,9 +37,9 @@ class TaskPoints(nn.Module):
         self.point1, self.point2 = point_predictor(dim, 2 * num_points)
         nn.init.zeros_(self.point2[-1].bias)
 
-    def forward(self, memory: Tensor, levels: MultiLevel, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """Returns (content [B, Q, C], offsets [B, Q, M, 2] in half box sizes)."""
-        rois = box_features(memory, levels.shapes[0], levels.valid_ratios[:, 0], boxes)
+    def forward(self, rois: Tensor) -> tuple[Tensor, Tensor]:
+        """rois: [B, Q, C, 7, 7] (``box_features``). Returns (content [B, Q, C], offsets
+        [B, Q, M, 2] in half box sizes)."""
         offsets, feats, _ = salient_points(rois, self.point1, self.point2, self.num_points)
         return feats.mean(2), offsets
 
@@ -79,11 +79,10 @@ class DecoupledDecoder(nn.Module):
         """tgt: [B, Q, C] learned content (used where task-aware queries are off); reference:
         [B, Q, 4] anchor boxes. Returns (per layer (classification stream, localisation stream),
         each layer's input boxes, None)."""
-        if len(levels.shapes) != 1:
-            raise ValueError("SD-DETR's decoder reads one feature level (set num_levels=1)")
         tasks = list(self.query_scale)
         if self.points is not None:
-            made = [self.points[t](memory, levels, reference) for t in tasks]
+            rois = box_features(memory, levels.shapes[0], levels.valid_ratios[:, 0], reference)
+            made = [self.points[t](rois) for t in tasks]
             streams, offsets = [m[0] for m in made], [m[1].mean(2, keepdim=True) for m in made]
         else:
             streams, offsets = [tgt] * len(tasks), [tgt.new_zeros(*tgt.shape[:2], 1, 2)] * len(tasks)
@@ -99,5 +98,5 @@ class DecoupledDecoder(nn.Module):
             normed = [self.norm(h) for h in streams]
             outputs.append((normed[0], normed[-1]))
             if lid + 1 < len(self.layers):
-                reference = (box_heads[lid](normed[-1]) + inverse_sigmoid(reference, self.eps)).sigmoid().detach()
+                reference = apply_box_delta(box_heads[lid](normed[-1]), reference, self.eps).detach()
         return outputs, refs, None

@@ -11,7 +11,7 @@ from ...nn.attention import MSDeformAttn
 from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
-from ...ops.functional import inverse_sigmoid
+from ...ops.functional import apply_box_delta
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -92,11 +92,7 @@ class DeformableDecoder(nn.Module):
             pred_refs.append(prev_undetached if self.look_forward_twice else reference)
             outputs.append(self.norm(tgt) if self.norm is not None else tgt)
             if box_heads is not None:
-                delta = box_heads[lid](tgt)
-                if reference.shape[-1] == 4:
-                    new_ref = (delta + inverse_sigmoid(reference, self.eps)).sigmoid()
-                else:
-                    new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference, self.eps), delta[..., 2:]], -1).sigmoid()
+                new_ref = apply_box_delta(box_heads[lid](tgt), reference, self.eps)
                 prev_undetached = new_ref
                 reference = new_ref.detach()
         if not record_sampling:

@@ -13,7 +13,7 @@ from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.boxes import cxcywh_to_xyxy
-from ...ops.functional import inverse_sigmoid
+from ...ops.functional import apply_box_delta
 from ...ops.roi_align import roi_align
 from .conditional import QueryPositionSelfAttention
 
@@ -80,7 +80,7 @@ class SamDecoderLayer(QueryPositionSelfAttention):
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_heads: int, smca: bool):
         super().__init__(dim, num_heads, dropout)
-        self.num_heads, self.smca, self.dim = num_heads, smca, dim
+        self.num_heads, self.smca = num_heads, smca
         self.ca_qcontent_proj = nn.Linear(dim, dim)
         self.ca_qpos_sine_proj = MLP(dim, dim, dim, 2)
         self.ca_kcontent_proj = nn.Linear(dim, dim)
@@ -133,13 +133,11 @@ class SamDecoder(nn.Module):
                 record_sampling: bool = False) -> tuple[list[Tensor], list[Tensor], None]:
         """tgt: [B, Q, C]; reference: [B, Q, 4] boxes (cxcywh in [0, 1]); box_heads: per-layer
         box-delta heads. Returns (outputs per layer, each layer's input boxes, None)."""
-        if len(levels.shapes) != 1:
-            raise ValueError("SAM-DETR's decoder reads one feature level (set num_levels=1)")
         outputs, refs = [], []
         for lid, layer in enumerate(self.layers):
             refs.append(reference)
             tgt = layer(tgt, reference, memory, levels)
             outputs.append(tgt)
             if lid + 1 < len(self.layers):
-                reference = (box_heads[lid](tgt) + inverse_sigmoid(reference, self.eps)).sigmoid().detach()
+                reference = apply_box_delta(box_heads[lid](tgt), reference, self.eps).detach()
         return outputs, refs, None
