@@ -43,7 +43,7 @@ def encoder_cost(model: Detector, dataset: CocoDetection, n: int) -> tuple[float
             levels = model.features(batch)
             def run():
                 return model.encoder(levels, model.queries)
-            macs.append(count_macs(run)["Global"] / 1e9)
+            macs.append(count_macs(run)["total"] / 1e9)
             for _ in range(3 if i == 0 else 0):
                 run()
             best = float("inf")

@@ -23,6 +23,11 @@ def test_official_sparse_detr_fixture_matches(official, tmp_path):
     assert (m.num_encoder_layers, m.num_decoder_layers, m.encoder.keep_ratio) == (6, 2, 0.3)
     model.backbone = StoredFeatures([inputs[f"features.{i}"].float() for i in range(3)])
     mask = inputs["image_mask"]
+    # The encoder's auxiliary heads run in training mode only; dropout off keeps it deterministic.
+    model.encoder.train()
+    for module in model.encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     with torch.no_grad():
         out = model(Batch(torch.zeros(mask.shape[0], 3, *mask.shape[1:]), mask))
 
@@ -32,6 +37,7 @@ def test_official_sparse_detr_fixture_matches(official, tmp_path):
     assert out.selection.layers[0].counts.tolist() == expected["sparse_token_nums"].tolist()
     # The official model returns its scores with padding set to the batch minimum.
     close(mask_padding(out.selection.token_logits, out.selection.padding), "backbone_mask_prediction")
+    assert len(out.enc_aux) == 5
     for i, aux in enumerate(out.enc_aux):
         close(aux["logits"], f"enc_aux.{i}.pred_logits")
         close(aux["boxes"], f"enc_aux.{i}.pred_boxes")

@@ -45,9 +45,11 @@ class Detector(DetectionTransformer):
         return cls.from_config(config)
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu") -> "Detector":
-        """Load a run folder written by ``save_pretrained``, ``sparsedet train`` or ``convert``."""
+    def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu", **overrides: Any) -> "Detector":
+        """Load a run folder written by ``save_pretrained``, ``sparsedet train`` or ``convert``;
+        overrides change what the weights do not fix (``encoder.keep_ratio=0.2``)."""
         config, state = load_run(run_dir)
+        apply_overrides(config, overrides)
         config.model.backbone.weights = None  # the run's weights already hold the backbone
         model = cls.from_config(config)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -102,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="config overrides, e.g. encoder.object_tokens=300")
     s.set_defaults(func=cmd_convert)
 
+    s = sub.add_parser("bench", help="parameters, GFLOPs and latency per stage of presets or runs",
+                       description="Counts multiply-adds per stage (backbone, neck, encoder, queries, decoder, "
+                       "heads) with deformable attention and token sparsity included, times the model (warm-up, "
+                       "then median/min/max per stage and whole), and prints the environment. Presets run with "
+                       "random weights (cost does not depend on them). With --plot, draws each run's AP "
+                       "(RUN/metrics.json) against its GFLOPs.")
+    s.add_argument("targets", nargs="+", metavar="PRESET_OR_RUN")
+    s.add_argument("--size", action="append", metavar="HxW",
+                   help="input size, repeatable (default 800x1067: the mean resized COCO val2017 image, which the "
+                   "papers' GFLOPs correspond to)")
+    s.add_argument("--batch", type=int, default=1, help="images per forward (default 1); GFLOPs are per image")
+    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype for timing")
+    s.add_argument("--runs", type=int, default=10, help="timed runs (default 10; 0 counts cost only)")
+    s.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one row per value, e.g. keep_ratio=0.1,0.2,0.3")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    s.add_argument("--json", help="also write the results to this file")
+    s.add_argument("--plot", metavar="PNG", help="draw AP against GFLOPs of the given runs (needs [viz])")
+    s.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("check-data", help="validate a COCO-format dataset",
                        description="Reports missing/unreadable images, degenerate or out-of-bounds boxes, duplicate "
                        "ids, unknown category ids and images without annotations. Exit 0 when clean, 1 on errors.")
@@ -247,6 +269,66 @@ def cmd_convert(args) -> int:
     from .tools.convert import convert_to_run
     convert_to_run(args.source, args.path, args.out, args.overrides)
     print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .config import parse_value
+    from .tools import bench
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch < 1 or args.runs < 0 or args.warmup < 0:
+        raise SparsedetError("--batch must be at least 1, --runs and --warmup at least 0")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = [bench.parse_size(s) for s in (args.size or ["800x1067"])]
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SparsedetError(f"--set {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_value(value.strip())
+    key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
+    if args.plot and key:
+        raise SparsedetError("--plot draws trained runs as they are; leave out --sweep")
+    env = bench.environment(torch.device(device), args.dtype)
+    print(bench.format_environment(env))
+    print(bench.CONVENTION)
+    results = []
+    for target in args.targets:
+        for size in sizes:
+            rows = []
+            for value in values:
+                chosen = {**overrides, **({key: value} if key else {})}
+                model = bench.load_model(target, chosen)
+                row = bench.bench_model(model, size, args.batch, device, args.dtype, args.runs, args.warmup, True)
+                rows.append({"model": target, "overrides": chosen, **row})
+                if not key:
+                    print(bench.format_result(target, row))
+            if key:
+                print(f"{target}  {size[0]}x{size[1]}  sweep of {key}")
+                print(bench.format_sweep(key, values, rows))
+            results += rows
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"convention": bench.CONVENTION, "environment": env,
+                                               "results": results}, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        points = []
+        for target in args.targets:
+            metrics = Path(target) / "metrics.json"
+            if not metrics.is_file():
+                raise SparsedetError(f"--plot needs run folders with metrics.json (from `sparsedet train` or "
+                                     f"`sparsedet eval`); {metrics} not found")
+            ap = json.loads(metrics.read_text()).get("AP")
+            if ap is None:
+                raise SparsedetError(f"{metrics} has no AP entry")
+            gflops = next(r["gflops"]["total"] for r in results if r["model"] == target)
+            points.append((Path(target).name, gflops, ap))
+        bench.plot_ap_vs_gflops(points, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

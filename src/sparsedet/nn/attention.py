@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.deform_attn import ms_deform_attn
+from ..ops import deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -84,7 +84,7 @@ class MSDeformAttn(nn.Module):
             loc = reference[:, :, None, :, None, :2] + offsets / P * reference[:, :, None, :, None, 2:] * 0.5
         # Sampling stays in fp32 under autocast: bf16 bilinear sampling is slower and less exact.
         with torch.autocast(device_type=query.device.type, enabled=False):
-            out = ms_deform_attn(v.float(), shapes, loc.float(), weights.float())
+            out = deform_attn.ms_deform_attn(v.float(), shapes, loc.float(), weights.float())
         out = self.output_proj(out.to(query.dtype))
         return (out, loc, weights) if return_sampling else out
 

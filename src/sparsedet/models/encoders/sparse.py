@@ -47,7 +47,8 @@ class SparseEncoder(nn.Module):
         for t, layer in enumerate(self.layers):
             query = layer(query, pos, reference, memory, shapes, padding)
             memory = scatter_tokens(memory, indices, query, counts)
-            if self.aux_heads is not None and t < len(self.aux_heads.box_embed):
+            # The auxiliary heads only feed losses: inference neither runs nor pays for them.
+            if self.training and self.aux_heads is not None and t < len(self.aux_heads.box_embed):
                 box = self.aux_heads.box_head(t)(query) + gather_rows(proposals, indices)
                 aux.append({"logits": self.aux_heads.class_head(t)(query), "boxes": box.sigmoid()})
         selection = TokenSelection(logits, [selected] * len(self.layers), shapes, padding)

@@ -1,0 +1,281 @@
+"""What a model costs as it runs (``sparsedet bench``): parameters, multiply-adds and latency per
+stage, peak memory, the encoder tokens each layer updates, and the environment the numbers came from.
+
+Latency protocol: ``warmup`` untimed runs, then ``runs`` timed runs of the whole model
+(forward + post-processing, no hooks) and ``runs`` more with the device synchronised at every stage
+boundary for the per-stage split; median, min and max of each. A stage's time excludes stages
+nested in it (box heads called by the decoder count as ``heads``); ``other`` is the rest of the run
+(input normalisation, post-processing).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from time import perf_counter
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..data.batch import Batch
+from ..errors import SparsedetError
+from ..ops import deform_attn
+from ..ops.flops import OTHER, count_macs, hook_stages
+
+STAGES = ("backbone", "neck", "encoder", "queries", "decoder", "heads", OTHER)
+CONVENTION = ("GFLOPs per image = 1e9 multiply-adds (one fused multiply-add = 1 FLOP, as fvcore and the DETR "
+              "papers); deformable attention counted analytically (5 per sampled channel), token sparsity as run")
+# Short names for sweep keys users reach for most.
+SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio", "num_queries": "num_queries"}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model(target: str, overrides: dict | None = None) -> nn.Module:
+    """A run folder (its weights) or a preset name (random weights: cost does not depend on them)."""
+    from ..api import Detector
+    from ..presets import PRESETS
+    overrides = overrides or {}
+    if Path(target).is_dir():
+        return Detector.from_pretrained(target, **overrides)
+    if target in PRESETS:
+        return Detector.from_preset(target, **overrides).eval()
+    raise SparsedetError(f"{target!r} is neither a run folder nor a preset name (see `sparsedet presets`)")
+
+
+def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    # Every head module, since the decoder calls the per-layer box heads directly.
+    return {"backbone": [model.backbone], "neck": [model.neck], "encoder": [model.encoder],
+            "queries": [model.queries], "decoder": [model.decoder], "heads": list(model.heads.modules())}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'800x1067' -> (800, 1067) as (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SparsedetError(f"size {text!r} is not HEIGHTxWIDTH, e.g. 800x1067") from None
+    if h < 32 or w < 32:
+        raise SparsedetError(f"size {text!r} is too small: both sides must be at least 32 pixels")
+    return h, w
+
+
+def parse_sweep(text: str) -> tuple[str, list]:
+    """'keep_ratio=0.1,0.2' -> ('encoder.keep_ratio', [0.1, 0.2])."""
+    from ..config import parse_value
+    if "=" not in text:
+        raise SparsedetError(f"sweep {text!r} is not KEY=V1,V2,..., e.g. keep_ratio=0.1,0.2,0.3")
+    key, values = text.split("=", 1)
+    key = SWEEP_ALIASES.get(key.strip(), key.strip())
+    parsed = [parse_value(v.strip()) for v in values.split(",") if v.strip()]
+    if not parsed:
+        raise SparsedetError(f"sweep {text!r} lists no values")
+    return key, parsed
+
+
+def environment(device: torch.device, dtype: str) -> dict:
+    """The facts a latency number needs next to it."""
+    env = {"sparsedet": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "device": str(device), "cpu": _cpu_model(),
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "deform_attn_backend": deform_attn.default_backend(), "dtype": dtype}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class StageTimer:
+    """Wall time per stage in one run, exclusive of nested stages, synchronised at boundaries."""
+
+    def __init__(self, stages: dict[str, list[nn.Module]], sync):
+        self.sync, self.seconds, self._stack = sync, defaultdict(float), []
+        self._hooks = hook_stages(stages, self._enter, self._leave)
+
+    def _enter(self, name: str) -> None:
+        self.sync()
+        self._stack.append([name, perf_counter(), 0.0])
+
+    def _leave(self) -> None:
+        self.sync()
+        name, start, nested = self._stack.pop()
+        elapsed = perf_counter() - start
+        self.seconds[name] += elapsed - nested
+        if self._stack:
+            self._stack[-1][2] += elapsed
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": 1e3 * statistics.median(values), "min": 1e3 * min(values), "max": 1e3 * max(values)}
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"kind": "torch.cuda.max_memory_allocated", "mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    # CPU tensors have no allocator statistics: the process's peak resident set is the honest bound.
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return {"kind": "process peak RSS", "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20}
+
+
+def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device: str | torch.device = "cpu",
+                dtype: str = "fp32", runs: int = 10, warmup: int = 3, progress: bool = False) -> dict:
+    """Parameters, GFLOPs per stage and (``runs`` > 0) latency per stage of ``model`` on a
+    ``batch`` of ``size`` (height, width) images."""
+    from tqdm import tqdm
+    if dtype not in DTYPES:
+        raise SparsedetError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SparsedetError("--device cuda asked for, but torch sees no CUDA device")
+    if dtype == "fp16" and device.type != "cuda":
+        raise SparsedetError("fp16 runs on CUDA only; use bf16 on a CPU")
+    model = model.to(device).eval()
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    inputs = Batch(torch.rand(batch, 3, h, w, generator=g), torch.zeros(batch, h, w, dtype=torch.bool)).to(device)
+    sizes = torch.tensor([[h, w]] * batch, device=device)
+    stages = stage_modules(model)
+
+    # Cost: one forward in fp32 (the count does not depend on dtype), with the encoder's input shapes.
+    seen = {}
+
+    def keep_shapes(module, args, levels) -> None:
+        seen["shapes"] = levels.shapes
+
+    def forward() -> None:
+        seen["out"] = model(inputs)
+
+    hook = model.neck.register_forward_hook(keep_shapes)
+    try:
+        macs = count_macs(forward, stages)
+    finally:
+        hook.remove()
+    gflops = {name: macs.get(name, 0.0) / batch / 1e9 for name in STAGES}
+    gflops["total"] = macs["total"] / batch / 1e9
+    tokens = sum(a * b for a, b in seen["shapes"])
+    selection = seen["out"].selection
+    if selection is not None:
+        per_layer = [float(layer.counts.float().mean()) for layer in selection.layers]
+    else:
+        per_layer = [float(tokens)] * model.config.num_encoder_layers
+    result = {"params": sum(p.numel() for p in model.parameters()), "size": [h, w], "batch": batch,
+              "gflops": gflops, "encoder_tokens": tokens, "encoder_tokens_per_layer": per_layer}
+    if runs <= 0:
+        return result
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    autocast = (torch.autocast(device.type, DTYPES[dtype]) if DTYPES[dtype] is not None else nullcontext())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def run() -> float:
+        sync()
+        start = perf_counter()
+        model.detect(inputs, sizes)
+        sync()
+        return perf_counter() - start
+
+    bar = tqdm(total=warmup + 2 * runs, desc="timing", disable=not progress, leave=False)
+    totals, per_stage = [], defaultdict(list)
+    with torch.inference_mode(), autocast:
+        for _ in range(warmup):
+            run()
+            bar.update()
+        for _ in range(runs):
+            totals.append(run())
+            bar.update()
+        for _ in range(runs):
+            timer = StageTimer(stages, sync)
+            try:
+                elapsed = run()
+            finally:
+                timer.remove()
+            for name in STAGES[:-1]:
+                per_stage[name].append(timer.seconds.get(name, 0.0))
+            per_stage[OTHER].append(elapsed - sum(timer.seconds.values()))
+            bar.update()
+    bar.close()
+    result["latency_ms"] = {"total": _summary(totals), **{name: _summary(per_stage[name]) for name in STAGES}}
+    result["runs"], result["warmup"] = runs, warmup
+    result["memory_peak"] = _peak_memory(device)
+    return result
+
+
+def format_result(name: str, r: dict) -> str:
+    """One model's table: GFLOPs and latency per stage."""
+    h, w = r["size"]
+    timed = "latency_ms" in r
+    lines = [f"{name}  {h}x{w}  batch {r['batch']}  params {r['params'] / 1e6:.1f} M"]
+    header = f"  {'stage':9s} {'GFLOPs':>8s}"
+    if timed:
+        header += f" {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}"
+    lines.append(header)
+    for stage in STAGES + ("total",):
+        line = f"  {stage:9s} {r['gflops'][stage]:8.2f}"
+        if timed:
+            t = r["latency_ms"][stage]
+            line += f" {t['median']:10.1f} {t['min']:8.1f} {t['max']:8.1f}"
+        lines.append(line)
+    per_layer = ", ".join(f"{n:.0f}" for n in r["encoder_tokens_per_layer"])
+    lines.append(f"  encoder tokens updated per layer: {per_layer} (of {r['encoder_tokens']})")
+    if timed:
+        mem = r["memory_peak"]
+        lines.append(f"  peak memory: {mem['mib']:.0f} MiB ({mem['kind']}); {r['runs']} timed runs after "
+                     f"{r['warmup']} warm-up")
+    return "\n".join(lines)
+
+
+def format_sweep(key: str, values: list, results: list[dict]) -> str:
+    """A sweep's cost curve, one row per value."""
+    timed = "latency_ms" in results[0]
+    lines = [f"  {key:>20s} {'GFLOPs':>8s} {'encoder':>8s} {'tokens/layer':>12s}" + (" median ms" if timed else "")]
+    for value, r in zip(values, results):
+        mean_tokens = sum(r["encoder_tokens_per_layer"]) / len(r["encoder_tokens_per_layer"])
+        line = f"  {value!s:>20s} {r['gflops']['total']:8.2f} {r['gflops']['encoder']:8.2f} {mean_tokens:12.0f}"
+        if timed:
+            line += f" {r['latency_ms']['total']['median']:9.1f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_environment(env: dict) -> str:
+    return "environment: " + ", ".join(f"{k} {v}" for k, v in env.items())
+
+
+def plot_ap_vs_gflops(points: list[tuple[str, float, float]], out: str | Path) -> None:
+    """AP against GFLOPs, one labelled point per (label, gflops, ap) (the papers' accuracy-cost figure)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SparsedetError("plotting needs matplotlib: pip install 'sparsedet[viz]'") from None
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for label, gflops, ap in points:
+        ax.scatter([gflops], [100 * ap], s=30)
+        ax.annotate(label, (gflops, 100 * ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("GFLOPs")
+    ax.set_ylabel("AP")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
