@@ -12,14 +12,19 @@ from sparsedet.engine.trainer import Trainer, evaluate, seed_everything
 from sparsedet.presets import get_preset
 
 
-@pytest.mark.parametrize("preset", ["dino_tiny", "sparse_detr_tiny", "focus_detr_tiny", "salience_detr_tiny",
-                                    "conditional_detr_tiny", "sam_detr_tiny", "sam_detr_smca_tiny", "decoupled_detr_tiny"])
+# Steps with a margin: the multi-scale presets reach AP 1.0 by step 180; at 150 steps the
+# single-level Conditional and SD-DETR presets are still at 0.58 and 0.84.
+STEPS = {"dino_tiny": 180, "sparse_detr_tiny": 180, "focus_detr_tiny": 180, "salience_detr_tiny": 180,
+         "conditional_detr_tiny": 300, "sam_detr_tiny": 300, "sam_detr_smca_tiny": 300, "decoupled_detr_tiny": 300}
+
+
+@pytest.mark.parametrize("preset", list(STEPS))
 def test_tiny_preset_overfits_four_images(preset, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         info = write_synthetic(tmp_path / "data", n_train=4, n_val=1, size=128, seed=11)
     cfg = get_preset(preset)
-    apply_overrides(cfg, OVERFIT)
+    apply_overrides(cfg, {**OVERFIT, "train.max_steps": STEPS[preset]})
     fixed = build_transforms(False, [128], 128)  # no augmentation: the point is memorisation
     train = CocoDetection(info["train"], transforms=fixed)
     m = cfg.model
@@ -35,6 +40,6 @@ def test_tiny_preset_overfits_four_images(preset, tmp_path):
     assert metrics["AP"] >= 0.9, metrics
 
 
-OVERFIT = {"train.max_steps": 300, "train.batch_size": 4, "train.lr": 1e-3, "train.lr_backbone": 1e-3,
+OVERFIT = {"train.batch_size": 4, "train.lr": 1e-3, "train.lr_backbone": 1e-3,
            "train.warmup_steps": 20, "train.lr_drop": 0.85, "train.log_every": 10, "train.amp": "none",
            "model.eval_size": 128, "model.eval_max_size": 128, "model.num_queries": 50, "model.dn_queries": 20}

@@ -81,18 +81,23 @@ class Detector(DetectionTransformer):
         results = []
         try:
             for start in range(0, len(images), batch_size):
-                pils = [_to_pil(im) for im in images[start:start + batch_size]]
-                tensors, sizes = [], []
-                for im in pils:
-                    resized, _ = resize(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
-                                        self.config.eval_size, self.config.eval_max_size)
-                    tensors.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
-                    sizes.append((im.height, im.width))
-                batch = Batch.from_images(tensors).to(device)
-                results += self.detect(batch, torch.tensor(sizes, device=device), threshold, top_k)
+                batch, sizes, _ = self.preprocess(images[start:start + batch_size])
+                results += self.detect(batch.to(device), sizes.to(device), threshold, top_k)
         finally:
             self.train(was_training)
         return results
+
+    def preprocess(self, images: list[ImageLike]) -> tuple[Batch, torch.Tensor, list[Image.Image]]:
+        """Images -> (padded batch at the model's eval size, original (height, width) [B, 2], the
+        resized images the batch holds)."""
+        tensors, sizes, resized_images = [], [], []
+        for im in map(_to_pil, images):
+            resized, _ = resize(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+                                self.config.eval_size, self.config.eval_max_size)
+            tensors.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
+            sizes.append((im.height, im.width))
+            resized_images.append(resized)
+        return Batch.from_images(tensors), torch.tensor(sizes), resized_images
 
 
 def _to_pil(image: ImageLike) -> Image.Image:

@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="PNG", help="draw AP against GFLOPs of the given runs (needs [viz])")
     s.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser("viz", help="figures of kept tokens, decoder sampling and detections for one image",
+                       description="Runs PRESET_OR_RUN on IMAGE and writes into --out: tokens_per_level.png (tokens "
+                       "the first encoder layer updates, one panel per feature level, drawn at their strides), "
+                       "tokens_per_layer.png (one panel per encoder layer), decoder_query.png (sampling points and "
+                       "attention weights of one query, or its cross-attention map for the single-level decoders), "
+                       "detections.png and viz.json (what was drawn). Dense encoders show every token.")
+    s.add_argument("target", metavar="PRESET_OR_RUN")
+    s.add_argument("image", metavar="IMAGE")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--query", type=int, help="decoder query to show (default: the highest-scoring one)")
+    s.add_argument("--layer", type=int, default=-1, help="decoder layer to show (default: the last)")
+    s.add_argument("--threshold", type=float, default=0.3, help="minimum score of drawn detections (default 0.3)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    s.set_defaults(func=cmd_viz)
+
     s = sub.add_parser("check-data", help="validate a COCO-format dataset",
                        description="Reports missing/unreadable images, degenerate or out-of-bounds boxes, duplicate "
                        "ids, unknown category ids and images without annotations. Exit 0 when clean, 1 on errors.")
@@ -272,10 +287,36 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _settings(items: list[str]) -> dict:
+    """--set KEY=VALUE items -> {key: parsed value}."""
+    from .config import parse_value
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise SparsedetError(f"--set {item!r} is not KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = parse_value(value.strip())
+    return overrides
+
+
+def cmd_viz(args) -> int:
+    from .tools.bench import load_model
+    from .tools.viz import visualize
+    if not Path(args.image).is_file():
+        raise SparsedetError(f"image not found: {args.image}")
+    model = load_model(args.target, _settings(args.set))
+    if not Path(args.target).is_dir():
+        warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
+    facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
+    print(f"query {facts['decoder']['query']}, decoder layer {facts['decoder']['layer']}; tokens updated per "
+          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections; wrote {args.out}/"
+          "{tokens_per_level,tokens_per_layer,decoder_query,detections}.png and viz.json")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import torch
 
-    from .config import parse_value
     from .tools import bench
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,12 +324,7 @@ def cmd_bench(args) -> int:
         raise SparsedetError("--batch must be at least 1, --runs and --warmup at least 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = [bench.parse_size(s) for s in (args.size or ["800x1067"])]
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise SparsedetError(f"--set {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_value(value.strip())
+    overrides = _settings(args.set)
     key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
     if args.plot and key:
         raise SparsedetError("--plot draws trained runs as they are; leave out --sweep")

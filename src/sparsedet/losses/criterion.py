@@ -69,17 +69,17 @@ class SetCriterion:
                 terms = self._terms(dn["logits"][i], dn["boxes"][i], targets, match, norm)
                 losses.update({k + suffix: v for k, v in terms.items()})
         if self.selection != "dense" and outputs.selection is not None:
-            losses["loss_select"] = self._selection_loss(outputs.selection, targets)
+            losses["loss_select"] = self._selection_loss(outputs.selection, outputs.sampling, targets)
         return losses
 
-    def _selection_loss(self, selection, targets: list[dict]) -> Tensor:
+    def _selection_loss(self, selection, sampling, targets: list[dict]) -> Tensor:
         """The scorer's supervision: the decoder's attention map (sparse), per-level foreground
         (focus) or scale-independent salience (salience)."""
         logits, padding, shapes = selection.token_logits.float(), selection.padding, selection.shapes
         if self.selection == "sparse":
-            if selection.decoder_sampling is None:
+            if sampling is None:
                 raise ValueError("Sparse DETR's selection loss needs the decoder's sampling (train mode)")
-            locations, weights = selection.decoder_sampling
+            locations, weights = sampling
             dam = sel.decoder_attention_map(locations.float(), weights.float(), shapes)
             target = sel.top_count_targets(dam, padding, selection.layers[0].counts)
             return sel.attention_map_loss(logits.masked_fill(padding, logits.min()), target)

@@ -61,7 +61,10 @@ class DetectorOutput:
     {"logits": [L, B, D, C], "boxes": [L, B, D, 4], "queries": DenoisingQueries} or None;
     selection: a sparse encoder's ``TokenSelection`` (per layer: kept token indices, scores and
     counts; per level via ``level_counts``), None for dense encoders; enc_aux: detection outputs
-    on the sparse tokens of encoder layers (Sparse DETR), each {"logits", "boxes"}.
+    on the sparse tokens of encoder layers (Sparse DETR), each {"logits", "boxes"}; sampling: the
+    deformable decoder's (locations [B, layers, Q, heads, levels, points, 2] as (x, y) in [0, 1] of
+    the padded input, weights [B, layers, Q, heads, levels, points]) when recorded (Sparse DETR's
+    training, figures), else None.
     """
 
     logits: Tensor
@@ -71,6 +74,7 @@ class DetectorOutput:
     dn: dict | None = None
     selection: TokenSelection | None = None
     enc_aux: list[dict] = field(default_factory=list)
+    sampling: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
 
 class DetectionTransformer(nn.Module):
@@ -128,8 +132,10 @@ class DetectionTransformer(nn.Module):
         x = x.masked_fill(batch.mask[:, None], 0.0)
         return self.neck(self.backbone(x), batch.mask)
 
-    def forward(self, batch: Batch, targets: list[dict] | None = None) -> DetectorOutput:
-        """batch: images [B, 3, H, W] in [0, 1] with padding mask; targets enable denoising in training."""
+    def forward(self, batch: Batch, targets: list[dict] | None = None, record_sampling: bool = False
+                ) -> DetectorOutput:
+        """batch: images [B, 3, H, W] in [0, 1] with padding mask; targets enable denoising in training;
+        record_sampling: also return the deformable decoder's sampling (for figures)."""
         levels = self.features(batch)
         encoded = self.encoder(levels, self.queries)
         memory, selection = encoded.memory, encoded.selection
@@ -144,11 +150,10 @@ class DetectionTransformer(nn.Module):
         refine = self.config.box_refine or self.config.kind in REFINING
         box_heads = [self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if refine else None
         # Sparse DETR's scorer learns from where the decoder looked.
-        record = self.training and self.config.encoder.kind == "sparse"
+        record = record_sampling or (self.training and self.config.encoder.kind == "sparse")
         outputs, refs, sampling = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
                                                record_sampling=record)
         if selection is not None:
-            selection.decoder_sampling = sampling
             selection.padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
             selection.image_sizes = torch.stack([(~batch.mask[:, :, 0]).sum(1), (~batch.mask[:, 0, :]).sum(1)], -1)
         logits, boxes = self.heads(outputs, refs, self.config.sigmoid_eps)
@@ -160,7 +165,7 @@ class DetectionTransformer(nn.Module):
             # Keep label_enc in the graph even when no positive slot is used (DDP needs every parameter).
             logits = logits + 0.0 * self.denoising.label_enc.weight[0, 0]
         aux = [{"logits": logits[i], "boxes": boxes[i]} for i in range(len(logits) - 1)]
-        return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection, encoded.aux)
+        return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection, encoded.aux, sampling)
 
     @torch.no_grad()
     def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:

@@ -107,16 +107,29 @@ class ProjectedAttention(nn.Module):
         """q: [B, Q, M*Dk]; k: [B, S, M*Dk]; v: [B, S, C]; key_padding: [B, S] True = ignore;
         bias: [B, M, Q, S] added to the logits (SMCA's spatial prior). Returns [B, Q, C]."""
         B, Q, _ = q.shape
-        S, M = k.shape[1], self.num_heads
-        q = q.view(B, Q, M, -1).transpose(1, 2)
-        k = k.view(B, S, M, -1).transpose(1, 2)
-        v = v.view(B, S, M, -1).transpose(1, 2)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(q, key_padding, bias),
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(B, Q, -1))
+
+    def attention_weights(self, q: Tensor, k: Tensor, key_padding: Tensor | None = None,
+                          bias: Tensor | None = None) -> Tensor:
+        """The softmax ``forward`` applies, for figures: [B, M, Q, S] (same arguments as ``forward``)."""
+        q, k = self._heads(q), self._heads(k)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        mask = self._mask(q, key_padding, bias)
+        return (logits if mask is None else logits + mask).softmax(-1)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def _mask(q: Tensor, key_padding: Tensor | None, bias: Tensor | None) -> Tensor | None:
         mask = None
         if key_padding is not None:
+            B, S = key_padding.shape
             mask = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(
                 key_padding[:, None, None], float("-inf"))
         if bias is not None:
             mask = bias if mask is None else bias + mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(B, Q, -1))
+        return mask

@@ -7,7 +7,7 @@ one width per batch with a per-image count of entries that are written back, nev
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -139,8 +139,7 @@ class TokenSelection:
     token_logits: [B, S] scorer logits before padding is masked (the selection losses' input);
     layers: one ``LayerSelection`` per encoder layer; shapes: per level (H, W); padding: [B, S];
     image_sizes: [B, 2] unpadded (height, width) and padded_size (height, width) in input pixels,
-    filled by the detector; decoder_sampling: (locations, weights) of the decoder's deformable
-    attention when the method learns from it (Sparse DETR), else None.
+    filled by the detector.
     """
 
     token_logits: Tensor
@@ -149,7 +148,6 @@ class TokenSelection:
     padding: Tensor
     image_sizes: Tensor | None = None
     padded_size: tuple[int, int] | None = None
-    decoder_sampling: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def level_counts(self, layer: int) -> Tensor:
         """[B, L] tokens each image kept per level in ``layer``."""

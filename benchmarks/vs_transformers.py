@@ -1,0 +1,102 @@
+"""Our Deformable DETR against Hugging Face transformers', same weights, same input, one process.
+
+Builds transformers' ``DeformableDetrForObjectDetection`` (two-stage, iterative box refinement,
+ResNet-50 from a ``ResNetConfig``, 6 + 6 layers, 300 queries, 91 classes, random weights: nothing is
+downloaded), converts it with ``sparsedet convert --from hf-deformable-detr`` into our
+``deformable_detr_r50_two_stage`` layout, checks both give the same detections, then times the two
+eager forwards (no post-processing, ``inference_mode``) on one image, alternating transformers / ours
+run by run so drifts of the machine hit both alike, and prints the medians and their ratio.
+
+    python benchmarks/vs_transformers.py --size 800x1333 --runs 7
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network
+
+import torch  # noqa: E402
+
+from sparsedet.data.batch import Batch  # noqa: E402
+from sparsedet.tools.bench import environment, format_environment, parse_size  # noqa: E402
+from sparsedet.tools.convert import convert  # noqa: E402
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def hf_deformable_detr(directory: str):
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+    backbone = ResNetConfig(depths=[3, 4, 6, 3], layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048],
+                            out_features=["stage2", "stage3", "stage4"])
+    config = DeformableDetrConfig(backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+                                  two_stage=True, with_box_refine=True, num_queries=300,
+                                  two_stage_num_proposals=300, id2label={i: f"class{i}" for i in range(91)},
+                                  label2id={f"class{i}": i for i in range(91)})
+    torch.manual_seed(0)
+    model = DeformableDetrForObjectDetection(config).eval()
+    with torch.no_grad():  # move sampling offsets off their structured init so the check below means something
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.5 if "sampling_offsets.bias" in name else 0.01))
+    model.save_pretrained(directory)
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="800x1333", help="HEIGHTxWIDTH (default 800x1333)")
+    p.add_argument("--runs", type=int, default=7, help="timed runs of each model (default 7)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    h, w = parse_size(args.size)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_deformable_detr(tmp)
+        ours, config = convert("hf-deformable-detr", tmp)
+    ours.eval()
+    m = config.model
+    print(f"ours: kind={m.kind} two_stage={m.two_stage} box_refine={m.box_refine} layers "
+          f"{m.num_encoder_layers}+{m.num_decoder_layers} queries {m.num_queries} classes {m.num_classes}")
+
+    images = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, h, w, dtype=torch.bool)
+    batch = Batch(images, mask)
+    pixel_values, pixel_mask = (images - MEAN) / STD, torch.ones(1, h, w, dtype=torch.long)
+
+    def run_hf():
+        return hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+
+    def run_ours():
+        return ours(batch)
+
+    with torch.inference_mode():
+        expected, got = run_hf(), run_ours()
+        diff = max((got.logits - expected.logits).abs().max().item(), (got.boxes - expected.pred_boxes).abs().max().item())
+        print(f"same weights, same input: max |difference| of logits and boxes = {diff:.2e}")
+        for _ in range(args.warmup):
+            run_hf(), run_ours()
+        times = {"transformers": [], "sparsedet": []}
+        for i in range(args.runs):
+            for name, fn in (("transformers", run_hf), ("sparsedet", run_ours)):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            print(f"run {i + 1}/{args.runs}: transformers {times['transformers'][-1]:.2f} s, "
+                  f"sparsedet {times['sparsedet'][-1]:.2f} s", flush=True)
+
+    import transformers
+    print(format_environment({**environment(torch.device("cpu"), "fp32"), "transformers": transformers.__version__}))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name, values in times.items():
+        print(f"{name:13s} median {med[name]:.3f} s  min {min(values):.3f}  max {max(values):.3f}  ({args.runs} runs)")
+    print(f"batch 1, {h}x{w}: transformers / sparsedet median time = {med['transformers'] / med['sparsedet']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

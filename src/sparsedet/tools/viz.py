@@ -1,0 +1,219 @@
+"""Figures of what a model looked at (``sparsedet viz``): the tokens its encoder updated, per feature
+level and per encoder layer (Focus-DETR figs. 6, 9, 10), where the decoder read for one query, and
+the final detections.
+
+Every drawn token comes from the model's own ``TokenSelection`` (or, for a dense encoder, from the
+valid tokens it updates): nothing is re-scored here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from ..models.detector import DetectorOutput
+from ..models.encoders.scoring import token_levels, written
+from ..models.heads import postprocess
+from ..nn.attention import ProjectedAttention
+from .draw import PALETTE, draw_detections, grid
+
+PANEL = 384  # pixel side of one panel in the tiled figures
+
+
+@dataclass
+class Observation:
+    """One image through the model: the resized input it saw, the output, the encoder's input
+    layout, and (query-side decoders) each decoder layer's cross-attention weights [M, Q, S]."""
+
+    image: Image.Image
+    out: DetectorOutput
+    shapes: list[tuple[int, int]]
+    padding: Tensor          # [S] True on padding tokens
+    padded_size: tuple[int, int]
+    cross_attention: list[Tensor]
+
+
+@torch.no_grad()
+def observe(model, image) -> Observation:
+    """Run ``model`` (a ``Detector``) on one image, recording what the figures need."""
+    batch, _, resized = model.preprocess([image])
+    device = next(model.parameters()).device
+    seen, attention = {}, []
+
+    def keep_levels(module, args, levels) -> None:
+        seen["levels"] = levels
+
+    def keep_attention(module, args, kwargs) -> None:
+        q, k = args[0], args[1]
+        padding = args[3] if len(args) > 3 else kwargs.get("key_padding")
+        bias = args[4] if len(args) > 4 else kwargs.get("bias")
+        attention.append(module.attention_weights(q, k, padding, bias)[0].float().cpu())
+
+    hooks = [model.neck.register_forward_hook(keep_levels)]
+    hooks += [m.register_forward_pre_hook(keep_attention, with_kwargs=True) for name, m in model.decoder.named_modules()
+              if isinstance(m, ProjectedAttention) and name.endswith("cross_attn")]
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(batch.to(device), record_sampling=True)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    levels = seen["levels"]
+    # SD-DETR runs two cross-attentions per layer (classification, localisation): show the first.
+    per_layer = len(attention) // max(1, model.config.num_decoder_layers)
+    attention = attention[::per_layer] if per_layer else []
+    return Observation(resized[0], out, levels.shapes, levels.padding[0].cpu(),
+                       (int(batch.images.shape[-2]), int(batch.images.shape[-1])), attention)
+
+
+def updated_tokens(obs: Observation, layer: int) -> Tensor:
+    """Flat indices of the tokens encoder ``layer`` updated for the image: the selection's written
+    entries for a sparse encoder, every valid token for a dense one."""
+    selection = obs.out.selection
+    if selection is None:
+        return (~obs.padding).nonzero().squeeze(1)
+    chosen = selection.layers[layer]
+    return chosen.indices[0][written(chosen.indices, chosen.counts)[0]].cpu()
+
+
+def token_cells(indices: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Flat token indices (levels fine to coarse) -> per level [n, 2] (row, column)."""
+    level = token_levels(indices, shapes)
+    cells, start = [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        local = indices[level == lvl] - start
+        cells.append(torch.stack([local // w, local % w], -1))
+        start += h * w
+    return cells
+
+
+def cell_boxes(cells: Tensor, shape: tuple[int, int], padded_size: tuple[int, int]) -> list[tuple[float, ...]]:
+    """(x0, y0, x1, y1) input pixels of each (row, column) cell of a level of ``shape``."""
+    sy, sx = padded_size[0] / shape[0], padded_size[1] / shape[1]
+    return [(c * sx, r * sy, (c + 1) * sx, (r + 1) * sy) for r, c in cells.tolist()]
+
+
+def _overlay(image: Image.Image, boxes_by_colour: list[tuple[tuple[int, int, int], list]], alpha: int = 110
+             ) -> Image.Image:
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for colour, boxes in boxes_by_colour:
+        for box in boxes:
+            draw.rectangle(box, fill=colour + (alpha,))
+    return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
+
+
+def _caption(image: Image.Image, text: str) -> Image.Image:
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    draw.rectangle([0, 0, 6 * len(text) + 4, 12], fill=(0, 0, 0))
+    draw.text((2, 0), text, fill=(255, 255, 255))
+    return out
+
+
+def _strides(obs: Observation) -> list[float]:
+    return [obs.padded_size[1] / w for _, w in obs.shapes]
+
+
+def tokens_per_level(obs: Observation, layer: int = 0) -> tuple[list[Image.Image], list[list]]:
+    """One panel per level: the cells encoder ``layer`` updated. Returns (panels, boxes per level)."""
+    cells = token_cells(updated_tokens(obs, layer), obs.shapes)
+    total = [h * w for h, w in obs.shapes]
+    panels, drawn = [], []
+    for lvl, (shape, c) in enumerate(zip(obs.shapes, cells)):
+        boxes = cell_boxes(c, shape, obs.padded_size)
+        drawn.append(boxes)
+        panel = _overlay(obs.image, [(PALETTE[lvl % len(PALETTE)], boxes)])
+        panels.append(_caption(panel, f"level {lvl} (stride {_strides(obs)[lvl]:g}): {len(boxes)} of {total[lvl]}"))
+    return panels, drawn
+
+
+def tokens_per_layer(obs: Observation, num_layers: int) -> list[Image.Image]:
+    """One panel per encoder layer: every updated cell, coloured by level (coarse drawn first)."""
+    panels = []
+    for layer in range(num_layers):
+        cells = token_cells(updated_tokens(obs, layer), obs.shapes)
+        coloured = [(PALETTE[lvl % len(PALETTE)], cell_boxes(cells[lvl], obs.shapes[lvl], obs.padded_size))
+                    for lvl in reversed(range(len(obs.shapes)))]
+        count = sum(len(c) for c in cells)
+        panels.append(_caption(_overlay(obs.image, coloured), f"encoder layer {layer}: {count} tokens updated"))
+    return panels
+
+
+def best_query(out: DetectorOutput) -> int:
+    """The query with the highest class score on the image."""
+    return int(out.logits[0].sigmoid().max(-1).values.argmax())
+
+
+def decoder_reads(obs: Observation, query: int, layer: int) -> tuple[Image.Image, dict]:
+    """Where decoder ``layer`` read for ``query``: deformable sampling points (radius by attention
+    weight, colour by level) or, for dense cross-attention, the head-averaged weights as a heat map;
+    the query's box at that layer in white."""
+    out, (ph, pw) = obs.out, obs.padded_size
+    image = obs.image.convert("RGB").copy()
+    facts: dict = {"query": query, "layer": layer}
+    if out.sampling is not None:
+        locations, weights = out.sampling[0][0, layer, query], out.sampling[1][0, layer, query]  # [M, L, P, 2], [M, L, P]
+        draw = ImageDraw.Draw(image)
+        top = float(weights.max())
+        points = []
+        for (m, lvl, p), w in zip(torch.cartesian_prod(*(torch.arange(n) for n in weights.shape)).tolist(),
+                                  weights.flatten().tolist()):
+            x, y = float(locations[m, lvl, p, 0]) * pw, float(locations[m, lvl, p, 1]) * ph
+            r = 1.5 + 6.0 * (w / top) ** 0.5
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=PALETTE[lvl % len(PALETTE)], width=2)
+            points.append({"x": x, "y": y, "level": lvl, "head": m, "weight": w})
+        facts["points"] = points
+    elif obs.cross_attention:
+        weights = obs.cross_attention[layer][:, query].mean(0)  # [S]
+        h, w = obs.shapes[0]
+        heat = weights.view(1, 1, h, w)
+        heat = torch.nn.functional.interpolate(heat, size=(ph, pw), mode="nearest")[0, 0, :image.height, :image.width]
+        alpha = (255 * 0.8 * heat / heat.max().clamp(min=1e-12)).byte().numpy()
+        red = Image.new("RGBA", image.size, (255, 0, 0, 0))
+        red.putalpha(Image.fromarray(alpha))
+        image = Image.alpha_composite(image.convert("RGBA"), red).convert("RGB")
+        facts["attention_peak_token"] = int(weights.argmax())
+    boxes = out.aux[layer]["boxes"] if layer < len(out.aux) else out.boxes
+    cx, cy, bw, bh = (boxes[0, query] * torch.tensor([obs.image.width, obs.image.height] * 2)).tolist()
+    ImageDraw.Draw(image).rectangle([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=(255, 255, 255),
+                                    width=2)
+    return _caption(image, f"decoder layer {layer}, query {query}"), facts
+
+
+def visualize(model, image, out_dir: str | Path, query: int | None = None, layer: int = -1,
+              threshold: float = 0.3) -> dict:
+    """Write tokens_per_level.png, tokens_per_layer.png, decoder_query.png, detections.png and
+    viz.json (what was drawn) into ``out_dir``; returns the json's content."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    obs = observe(model, image)
+    c = model.config
+    layer = layer % c.num_decoder_layers
+    query = best_query(obs.out) if query is None else query
+    if not 0 <= query < obs.out.logits.shape[1]:
+        from ..errors import SparsedetError
+        raise SparsedetError(f"query {query} out of range: the model has {obs.out.logits.shape[1]} queries")
+
+    panels, drawn = tokens_per_level(obs)
+    grid(panels, columns=len(panels), cell=PANEL).save(out_dir / "tokens_per_level.png")
+    grid(tokens_per_layer(obs, c.num_encoder_layers), columns=3, cell=PANEL).save(out_dir / "tokens_per_layer.png")
+    picture, reads = decoder_reads(obs, query, layer)
+    picture.save(out_dir / "decoder_query.png")
+    size = torch.tensor([[obs.image.height, obs.image.width]])
+    det = postprocess(obs.out.logits, obs.out.boxes, size, c.top_k, threshold)[0]
+    draw_detections(obs.image, det, model.classes).save(out_dir / "detections.png")
+
+    facts = {"image_size": [obs.image.height, obs.image.width], "padded_size": list(obs.padded_size),
+             "levels": [list(s) for s in obs.shapes], "strides": _strides(obs),
+             "tokens_per_level_layer0": [len(b) for b in drawn], "token_boxes_layer0": drawn,
+             "tokens_per_layer": [len(updated_tokens(obs, t)) for t in range(c.num_encoder_layers)],
+             "decoder": reads, "detections": len(det["scores"])}
+    (out_dir / "viz.json").write_text(json.dumps(facts))
+    return facts
