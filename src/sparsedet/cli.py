@@ -287,24 +287,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _settings(items: list[str]) -> dict:
-    """--set KEY=VALUE items -> {key: parsed value}."""
-    from .config import parse_value
-    overrides = {}
-    for item in items:
-        if "=" not in item:
-            raise SparsedetError(f"--set {item!r} is not KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = parse_value(value.strip())
-    return overrides
-
-
 def cmd_viz(args) -> int:
+    from .config import parse_overrides
     from .tools.bench import load_model
     from .tools.viz import visualize
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
-    model = load_model(args.target, _settings(args.set))
+    model = load_model(args.target, parse_overrides(args.set))
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
@@ -317,6 +306,7 @@ def cmd_viz(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    from .config import parse_overrides
     from .tools import bench
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -324,7 +314,7 @@ def cmd_bench(args) -> int:
         raise SparsedetError("--batch must be at least 1, --runs and --warmup at least 0")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sizes = [bench.parse_size(s) for s in (args.size or ["800x1067"])]
-    overrides = _settings(args.set)
+    overrides = parse_overrides(args.set)
     key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
     if args.plot and key:
         raise SparsedetError("--plot draws trained runs as they are; leave out --sweep")

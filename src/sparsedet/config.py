@@ -200,19 +200,24 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["train.max_steps=100", ...] -> {"train.max_steps": 100, ...}."""
+    parsed = {}
+    for item in items:
+        if "=" not in item:
+            raise SparsedetError(f"override {item!r} is not of the form key.sub=value")
+        k, v = item.split("=", 1)
+        parsed[k.strip()] = parse_value(v.strip())
+    return parsed
+
+
 def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Config:
     """Set fields by dotted key, e.g. ``{"train.max_steps": 100}`` or ``["train.max_steps=100"]``.
 
     Keys may omit the leading ``model.`` for model fields (``hidden_dim=128``).
     """
     if isinstance(overrides, list):
-        parsed = {}
-        for item in overrides:
-            if "=" not in item:
-                raise SparsedetError(f"override {item!r} is not of the form key.sub=value")
-            k, v = item.split("=", 1)
-            parsed[k.strip()] = parse_value(v.strip())
-        overrides = parsed
+        overrides = parse_overrides(overrides)
     for key, value in overrides.items():
         parts = key.split(".")
         if parts[0] not in ("model", "data", "train"):
