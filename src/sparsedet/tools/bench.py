@@ -32,7 +32,7 @@ STAGES = ("backbone", "neck", "encoder", "queries", "decoder", "heads", OTHER)
 CONVENTION = ("GFLOPs per image = 1e9 multiply-adds (one fused multiply-add = 1 FLOP, as fvcore and the DETR "
               "papers); deformable attention counted analytically (5 per sampled channel), token sparsity as run")
 # Short names for sweep keys users reach for most.
-SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio", "num_queries": "num_queries"}
+SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio"}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

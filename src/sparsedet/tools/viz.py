@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ..errors import SparsedetError
 from ..models.detector import DetectorOutput
 from ..models.encoders.scoring import token_levels, written
 from ..models.heads import postprocess
@@ -198,7 +199,6 @@ def visualize(model, image, out_dir: str | Path, query: int | None = None, layer
     layer = layer % c.num_decoder_layers
     query = best_query(obs.out) if query is None else query
     if not 0 <= query < obs.out.logits.shape[1]:
-        from ..errors import SparsedetError
         raise SparsedetError(f"query {query} out of range: the model has {obs.out.logits.shape[1]} queries")
 
     panels, drawn = tokens_per_level(obs)
