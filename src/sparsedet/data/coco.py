@@ -2,7 +2,8 @@
 
 Category ids (any integers) map to contiguous labels 0..C-1 in increasing id order.
 Boxes in the json are COCO ``[x, y, w, h]`` pixels; targets hold cxcywh normalised to
-the transformed image size.
+the transformed image size. :func:`open_detection_dataset` also opens YOLO datasets
+(read into the same COCO dict form by ``yolo.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ..errors import SparsedetError
 from .transforms import ToTensorAndNormaliseBoxes
+from .yolo import YAML_NAMES, find_yolo_yaml, read_yolo
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 
@@ -38,17 +40,22 @@ def read_coco_json(ann_file: str | Path) -> dict:
     except UnicodeDecodeError as err:
         raise SparsedetError(f"{path} is not valid JSON text ({err.reason} at byte {err.start}). "
                              "Save it as UTF-8.") from None
+    return check_coco_dict(data, path)
+
+
+def check_coco_dict(data: object, source: str | Path) -> dict:
+    """Return ``data`` if it has the COCO top-level lists, else raise naming ``source``."""
     if not isinstance(data, dict):
-        raise SparsedetError(f"{path} holds a JSON {type(data).__name__}, not a COCO object with "
+        raise SparsedetError(f"{source} holds a JSON {type(data).__name__}, not a COCO object with "
                              "'images', 'annotations' and 'categories'.")
     missing = [key for key in REQUIRED_KEYS if not isinstance(data.get(key), list)]
     if missing:
-        raise SparsedetError(f"{path} lacks the list(s) {', '.join(repr(k) for k in missing)}. A COCO "
+        raise SparsedetError(f"{source} lacks the list(s) {', '.join(repr(k) for k in missing)}. A COCO "
                              "detection file needs top-level 'images', 'annotations' and 'categories' lists.")
     return data
 
 
-def require(entry: object, keys: tuple[str, ...], what: str, path: Path) -> dict:
+def require(entry: object, keys: tuple[str, ...], what: str, path: str | Path) -> dict:
     """Return ``entry`` if it is a dict holding ``keys``, else raise naming ``what`` in ``path``."""
     if not isinstance(entry, dict):
         raise SparsedetError(f"{what} in {path} is not a JSON object.")
@@ -74,7 +81,11 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 class CocoDetection(Dataset):
-    """Detection samples from a COCO json.
+    """Detection samples from a COCO json file or an already-parsed COCO dict.
+
+    ``ann_file`` is a json path (``images_root`` defaults to its folder) or a dict as
+    :func:`read_coco_json` returns (then ``images_root`` is required). ``source`` names
+    the data in error messages in place of the path (e.g. ``"data.yaml (split 'val')"``).
 
     ``dataset[i]`` is ``(image, target)`` or ``None`` when the image cannot be read (a
     warning names the file). image: float (3, H, W) in [0, 1] RGB after ``transforms``.
@@ -87,13 +98,21 @@ class CocoDetection(Dataset):
     ``build_transforms`` does); by default only that step is applied.
     """
 
-    def __init__(self, ann_file: str | Path, images_root: str | Path | None = None,
-                 transforms: Callable | None = None):
-        self.ann_file = Path(ann_file)
-        self.images_root = Path(images_root) if images_root is not None else self.ann_file.parent
+    def __init__(self, ann_file: str | Path | dict, images_root: str | Path | None = None,
+                 transforms: Callable | None = None, *, source: str | None = None):
+        if isinstance(ann_file, dict):
+            if images_root is None:
+                raise ValueError("CocoDetection needs images_root when given a parsed COCO dict")
+            self.ann_file: Path | None = None
+            path: str | Path = source if source is not None else "COCO dict"
+            self.coco = check_coco_dict(ann_file, path)
+        else:
+            self.ann_file = Path(ann_file)
+            path = source if source is not None else self.ann_file
+            self.coco = read_coco_json(self.ann_file)
+        self.source = str(path)
+        self.images_root = Path(images_root) if images_root is not None else Path(ann_file).parent
         self.transforms = transforms if transforms is not None else ToTensorAndNormaliseBoxes()
-        self.coco = read_coco_json(self.ann_file)
-        path = self.ann_file
         if not self.coco["images"]:
             raise SparsedetError(f"{path} contains no images; add entries to 'images' or pick "
                                  "another annotation file.")
@@ -111,6 +130,8 @@ class CocoDetection(Dataset):
         self._images = [require(img, ("id", "file_name", "width", "height"), f"image #{i}", path)
                         for i, img in enumerate(self.coco["images"])]
         self.image_ids: list[int] = [img["id"] for img in self._images]
+        # (height, width) per image as the annotations state it (aspect-ratio grouping reads it).
+        self.image_sizes: list[tuple[int, int]] = [(img["height"], img["width"]) for img in self._images]
         index_of = {img_id: i for i, img_id in enumerate(self.image_ids)}
         if len(index_of) != len(self.image_ids):
             raise SparsedetError(f"{path} repeats an image id; each image needs its own id.")
@@ -171,6 +192,22 @@ class CocoDetection(Dataset):
         image, target = self.transforms(image, target)
         target["size"] = torch.tensor([image.shape[-2], image.shape[-1]])
         return image, target
+
+
+def open_detection_dataset(path: str | Path, split: str, images_root: str | Path | None = None,
+                           transforms: Callable | None = None) -> CocoDetection:
+    """A :class:`CocoDetection` from a YOLO ``data.yaml`` (or its folder) and ``split``, or from a
+    COCO json (``split`` unused). ``images_root`` applies to COCO only: the yaml locates YOLO images."""
+    yaml_path = find_yolo_yaml(path)
+    if yaml_path is None:
+        if Path(path).is_dir():
+            raise SparsedetError(f"{path} is a folder without {' or '.join(YAML_NAMES)}; pass a COCO "
+                                 "json file or a YOLO dataset yaml (or its folder).")
+        return CocoDetection(path, images_root, transforms)
+    if images_root is not None:
+        warnings.warn(f"images_root {images_root} is ignored for the YOLO dataset {yaml_path}", stacklevel=2)
+    coco, root = read_yolo(yaml_path, split)
+    return CocoDetection(coco, root, transforms, source=f"{yaml_path} ({split})")
 
 
 def clipped_xyxy(bbox: object, width: float, height: float) -> list[float] | None:

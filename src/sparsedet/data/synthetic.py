@@ -185,15 +185,18 @@ def _write_split(out_dir: Path, split: str, count: int, size: int, seed: int, sp
 
 
 def write_synthetic(out_dir: str | Path, n_train: int = 400, n_val: int = 100, size: int = 256,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, format: str = "coco") -> dict:
     """Write ``out_dir/{train,val}.json`` and ``out_dir/images/{train,val}/*.png``.
 
     File names in the json are relative to ``out_dir``. Images are ``size`` x ``size``
     pixels, or have one side up to 25% shorter. Returns a summary with the json paths,
-    class names and image/annotation counts per split.
+    class names and image/annotation counts per split. ``format="yolo"`` also writes a
+    YOLO copy of both splits to ``out_dir/yolo/`` (its data.yaml path is ``summary["yolo"]``).
     """
     if n_train < 1 or n_val < 0 or size < 4 * MIN_OBJECT:
         raise ValueError(f"need n_train >= 1, n_val >= 0 and size >= {4 * MIN_OBJECT}")
+    if format not in ("coco", "yolo"):
+        raise ValueError(f"format must be 'coco' or 'yolo', not {format!r}")
     out_dir = Path(out_dir)
     summary: dict = {"root": str(out_dir), "classes": [name for _, name in CATEGORIES],
                      "num_images": {}, "num_annotations": {}}
@@ -202,4 +205,8 @@ def write_synthetic(out_dir: str | Path, n_train: int = 400, n_val: int = 100, s
         summary[split] = str(out_dir / f"{split}.json")
         summary["num_images"][split] = len(data["images"])
         summary["num_annotations"][split] = len(data["annotations"])
+    if format == "yolo":
+        from .yolo import write_yolo  # lazily: it pulls in torch via the COCO dataset
+        for split in ("train", "val"):
+            summary["yolo"] = str(write_yolo(out_dir / f"{split}.json", out_dir / "yolo"))
     return summary

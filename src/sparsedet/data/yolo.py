@@ -1,0 +1,266 @@
+"""YOLO-format (Ultralytics-style ``data.yaml``) datasets, read as COCO dicts, and COCO -> YOLO export.
+
+A YOLO label file holds one object per line: ``class cx cy w h`` with the box centre and
+size normalised to [0, 1] by the image width/height, or ``class x1 y1 x2 y2 ...`` (a
+normalised polygon, whose bounding box is used). :func:`read_yolo` returns COCO boxes
+``[x, y, w, h]`` in pixels with category ids equal to the YOLO class indices (0-based).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from ..errors import SparsedetError
+
+IMAGE_SUFFIXES = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
+YAML_NAMES = ("data.yaml", "data.yml")
+SPLIT_KEYS = ("train", "val", "test")
+
+
+def find_yolo_yaml(path: str | Path) -> Path | None:
+    """The dataset yaml of ``path`` (a ``.yaml``/``.yml`` file, or a folder holding ``data.yaml``
+    or ``data.yml``), or None if ``path`` is not a YOLO dataset. A yaml path is returned even if
+    missing, so that :func:`read_yolo` reports it."""
+    path = Path(path)
+    if path.suffix.lower() in (".yaml", ".yml") and not path.is_dir():
+        return path
+    if path.is_dir():
+        return next((path / name for name in YAML_NAMES if (path / name).is_file()), None)
+    return None
+
+
+def yolo_splits(path: str | Path) -> list[str]:
+    """The split keys (train, val, test) a YOLO dataset's yaml defines; [] if ``path`` is not one."""
+    yaml_path = find_yolo_yaml(path)
+    if yaml_path is None:
+        return []
+    data = _load_yaml(yaml_path)
+    return [key for key in SPLIT_KEYS if data.get(key)]
+
+
+def _load_yaml(yaml_path: Path) -> dict:
+    if not yaml_path.is_file():
+        raise SparsedetError(f"dataset yaml not found: {yaml_path}. Pass an existing YOLO data.yaml "
+                             "(or the folder holding it).")
+    try:
+        data = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise SparsedetError(f"{yaml_path} is not valid YAML{at}: {getattr(err, 'problem', None) or err}. "
+                             "Fix the file there.") from None
+    except UnicodeDecodeError as err:
+        raise SparsedetError(f"{yaml_path} is not UTF-8 text ({err.reason}); save it as UTF-8.") from None
+    if not isinstance(data, dict):
+        raise SparsedetError(f"{yaml_path} must hold a YAML mapping with 'names' and split keys "
+                             f"('train', 'val', ...), not a {type(data).__name__}.")
+    return data
+
+
+def _names(data: dict, yaml_path: Path) -> dict[int, str]:
+    """Class index -> name from ``names`` (list or {index: name}); checks ``nc`` if present."""
+    names = data.get("names")
+    if names is None:
+        raise SparsedetError(f"{yaml_path} lacks 'names'; add the class names, e.g. "
+                             "`names: [cat, dog]` or `names: {0: cat, 1: dog}`.")
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or not names or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in names):
+        raise SparsedetError(f"'names' in {yaml_path} must be a non-empty list of class names or a "
+                             "mapping {class index (integer >= 0): name}.")
+    nc = data.get("nc")
+    if nc is not None and nc != len(names):
+        raise SparsedetError(f"{yaml_path} says nc: {nc} but 'names' lists {len(names)} classes; "
+                             "make them agree (or drop 'nc').")
+    return {k: str(v) for k, v in sorted(names.items())}
+
+
+def _split_images(entry: object, root: Path, yaml_path: Path, split: str) -> list[Path]:
+    """Image paths of one split entry: a folder (searched recursively), a .txt list of image paths
+    (relative lines are relative to the .txt's folder), or a list of those."""
+    entries = entry if isinstance(entry, list) else [entry]
+    found: list[Path] = []
+    for item in entries:
+        if not isinstance(item, str):
+            raise SparsedetError(f"'{split}' in {yaml_path} must be a folder, a .txt file or a list "
+                                 f"of those, not {item!r}.")
+        place = root / item
+        if place.is_dir():
+            found += [p for p in place.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        elif place.is_file() and place.suffix.lower() == ".txt":
+            lines = [line.strip() for line in place.read_text(encoding="utf-8").splitlines()]
+            found += [place.parent / line for line in lines if line]
+        else:
+            raise SparsedetError(f"'{split}: {item}' in {yaml_path} points to {place}, which is not an "
+                                 "existing folder or .txt list of images. Fix the entry or its 'path' "
+                                 f"(the dataset root, now {root}).")
+    return sorted({Path(os.path.normpath(p.absolute())) for p in found})
+
+
+def label_path(image_path: Path) -> Path:
+    """Label file of an image: the last ``images`` path component becomes ``labels``, suffix ``.txt``
+    (next to the image if the path has no ``images`` component)."""
+    parts = list(image_path.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _read_labels(path: Path, classes: dict[int, str], width: int, height: int
+                 ) -> list[tuple[int, list[float], float]]:
+    """(class, COCO [x, y, w, h] pixels clipped to the image, area) per line of a label file."""
+    if not path.is_file():
+        return []
+    objects = []
+    text = path.read_bytes().decode("utf-8", errors="replace")  # odd bytes fail as a non-numeric line
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values = [float(v) for v in line.split()]
+        except ValueError:
+            values = []
+        if len(values) < 5 or not all(abs(v) < float("inf") for v in values):
+            raise SparsedetError(f"{path} line {number} is not `class cx cy w h` (finite numbers, "
+                                 f"optionally followed by polygon points): {line.strip()[:80]!r}. "
+                                 "Fix or delete the line.")
+        cls = values[0]
+        if cls != int(cls) or int(cls) not in classes:
+            raise SparsedetError(f"{path} line {number} has class {line.split()[0]}, which is not a class "
+                                 f"index in 'names' (0..{max(classes)}). Fix the label or add the class.")
+        if len(values) >= 7 and len(values) % 2 == 1:  # polygon x1 y1 x2 y2 ...
+            xs, ys = values[1::2], values[2::2]
+            x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+            area = 0.5 * abs(sum(xs[i - 1] * ys[i] - xs[i] * ys[i - 1] for i in range(len(xs))))
+        else:  # cx cy w h, any extra columns ignored
+            cx, cy, w, h = values[1:5]
+            x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+            area = None
+        x1, x2 = (min(max(v * width, 0.0), width) for v in (x1, x2))
+        y1, y2 = (min(max(v * height, 0.0), height) for v in (y1, y2))
+        box = [x1, y1, max(x2 - x1, 0.0), max(y2 - y1, 0.0)]
+        box_area = box[2] * box[3]
+        objects.append((int(cls), box, box_area if area is None else min(area * width * height, box_area)))
+    return objects
+
+
+def read_yolo(yaml_path: str | Path, split: str) -> tuple[dict, Path]:
+    """One split of a YOLO dataset as a COCO dict, and the root its ``file_name`` entries are relative to.
+
+    Images are sorted by path with ids 1..N; sizes come from the image headers (images that
+    cannot be opened are skipped with one warning). Boxes are COCO ``[x, y, w, h]`` pixels,
+    clipped to the image but otherwise unchecked; category ids are the YOLO class indices.
+    """
+    yaml_path = Path(yaml_path)
+    data = _load_yaml(yaml_path)
+    classes = _names(data, yaml_path)
+    root = Path(data["path"]) if isinstance(data.get("path"), str) else Path()
+    root = Path(os.path.normpath((yaml_path.parent / root).absolute()))
+    if data.get(split) is None:
+        present = [k for k in SPLIT_KEYS if data.get(k) is not None]
+        raise SparsedetError(f"{yaml_path} has no '{split}' entry (it has: {', '.join(present) or 'none'}). "
+                             f"Add `{split}: images/{split}` or pick another split.")
+    paths = _split_images(data[split], root, yaml_path, split)
+    if not paths:
+        raise SparsedetError(f"no images found for '{split}: {data[split]}' of {yaml_path}; expected "
+                             f"files with suffix {', '.join(sorted(IMAGE_SUFFIXES))}.")
+    if not all(p.is_relative_to(root) for p in paths):
+        root = Path(os.path.commonpath([root, *paths]))
+    images, annotations, unreadable = [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            unreadable.append(path)
+            continue
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": path.relative_to(root).as_posix(),
+                       "width": width, "height": height})
+        for cls, bbox, area in _read_labels(label_path(path), classes, width, height):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cls,
+                                "bbox": bbox, "area": area, "iscrowd": 0})
+    if unreadable:
+        shown = ", ".join(str(p) for p in unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+        warnings.warn(f"{yaml_path} ({split}): skipped {len(unreadable)} image(s) that cannot be opened: "
+                      f"{shown}", stacklevel=2)
+    categories = [{"id": i, "name": name} for i, name in classes.items()]
+    return {"images": images, "annotations": annotations, "categories": categories}, root
+
+
+def write_yolo(coco_json_path: str | Path, out_dir: str | Path) -> Path:
+    """Export a COCO json (file names relative to its folder) as split ``<json stem>`` of a YOLO
+    dataset in ``out_dir``: images copied to ``images/<split>/``, ``labels/<split>/*.txt`` with
+    ``class cx cy w h`` normalised to [0, 1] (classes = categories in increasing id order), and
+    ``data.yaml`` merged with any existing one. Crowd and degenerate boxes are left out (one warning).
+    Returns the yaml path."""
+    from .coco import clipped_xyxy, read_coco_json, require  # coco.py imports this module's readers
+
+    json_path, out_dir = Path(coco_json_path), Path(out_dir)
+    coco = read_coco_json(json_path)
+    split = json_path.stem
+    categories = sorted((require(c, ("id", "name"), f"category #{i}", json_path)
+                         for i, c in enumerate(coco["categories"])), key=lambda c: c["id"])
+    names = [str(c["name"]) for c in categories]
+    label_of = {c["id"]: i for i, c in enumerate(categories)}
+    image_dir, label_dir = out_dir / "images" / split, out_dir / "labels" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    images = [require(img, ("id", "file_name"), f"image #{i}", json_path)
+              for i, img in enumerate(coco["images"])]
+    lines: dict[object, list[str]] = {img["id"]: [] for img in images}
+    sizes: dict[object, tuple[int, int]] = {}
+    targets: dict[object, Path] = {}
+    stems: set[str] = set()
+    for img in images:
+        source = json_path.parent / img["file_name"]
+        target = image_dir / Path(img["file_name"]).name
+        if target.stem in stems:  # same base name from another folder: labels would clash
+            target = image_dir / f"{img['id']}_{target.name}"
+        stems.add(target.stem)
+        try:
+            with Image.open(source) as opened:
+                sizes[img["id"]] = opened.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise SparsedetError(f"cannot read image {source} listed in {json_path} ({err}). "
+                                 "Fix the file or its entry.") from None
+        shutil.copyfile(source, target)
+        targets[img["id"]] = target
+    skipped = 0
+    for i, ann in enumerate(coco["annotations"]):
+        ann = require(ann, ("image_id", "category_id", "bbox"), f"annotation #{i}", json_path)
+        size = sizes.get(ann["image_id"])
+        known = size is not None and ann["category_id"] in label_of and not ann.get("iscrowd", 0)
+        box = clipped_xyxy(ann["bbox"], *size) if known else None
+        if box is None:
+            skipped += 1
+            continue
+        (w, h), (x1, y1, x2, y2) = size, box
+        lines[ann["image_id"]].append(f"{label_of[ann['category_id']]} {(x1 + x2) / 2 / w:.6f} "
+                                      f"{(y1 + y2) / 2 / h:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}")
+    for image_id, target in targets.items():
+        text = "".join(line + "\n" for line in lines[image_id])
+        (label_dir / target.name).with_suffix(".txt").write_text(text)
+    if skipped:
+        warnings.warn(f"{json_path}: left out {skipped} crowd, degenerate or unmatched annotation(s) "
+                      "in the YOLO export.", stacklevel=2)
+
+    yaml_path = out_dir / "data.yaml"
+    data = _load_yaml(yaml_path) if yaml_path.is_file() else {}
+    if "names" in data and list(_names(data, yaml_path).values()) != names:
+        raise SparsedetError(f"{yaml_path} already lists names {list(_names(data, yaml_path).values())}, "
+                             f"but {json_path} has {names}; export splits with one category table "
+                             "into one folder.")
+    data.pop("nc", None)
+    splits = {k: v for k, v in data.items() if k not in ("path", "names")}
+    splits[split] = f"images/{split}"
+    yaml_path.write_text(yaml.safe_dump({"path": ".", **splits, "names": names}, sort_keys=False))
+    return yaml_path
