@@ -59,7 +59,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "sparsedet.cli", "demo", "--preset", preset, "--minutes", "100000",
                             "--seed", str(args.seed), "--out", str(run), f"train.max_steps={args.steps}",
                             f"train.eval_every={args.steps // args.evals}"], check=True)
-        history = [json.loads(line) for line in (run / "run" / "history.jsonl").read_text().splitlines()]
+        history = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()]
         curves[preset] = {r["step"]: r["eval"]["AP"] for r in history if "eval" in r}
         final = json.loads((run / "metrics.json").read_text())
         minutes = max(r.get("time_s", 0.0) for r in history) / 60

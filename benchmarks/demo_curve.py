@@ -28,7 +28,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "sparsedet.cli", "demo", "--minutes", str(args.minutes), "--preset", args.preset,
            "--out", args.out, f"train.eval_every={args.eval_every}", *args.overrides]
     subprocess.run(cmd, check=True)
-    rows = [json.loads(line) for line in (Path(args.out) / "run" / "history.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(args.out) / "run" / "metrics.jsonl").read_text().splitlines()]
     print(f"\n`{' '.join(cmd[2:])}` on {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| training minutes | step | AP | AP50 | APs | APm | APl |")

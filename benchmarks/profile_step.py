@@ -15,7 +15,8 @@ import torch
 
 from sparsedet import Detector
 from sparsedet.data.batch import Batch
-from sparsedet.engine.trainer import param_groups, resolve_amp
+from sparsedet.engine.optim import param_groups
+from sparsedet.engine.trainer import resolve_amp
 from sparsedet.losses.criterion import SetCriterion
 
 

@@ -6,11 +6,7 @@ from pathlib import Path
 import pytest
 
 from sparsedet.cli import build_parser, main
-
-TINY = ["train.max_steps=2", "train.batch_size=2", "model.num_queries=20", "model.dn_queries=6",
-        "model.num_encoder_layers=1", "model.num_decoder_layers=1", "model.hidden_dim=64", "model.ffn_dim=64",
-        "model.backbone.width=8", "model.eval_size=96", "model.eval_max_size=128", "data.train_scales=[96]",
-        "data.max_size=128", "train.amp=none"]
+from tiny import TINY
 
 
 def test_every_verb_has_help(capsys):
@@ -31,7 +27,7 @@ def test_train_eval_predict_round_trip(synth, tmp_path, capsys):
     assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["classes"] == synth["classes"] and config["model"]["category_ids"] == [1, 2, 3, 5, 7]
-    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert history[0]["step"] == 1 and "loss_giou" in history[0]
 
     assert main(["eval", "--weights", str(run), "--val", synth["val"]]) == 0
@@ -106,3 +102,17 @@ def test_check_data_exit_codes(synth, tmp_path, capsys):
     assert main(["check-data", "--ann", str(ann), "--images", str(synth["root"])]) == 1
     out = capsys.readouterr().out
     assert "unknown category id 42" in out and f"annotation id {data['annotations'][0]['id']} " in out
+
+
+def test_trains_on_a_yolo_folder_and_takes_its_val_split(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--train", "4", "--val", "2", "--size", "96", "--format", "yolo"]) == 0
+    assert "YOLO copy" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "dino_tiny", "--train", str(data / "yolo"), "--out", str(run),
+                 "--no-progress", *TINY]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["val"] == config["data"]["train"] == str(data / "yolo")
+    assert config["model"]["category_ids"] == [0, 1, 2, 3, 4]  # YOLO class indices
+    assert "AP" in json.loads((run / "metrics.json").read_text())
+    assert main(["eval", "--weights", str(run), "--val", str(data / "yolo"), "--out", str(tmp_path / "e")]) == 0

@@ -8,7 +8,8 @@ from sparsedet.config import apply_overrides
 from sparsedet.data.coco import CocoDetection
 from sparsedet.data.synthetic import write_synthetic
 from sparsedet.data.transforms import build_transforms
-from sparsedet.engine.trainer import Trainer, evaluate, seed_everything
+from sparsedet.engine.evaluator import evaluate
+from sparsedet.engine.trainer import Trainer, seed_everything
 from sparsedet.presets import get_preset
 
 

@@ -1,6 +1,8 @@
 """The user-facing ``Detector``: presets, pretrained run folders and ``predict`` on raw images."""
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,11 @@ class Detector(DetectionTransformer):
         return cls.from_config(config)
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu", **overrides: Any) -> "Detector":
-        """Load a run folder written by ``save_pretrained``, ``sparsedet train`` or ``convert``;
-        overrides change what the weights do not fix (``encoder.keep_ratio=0.2``)."""
-        config, state = load_run(run_dir)
+    def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu", ema: bool = False,
+                        **overrides: Any) -> "Detector":
+        """Load a run folder written by ``save_pretrained``, ``sparsedet train`` or ``convert`` (its EMA
+        weights with ``ema=True``); overrides change what the weights do not fix (``encoder.keep_ratio=0.2``)."""
+        config, state = load_run(run_dir, ema=ema)
         apply_overrides(config, overrides)
         config.model.backbone.weights = None  # the run's weights already hold the backbone
         model = cls.from_config(config)
@@ -57,6 +60,31 @@ class Detector(DetectionTransformer):
             raise SparsedetError(
                 f"weights in {run_dir} do not fit its config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
         return model.to(map_location).eval()
+
+    @classmethod
+    def for_finetuning(cls, run_dir: str | Path, config: Config) -> "Detector":
+        """A model built from ``config`` (its classes may differ from the run's) that starts from the
+        weights in ``run_dir``: every tensor whose name and shape match is kept. When the class table
+        differs, the class-dependent tensors (class heads, denoising label table) start fresh, with a
+        warning that lists them. Any other mismatch is an error."""
+        old_config, state = load_run(run_dir)
+        model = cls.from_config(config)
+        new_state = model.state_dict()
+        same_classes = (list(old_config.model.category_ids) == list(config.model.category_ids)
+                        and list(old_config.model.classes) == list(config.model.classes))
+        fresh = set() if same_classes else class_dependent_keys(config)
+        misfits = [k for k in new_state if k not in fresh and (k not in state or state[k].shape != new_state[k].shape)]
+        unexpected = [k for k in state if k not in new_state]
+        if misfits or unexpected:
+            raise SparsedetError(f"weights in {run_dir} do not fit the training config (missing or reshaped: "
+                                 f"{misfits[:5]}, unexpected: {unexpected[:5]}); change only the data and "
+                                 "training settings when fine-tuning")
+        model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+        if fresh:
+            warnings.warn(f"{run_dir} was trained on another class set ({len(old_config.model.classes)} classes): "
+                          f"kept every other weight, reinitialised the {len(fresh)} class-dependent tensors "
+                          f"({', '.join(sorted(fresh)[:4])}{', ...' if len(fresh) > 4 else ''})")
+        return model
 
     def save_pretrained(self, run_dir: str | Path) -> None:
         save_run(run_dir, self.state_dict(), getattr(self, "run_config", None) or Config(model=self.config))
@@ -98,6 +126,20 @@ class Detector(DetectionTransformer):
             sizes.append((im.height, im.width))
             resized_images.append(resized)
         return Batch.from_images(tensors), torch.tensor(sizes), resized_images
+
+
+def class_dependent_keys(config: Config) -> set[str]:
+    """State-dict keys whose shape follows the number of classes (found by building the model for
+    two class counts on the meta device, which allocates nothing)."""
+    shapes = []
+    for extra in (0, 1):
+        model_config = copy.deepcopy(config.model)
+        model_config.num_classes += extra
+        model_config.classes, model_config.category_ids = [], []
+        model_config.backbone.weights = None
+        with torch.device("meta"):
+            shapes.append({k: v.shape for k, v in DetectionTransformer(model_config).state_dict().items()})
+    return {k for k, shape in shapes[0].items() if shapes[1][k] != shape}
 
 
 def _to_pil(image: ImageLike) -> Image.Image:

@@ -45,25 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("synth", help="write a deterministic synthetic COCO dataset",
-                       description="Writes DIR/train.json, DIR/val.json and the images they reference.")
+    s = sub.add_parser("synth", help="write a deterministic synthetic COCO (or YOLO) dataset",
+                       description="Writes DIR/train.json, DIR/val.json and the images they reference; with "
+                       "--format yolo also a YOLO copy in DIR/yolo (data.yaml, images/, labels/).")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--train", type=int, default=400, help="training images (default 400)")
     s.add_argument("--val", type=int, default=100, help="validation images (default 100)")
     s.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=["coco", "yolo"], default="coco", help="yolo: also write DIR/yolo")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("train", help="train a model on a COCO-format dataset",
-                       description="Trains PRESET (or continues from --weights RUN) and writes checkpoints, "
-                       "history.jsonl and metrics.json into --out. Any config field can be overridden as "
-                       "key.sub=value, e.g. train.max_steps=500 train.batch_size=4 model.num_queries=300.")
+    s = sub.add_parser("train", help="train a model on a COCO or YOLO dataset (one process or torchrun)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Trains PRESET (or fine-tunes --weights RUN, or continues --resume RUN) and writes "
+                       "into --out: model.safetensors + config.json (+ ema.safetensors with train.ema=true), "
+                       "metrics.jsonl (one object per logged step and per evaluation), metrics.json (last "
+                       "evaluation), checkpoints/ (the newest train.keep_checkpoints step checkpoints and the best "
+                       "by AP, each resumable) and, when tensorboard is installed, tensorboard/.\n\n"
+                       "Data: --train/--val take a COCO json or a YOLO data.yaml (or its folder; its val split is "
+                       "used when --val is not given).\n\n"
+                       "Any config field is an override key.sub=value, e.g. train.max_steps=500 train.batch_size=4 "
+                       "train.amp=bf16 train.ema=true train.accumulate=2 train.schedule=cosine train.seed=1 "
+                       "train.log_every=10 train.checkpoint_every=500.\n\n"
+                       "Several GPUs or machines: launch the same command with torchrun, e.g.\n"
+                       "  torchrun --nproc_per_node 8 -m sparsedet train --preset dino_r50 --train ... --out RUN\n"
+                       "(multi-node: add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT). train.batch_size is "
+                       "per process; NCCL on GPUs, Gloo on CPUs.")
     s.add_argument("--preset", help="model preset (see `sparsedet presets`)")
-    s.add_argument("--weights", help="start from this run folder instead of a preset (fine-tuning)")
-    s.add_argument("--train", required=True, dest="train_ann", help="training annotations (COCO json)")
-    s.add_argument("--val", dest="val_ann", help="validation annotations (COCO json)")
-    s.add_argument("--images", help="image root (default: each json's folder)")
-    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--weights", help="fine-tune from this run folder (another class set is fine: class heads restart)")
+    s.add_argument("--resume", metavar="RUN", help="continue this run exactly from its newest checkpoint; data and "
+                   "settings come from RUN/config.json, overrides may change them (e.g. train.max_steps)")
+    s.add_argument("--train", dest="train_ann", help="training data: COCO json, or YOLO data.yaml or its folder")
+    s.add_argument("--val", dest="val_ann", help="validation data (COCO json or YOLO yaml)")
+    s.add_argument("--images", help="COCO image root (default: each json's folder)")
+    s.add_argument("--out", help="run folder to write (with --resume: RUN)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     s.set_defaults(func=cmd_train)
@@ -74,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="run folder")
     src.add_argument("--results", help="COCO results json")
-    s.add_argument("--val", required=True, dest="val_ann", help="ground-truth annotations (COCO json)")
+    s.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (ema.safetensors)")
+    s.add_argument("--val", required=True, dest="val_ann",
+                   help="ground truth: COCO json, or YOLO data.yaml or its folder (its val split)")
     s.add_argument("--images", help="image root (default: the json's folder)")
     s.add_argument("--out", help="folder for metrics.json (default: RUN, or . for --results)")
     s.add_argument("--batch-size", type=int, default=4)
@@ -160,47 +178,69 @@ def cmd_presets(args) -> int:
 
 def cmd_synth(args) -> int:
     from .data.synthetic import write_synthetic
-    info = write_synthetic(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed)
+    info = write_synthetic(args.out, n_train=args.train, n_val=args.val, size=args.size, seed=args.seed,
+                           format=args.format)
     counts = info["num_images"]
-    print(f"wrote {info['train']} and {info['val']} ({counts['train']} + {counts['val']} images)")
+    print(f"wrote {info['train']} and {info['val']} ({counts['train']} + {counts['val']} images)"
+          + (f" and the YOLO copy {info['yolo']}" if args.format == "yolo" else ""))
     return 0
 
 
-def _prepare_training(preset: str | None, weights: str | None, overrides: list[str], train_ann, val_ann, images):
-    """Config, model and datasets for a training run (classes come from the training json)."""
+def _prepare_training(preset: str | None, weights: str | None, overrides: list[str], data: dict):
+    """Config, model and datasets for a new training run; the class table comes from the training data."""
     from .api import Detector
     from .config import apply_overrides
     from .engine.checkpoint import load_run
-    from .engine.trainer import make_datasets
+    from .engine.trainer import make_datasets, seed_everything
     from .presets import get_preset
     if bool(preset) == bool(weights):
-        raise SparsedetError("give exactly one of --preset NAME or --weights RUN")
+        raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
     config = load_run(weights)[0] if weights else get_preset(preset)
+    apply_overrides(config, {f"data.{k}": v for k, v in data.items() if v is not None})
     apply_overrides(config, overrides)
-    train_set, val_set = make_datasets(config, train_ann, val_ann, images)
+    train_set, val_set = make_datasets(config)
     m = config.model
-    if weights:
-        model = Detector.from_pretrained(weights)
-        if list(model.config.category_ids) != list(train_set.category_ids):
-            raise SparsedetError(
-                f"{weights} was trained on categories {model.config.category_ids} but {train_ann} has "
-                f"{train_set.category_ids}; fine-tuning onto a new class set is not supported yet")
-        model.config, model.run_config = m, config
-        m.classes, m.category_ids, m.num_classes = train_set.classes, train_set.category_ids, len(train_set.classes)
-        return config, model, train_set, val_set
     m.classes, m.category_ids, m.num_classes = train_set.classes, train_set.category_ids, len(train_set.classes)
-    return config, Detector.from_config(config), train_set, val_set
+    seed_everything(config.train.seed)  # the initial weights follow train.seed
+    model = Detector.for_finetuning(weights, config) if weights else Detector.from_config(config)
+    return config, model, train_set, val_set
 
 
 def cmd_train(args) -> int:
-    from .engine.trainer import Trainer, seed_everything, set_threads
-    config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides,
-                                                          args.train_ann, args.val_ann, args.images)
+    from .engine import distributed
+    from .engine.trainer import Trainer, make_datasets, set_threads
+    data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
+    if args.resume:
+        from .api import Detector
+        from .config import apply_overrides
+        from .engine.checkpoint import load_run
+        if args.preset or args.weights or (args.out and Path(args.out) != Path(args.resume)):
+            raise SparsedetError("--resume RUN continues RUN as it was configured; leave out --preset, --weights "
+                                 "and --out (overrides such as train.max_steps=... are allowed)")
+        config = load_run(args.resume)[0]
+        apply_overrides(config, {f"data.{k}": v for k, v in data.items() if v is not None})
+        apply_overrides(config, args.overrides)
+        train_set, val_set = make_datasets(config)
+        if train_set.category_ids != config.model.category_ids:
+            raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
+        model, out = Detector.from_config(config), args.resume
+    else:
+        if not args.train_ann or not args.out:
+            raise SparsedetError("--train and --out are required (or --resume RUN)")
+        config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides, data)
+        out = args.out
     set_threads(config.train.threads)
-    seed_everything(config.train.seed)
-    trainer = Trainer(model, config, train_set, val_set, args.out, progress=not args.no_progress)
-    trainer.fit()
-    print(f"saved {args.out}")
+    trainer = Trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
+    try:
+        if args.resume:
+            path = trainer.resume()
+            if trainer.ctx.is_main:
+                print(f"resumed {path} at step {trainer.step}")
+        trainer.fit()
+    finally:
+        distributed.teardown()
+    if trainer.ctx.is_main:
+        print(f"saved {out}")
     return 0
 
 
@@ -211,12 +251,12 @@ def cmd_eval(args) -> int:
         out = Path(args.out or ".")
     else:
         from .api import Detector
-        from .data.coco import CocoDetection
+        from .data.coco import open_detection_dataset
         from .data.transforms import build_transforms
-        from .engine.trainer import evaluate
-        model = Detector.from_pretrained(args.weights)
+        from .engine.evaluator import evaluate
+        model = Detector.from_pretrained(args.weights, ema=args.ema)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
-        dataset = CocoDetection(args.val_ann, args.images, tf)
+        dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
         if model.config.category_ids and list(model.config.category_ids) != list(dataset.category_ids):
             unknown = sorted(set(model.config.category_ids) - set(dataset.category_ids))
             if unknown:
@@ -366,21 +406,22 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import shutil
     import time
 
     from .data.synthetic import write_synthetic
-    from .engine.trainer import Trainer, seed_everything
+    from .engine.trainer import Trainer
     from .tools.draw import grid
     out = Path(args.out)
+    shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts over each time
     t0 = time.perf_counter()
     info = write_synthetic(out / "data", n_train=400, n_val=100, size=256, seed=args.seed)
     print(f"[1/4] synthetic dataset: {info['num_images']['train']} train / {info['num_images']['val']} val images "
           f"in {out / 'data'}")
     overrides = [f"train.minutes={args.minutes}", "train.max_steps=1000000", "train.eval_every=-1",
                  f"train.seed={args.seed}"] + args.overrides
-    config, model, train_set, val_set = _prepare_training(args.preset, None, overrides, info["train"], info["val"],
-                                                          None)
-    seed_everything(config.train.seed)
+    config, model, train_set, val_set = _prepare_training(args.preset, None, overrides,
+                                                          {"train": info["train"], "val": info["val"]})
     print(f"[2/4] training {args.preset} for {args.minutes:g} min")
     trainer = Trainer(model, config, train_set, val_set, out / "run", progress=True)
     metrics = trainer.fit()

@@ -110,6 +110,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # Datasets: a COCO json, or a YOLO data.yaml (or the folder holding it); set by `sparsedet train`
+    # and kept in the run's config.json so that `--resume RUN` needs nothing else.
+    train: str = ""
+    val: str = ""
+    images: str = ""                   # COCO image root; "" = each json's folder
     train_scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     crop: bool = True
@@ -117,6 +122,7 @@ class DataConfig:
     crop_range: list[int] = field(default_factory=lambda: [384, 600])
     num_workers: int = 0
     size_divisor: int = 1              # pad batches to a multiple: fewer distinct shapes, faster CPU kernels
+    aspect_grouping: bool = True       # batch landscape with landscape and portrait with portrait images
 
 
 @dataclass
@@ -125,20 +131,28 @@ class TrainConfig:
     lr_backbone: float = 2e-5
     lr_linear_proj_mult: float = 0.1   # sampling offsets / reference points
     weight_decay: float = 1e-4
-    batch_size: int = 2
-    max_steps: int = 0                 # 0: use epochs
+    batch_size: int = 2                # images per step and process (torchrun: per GPU)
+    accumulate: int = 1                # micro-batches per optimiser step
+    max_steps: int = 0                 # optimiser steps; 0: use epochs
     epochs: int = 50
-    lr_drop: float = 0.8               # fraction of training after which lr drops x0.1
+    schedule: str = "step"             # "step": x0.1 at lr_drop; "cosine": down to lr * min_lr_ratio
+    lr_drop: float = 0.8               # fraction of training after which lr drops x0.1 (step schedule)
+    min_lr_ratio: float = 0.01         # cosine schedule floor
     warmup_steps: int = 0
     clip_grad: float = 0.1
+    ema: bool = False                  # exponential moving average of the weights, evaluated and saved too
+    ema_decay: float = 0.9997
     minutes: float = 0.0               # wall-clock budget; 0 = none
     eval_every: int = 0                # steps; 0 = once per epoch, -1 = at the end only
     checkpoint_every: int = 0          # steps; 0 = at every evaluation and at the end
+    keep_checkpoints: int = 2          # newest step checkpoints kept in RUN/checkpoints (plus the best)
     log_every: int = 20
+    max_nonfinite: int = 20            # non-finite losses in a row that stop the run
     seed: int = 42
     device: str = "auto"
-    amp: str = "none"                  # "none" | "bf16" | "auto" (bf16 where the device runs it natively)
+    amp: str = "none"                  # "none" | "bf16" | "fp16" (with a loss scaler) | "auto" (bf16 where native)
     threads: int = 0                   # 0 = torch default
+    tensorboard: bool = True           # also log to RUN/tensorboard when the tensorboard package is installed
 
 
 @dataclass

@@ -1,8 +1,17 @@
-"""Run folders: ``model.safetensors`` + ``config.json``, written atomically."""
+"""Run folders and resumable checkpoints, written atomically.
+
+A run folder holds ``model.safetensors`` + ``config.json`` (and ``ema.safetensors`` when training
+kept an EMA). Training adds ``checkpoints/step_NNNNNNNN/`` (the newest ``keep`` of them) and
+``checkpoints/best_step_NNNNNNNN/``: each a run folder plus ``train_state.pt`` (optimiser, loss
+scaler, RNG states, step, data position), written into a temporary folder and renamed, so a
+crash at any moment leaves the previous checkpoint complete.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,7 +21,10 @@ from safetensors.torch import load_file, save_file
 from ..config import Config
 from ..errors import SparsedetError
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, EMA_WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_BEST_DIR = re.compile(r"^best_step_(\d+)$")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -30,12 +42,18 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    # safetensors refuses tensors that share memory; store each once, contiguous, on the CPU.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    atomic_write(path, lambda p: save_file(tensors, p))
+
+
 def save_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], config: Config,
-             extra: dict | None = None) -> None:
+             extra: dict | None = None, ema_state: dict[str, torch.Tensor] | None = None) -> None:
     run_dir = Path(run_dir)
-    # safetensors refuses tensors that share memory; store each once, contiguous.
-    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-    atomic_write(run_dir / WEIGHTS, lambda p: save_file(tensors, p))
+    save_weights(run_dir / WEIGHTS, state_dict)
+    if ema_state is not None:
+        save_weights(run_dir / EMA_WEIGHTS, ema_state)
     payload = config.to_dict()
     from .. import __version__
     payload["sparsedet_version"] = __version__
@@ -44,11 +62,15 @@ def save_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], config: C
     atomic_write(run_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
+def load_run(run_dir: str | Path, ema: bool = False) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The run's config and weights (its EMA weights with ``ema``), read without unpickling."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SparsedetError(
             f"run folder not found: {run_dir}; pass a folder written by `sparsedet train` or `convert`")
+    weights = EMA_WEIGHTS if ema else WEIGHTS
+    if ema and not (run_dir / EMA_WEIGHTS).is_file():
+        raise SparsedetError(f"{run_dir} has no {EMA_WEIGHTS}; it was trained without train.ema=true")
     for name in (WEIGHTS, CONFIG):
         if not (run_dir / name).is_file():
             raise SparsedetError(f"{run_dir} has no {name}; it is not a sparsedet run folder")
@@ -59,7 +81,62 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     raw = {k: v for k, v in raw.items() if k in ("model", "data", "train")}
     config = Config.from_dict(raw)
     try:
-        state = load_file(str(run_dir / WEIGHTS))
+        state = load_file(str(run_dir / weights))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise SparsedetError(f"could not read {run_dir / WEIGHTS}: {e}") from None
+        raise SparsedetError(f"could not read {run_dir / weights}: {e}") from None
     return config, state
+
+
+def save_checkpoint(run_dir: str | Path, name: str, state_dict: dict[str, torch.Tensor], config: Config,
+                    train_state: dict, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``run_dir/checkpoints/name`` whole or not at all: into a temporary folder, then renamed."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    try:
+        save_run(tmp, state_dict, config, ema_state=ema_state)
+        torch.save(train_state, tmp / TRAIN_STATE)
+        if final.exists():  # the same step saved twice (e.g. the last step is also a checkpoint step)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def _numbered(run_dir: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := pattern.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete step checkpoint of a run, or None."""
+    found = _numbered(Path(run_dir), _STEP_DIR)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints and all but the newest best checkpoint,
+    and leftovers of interrupted writes."""
+    run_dir = Path(run_dir)
+    doomed = [p for _, p in _numbered(run_dir, _STEP_DIR)[:-max(keep, 1)]]
+    doomed += [p for _, p in _numbered(run_dir, _BEST_DIR)[:-1]]
+    doomed += list((run_dir / CHECKPOINTS).glob(".*.tmp"))
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_train_state(checkpoint: str | Path) -> dict:
+    """A checkpoint's training state; tensors and plain containers only (``weights_only=True``)."""
+    path = Path(checkpoint) / TRAIN_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SparsedetError(f"{path} not found: {checkpoint} is not a resumable checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - corrupt or foreign pickles raise many types
+        raise SparsedetError(f"could not read {path} as a training state: {e}") from None

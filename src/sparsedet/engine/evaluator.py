@@ -17,8 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
-from sparsedet.errors import SparsedetError
+from ..data.batch import collate
+from ..errors import SparsedetError
+from .distributed import Context, gather_objects
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _STAT_MEANINGS = (
@@ -205,7 +209,7 @@ class Evaluator:
             )
         self.category_ids = list(category_ids)
         self._image_ids = {img["id"] for img in gt.get("images", [])}
-        self._per_image: dict[int, list[dict]] = {}
+        self.per_image: dict[int, list[dict]] = {}
 
     def update(self, image_ids: list[int], detections: list[dict]) -> None:
         """Add one batch. Each detection: "boxes" [n,4] xyxy in original pixels, "scores" [n], "labels" [n]."""
@@ -226,7 +230,7 @@ class Evaluator:
                     "the model's classes must match the dataset's categories"
                 )
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            self._per_image[image_id] = [
+            self.per_image[image_id] = [
                 # 1/1000 pixel is far below what changes an IoU decision; keeps results json small
                 {"image_id": image_id, "category_id": self.category_ids[label],
                  "bbox": [round(v, 3) for v in box], "score": score}
@@ -235,11 +239,41 @@ class Evaluator:
 
     def results(self) -> list[dict]:
         """All detections so far in the COCO results format (xywh pixels, original category ids)."""
-        return [entry for entries in self._per_image.values() for entry in entries]
+        return [entry for entries in self.per_image.values() for entry in entries]
+
+    def merge(self, parts: list[dict[int, list[dict]]]) -> None:
+        """Add the ``per_image`` detections other evaluators collected (other processes' shares)."""
+        for part in parts:
+            self.per_image.update(part)
 
     def compute(self, per_class: bool = True) -> dict:
         """COCO metrics of everything collected so far (see `evaluate_coco`)."""
         return evaluate_coco(self.gt, self.results(), per_class=per_class)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
+             ctx: Context = Context()) -> tuple[dict, list[dict]]:
+    """COCO metrics of ``model`` on ``dataset`` (a ``CocoDetection``; boxes rescaled to each file's
+    original size) and the detections in the COCO results format. Under torchrun every process
+    evaluates its share of the images and every process gets the metrics of all of them."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    category_ids = model.config.category_ids or dataset.category_ids
+    evaluator = Evaluator(dataset.coco, category_ids)
+    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for batch, targets, _ in tqdm(loader, desc="eval", disable=not (progress and ctx.is_main), leave=False):
+        if batch is None:
+            continue
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        dets = model.detect(batch.to(device), sizes)
+        evaluator.update([t["image_id"] for t in targets], [{k: v.cpu() for k, v in d.items()} for d in dets])
+    model.train(was_training)
+    if ctx.distributed:
+        evaluator.merge(gather_objects(evaluator.per_image, ctx))
+    return evaluator.compute(), evaluator.results()
 
 
 def format_metrics(metrics: dict) -> str:

@@ -1,7 +1,9 @@
-"""Training loop: AdamW with the official parameter groups, warm-up + step schedule,
-gradient clipping, a wall-clock budget, periodic evaluation and checkpoints."""
+"""The training loop: one process or many under ``torchrun`` (DDP), mixed precision, gradient
+accumulation, EMA, the official optimiser groups and schedules, atomic resumable checkpoints and
+exact resume, non-finite-loss guard."""
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -11,40 +13,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config
 from ..data.batch import collate
-from ..data.coco import CocoDetection
+from ..data.coco import CocoDetection, open_detection_dataset
+from ..data.sampler import GroupedBatchSampler, SeededSamples, aspect_groups
 from ..data.transforms import build_transforms
+from ..data.yolo import yolo_splits
 from ..errors import SparsedetError
 from ..losses.criterion import SetCriterion
-from .checkpoint import atomic_write
-from .evaluator import Evaluator, format_metrics
+from . import distributed
+from .checkpoint import (atomic_write, latest_checkpoint, load_run, load_train_state, prune_checkpoints,
+                         save_checkpoint, save_run)
+from .evaluator import evaluate, format_metrics
+from .optim import WeightEMA, lr_factor, param_groups
 
-MAX_BAD_STEPS = 20
+METRICS_LOG = "metrics.jsonl"
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % (1 << 32))
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp``: bf16 only where the hardware runs it natively
-    (emulated bf16 on an older CPU is slower than fp32)."""
+    """The autocast dtype for ``train.amp``: "bf16", "fp16" (trained with a loss scaler), "none", or
+    "auto" = bf16 only where the hardware runs it natively (emulated bf16 on an older CPU is slower
+    than fp32)."""
     if name == "none":
         return None
+    if name == "fp16":
+        return torch.float16
     if name not in ("auto", "bf16"):
-        raise SparsedetError(f"train.amp must be none, bf16 or auto, got {name!r}")
+        raise SparsedetError(f"train.amp must be none, bf16, fp16 or auto, got {name!r}")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     native = _cpu_has_native_bf16()
@@ -62,200 +72,340 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
-    """Backbone at ``lr_backbone``; sampling offsets and reference points at ``lr * lr_linear_proj_mult``."""
-    groups = {"backbone": [], "linear_proj": [], "rest": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.startswith("backbone."):
-            groups["backbone"].append(p)
-        elif "sampling_offsets" in name or "reference_points" in name:
-            groups["linear_proj"].append(p)
-        else:
-            groups["rest"].append(p)
-    lrs = {"backbone": cfg.lr_backbone, "linear_proj": cfg.lr * cfg.lr_linear_proj_mult, "rest": cfg.lr}
-    return [{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
-
-
-def lr_factor(step: int, progress: float, cfg) -> float:
-    """Linear warm-up over ``warmup_steps``, then x0.1 once ``progress`` passes ``lr_drop``."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    return warm * (0.1 if progress >= cfg.lr_drop else 1.0)
-
-
-def make_datasets(config: Config, train_ann, val_ann, images_root=None):
+def make_datasets(config: Config) -> tuple[CocoDetection, CocoDetection | None]:
+    """Training and validation sets from ``config.data.train`` / ``val`` (COCO json or YOLO yaml).
+    A YOLO dataset's own ``val`` split is used when ``data.val`` is empty."""
     d, m = config.data, config.model
+    if not d.train:
+        raise SparsedetError("no training data: pass --train (a COCO json or a YOLO data.yaml)")
     train_tf = build_transforms(True, d.train_scales, d.max_size, d.crop, d.crop_scales, d.crop_range)
     eval_tf = build_transforms(False, [m.eval_size], m.eval_max_size)
-    train_set = CocoDetection(train_ann, images_root, train_tf)
-    val_set = CocoDetection(val_ann, images_root, eval_tf) if val_ann else None
+    images = d.images or None
+    if not d.val and "val" in yolo_splits(d.train):
+        d.val = d.train  # the yaml's own val split
+    train_set = open_detection_dataset(d.train, "train", images, train_tf)
+    val_set = open_detection_dataset(d.val, "val", images, eval_tf) if d.val else None
     if val_set is not None and val_set.category_ids != train_set.category_ids:
-        raise SparsedetError(f"{val_ann} and {train_ann} have different categories; use one category table")
+        raise SparsedetError(f"{d.val} and {d.train} have different categories; use one category table")
     return train_set, val_set
 
 
-@torch.no_grad()
-def evaluate(model, dataset: CocoDetection, batch_size: int = 8, progress: bool = True) -> tuple[dict, list[dict]]:
-    """COCO metrics of ``model`` on ``dataset`` (boxes rescaled to each file's original size)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    category_ids = model.config.category_ids or dataset.category_ids
-    evaluator = Evaluator(dataset.coco, category_ids)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    for batch, targets, _ in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        if batch is None:
-            continue
-        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        dets = model.detect(batch.to(device), sizes)
-        evaluator.update([t["image_id"] for t in targets], [{k: v.cpu() for k, v in d.items()} for d in dets])
-    model.train(was_training)
-    return evaluator.compute(), evaluator.results()
-
-
 class Trainer:
-    """Trains ``model`` (a ``sparsedet.Detector``) on a COCO-format dataset, writing to ``out_dir``:
-    ``model.safetensors`` + ``config.json`` (checkpoints), ``metrics.json`` (last evaluation),
-    ``history.jsonl`` (one line per log step and per evaluation)."""
+    """Trains ``model`` (a ``sparsedet.Detector``) and writes the run folder ``out_dir``:
+    ``model.safetensors`` + ``config.json`` (+ ``ema.safetensors``), ``metrics.json`` (last
+    evaluation), ``metrics.jsonl`` (one object per logged step and per evaluation) and
+    ``checkpoints/`` (see ``engine.checkpoint``). Under ``torchrun`` every process builds the same
+    Trainer; process 0 writes. ``train.batch_size`` is per process."""
 
     def __init__(self, model, config: Config, train_set: CocoDetection, val_set: CocoDetection | None,
                  out_dir: str | Path, progress: bool = True):
-        self.model, self.config, self.train_set, self.val_set = model, config, train_set, val_set
+        self.config, self.train_set, self.val_set = config, train_set, val_set
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = progress
         t = config.train
-        self.device = resolve_device(t.device)
-        self.model.to(self.device)
+        self.ctx, self.device = distributed.setup(t.device)
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = progress and self.ctx.is_main
+        self.model = model.to(self.device)
         self.amp_dtype = resolve_amp(t.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = SetCriterion.for_model(config.model)
         self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
-        generator = torch.Generator().manual_seed(t.seed)
-        self.loader = DataLoader(train_set, batch_size=t.batch_size, shuffle=True, generator=generator,
+        self.ema = WeightEMA(model, t.ema_decay) if t.ema else None
+        # Unused parameters happen (no denoising queries for an image without boxes), so DDP looks for them.
+        self.net = (DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                            find_unused_parameters=True) if self.ctx.distributed else model)
+        groups = aspect_groups(train_set.image_sizes) if config.data.aspect_grouping else [0] * len(train_set)
+        self.sampler = GroupedBatchSampler(groups, t.batch_size, t.seed, self.ctx.rank, self.ctx.world_size)
+        # The loader's own generator: creating an iterator must not draw from the global RNG
+        # (dropout and denoising draw from it; exact resume depends on that).
+        self.loader = DataLoader(SeededSamples(train_set), batch_sampler=self.sampler,
                                  collate_fn=partial(collate, size_divisor=config.data.size_divisor),
-                                 num_workers=config.data.num_workers, drop_last=len(train_set) > t.batch_size)
-        (self.out_dir / "history.jsonl").unlink(missing_ok=True)  # a new run starts a new history
-        self.step = 0
+                                 num_workers=config.data.num_workers, generator=torch.Generator().manual_seed(t.seed),
+                                 pin_memory=self.device.type == "cuda")
+        seed_everything(t.seed + self.ctx.rank)  # the same model everywhere (DDP broadcasts), own dropout
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.trained_seconds = 0.0          # evaluation and checkpoint time do not count
         self.skipped_images = 0
-        self.eval_seconds = 0.0  # evaluation time does not count against the training budget
-        self.history = []
+        self.best: dict | None = None       # {"AP", "step"} of the best evaluation
+        self.history: list[dict] = []
+        self._writer = None
+        self._resumed = False
 
+    # ---------------------------------------------------------------- the loop
     def total_steps(self) -> int:
         t = self.config.train
-        return t.max_steps if t.max_steps > 0 else t.epochs * max(1, len(self.loader))
+        if t.max_steps > 0:
+            return t.max_steps
+        return t.epochs * max(1, len(self.sampler) // t.accumulate)
 
     def fit(self) -> dict:
+        """Train until ``max_steps`` (or ``epochs``) or the ``minutes`` budget; returns the last metrics."""
         t = self.config.train
-        total = self.total_steps()
-        budget = t.minutes * 60.0
-        start = time.perf_counter()
-
-        def trained() -> float:  # seconds of training so far; evaluation time is not counted
-            return time.perf_counter() - start - self.eval_seconds
-
-        # With a wall-clock budget the bar counts training seconds; otherwise steps.
-        bar = tqdm(total=int(budget) if budget else total, desc="train", unit="s" if budget else "step",
-                   disable=not self.progress, dynamic_ncols=True)
-        bad_in_row, metrics = 0, {}
+        total, budget = self.total_steps(), t.minutes * 60.0
         eval_every = self._eval_interval(total)
+        if not self._resumed:
+            fresh = not self.ctx.is_main or latest_checkpoint(self.out_dir) is None
+            if not distributed.all_agree(fresh, self.ctx, self.device):
+                raise SparsedetError(f"{self.out_dir} already holds a run's checkpoints; continue it with "
+                                     "`sparsedet train --resume RUN` or train into another folder")
+            if self.ctx.is_main:
+                (self.out_dir / METRICS_LOG).unlink(missing_ok=True)  # a new run starts a new log
+        initial = min(int(self.trained_seconds), int(budget)) if budget else self.step
+        bar = tqdm(total=int(budget) if budget else total, initial=initial, desc="train",
+                   unit="s" if budget else "step", disable=not self.progress, dynamic_ncols=True)
         self.model.train()
-        done = False
+        metrics, bad_in_row, micro, sums = {}, 0, 0, {}
+        clock = time.perf_counter()
+        done = self.step >= total or (budget and self.trained_seconds >= budget)
         while not done:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             for batch, targets, dropped in self.loader:
+                self.batch_in_epoch += 1
                 self.skipped_images += dropped
-                if batch is None:
-                    continue
-                progress = max(self.step / total, trained() / budget if budget else 0.0)
-                factor = lr_factor(self.step, progress, t)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                loss, terms = self._train_step(batch, targets)
-                if loss is None:
+                if not distributed.all_agree(batch is not None, self.ctx, self.device):
+                    continue  # every image of some process's batch was unreadable: all skip it
+                if micro == 0:
+                    self._set_lr(total, budget)
+                terms = self._forward_backward(batch, targets, last=micro == t.accumulate - 1)
+                if terms is None:
+                    micro, sums = 0, {}
                     bad_in_row += 1
-                    warnings.warn(f"step {self.step}: non-finite loss, step skipped")
-                    if bad_in_row >= MAX_BAD_STEPS:
+                    warnings.warn(f"step {self.step + 1}: non-finite loss, step skipped")
+                    if bad_in_row >= t.max_nonfinite:
                         raise SparsedetError(
-                            f"{MAX_BAD_STEPS} non-finite losses in a row at step {self.step}; lower train.lr or check "
-                            f"the data (sparsedet check-data). The last good checkpoint is in {self.out_dir}")
+                            f"{bad_in_row} non-finite losses in a row at step {self.step + 1}; lower train.lr, try "
+                            f"train.amp=none or check the data (sparsedet check-data). The last good checkpoint "
+                            f"is in {self.out_dir / 'checkpoints'}")
                     continue
-                bad_in_row = 0
-                self.step += 1
-                bar.update(int(trained()) - bar.n if budget else 1)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v / t.accumulate
+                micro += 1
+                if micro < t.accumulate:
+                    continue
+                self._optimizer_step()
+                bad_in_row, micro = 0, 0
+                now = time.perf_counter()
+                self.trained_seconds += now - clock
+                elapsed = distributed.max_over_ranks(self.trained_seconds, self.ctx, self.device) \
+                    if budget else self.trained_seconds
+                bar.update(min(int(elapsed), int(budget)) - bar.n if budget else 1)
                 if self.step % t.log_every == 0 or self.step == 1:
-                    lr = self.optimizer.param_groups[-1]["lr"]
-                    bar.set_postfix(step=self.step, loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-                    self._log({"step": self.step, "time_s": round(trained(), 1), "loss": loss, **{k: round(v, 5) for k, v in terms.items()}})
-                last = self.step >= total or (budget and trained() >= budget)
-                if not last and self.step % eval_every == 0 and self.val_set is not None:
-                    metrics = self.evaluate(trained())
+                    self._log_step(sums, bar)
+                sums = {}
+                done = self.step >= total or bool(budget and elapsed >= budget)
+                if not done and self.step % eval_every == 0 and self.val_set is not None:
+                    metrics = self.evaluate()
                     if not t.checkpoint_every:
                         self.save()
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not done:
                     self.save()
-                if last:
-                    done = True
+                clock = time.perf_counter()
+                if done:
                     break
+            else:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         bar.close()
-        if self.skipped_images:
+        if self.skipped_images and self.ctx.is_main:
             warnings.warn(f"skipped {self.skipped_images} unreadable images during training")
-        self.save()
         if self.val_set is not None:
-            metrics = self.evaluate(trained())
+            metrics = self.evaluate()
+        self.save()
+        if self._writer is not None:
+            self._writer.close()
         return metrics
 
     def _eval_interval(self, total: int) -> int:
         """Steps between evaluations: ``train.eval_every``, or one epoch (0), or never before the end (-1)."""
         every = self.config.train.eval_every
         if every == 0:
-            return max(1, len(self.loader))
+            return max(1, len(self.sampler) // self.config.train.accumulate)
         return every if every > 0 else total + 1
 
-    def _train_step(self, batch, targets) -> tuple[float | None, dict]:
-        t = self.config.train
-        batch = batch.to(self.device)
-        targets = [{"labels": x["labels"].to(self.device), "boxes": x["boxes"].to(self.device)} for x in targets]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            out = self.model(batch, targets)
-        terms = self.criterion(_float(out), targets)
-        loss = self.criterion.total(terms)
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None, {}
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
-        self.optimizer.step()
-        main = {k: v.item() for k, v in terms.items() if k in ("loss_cls", "loss_bbox", "loss_giou", "loss_select")}
-        return loss.item(), main
+    def _set_lr(self, total: int, budget: float) -> None:
+        progress = max(self.step / total, self.trained_seconds / budget if budget else 0.0)
+        factor = lr_factor(self.step, progress, self.config.train)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
 
-    def evaluate(self, elapsed: float) -> dict:
-        """Evaluate on the validation set; ``elapsed`` is the training time so far (logged)."""
-        t0 = time.perf_counter()
-        metrics, results = evaluate(self.model, self.val_set, self.config.train.batch_size, self.progress)
-        summary = {k: v for k, v in metrics.items() if k != "per_class"}
-        self._log({"step": self.step, "time_s": round(elapsed, 1), "eval": summary})
-        payload = json.dumps({"step": self.step, **metrics}, indent=2)
-        atomic_write(self.out_dir / "metrics.json", lambda p: Path(p).write_text(payload))
-        if self.progress:
-            tqdm.write(format_metrics(metrics))
-        self.eval_seconds += time.perf_counter() - t0
+    def _forward_backward(self, batch, targets, last: bool) -> dict[str, float] | None:
+        """One micro-batch: forward, losses, backward (gradients synchronised on the last one).
+        Returns the logged loss terms, or None (gradients dropped) when some process's loss is not finite."""
+        t = self.config.train
+        batch = batch.to(self.device, non_blocking=True)
+        targets = [{"labels": x["labels"].to(self.device), "boxes": x["boxes"].to(self.device)} for x in targets]
+        sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.net.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = self.net(batch, targets)
+            terms = self.criterion(_float(out), targets)
+            loss = self.criterion.total(terms)
+            if not distributed.all_agree(bool(torch.isfinite(loss)), self.ctx, self.device):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            self.scaler.scale(loss / t.accumulate).backward()
+        logged = {k: v.item() for k, v in terms.items() if k in ("loss_cls", "loss_bbox", "loss_giou", "loss_select")}
+        return {"loss": loss.item(), **logged}
+
+    def _optimizer_step(self) -> None:
+        t = self.config.train
+        if t.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+
+    # ---------------------------------------------------------------- evaluation and logs
+    def evaluate(self) -> dict:
+        """Evaluate on the validation set (and the EMA weights too); every process takes part."""
+        bs = self.config.train.batch_size
+        distributed.sync_buffers(self.model, self.ctx)
+        if self.ema is not None:
+            distributed.sync_buffers(self.ema.module, self.ctx)
+        metrics, _ = evaluate(self.model, self.val_set, bs, self.progress, self.ctx)
+        record = {"step": self.step, "time_s": round(self.trained_seconds, 1), "eval": _summary(metrics)}
+        if self.ema is not None:
+            ema_metrics, _ = evaluate(self.ema.module, self.val_set, bs, False, self.ctx)
+            metrics["ema"] = record["eval_ema"] = _summary(ema_metrics)
+        if self.ctx.is_main:
+            self._log(record)
+            payload = json.dumps({"step": self.step, **metrics}, indent=2)
+            atomic_write(self.out_dir / "metrics.json", lambda p: Path(p).write_text(payload))
+            if self.progress:
+                tqdm.write(format_metrics(metrics))
+        if self.best is None or metrics["AP"] > self.best["AP"]:
+            self.best = {"AP": metrics["AP"], "step": self.step}
+            self.save(best=True)
         return metrics
 
-    def save(self) -> None:
-        self.model.run_config = self.config
-        self.model.save_pretrained(self.out_dir)
+    def _log_step(self, sums: dict[str, float], bar) -> None:
+        values = distributed.mean_over_ranks(sums, self.ctx, self.device)
+        lr = self.optimizer.param_groups[-1]["lr"]
+        if not self.ctx.is_main:
+            return
+        bar.set_postfix(step=self.step, loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}")
+        self._log({"step": self.step, "epoch": self.epoch, "time_s": round(self.trained_seconds, 1), "lr": lr,
+                   **values})
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        with open(self.out_dir / "history.jsonl", "a") as f:
+        with open(self.out_dir / METRICS_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            scalars = {k: v for k, v in record.items() if k.startswith("loss") or k == "lr"}
+            for prefix in ("eval", "eval_ema"):
+                scalars.update({f"{prefix}/{k}": v for k, v in record.get(prefix, {}).items()})
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, record["step"])
+
+    def _tensorboard(self):
+        if self._writer is None and self.config.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the [tensorboard] extra is not installed
+                self.config.train.tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
+        return self._writer
+
+    # ---------------------------------------------------------------- checkpoints and resume
+    def save(self, best: bool = False) -> None:
+        """Checkpoint (``checkpoints/step_N`` or ``best_step_N``) and the run folder's weights.
+        Every process takes part (RNG states are gathered); process 0 writes."""
+        state = self._train_state()
+        if self.ctx.is_main:
+            self.model.run_config = self.config
+            weights = self.model.state_dict()
+            ema = self.ema.module.state_dict() if self.ema is not None else None
+            name = f"{'best_' if best else ''}step_{self.step:08d}"
+            save_checkpoint(self.out_dir, name, weights, self.config, state, ema)
+            if not best:
+                save_run(self.out_dir, weights, self.config, ema_state=ema)
+            prune_checkpoints(self.out_dir, self.config.train.keep_checkpoints)
+        distributed.barrier(self.ctx)
+
+    def _train_state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "trained_seconds": self.trained_seconds, "skipped_images": self.skipped_images,
+                "best": self.best, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "ema_updates": self.ema.updates if self.ema is not None else 0,
+                "world_size": self.ctx.world_size, "rng": distributed.gather_objects(_rng_state(), self.ctx)}
+
+    def resume(self, checkpoint: str | Path | None = None) -> Path:
+        """Continue from ``checkpoint`` (default: the newest in ``out_dir``) exactly where it stopped:
+        weights, EMA, optimiser, loss scaler, RNG states, step and data position."""
+        path = Path(checkpoint) if checkpoint else latest_checkpoint(self.out_dir)
+        if path is None:
+            raise SparsedetError(f"{self.out_dir} has no checkpoint to resume from (checkpoints/step_*)")
+        state = load_train_state(path)
+        self.model.load_state_dict(_on(load_run(path)[1], self.device))
+        if self.ema is not None:
+            try:
+                self.ema.module.load_state_dict(_on(load_run(path, ema=True)[1], self.device))
+                self.ema.updates = state["ema_updates"]
+            except SparsedetError:
+                warnings.warn(f"{path} holds no EMA weights; the EMA starts from the current weights")
+                self.ema = WeightEMA(self.model, self.config.train.ema_decay)
+        base_lrs = {g["name"]: g["base_lr"] for g in self.optimizer.param_groups}
+        self.optimizer.load_state_dict(state["optimizer"])
+        for g in self.optimizer.param_groups:  # learning rates follow the config, which may have changed
+            g["base_lr"] = base_lrs[g["name"]]
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        for key in ("step", "epoch", "batch_in_epoch", "trained_seconds", "skipped_images", "best"):
+            setattr(self, key, state[key])
+        if state["world_size"] == self.ctx.world_size:
+            _set_rng_state(state["rng"][self.ctx.rank])
+        else:
+            warnings.warn(f"{path} was written by {state['world_size']} processes, resuming with "
+                          f"{self.ctx.world_size}: random streams restart from train.seed")
+            seed_everything(self.config.train.seed + self.ctx.rank + self.step)
+        self._resumed = True
+        if self.ctx.is_main:
+            _truncate_log(self.out_dir / METRICS_LOG, self.step)
+            self.history = [json.loads(line) for line in (self.out_dir / METRICS_LOG).read_text().splitlines()] \
+                if (self.out_dir / METRICS_LOG).is_file() else []
+        return path
 
 
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
+def _summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("per_class", "ema")}
+
+
+def _on(state: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in state.items()}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop what was logged after the checkpoint a run resumes from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in kept)))
+
+
+def _rng_state() -> dict:
+    version, keys, gauss = random.getstate()
+    kind, mt, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss], "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(mt.astype(np.int64)), pos, has_gauss, cached]}
+
+
+def _set_rng_state(state: dict) -> None:
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, mt.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _float(out):

@@ -42,11 +42,14 @@ class SetCriterion:
     def __call__(self, outputs, targets: list[dict]) -> dict[str, Tensor]:
         """outputs: ``DetectorOutput``; targets: per image {"labels", "boxes" (normalised cxcywh)}.
         Returns unweighted terms; ``total`` combines them."""
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        # Normalised by the mean box count per process over all processes (DDP then averages
+        # gradients), so that N processes train like one process with N times the batch.
+        num_boxes = float(sum(len(t["labels"]) for t in targets))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             n = torch.tensor([num_boxes], device=outputs.logits.device)
             torch.distributed.all_reduce(n)
-            num_boxes = max(n.item() / torch.distributed.get_world_size(), 1.0)
+            num_boxes = n.item() / torch.distributed.get_world_size()
+        num_boxes = max(num_boxes, 1.0)
         sets = [(outputs.logits, outputs.boxes, targets, "")]
         sets += [(a["logits"], a["boxes"], targets, f"_{i}") for i, a in enumerate(outputs.aux)]
         if outputs.enc is not None:

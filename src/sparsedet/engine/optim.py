@@ -1,0 +1,62 @@
+"""The official recipes' optimiser groups, learning-rate schedules and the weight EMA."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import SparsedetError
+
+SCHEDULES = ("step", "cosine")
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Backbone at ``lr_backbone``; sampling offsets and reference points at ``lr * lr_linear_proj_mult``
+    (Deformable DETR, DINO and their descendants); everything else at ``lr``."""
+    groups = {"backbone": [], "linear_proj": [], "rest": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            groups["backbone"].append(p)
+        elif "sampling_offsets" in name or "reference_points" in name:
+            groups["linear_proj"].append(p)
+        else:
+            groups["rest"].append(p)
+    lrs = {"backbone": cfg.lr_backbone, "linear_proj": cfg.lr * cfg.lr_linear_proj_mult, "rest": cfg.lr}
+    return [{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Multiplier of every group's base lr at optimiser step ``step`` (0-based) when ``progress``
+    (0..1) of training is done: linear warm-up over ``warmup_steps``, then the step schedule (x0.1
+    from ``lr_drop`` on) or a cosine from 1 down to ``min_lr_ratio``."""
+    if cfg.schedule not in SCHEDULES:
+        raise SparsedetError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "step":
+        return warm * (0.1 if progress >= cfg.lr_drop else 1.0)
+    p = min(max(progress, 0.0), 1.0)
+    return warm * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+class WeightEMA:
+    """An exponential moving average of a model's parameters and buffers, with the usual warm-up:
+    the decay used after ``n`` updates is ``min(decay, (1 + n) / (10 + n))``."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(current[name].detach(), 1.0 - d)
+            else:
+                value.copy_(current[name])
