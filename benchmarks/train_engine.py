@@ -2,7 +2,7 @@
 two Gloo processes against one, on the synthetic demo data.
 
 Each setting runs `sparsedet train` for --steps optimiser steps in a fresh process and reports the
-median seconds per step over the steps after the first --skip (warm-up), from RUN/metrics.jsonl.
+mean seconds per step over the steps after the first --skip (warm-up), from RUN/metrics.jsonl.
 
     python benchmarks/train_engine.py --steps 40 --out bench_train
 """
@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +40,7 @@ def run(name: str, procs: int, threads: int, overrides: list[str], args, data: P
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     times = [r["time_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    per_step = [b - a for a, b in zip(times[args.skip:], times[args.skip + 1:])]
-    return {"setting": name, "s_per_step": statistics.median(per_step)}
+    return {"setting": name, "s_per_step": (times[-1] - times[args.skip]) / (len(times) - 1 - args.skip)}
 
 
 def main() -> None:
@@ -61,7 +59,7 @@ def main() -> None:
     print(f"\n`python benchmarks/train_engine.py --steps {args.steps}`: {args.preset}, 2 images per optimiser "
           f"step, 256-px synthetic images; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}\n")
-    print("| setting | s / step (median) | relative to fp32 |")
+    print("| setting | s / step (mean) | relative to fp32 |")
     print("|---|---:|---:|")
     for r in rows:
         print(f"| {r['setting']} | {r['s_per_step']:.3f} | {r['s_per_step'] / base:.2f} |")

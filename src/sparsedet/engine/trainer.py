@@ -268,7 +268,7 @@ class Trainer:
         if self.ema is not None:
             distributed.sync_buffers(self.ema.module, self.ctx)
         metrics, _ = evaluate(self.model, self.val_set, bs, self.progress, self.ctx)
-        record = {"step": self.step, "time_s": round(self.trained_seconds, 1), "eval": _summary(metrics)}
+        record = {"step": self.step, "time_s": round(self.trained_seconds, 3), "eval": _summary(metrics)}
         if self.ema is not None:
             ema_metrics, _ = evaluate(self.ema.module, self.val_set, bs, False, self.ctx)
             metrics["ema"] = record["eval_ema"] = _summary(ema_metrics)
@@ -289,7 +289,7 @@ class Trainer:
         if not self.ctx.is_main:
             return
         bar.set_postfix(step=self.step, loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}")
-        self._log({"step": self.step, "epoch": self.epoch, "time_s": round(self.trained_seconds, 1), "lr": lr,
+        self._log({"step": self.step, "epoch": self.epoch, "time_s": round(self.trained_seconds, 3), "lr": lr,
                    **values})
 
     def _log(self, record: dict) -> None:
