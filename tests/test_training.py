@@ -218,8 +218,8 @@ def test_nonfinite_losses_skip_steps_then_stop_keeping_the_checkpoint(synth, tmp
 
 def test_fine_tuning_onto_another_class_set_keeps_the_rest(synth, tmp_path):
     base = tmp_path / "base"
-    assert main(["train", "--preset", "dino_tiny", "--train", synth["train"], "--no-progress", "--out", str(base),
-                 *TINY]) == 0
+    assert main(["train", "--preset", "dino_tiny", "--train", synth["train"], "--val", synth["val"], "--no-progress",
+                 "--out", str(base), *TINY]) == 0
     data = json.loads(Path(synth["train"]).read_text())
     data["categories"] = data["categories"][:3] + [{"id": 9, "name": "new"}]
     keep = {c["id"] for c in data["categories"]}
@@ -239,7 +239,9 @@ def test_fine_tuning_onto_another_class_set_keeps_the_rest(synth, tmp_path):
     with pytest.warns(UserWarning, match="another class set"):
         assert main(["train", "--weights", str(base), "--train", str(ann), "--images", synth["root"],
                      "--no-progress", "--out", str(tmp_path / "tuned"), *TINY]) == 0
-    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["model"]["category_ids"] == [1, 2, 3, 9]
+    tuned = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert tuned["model"]["category_ids"] == [1, 2, 3, 9]
+    assert tuned["data"]["val"] == "" and tuned["data"]["train"] == str(ann)  # not the base run's data
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

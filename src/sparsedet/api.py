@@ -68,6 +68,7 @@ class Detector(DetectionTransformer):
         differs, the class-dependent tensors (class heads, denoising label table) start fresh, with a
         warning that lists them. Any other mismatch is an error."""
         old_config, state = load_run(run_dir)
+        config.model.backbone.weights = None  # the run's weights hold the backbone
         model = cls.from_config(config)
         new_state = model.state_dict()
         same_classes = (list(old_config.model.category_ids) == list(config.model.category_ids)

@@ -196,7 +196,8 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     if bool(preset) == bool(weights):
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
     config = load_run(weights)[0] if weights else get_preset(preset)
-    apply_overrides(config, {f"data.{k}": v for k, v in data.items() if v is not None})
+    # A new run's data are the ones given now, never a fine-tuned run's old ones.
+    apply_overrides(config, {f"data.{k}": data.get(k) or "" for k in ("train", "val", "images")})
     apply_overrides(config, overrides)
     train_set, val_set = make_datasets(config)
     m = config.model
@@ -223,6 +224,7 @@ def cmd_train(args) -> int:
         train_set, val_set = make_datasets(config)
         if train_set.category_ids != config.model.category_ids:
             raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
+        config.model.backbone.weights = None  # the checkpoint holds the backbone
         model, out = Detector.from_config(config), args.resume
     else:
         if not args.train_ann or not args.out:

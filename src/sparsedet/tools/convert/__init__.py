@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ...config import Config, apply_overrides
 from ...engine.checkpoint import save_run
+from ...errors import SparsedetError
 from ...presets import get_preset
 from .common import check_layout
 
@@ -12,6 +13,8 @@ from .common import check_layout
 SOURCES = {
     "hf-deformable-detr": ("hf_deformable_detr", "convert_hf_deformable_detr", "deformable_detr_r50"),
     "hf-conditional-detr": ("hf_conditional_detr", "convert_hf_conditional_detr", "conditional_detr_r50"),
+    "official-deformable-detr": ("official_deformable_detr", "convert_official_deformable_detr",
+                                 "deformable_detr_r50"),
     "official-dino": ("official_dino", "convert_official_dino", "dino_r50"),
     "official-sparse-detr": ("official_sparse_detr", "convert_official_sparse_detr", "sparse_detr_r50"),
     "official-focus-detr": ("official_focus_detr", "convert_official_focus_detr", "focus_detr_r50"),
@@ -40,8 +43,13 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
     apply_overrides(config, found)
     apply_overrides(config, overrides or {})
     model = Detector.from_config(config)
-    expected = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
-    check_layout(path, state, expected)
+    ours = model.state_dict()
+    check_layout(path, state, [k for k in ours if not k.endswith("num_batches_tracked")])
+    misshapen = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
+                 if v.shape != ours[k].shape]
+    if misshapen:
+        raise SparsedetError(f"{path}: shapes do not fit a {source} model ({len(misshapen)} tensors): "
+                             f"{', '.join(misshapen[:5])}")
     model.load_state_dict(state, strict=False)
     return model.eval(), config
 
