@@ -15,6 +15,8 @@ SOURCES = {
     "hf-conditional-detr": ("hf_conditional_detr", "convert_hf_conditional_detr", "conditional_detr_r50"),
     "official-deformable-detr": ("official_deformable_detr", "convert_official_deformable_detr",
                                  "deformable_detr_r50"),
+    "official-conditional-detr": ("official_conditional_detr", "convert_official_conditional_detr",
+                                  "conditional_detr_r50"),
     "official-dino": ("official_dino", "convert_official_dino", "dino_r50"),
     "official-sparse-detr": ("official_sparse_detr", "convert_official_sparse_detr", "sparse_detr_r50"),
     "official-focus-detr": ("official_focus_detr", "convert_official_focus_detr", "focus_detr_r50"),

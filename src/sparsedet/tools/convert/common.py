@@ -268,7 +268,9 @@ def sizes_from_state(state: dict[str, Tensor], heads: int = 8) -> dict:
     levels = state["neck.level_embed"].shape[0] if "neck.level_embed" in state else 1
     enc_layers, dec_layers = count("encoder.layers."), count("decoder.layers.")
     sizes = {"model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
-             "model.ffn_dim": state["decoder.layers.0.linear1.weight"].shape[0], "model.num_levels": levels,
+             "model.ffn_dim": next(state[k].shape[0] for k in ("decoder.layers.0.linear1.weight",
+                                                                 "decoder.layers.0.cross.linear1.weight") if k in state),
+             "model.num_levels": levels,
              "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": dec_layers}
     # Deformable attention: points per head and level.
     for part in ("encoder", "decoder"):
