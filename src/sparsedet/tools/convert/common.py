@@ -185,6 +185,22 @@ def rename_keys(state: Mapping[str, Tensor], rules: Iterable[Rule], source: str 
     return out, unknown
 
 
+def deformable_head_rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
+    """``class_embed.K`` / ``bbox_embed.K`` (Deformable DETR's head lists, after folding copies) -> ours:
+    K < L the decoder layers' heads, K = L the two-stage proposal head."""
+
+    def head(kind: str, m: re.Match) -> str | None:
+        k, rest = int(m[1]), m[2]
+        if k < num_decoder_layers:
+            return f"heads.{'class_embed' if kind == 'class' else 'box_embed'}.{k}.{rest}"
+        if k == num_decoder_layers and two_stage:
+            return f"queries.{'class_head' if kind == 'class' else 'box_head'}.{rest}"
+        return None
+
+    return [Rule(r"class_embed\.(\d+)\.((?:weight|bias))", lambda m: head("class", m)),
+            Rule(r"bbox_embed\.(\d+)\.(layers\.[0-2]\.(?:weight|bias))", lambda m: head("box", m))]
+
+
 def check_layout(source: str | Path, produced: Iterable[str], expected: Iterable[str],
                  unknown: Iterable[str] = (), hint: str = "") -> None:
     """Raise one error listing unknown source keys and keys missing from / foreign to our layout."""

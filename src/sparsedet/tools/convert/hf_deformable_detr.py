@@ -62,13 +62,13 @@ Deviations of HF from the official Deformable DETR:
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from torch import Tensor
 
 from ...errors import SparsedetError
-from .common import Rule, check_layout, deformable_detr_keys, fold_aliases, read_hf_weights, rename_keys
+from .common import (Rule, check_layout, deformable_detr_keys, deformable_head_rules, fold_aliases,
+                     read_hf_weights, rename_keys)
 from .hf_common import BACKBONE_RULES, backbone_depth, fuse_qkv, read_detr_config
 
 WB = r"(weight|bias)"
@@ -79,15 +79,6 @@ HINT = "Expected a transformers DeformableDetrForObjectDetection directory (conf
 
 def _rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
     """HF key -> our key; heads depend on whether index L is the two-stage proposal head."""
-
-    def head(kind: str, m: re.Match) -> str | None:
-        k, rest = int(m[1]), m[2]
-        if k < num_decoder_layers:
-            return f"heads.{'class_embed' if kind == 'class' else 'box_embed'}.{k}.{rest}"
-        if k == num_decoder_layers and two_stage:
-            return f"queries.{'class_head' if kind == 'class' else 'box_head'}.{rest}"
-        return None
-
     layer = r"model\.(encoder|decoder)\.layers\.(\d+)\."
     return [
         *BACKBONE_RULES,
@@ -112,8 +103,7 @@ def _rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
         Rule(r"model\.query_position_embeddings\.weight", "queries.query_embed.weight"),
         Rule(r"model\.reference_points\." + WB, r"queries.reference_points.\1"),
         # prediction heads (after folding the model.decoder.* copies)
-        Rule(r"class_embed\.(\d+)\.(" + WB + ")", lambda m: head("class", m)),
-        Rule(r"bbox_embed\.(\d+)\.(layers\.[0-2]\." + WB + ")", lambda m: head("box", m)),
+        *deformable_head_rules(num_decoder_layers, two_stage),
     ]
 
 

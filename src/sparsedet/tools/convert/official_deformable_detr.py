@@ -9,13 +9,13 @@ Multi-scale and single-scale (C5) models convert; DC5 (dilated C5) does not.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from torch import Tensor
 
 from ...errors import SparsedetError
-from .common import Rule, check_layout, deformable_detr_keys, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
+from .common import (Rule, check_layout, deformable_detr_keys, deformable_head_rules, fold_aliases,
+                     read_checkpoint, rename_keys, sizes_from_state)
 from .official_dino import WB
 
 HINT = ("Expected an official Deformable DETR checkpoint (fundamentalvision/Deformable-DETR, e.g. "
@@ -23,14 +23,6 @@ HINT = ("Expected an official Deformable DETR checkpoint (fundamentalvision/Defo
 
 
 def _rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
-    def head(kind: str, m: re.Match) -> str | None:
-        k, rest = int(m[1]), m[2]
-        if k < num_decoder_layers:
-            return f"heads.{'class_embed' if kind == 'class' else 'box_embed'}.{k}.{rest}"
-        if k == num_decoder_layers and two_stage:
-            return f"queries.{'class_head' if kind == 'class' else 'box_head'}.{rest}"
-        return None
-
     return [
         Rule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
         Rule(r"input_proj\.(\d+)\.([01])\." + WB, r"neck.input_proj.\1.\2.\3"),
@@ -39,8 +31,7 @@ def _rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
         Rule(r"transformer\.(enc_output|enc_output_norm|pos_trans|pos_trans_norm)\." + WB, r"queries.\1.\2"),
         Rule(r"transformer\.reference_points\." + WB, r"queries.reference_points.\1"),
         Rule(r"query_embed\.weight", "queries.query_embed.weight"),
-        Rule(r"class_embed\.(\d+)\.(" + WB + ")", lambda m: head("class", m)),
-        Rule(r"bbox_embed\.(\d+)\.(layers\.[0-2]\." + WB + ")", lambda m: head("box", m)),
+        *deformable_head_rules(num_decoder_layers, two_stage),
     ]
 
 
