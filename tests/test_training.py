@@ -81,7 +81,7 @@ _save = ckpt.save_file
 calls = []
 def _dying(tensors, path):
     calls.append(path)
-    if len(calls) == 3:  # the second checkpoint's weights: half a file, then the process dies
+    if len(calls) == 2:  # the second checkpoint's weights: half a file, then the process dies
         open(path, "wb").write(b"\\0" * 1000)
         os.kill(os.getpid(), signal.SIGKILL)
     _save(tensors, path)
@@ -95,7 +95,7 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(synth, tmp_path):
             *TINY, "train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.keep_checkpoints=1"]
     died = _cli(args, before=KILL_WHILE_SAVING)
     assert died.returncode == -9
-    # Written so far: step 2's checkpoint (weights) and the run folder (weights); then step 4's died.
+    # Written so far: step 2's checkpoint and the run folder (linked to it); then step 4's died.
     checkpoint = latest_checkpoint(run)
     assert checkpoint.name == "step_00000002"
     assert list((run / "checkpoints").glob(".step_00000004.*.tmp"))  # the half-written attempt

@@ -109,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
-                       description="Sources: hf-deformable-detr (a folder written by Hugging Face "
-                       "save_pretrained); official-dino (an IDEA-Research/DINO .pth); official-sparse-detr (a "
-                       "kakaobrain/sparse-detr .pth); official-focus-detr (a Focus-DETR detectron2 .pth, unzipped); "
-                       "official-salience-detr (a xiuqhou/Salience-DETR .pth). Official files are read without "
-                       "unpickling code. Trailing key=value pairs set what a checkpoint cannot tell.")
+                       description="Sources: hf-deformable-detr, hf-conditional-detr (a folder written by Hugging "
+                       "Face save_pretrained); official-deformable-detr (fundamentalvision/Deformable-DETR .pth); "
+                       "official-conditional-detr (Atten4Vis/ConditionalDETR .pth); official-dino (an "
+                       "IDEA-Research/DINO .pth); official-sparse-detr (a kakaobrain/sparse-detr .pth); "
+                       "official-focus-detr (a Focus-DETR detectron2 .pth, unzipped); official-salience-detr (a "
+                       "xiuqhou/Salience-DETR .pth); official-sam-detr (a ZhangGongjie/SAM-DETR .pth). Official "
+                       "files are read without unpickling code. Trailing key=value pairs set what a checkpoint "
+                       "cannot tell.")
     s.add_argument("--from", dest="source", required=True, choices=sorted(SOURCES))
     s.add_argument("path", help="checkpoint file or folder")
     s.add_argument("--out", required=True, help="run folder to write")
@@ -190,12 +193,12 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     """Config, model and datasets for a new training run; the class table comes from the training data."""
     from .api import Detector
     from .config import apply_overrides
-    from .engine.checkpoint import load_run
+    from .engine.checkpoint import load_config
     from .engine.trainer import make_datasets, seed_everything
     from .presets import get_preset
     if bool(preset) == bool(weights):
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
-    config = load_run(weights)[0] if weights else get_preset(preset)
+    config = load_config(weights) if weights else get_preset(preset)
     # A new run's data are the ones given now, never a fine-tuned run's old ones.
     apply_overrides(config, {f"data.{k}": data.get(k) or "" for k in ("train", "val", "images")})
     apply_overrides(config, overrides)
@@ -214,11 +217,11 @@ def cmd_train(args) -> int:
     if args.resume:
         from .api import Detector
         from .config import apply_overrides
-        from .engine.checkpoint import load_run
+        from .engine.checkpoint import load_config
         if args.preset or args.weights or (args.out and Path(args.out) != Path(args.resume)):
             raise SparsedetError("--resume RUN continues RUN as it was configured; leave out --preset, --weights "
                                  "and --out (overrides such as train.max_steps=... are allowed)")
-        config = load_run(args.resume)[0]
+        config = load_config(args.resume)
         apply_overrides(config, {f"data.{k}": v for k, v in data.items() if v is not None})
         apply_overrides(config, args.overrides)
         train_set, val_set = make_datasets(config)

@@ -62,15 +62,12 @@ def save_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], config: C
     atomic_write(run_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))
 
 
-def load_run(run_dir: str | Path, ema: bool = False) -> tuple[Config, dict[str, torch.Tensor]]:
-    """The run's config and weights (its EMA weights with ``ema``), read without unpickling."""
+def load_config(run_dir: str | Path) -> Config:
+    """A run folder's config (its weights are not read)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SparsedetError(
             f"run folder not found: {run_dir}; pass a folder written by `sparsedet train` or `convert`")
-    weights = EMA_WEIGHTS if ema else WEIGHTS
-    if ema and not (run_dir / EMA_WEIGHTS).is_file():
-        raise SparsedetError(f"{run_dir} has no {EMA_WEIGHTS}; it was trained without train.ema=true")
     for name in (WEIGHTS, CONFIG):
         if not (run_dir / name).is_file():
             raise SparsedetError(f"{run_dir} has no {name}; it is not a sparsedet run folder")
@@ -78,12 +75,19 @@ def load_run(run_dir: str | Path, ema: bool = False) -> tuple[Config, dict[str, 
         raw = json.loads((run_dir / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise SparsedetError(f"malformed {run_dir / CONFIG}: {e}") from None
-    raw = {k: v for k, v in raw.items() if k in ("model", "data", "train")}
-    config = Config.from_dict(raw)
+    return Config.from_dict({k: v for k, v in raw.items() if k in ("model", "data", "train")})
+
+
+def load_run(run_dir: str | Path, ema: bool = False) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The run's config and weights (its EMA weights with ``ema``), read without unpickling."""
+    config = load_config(run_dir)
+    path = Path(run_dir) / (EMA_WEIGHTS if ema else WEIGHTS)
+    if ema and not path.is_file():
+        raise SparsedetError(f"{run_dir} has no {EMA_WEIGHTS}; it was trained without train.ema=true")
     try:
-        state = load_file(str(run_dir / weights))
+        state = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise SparsedetError(f"could not read {run_dir / weights}: {e}") from None
+        raise SparsedetError(f"could not read {path}: {e}") from None
     return config, state
 
 
@@ -104,6 +108,24 @@ def save_checkpoint(run_dir: str | Path, name: str, state_dict: dict[str, torch.
         if tmp.exists():
             shutil.rmtree(tmp)
     return final
+
+
+def publish(checkpoint: Path, run_dir: str | Path) -> None:
+    """Make ``run_dir``'s weights and config those of ``checkpoint`` (a folder inside it): hard links
+    where the file system has them (no second serialisation), copies otherwise; each file replaced
+    atomically."""
+    for name in (WEIGHTS, EMA_WEIGHTS, CONFIG):
+        source = checkpoint / name
+        if source.is_file():
+            atomic_write(Path(run_dir) / name, lambda tmp, source=source: _link_or_copy(source, Path(tmp)))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.unlink()
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _numbered(run_dir: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:

@@ -26,8 +26,8 @@ from ..data.yolo import yolo_splits
 from ..errors import SparsedetError
 from ..losses.criterion import SetCriterion
 from . import distributed
-from .checkpoint import (atomic_write, latest_checkpoint, load_run, load_train_state, prune_checkpoints,
-                         save_checkpoint, save_run)
+from .checkpoint import (atomic_write, latest_checkpoint, load_run, load_train_state, prune_checkpoints, publish,
+                         save_checkpoint)
 from .evaluator import evaluate, format_metrics
 from .optim import WeightEMA, lr_factor, param_groups
 
@@ -324,9 +324,9 @@ class Trainer:
             weights = self.model.state_dict()
             ema = self.ema.module.state_dict() if self.ema is not None else None
             name = f"{'best_' if best else ''}step_{self.step:08d}"
-            save_checkpoint(self.out_dir, name, weights, self.config, state, ema)
+            checkpoint = save_checkpoint(self.out_dir, name, weights, self.config, state, ema)
             if not best:
-                save_run(self.out_dir, weights, self.config, ema_state=ema)
+                publish(checkpoint, self.out_dir)
             prune_checkpoints(self.out_dir, self.config.train.keep_checkpoints)
         distributed.barrier(self.ctx)
 
@@ -368,9 +368,7 @@ class Trainer:
             seed_everything(self.config.train.seed + self.ctx.rank + self.step)
         self._resumed = True
         if self.ctx.is_main:
-            _truncate_log(self.out_dir / METRICS_LOG, self.step)
-            self.history = [json.loads(line) for line in (self.out_dir / METRICS_LOG).read_text().splitlines()] \
-                if (self.out_dir / METRICS_LOG).is_file() else []
+            self.history = _truncate_log(self.out_dir / METRICS_LOG, self.step)
         return path
 
 
@@ -382,12 +380,13 @@ def _on(state: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in state.items()}
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop what was logged after the checkpoint a run resumes from."""
+def _truncate_log(path: Path, step: int) -> list[dict]:
+    """Drop what was logged after the checkpoint a run resumes from; returns the records kept."""
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda p: Path(p).write_text("".join(line + "\n" for line in kept)))
+        return []
+    kept = [record for record in map(json.loads, path.read_text().splitlines()) if record["step"] <= step]
+    atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in kept)))
+    return kept
 
 
 def _rng_state() -> dict:
