@@ -62,8 +62,17 @@ def test_official_layout_converts_to_the_same_weights(tmp_path, two_stage):
     m = config.model
     assert (m.two_stage, m.box_refine, m.num_queries, m.num_decoder_layers, m.backbone.depth, m.num_classes) == \
         (two_stage, two_stage, 30, 2, 18, 91)
+    assert (m.classes[:2], m.classes[12], m.category_ids) == (["N/A", "person"], "N/A", list(range(91)))
     got = converted.state_dict()
     assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
+
+
+def test_a_custom_class_count_maps_column_i_to_category_i(tmp_path):
+    model = Detector.from_preset("deformable_detr_r50", **{**SMALL, "num_classes": 5})
+    path = _save(tmp_path, _official_layout(model.state_dict(), 2, False, False), num_queries=30)
+    with pytest.warns(UserWarning, match="5 classes is not a COCO class table"):
+        _, config = convert("official-deformable-detr", path)
+    assert (config.model.classes[4], config.model.category_ids) == ("class 4", [0, 1, 2, 3, 4])
 
 
 def test_single_scale_model_reads_c5_only(tmp_path):

@@ -34,6 +34,7 @@ def test_official_focus_detr_fixture_matches(official, tmp_path):
 
     model, config = convert("official-focus-detr", path)
     m = config.model
+    assert (len(m.category_ids), m.category_ids[-1], m.classes[-1]) == (80, 90, "toothbrush")  # detectron2's
     assert (m.num_encoder_layers, m.num_decoder_layers, m.num_classes, m.num_queries) == (6, 6, 80, 900)
     model.backbone = StoredFeatures([inputs[f"features.res{i}"].float() for i in (3, 4, 5)])
     B, _, h, w = inputs["features.res3"].shape

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..data.batch import collate
+from ..data.categories import column_categories
 from ..errors import SparsedetError
 from .distributed import Context, gather_objects
 
@@ -194,14 +195,15 @@ def evaluate_coco(
 class Evaluator:
     """Collects a model's detections over an evaluation pass and scores them with `evaluate_coco`.
 
-    `category_ids[i]` is the original COCO category id of the model's contiguous label ``i``.
+    `category_ids[i]` is the original COCO category id of the model's label ``i``, or None for a
+    column that predicts no category (its detections are dropped; see ``data.categories``).
     An image updated twice (e.g. the padding a distributed sampler adds) counts once: the last wins.
     """
 
-    def __init__(self, gt: dict, category_ids: list[int]):
+    def __init__(self, gt: dict, category_ids: list[int | None]):
         self.gt = gt
         known = {cat["id"] for cat in gt.get("categories", [])}
-        unknown = [c for c in category_ids if c not in known]
+        unknown = [c for c in category_ids if c is not None and c not in known]
         if unknown:
             raise SparsedetError(
                 f"the model's category ids {unknown} are not in the ground truth (known ids: {sorted(known)}); "
@@ -234,7 +236,7 @@ class Evaluator:
                 # 1/1000 pixel is far below what changes an IoU decision; keeps results json small
                 {"image_id": image_id, "category_id": self.category_ids[label],
                  "bbox": [round(v, 3) for v in box], "score": score}
-                for box, score, label in zip(xywh, scores, labels)
+                for box, score, label in zip(xywh, scores, labels) if self.category_ids[label] is not None
             ]
 
     def results(self) -> list[dict]:
@@ -260,8 +262,8 @@ def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    category_ids = model.config.category_ids or dataset.category_ids
-    evaluator = Evaluator(dataset.coco, category_ids)
+    m = model.config
+    evaluator = Evaluator(dataset.coco, column_categories(m.classes, m.category_ids) or dataset.category_ids)
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
     for batch, targets, _ in tqdm(loader, desc="eval", disable=not (progress and ctx.is_main), leave=False):

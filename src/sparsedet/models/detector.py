@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..data.batch import Batch
+from ..data.categories import unused_columns
 from ..errors import SparsedetError
 from ..nn.attention import MSDeformAttn
 from ..nn.backbone import ResNet
@@ -171,4 +172,8 @@ class DetectionTransformer(nn.Module):
     def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:
         """Forward + post-processing. sizes: [B, 2] (height, width) to scale boxes to."""
         out = self(batch)
-        return postprocess(out.logits, out.boxes, sizes, top_k or self.config.top_k, threshold)
+        logits = out.logits
+        unused = unused_columns(self.config.classes)
+        if unused:  # columns that name no category (COCO's 11 unused ids) never become detections
+            logits = logits.index_fill(-1, torch.tensor(unused, device=logits.device), float("-inf"))
+        return postprocess(logits, out.boxes, sizes, top_k or self.config.top_k, threshold)

@@ -1,9 +1,11 @@
 """Converters from released checkpoints to sparsedet run folders (one module per source)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ...config import Config, apply_overrides
+from ...data.categories import coco_class_table, raw_id_table
 from ...engine.checkpoint import save_run
 from ...errors import SparsedetError
 from ...presets import get_preset
@@ -40,8 +42,7 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
     state, found = getattr(importlib.import_module(f"{__name__}.{module}"), function)(path)
     config: Config = get_preset(preset)
     found = dict(found)
-    config.model.classes = found.pop("classes", [])
-    config.model.category_ids = found.pop("category_ids", [])
+    config.model.classes, config.model.category_ids = _class_table(found, path)
     apply_overrides(config, found)
     apply_overrides(config, overrides or {})
     model = Detector.from_config(config)
@@ -54,6 +55,20 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
                              f"{', '.join(misshapen[:5])}")
     model.load_state_dict(state, strict=False)
     return model.eval(), config
+
+
+def _class_table(found: dict, path) -> tuple[list[str], list[int]]:
+    """The class table a converter read from the file, else the COCO table its column count implies."""
+    if "classes" in found:
+        return found.pop("classes"), found.pop("category_ids")
+    n = found["model.num_classes"]
+    table = coco_class_table(n)
+    if table is None:
+        warnings.warn(f"{path}: {n} classes is not a COCO class table, so column i is taken to be category "
+                      f"id i, as the official code trains on custom data; name them with model.classes=[...]",
+                      stacklevel=3)
+        table = raw_id_table([f"class {i}" for i in range(n)])
+    return table
 
 
 def convert_to_run(source: str, path: str | Path, out: str | Path, overrides: dict | list[str] | None = None) -> None:

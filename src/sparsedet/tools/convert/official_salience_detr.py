@@ -3,7 +3,7 @@
 Released files are flat state dicts (saved through accelerate). The filter ratios are buffers and
 become config (``encoder.level_ratios``, ``encoder.layer_ratios``); ``enhance_mcsp`` is a second
 name of the two-stage class head and is checked equal and dropped, as are the sine-embedding
-buffers and ``_classes_``. The neck's convolutions have no bias: ours get zeros.
+buffers; ``_classes_`` (the training set's names per category id) becomes the class table. The neck's convolutions have no bias: ours get zeros.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ...data.categories import raw_id_table
 from ...errors import SparsedetError
 from .common import Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
 from .official_dino import WB
@@ -63,4 +64,20 @@ def convert_official_salience_detr(path: str | Path) -> tuple[dict[str, Tensor],
         "model.encoder.background_size": out["encoder.background_rows.weight"].shape[0],
         "model.encoder.fusion": any(k.startswith("encoder.fusion.") for k in out),
     })
+    names = _decode_names(state["_classes_"]) if "_classes_" in state else []
+    if len(names) == overrides["model.num_classes"]:
+        overrides["classes"], overrides["category_ids"] = raw_id_table(names, "none")
     return out, overrides
+
+
+def _decode_names(codes: Tensor) -> list[str]:
+    """The training set's class names, which the official trainer stores as character codes with
+    -1 after each name; "none" names an id without a category."""
+    names, chars = [], []
+    for code in codes.flatten().tolist():
+        if code == -1:
+            names.append("".join(chars))
+            chars = []
+        else:
+            chars.append(chr(code))
+    return names
