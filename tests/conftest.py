@@ -77,3 +77,17 @@ def official(shared_dir):
                 json.loads((folder / name / "manifest.json").read_text()))
 
     return read
+
+
+def detectron2_names(state: dict) -> dict:
+    """A torchvision-named ResNet state dict under detectron2's names, renamed as detectron2's
+    convert-torchvision-to-d2 script does (stem., layerN -> resN+1, bnN -> convN.norm, shortcut)."""
+    out = {}
+    for key, value in state.items():
+        key = key if "layer" in key else "stem." + key
+        for t in (1, 2, 3, 4):
+            key = key.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            key = key.replace(f"bn{t}", f"conv{t}.norm")
+        out[key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")] = value
+    return out

@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from hf_parity import compare, padded_batch, perturb  # noqa: E402
+from hf_parity import compare, padded_batch  # noqa: E402
+from released import hf_deformable_detr  # noqa: E402
 
 from sparsedet.errors import SparsedetError  # noqa: E402
 from sparsedet.tools.convert.hf_deformable_detr import convert_hf_deformable_detr  # noqa: E402
@@ -21,31 +22,11 @@ from sparsedet.tools.convert.hf_deformable_detr import convert_hf_deformable_det
 NUM_CLASSES, LAYERS, QUERIES = 5, 2, 100
 
 
-def _hf_model(directory, depth: int, two_stage: bool, box_refine: bool, layers: int, queries: int):
-    """A random transformers Deformable DETR with a transformers ResNet backbone, saved with save_pretrained."""
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
-
-    torch.manual_seed(0)
-    kind, counts, sizes = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
-                           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}[depth]
-    backbone = ResNetConfig(depths=counts, layer_type=kind, hidden_sizes=sizes,
-                            out_features=["stage2", "stage3", "stage4"])
-    config = DeformableDetrConfig(
-        backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
-        two_stage=two_stage, with_box_refine=box_refine, encoder_layers=layers, decoder_layers=layers,
-        num_queries=queries, two_stage_num_proposals=queries,
-        id2label={i: f"thing{i}" for i in range(NUM_CLASSES)}, label2id={f"thing{i}": i for i in range(NUM_CLASSES)})
-    model = DeformableDetrForObjectDetection(config).eval()
-    perturb(model)
-    model.save_pretrained(directory)
-    return model
-
-
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     """Two-stage, box-refining, ResNet-50, 2 + 2 layers, 100 queries: (HF model, saved directory)."""
     directory = tmp_path_factory.mktemp("hf") / "deformable"
-    return _hf_model(directory, 50, True, True, LAYERS, QUERIES), directory
+    return hf_deformable_detr(directory, 50, True, True, LAYERS, QUERIES), directory
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +196,7 @@ def test_padded_batch_matches_hf(hf_model, our_model):
 @pytest.mark.parametrize("box_refine", [False, True])
 def test_single_stage_matches_hf(tmp_path, box_refine):
     """Shared heads (plain) and per-layer heads (refinement; transformers 5 stores class_embed.0 only)."""
-    hf = _hf_model(tmp_path / "hf", 18, False, box_refine, layers=2, queries=30)
+    hf = hf_deformable_detr(tmp_path / "hf", 18, False, box_refine, layers=2, queries=30)
     sd, overrides = converted = convert_hf_deformable_detr(tmp_path / "hf")
     assert overrides["model.backbone.depth"] == 18 and overrides["model.num_queries"] == 30
     assert ("heads.class_embed.1.weight" in sd) == box_refine and "queries.query_embed.weight" in sd

@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("transformers")
 
-from hf_parity import compare, padded_batch, perturb  # noqa: E402
+from hf_parity import compare, padded_batch  # noqa: E402
+from released import hf_conditional_detr  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sparsedet.errors import SparsedetError  # noqa: E402
@@ -22,21 +23,9 @@ NUM_CLASSES, LAYERS, QUERIES = 5, 2, 50
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
-    """A random transformers Conditional DETR (ResNet-50 from a ResNetConfig, C5), saved: (model, dir)."""
-    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
-
-    torch.manual_seed(0)
-    backbone = ResNetConfig(depths=[3, 4, 6, 3], layer_type="bottleneck", hidden_sizes=[256, 512, 1024, 2048],
-                            out_features=["stage4"])
-    config = ConditionalDetrConfig(
-        backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, encoder_layers=LAYERS,
-        decoder_layers=LAYERS, num_queries=QUERIES,
-        id2label={i: f"thing{i}" for i in range(NUM_CLASSES)}, label2id={f"thing{i}": i for i in range(NUM_CLASSES)})
-    model = ConditionalDetrForObjectDetection(config).eval()
-    perturb(model)
+    """A random transformers Conditional DETR (ResNet-50, C5), saved: (model, dir)."""
     directory = tmp_path_factory.mktemp("hf") / "conditional"
-    model.save_pretrained(directory)
-    return model, directory
+    return hf_conditional_detr(directory, 50, LAYERS, QUERIES, NUM_CLASSES), directory
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,14 @@
 """Parity with the official DINO implementation (IDEA-Research/DINO), from ../shared/fixtures."""
 import torch
 from conftest import StoredFeatures, in_fixture_order
+from released import official_fixture_file
 
 from sparsedet.data.batch import Batch
-from sparsedet.nn.backbone import ResNet
 from sparsedet.tools.convert import convert
 
 
-def test_official_dino_fixture_matches(official, tmp_path):
-    state, inputs, expected, _ = official("dino")
-    # The fixture leaves the backbone out; a released file has one under backbone.0.body.
-    state.update({f"backbone.0.body.{k}": v for k, v in ResNet(50).state_dict().items()})
-    path = tmp_path / "checkpoint.pth"
-    torch.save({"model": state, "epoch": 11}, path)
+def test_official_dino_fixture_matches(official, shared_dir, tmp_path):
+    path, inputs, expected, _ = official_fixture_file("dino", official, shared_dir, tmp_path)
 
     model, config = convert("official-dino", path)
     assert (config.model.num_encoder_layers, config.model.num_decoder_layers, config.model.num_queries) == (2, 2, 900)

@@ -1,36 +1,14 @@
 """Parity with the official Focus-DETR (huawei-noah / detrex projects/focus_detr), from ../shared/fixtures."""
 import torch
 from conftest import StoredFeatures, in_fixture_order
+from released import official_fixture_file
 
 from sparsedet.data.batch import Batch
 from sparsedet.tools.convert import convert
 
 
-def _detectron2_resnet50() -> dict:
-    """A released file carries a detectron2-named ResNet-50 (the fixture leaves it out)."""
-    from sparsedet.nn.backbone import ResNet
-    names = {"conv1.weight": "stem.conv1.weight"}
-    out = {}
-    for k, v in ResNet(50).state_dict().items():
-        if k.startswith("bn1."):
-            out["backbone.stem.conv1.norm." + k[4:]] = v
-        elif k in names:
-            out["backbone." + names[k]] = v
-        else:
-            stage, block, rest = k.split(".", 2)
-            res = f"res{int(stage[5:]) + 1}"
-            rest = rest.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-            for n in (1, 2, 3):
-                rest = rest.replace(f"bn{n}.", f"conv{n}.norm.")
-            out[f"backbone.{res}.{block}.{rest}"] = v
-    return {k: v for k, v in out.items() if not k.endswith("num_batches_tracked")}
-
-
-def test_official_focus_detr_fixture_matches(official, tmp_path):
-    state, inputs, expected, manifest = official("focus_detr")
-    state.update(_detectron2_resnet50())
-    path = tmp_path / "focus_detr_r50_4scale_12ep.pth"
-    torch.save({"model": state, "iteration": 89999}, path)
+def test_official_focus_detr_fixture_matches(official, shared_dir, tmp_path):
+    path, inputs, expected, manifest = official_fixture_file("focus_detr", official, shared_dir, tmp_path)
 
     model, config = convert("official-focus-detr", path)
     m = config.model

@@ -1,23 +1,14 @@
 """Parity with the official Salience DETR (xiuqhou/Salience-DETR), from ../shared/fixtures."""
 import torch
 from conftest import StoredFeatures
-from safetensors.torch import load_file
+from released import official_fixture_file
 
 from sparsedet.data.batch import Batch
-from sparsedet.data.categories import COCO_CATEGORIES
-from sparsedet.nn.backbone import ResNet
 from sparsedet.tools.convert import convert
 
 
 def test_official_salience_detr_fixture_matches(official, shared_dir, tmp_path):
-    state, inputs, expected, manifest = official("salience_detr")
-    state.update(load_file(str(shared_dir / "fixtures" / "official" / "salience_detr" / "buffers.safetensors")))
-    state.update({f"backbone.{k}": v for k, v in ResNet(50).state_dict().items()})
-    path = tmp_path / "salience_detr_resnet50_800_1333_coco_1x.pth"
-    # The trainer stores the training set's names per category id as character codes, -1 after each.
-    names = [dict(COCO_CATEGORIES).get(i, "none") for i in range(91)]
-    state["_classes_"] = torch.tensor([c for name in names for c in [*map(ord, name), -1]])
-    torch.save(state, path)  # released as a flat state dict
+    path, inputs, expected, manifest = official_fixture_file("salience_detr", official, shared_dir, tmp_path)
 
     # The fixture ran with 64 object tokens (released: 300); nothing in a checkpoint records it.
     model, config = convert("official-salience-detr", path, {"encoder.object_tokens": manifest["config"]["topk_sa"]})

@@ -3,19 +3,15 @@ SMCA, from ../shared/fixtures."""
 import pytest
 import torch
 from conftest import StoredFeatures
+from released import official_fixture_file
 
 from sparsedet.data.batch import Batch
-from sparsedet.nn.backbone import ResNet
 from sparsedet.tools.convert import convert
 
 
 @pytest.mark.parametrize("name", ["sam_detr", "sam_detr_smca"])
-def test_official_sam_detr_fixture_matches(official, tmp_path, name):
-    state, inputs, expected, manifest = official(name)
-    # The fixture leaves the backbone out; a released file has one under backbone.0.body.
-    state.update({f"backbone.0.body.{k}": v for k, v in ResNet(50, return_layers=[4]).state_dict().items()})
-    path = tmp_path / "checkpoint.pth"
-    torch.save({"model": state, "epoch": 49}, path)
+def test_official_sam_detr_fixture_matches(official, shared_dir, tmp_path, name):
+    path, inputs, expected, manifest = official_fixture_file(name, official, shared_dir, tmp_path)
 
     model, config = convert("official-sam-detr", path)
     m = config.model

@@ -1,22 +1,15 @@
 """Parity with the official Sparse DETR (kakaobrain/sparse-detr), from ../shared/fixtures."""
-import argparse
-
 import torch
 from conftest import StoredFeatures
+from released import official_fixture_file
 
 from sparsedet.data.batch import Batch
 from sparsedet.models.encoders.scoring import mask_padding
-from sparsedet.nn.backbone import ResNet
 from sparsedet.tools.convert import convert
 
 
-def test_official_sparse_detr_fixture_matches(official, tmp_path):
-    state, inputs, expected, manifest = official("sparse_detr")
-    state.update({f"backbone.0.body.{k}": v for k, v in ResNet(50).state_dict().items()})
-    c = manifest["config"]
-    args = argparse.Namespace(rho=c["rho"], num_queries=c["num_queries"], nheads=c["nheads"], dropout=c["dropout"])
-    path = tmp_path / "sparse_detr_r50_30.pth"
-    torch.save({"model": state, "epoch": 49, "args": args}, path)
+def test_official_sparse_detr_fixture_matches(official, shared_dir, tmp_path):
+    path, inputs, expected, manifest = official_fixture_file("sparse_detr", official, shared_dir, tmp_path)
 
     model, config = convert("official-sparse-detr", path)
     m = config.model

@@ -41,6 +41,43 @@ def test_backbone_weights_file_loads_and_bad_file_is_named(tmp_path):
         ResNet(34).load_weights(tmp_path / "r18.pth")
     with pytest.raises(SparsedetError, match="not found"):
         net.load_weights(tmp_path / "missing.pth")
+    with pytest.raises(SparsedetError, match=r"misshapen: \['conv1.weight \(8, 3, 7, 7\) \(expected \(4, 3, 7, 7\)"):
+        ResNet(18, width=4).load_weights(_save_resnet(tmp_path / "r18w8.pth", ResNet(18, width=8)))
+
+
+def _save_resnet(path, net):
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_detectron2_pickle_loads_and_nothing_else_is_unpickled(tmp_path):
+    import os
+    import pickle
+
+    from conftest import detectron2_names
+    src = ResNet(18)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in src.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    state["fc.weight"] = torch.zeros(1000, 512)
+    d2 = {k: v.numpy() for k, v in detectron2_names(state).items()}
+    assert "res3.0.shortcut.norm.running_var" in d2 and "stem.conv1.norm.bias" in d2
+    path = tmp_path / "R-18.pkl"  # as detectron2's convert-torchvision-to-d2 writes it
+    path.write_bytes(pickle.dumps({"model": d2, "__author__": "torchvision", "matching_heuristics": True}))
+    net = ResNet(18)
+    net.load_weights(path)
+    got = net.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items() if not k.startswith("fc."))
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo owned > " + str(tmp_path / "owned"),)
+    path.write_bytes(pickle.dumps({"model": {"stem.conv1.weight": Payload()}}))
+    with pytest.raises(SparsedetError, match="R-18.pkl .*refusing to load .*system"):
+        net.load_weights(path)
+    assert not (tmp_path / "owned").exists()
+    path.write_bytes(pickle.dumps({"conv1_w": d2["stem.conv1.weight"], "res2_0_branch2a_w": d2["res2.0.conv1.weight"]}))
+    with pytest.raises(SparsedetError, match="Caffe2 .*strides in the 1x1"):
+        net.load_weights(path)
 
 
 def test_sine_map_embedding_conventions():

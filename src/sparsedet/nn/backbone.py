@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SparsedetError
+from .resnet_weights import read_resnet_weights
 
 BLOCKS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
           50: ("bottleneck", [3, 4, 6, 3]), 101: ("bottleneck", [3, 4, 23, 3])}
@@ -103,6 +104,7 @@ class ResNet(nn.Module):
             raise SparsedetError(f"unknown ResNet depth {depth}; choose one of {sorted(BLOCKS)}")
         if norm not in NORMS:
             raise SparsedetError(f"unknown backbone norm {norm!r}; choose one of {sorted(NORMS)}")
+        self.depth, self.width = depth, width
         kind, counts = BLOCKS[depth]
         make_norm = NORMS[norm]
         block = BasicBlock if kind == "basic" else Bottleneck
@@ -143,25 +145,19 @@ class ResNet(nn.Module):
         return outs
 
     def load_weights(self, path: str | Path) -> None:
-        """Load a torchvision-format ImageNet state dict (``.pth`` or ``.safetensors``); ``fc.*`` is ignored."""
-        path = Path(path)
-        if not path.is_file():
-            raise SparsedetError(f"backbone weights not found: {path}; pass an existing file as model.backbone.weights=PATH")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
-                raise SparsedetError(f"could not read backbone weights {path}: {e}") from None
-            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("body."): v for k, v in state.items()}
+        """Load ImageNet weights: a torchvision state dict (``.pth``/``.safetensors``) or a detectron2
+        ``.pkl`` of torchvision weights (see ``resnet_weights``); ``fc.*`` is ignored."""
+        state = read_resnet_weights(path)
         unbuilt = tuple(f"layer{i}." for i in range(len(self.channels) + 1, 5))
         state = {k: v for k, v in state.items() if not k.startswith(("fc.",) + unbuilt)}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if missing or unexpected:
+        ours = self.state_dict()
+        missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in ours and not k.endswith("num_batches_tracked")]
+        misshapen = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
+                     if k in ours and v.shape != ours[k].shape]
+        if missing or unexpected or misshapen:
             raise SparsedetError(
-                f"backbone weights {path} do not fit ResNet (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
-                "expected a torchvision-format ResNet state dict of the same depth and width")
+                f"backbone weights {path} do not fit ResNet-{self.depth} of width {self.width} (missing: "
+                f"{missing[:5]}, unexpected: {unexpected[:5]}, misshapen: {misshapen[:3]}); "
+                "expected ImageNet ResNet weights of the same depth and width")
+        self.load_state_dict(state, strict=False)

@@ -33,11 +33,20 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
     overrides: config values the checkpoint cannot tell (e.g. ``{"model.encoder.object_tokens": 64}``),
     applied after those read from it.
     """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
+    try:
+        model, state, config = _convert(source, path, overrides)
+    except SparsedetError as e:  # every message says which source the file was read as
+        raise SparsedetError(f"convert --from {source}: {e}") from None
+    model.load_state_dict(state, strict=False)
+    return model.eval(), config
+
+
+def _convert(source: str, path: str | Path, overrides):
     import importlib
 
     from ...api import Detector
-    if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
     module, function, preset = SOURCES[source]
     state, found = getattr(importlib.import_module(f"{__name__}.{module}"), function)(path)
     config: Config = get_preset(preset)
@@ -48,13 +57,13 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
     model = Detector.from_config(config)
     ours = model.state_dict()
     check_layout(path, state, [k for k in ours if not k.endswith("num_batches_tracked")])
-    misshapen = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
+    origin = getattr(state, "origin", {})  # the file's own names, where the converter kept them
+    misshapen = [f"{origin.get(k, k)} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
                  if v.shape != ours[k].shape]
     if misshapen:
-        raise SparsedetError(f"{path}: shapes do not fit a {source} model ({len(misshapen)} tensors): "
+        raise SparsedetError(f"{path}: shapes do not fit the model the file describes ({len(misshapen)} tensors): "
                              f"{', '.join(misshapen[:5])}")
-    model.load_state_dict(state, strict=False)
-    return model.eval(), config
+    return model, state, config
 
 
 def _class_table(found: dict, path) -> tuple[list[str], list[int]]:
@@ -66,7 +75,7 @@ def _class_table(found: dict, path) -> tuple[list[str], list[int]]:
     if table is None:
         warnings.warn(f"{path}: {n} classes is not a COCO class table, so column i is taken to be category "
                       f"id i, as the official code trains on custom data; name them with model.classes=[...]",
-                      stacklevel=3)
+                      stacklevel=4)
         table = raw_id_table([f"class {i}" for i in range(n)])
     return table
 

@@ -9,8 +9,10 @@ layout our ``Detector`` expects. Anything left over or missing is reported in ON
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +68,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
             raise SparsedetError(f"could not read {path} as safetensors: {e}") from None
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = torch.load(_released_file(path), map_location="cpu", weights_only=True)
+    except SparsedetError:
+        raise
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a file we refuse to read
-        raise SparsedetError(f"could not read {path} as a weights-only torch file: {e}") from None
+        reason = str(e).split(". ")[0].strip()  # torch appends paragraphs of advice
+        raise SparsedetError(f"could not read {path} as a weights-only torch file ({reason}); a truncated or "
+                             "corrupt download fails here, as does a file that pickles code") from None
     args = {}
     if isinstance(data, dict):
         if isinstance(data.get("args"), argparse.Namespace):
@@ -80,6 +86,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
         raise SparsedetError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     return dict(data), args
+
+
+def _released_file(path: Path) -> Path | io.BytesIO:
+    """``path``, or the one checkpoint inside it when it is a .zip archive of one (as some authors
+    release: Focus-DETR). A torch file is itself a zip archive, recognised by its ``data.pkl``."""
+    if not zipfile.is_zipfile(path):
+        return path
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if not n.startswith("__MACOSX/")]
+        if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            return path
+        inner = [n for n in names if n.endswith((".pth", ".pt", ".bin"))]
+        if len(inner) != 1:
+            raise SparsedetError(f"{path} is a zip archive with {len(inner)} checkpoint files ({', '.join(inner[:5])}); "
+                                 "unzip it and pass the checkpoint itself")
+        return io.BytesIO(archive.read(inner[0]))
 
 
 def read_hf_weights(directory: str | Path) -> tuple[dict[str, Tensor], Path]:
@@ -159,8 +181,16 @@ class Rule:
         return match.expand(self.target) if isinstance(self.target, str) else self.target(match)
 
 
+class Renamed(dict):
+    """A renamed state dict that remembers each key's name in the file (for error messages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.origin: dict[str, str] = {}
+
+
 def rename_keys(state: Mapping[str, Tensor], rules: Iterable[Rule], source: str | Path,
-                ignore: Iterable[str] = ()) -> tuple[dict[str, Tensor], list[str]]:
+                ignore: Iterable[str] = ()) -> tuple[Renamed, list[str]]:
     """Rename every key by the first rule that gives it a name.
 
     ignore: regular expressions of keys that are dropped on purpose (e.g. ``num_batches_tracked``).
@@ -169,7 +199,7 @@ def rename_keys(state: Mapping[str, Tensor], rules: Iterable[Rule], source: str 
     """
     rules = list(rules)
     ignored = [re.compile(p) for p in ignore]
-    out: dict[str, Tensor] = {}
+    out = Renamed()
     unknown = []
     for key, value in state.items():
         if any(p.fullmatch(key) for p in ignored):
@@ -182,6 +212,7 @@ def rename_keys(state: Mapping[str, Tensor], rules: Iterable[Rule], source: str 
                                  "the checkpoint stores one tensor twice under different names")
         else:
             out[new] = value
+            out.origin[new] = key
     return out, unknown
 
 

@@ -1,7 +1,7 @@
 """Convert an official Focus-DETR checkpoint (huawei-noah Focus-DETR / detrex ``projects/focus_detr``).
 
-Released files are detectron2 checkpoints ``{"model": state_dict, ...}`` (most inside a .zip:
-unzip first). The backbone uses detectron2 ResNet names, mapped to torchvision's here. The
+Released files are detectron2 checkpoints ``{"model": state_dict, ...}`` (most inside a .zip,
+read as is). The backbone uses detectron2 ResNet names, mapped to torchvision's here. The
 two-stage class head is also saved as ``enhance_MCSP`` (once per encoder layer) and the decoder
 heads again under ``transformer.decoder.*``: those copies are checked equal and dropped. Heads
 are 80-way in detectron2's contiguous COCO order.
@@ -13,11 +13,11 @@ from pathlib import Path
 from torch import Tensor
 
 from ...errors import SparsedetError
+from ...nn.resnet_weights import detectron2_name
 from .common import Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
 from .official_dino import WB
 
-HINT = "Expected an official Focus-DETR checkpoint (e.g. focus_detr_r50_4scale_12ep.pth, unzipped)."
-BN = r"(weight|bias|running_mean|running_var)"
+HINT = "Expected an official Focus-DETR checkpoint (e.g. focus_detr_r50_4scale_12ep.zip as released, or the .pth inside)."
 
 
 def _encoder_part(m) -> str | None:
@@ -45,15 +45,7 @@ def _head(kind: str, num_decoder_layers: int):
 
 LAYER = r"\.(\d+)\.(attentions\.0\.attn|attentions\.1|ffns\.0\.layers\.0\.0|ffns\.0\.layers\.1|norms\.\d|norm2)(\..+)"
 RULES = [
-    # detectron2 ResNet -> torchvision names
-    Rule(r"backbone\.stem\.conv1\.weight", "backbone.conv1.weight"),
-    Rule(r"backbone\.stem\.conv1\.norm\." + BN, r"backbone.bn1.\1"),
-    Rule(r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight", lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.conv{m.group(3)}.weight"),
-    Rule(r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\." + BN,
-         lambda m: f"backbone.layer{int(m.group(1)) - 1}.{m.group(2)}.bn{m.group(3)}.{m.group(4)}"),
-    Rule(r"backbone\.res(\d)\.0\.shortcut\.weight", lambda m: f"backbone.layer{int(m.group(1)) - 1}.0.downsample.0.weight"),
-    Rule(r"backbone\.res(\d)\.0\.shortcut\.norm\." + BN,
-         lambda m: f"backbone.layer{int(m.group(1)) - 1}.0.downsample.1.{m.group(2)}"),
+    Rule(r"backbone\.((stem|res\d)\..+)", lambda m: (name := detectron2_name(m.group(1))) and f"backbone.{name}"),
     Rule(r"neck\.convs\.(\d)\.conv\." + WB, r"neck.input_proj.\1.0.\2"),
     Rule(r"neck\.convs\.(\d)\.norm\." + WB, r"neck.input_proj.\1.1.\2"),
     Rule(r"neck\.extra_convs\.0\.conv\." + WB, r"neck.input_proj.3.0.\1"),

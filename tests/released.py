@@ -1,0 +1,167 @@
+"""Checkpoints laid out and packed as each source releases them, for the converter tests.
+
+Official DINO, Sparse DETR, Focus-DETR, Salience DETR and SAM-DETR files are rebuilt from the
+official layouts recorded in ../shared/fixtures; Deformable DETR and Conditional DETR files are our
+random model renamed to the official code's names; Hugging Face folders come from transformers.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+from conftest import detectron2_names
+
+from sparsedet.data.categories import COCO_CATEGORIES
+from sparsedet.nn.backbone import ResNet
+
+SMALL_DEFORMABLE = {"backbone.depth": 18, "num_encoder_layers": 2, "num_decoder_layers": 2, "ffn_dim": 64,
+                    "num_queries": 30, "num_classes": 91}
+SMALL_CONDITIONAL = {**SMALL_DEFORMABLE, "num_decoder_layers": 3}
+
+
+def deformable_detr_layout(ours: dict, layers: int, two_stage: bool, box_refine: bool) -> dict:
+    """Our state dict in fundamentalvision/Deformable-DETR's names (models/deformable_detr.py and
+    deformable_transformer.py), with its duplicated heads."""
+    out = {}
+    for key, value in ours.items():
+        for mine, theirs in (("backbone.", "backbone.0.body."), ("neck.input_proj.", "input_proj."),
+                             ("neck.level_embed", "transformer.level_embed"),
+                             ("encoder.layers.", "transformer.encoder.layers."),
+                             ("decoder.layers.", "transformer.decoder.layers."),
+                             ("queries.query_embed.", "query_embed."), ("queries.class_head.", f"class_embed.{layers}."),
+                             ("queries.box_head.", f"bbox_embed.{layers}."), ("queries.", "transformer."),
+                             ("heads.class_embed.", "class_embed."), ("heads.box_embed.", "bbox_embed.")):
+            if key.startswith(mine):
+                out[theirs + key[len(mine):]] = value.clone()
+                break
+        else:
+            raise AssertionError(f"no official name for {key}")
+    heads = [k for k in out if k.startswith(("class_embed.", "bbox_embed."))]
+    if not box_refine:  # nn.ModuleList([head] * num_pred): the same module under every index
+        for key in heads:
+            kind, _, rest = key.split(".", 2)
+            out.update({f"{kind}.{k}.{rest}": out[key] for k in range(1, layers)})
+    else:  # the decoder keeps the box heads (and, two-stage, the class heads) too
+        for key in heads:
+            if key.startswith("bbox_embed.") or two_stage:
+                out["transformer.decoder." + key] = out[key]
+    return out
+
+
+def save_deformable_detr(tmp_path: Path, state: dict, **args) -> Path:
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": state, "optimizer": {}, "epoch": 49,
+                "args": argparse.Namespace(nheads=8, dropout=0.1, dilation=False, **args)}, path)
+    return path
+
+
+def conditional_detr_layout(ours: dict) -> dict:
+    """Our state dict in models/conditional_detr.py + transformer.py names (the encoder uses
+    nn.MultiheadAttention, the decoder the repository's own attention with only out_proj)."""
+    out = {}
+    for key, value in ours.items():
+        if key.startswith("backbone."):
+            out["backbone.0.body." + key[len("backbone."):]] = value
+        elif key.startswith("neck.input_proj.0.0."):
+            out["input_proj." + key.rsplit(".", 1)[1]] = value
+        elif key == "queries.query_embed.weight":
+            out["query_embed.weight"] = value
+        elif key.startswith("queries.ref_point_head."):
+            out["transformer.decoder." + key[len("queries."):]] = value
+        elif key.startswith(("encoder.", "decoder.")):
+            out["transformer." + key.replace(".cross.", ".")] = value
+        elif key.startswith("heads.class_embed.0."):
+            out["class_embed." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("heads.box_embed.0."):
+            out["bbox_embed." + key[len("heads.box_embed.0."):]] = value
+        else:
+            raise AssertionError(f"no official name for {key}")
+    layers = 1 + max(int(k.split(".")[3]) for k in out if k.startswith("transformer.decoder.layers."))
+    for i in range(1, layers):  # built in every layer, used in the first only
+        out[f"transformer.decoder.layers.{i}.ca_qpos_proj.weight"] = torch.randn(256, 256)
+        out[f"transformer.decoder.layers.{i}.ca_qpos_proj.bias"] = torch.randn(256)
+    return out
+
+
+def save_conditional_detr(tmp_path: Path, state: dict) -> Path:
+    path = tmp_path / "ConditionalDETR_r18.pth"
+    torch.save({"model": state, "epoch": 49, "args": argparse.Namespace(nheads=8, dropout=0.1, dilation=False,
+                                                                         num_queries=30)}, path)
+    return path
+
+
+def _labels(num_classes: int) -> dict:
+    return {"id2label": {i: f"thing{i}" for i in range(num_classes)},
+            "label2id": {f"thing{i}": i for i in range(num_classes)}}
+
+
+def hf_deformable_detr(directory: Path, depth: int, two_stage: bool, box_refine: bool, layers: int, queries: int,
+                       num_classes: int = 5):
+    """A random transformers Deformable DETR with a transformers ResNet backbone, saved with save_pretrained."""
+    from hf_parity import perturb
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+
+    torch.manual_seed(0)
+    kind, counts, sizes = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
+                           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}[depth]
+    backbone = ResNetConfig(depths=counts, layer_type=kind, hidden_sizes=sizes,
+                            out_features=["stage2", "stage3", "stage4"])
+    config = DeformableDetrConfig(
+        backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
+        two_stage=two_stage, with_box_refine=box_refine, encoder_layers=layers, decoder_layers=layers,
+        num_queries=queries, two_stage_num_proposals=queries, **_labels(num_classes))
+    model = DeformableDetrForObjectDetection(config).eval()
+    perturb(model)
+    model.save_pretrained(directory)
+    return model
+
+
+def hf_conditional_detr(directory: Path, depth: int, layers: int, queries: int, num_classes: int = 5):
+    """A random transformers Conditional DETR (ResNet from a ResNetConfig, C5), saved with save_pretrained."""
+    from hf_parity import perturb
+    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
+
+    torch.manual_seed(0)
+    kind, counts, sizes = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
+                           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}[depth]
+    backbone = ResNetConfig(depths=counts, layer_type=kind, hidden_sizes=sizes, out_features=["stage4"])
+    config = ConditionalDetrConfig(
+        backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, encoder_layers=layers,
+        decoder_layers=layers, num_queries=queries, **_labels(num_classes))
+    model = ConditionalDetrForObjectDetection(config).eval()
+    perturb(model)
+    model.save_pretrained(directory)
+    return model
+
+
+def official_fixture_file(name: str, official, shared_dir: Path, tmp_path: Path):
+    """The fixture's official state dict with a ResNet-50 (the fixture leaves it out) saved in the
+    source's released container: (path, inputs, expected outputs, manifest)."""
+    state, inputs, expected, manifest = official(name)
+    torchvision_r50 = {k: v for k, v in ResNet(50).state_dict().items()}
+    if name == "dino":
+        state.update({f"backbone.0.body.{k}": v for k, v in torchvision_r50.items()})
+        path, packed = tmp_path / "checkpoint0011_4scale.pth", {"model": state, "epoch": 11}
+    elif name == "sparse_detr":
+        state.update({f"backbone.0.body.{k}": v for k, v in torchvision_r50.items()})
+        c = manifest["config"]
+        args = argparse.Namespace(rho=c["rho"], num_queries=c["num_queries"], nheads=c["nheads"], dropout=c["dropout"])
+        path, packed = tmp_path / "sparse_detr_r50_30.pth", {"model": state, "epoch": 49, "args": args}
+    elif name == "focus_detr":  # a detectron2 checkpoint with detectron2 ResNet names
+        state.update({f"backbone.{k}": v for k, v in detectron2_names(torchvision_r50).items()})
+        path, packed = tmp_path / "focus_detr_r50_4scale_12ep.pth", {"model": state, "iteration": 89999}
+    elif name == "salience_detr":  # a flat state dict, with buffers and the class names the trainer adds
+        from safetensors.torch import load_file
+        state.update(load_file(str(shared_dir / "fixtures" / "official" / "salience_detr" / "buffers.safetensors")))
+        state.update({f"backbone.{k}": v for k, v in torchvision_r50.items()})
+        # The trainer stores the training set's names per category id as character codes, -1 after each.
+        names = [dict(COCO_CATEGORIES).get(i, "none") for i in range(91)]
+        state["_classes_"] = torch.tensor([c for n in names for c in [*map(ord, n), -1]])
+        path, packed = tmp_path / "salience_detr_resnet50_800_1333_coco_1x.pth", state
+    elif name in ("sam_detr", "sam_detr_smca"):
+        c5 = ResNet(50, return_layers=[4]).state_dict()
+        state.update({f"backbone.0.body.{k}": v for k, v in c5.items()})
+        path, packed = tmp_path / "checkpoint.pth", {"model": state, "epoch": 49}
+    else:
+        raise ValueError(name)
+    torch.save(packed, path)
+    return path, inputs, expected, manifest
