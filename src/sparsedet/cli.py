@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Face save_pretrained); official-deformable-detr (fundamentalvision/Deformable-DETR .pth); "
                        "official-conditional-detr (Atten4Vis/ConditionalDETR .pth); official-dino (an "
                        "IDEA-Research/DINO .pth); official-sparse-detr (a kakaobrain/sparse-detr .pth); "
-                       "official-focus-detr (a Focus-DETR detectron2 .pth, unzipped); official-salience-detr (a "
+                       "official-focus-detr (a Focus-DETR detectron2 .pth or the released .zip); official-salience-detr (a "
                        "xiuqhou/Salience-DETR .pth); official-sam-detr (a ZhangGongjie/SAM-DETR .pth). Official "
                        "files are read without unpickling code. Trailing key=value pairs set what a checkpoint "
                        "cannot tell.")
