@@ -22,6 +22,8 @@ def test_official_layout_converts_to_the_same_weights(tmp_path, two_stage):
     assert (m.two_stage, m.box_refine, m.num_queries, m.num_decoder_layers, m.backbone.depth, m.num_classes) == \
         (two_stage, two_stage, 30, 2, 18, 91)
     assert (m.classes[:2], m.classes[12], m.category_ids) == (["N/A", "person"], "N/A", list(range(91)))
+    assert (config.preset, config.source) == (
+        "deformable_detr_r50", "official-deformable-detr: checkpoint.pth")  # provenance in config.json
     got = converted.state_dict()
     assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
 

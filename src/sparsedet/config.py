@@ -157,6 +157,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    preset: str = ""    # the preset this configuration started from
+    source: str = ""    # for converted weights: the checkpoint source and file, e.g. "official-dino: x.pth"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -192,4 +192,6 @@ def get_preset(name: str) -> Config:
         close = difflib.get_close_matches(name, PRESETS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SparsedetError(f"unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    config = PRESETS[name]()
+    config.preset = name
+    return config

@@ -50,6 +50,7 @@ def _convert(source: str, path: str | Path, overrides):
     module, function, preset = SOURCES[source]
     state, found = getattr(importlib.import_module(f"{__name__}.{module}"), function)(path)
     config: Config = get_preset(preset)
+    config.source = f"{source}: {Path(path).name}"
     found = dict(found)
     config.model.classes, config.model.category_ids = _class_table(found, path)
     apply_overrides(config, found)
