@@ -1,4 +1,7 @@
 """Class tables: the COCO tables converters write, unused logit columns never predicted or scored."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,3 +47,30 @@ def test_evaluator_drops_unused_columns_and_still_refuses_unknown_ids():
     assert evaluator.compute()["AP"] == pytest.approx(1.0)
     with pytest.raises(Exception, match=r"category ids \[0\] are not in the ground truth"):
         Evaluator(gt, column_categories(["background", "person"], [0, 1]))
+
+
+def test_a_converted_coco_model_evaluates_and_predicts_on_coco_ids(synth, tmp_path):
+    from released import SMALL_DEFORMABLE, deformable_detr_layout, save_deformable_detr
+
+    from sparsedet.cli import main
+    ours = Detector.from_preset("deformable_detr_r50", **SMALL_DEFORMABLE).state_dict()
+    path = save_deformable_detr(tmp_path, deformable_detr_layout(ours, 2, False, False), num_queries=30)
+    assert main(["convert", "--from", "official-deformable-detr", str(path), "--out", str(tmp_path / "run"),
+                 "eval_size=128", "eval_max_size=128"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["eval_size"] == 128
+    val = Path(synth["val"])
+    gt = json.loads(val.read_text())  # the synthetic images, relabelled as COCO's person/bicycle/car
+    gt["categories"] = [{"id": i, "name": n} for i, n in COCO_CATEGORIES]
+    for a in gt["annotations"]:
+        a["category_id"] = 1 + a["category_id"] % 3
+    for image in gt["images"]:
+        image["file_name"] = str(val.parent / image["file_name"])
+    (tmp_path / "coco.json").write_text(json.dumps(gt))
+    assert main(["eval", "--weights", str(tmp_path / "run"), "--val", str(tmp_path / "coco.json")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 0 <= metrics["AP"] <= 1 and len(metrics["per_class"]) == 80
+    image = gt["images"][0]["file_name"]
+    assert main(["predict", "--weights", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "pred"),
+                 "--threshold", "0"]) == 0
+    predicted = {d["category_id"] for d in json.loads((tmp_path / "pred" / "predictions.json").read_text())}
+    assert predicted and predicted <= {i for i, _ in COCO_CATEGORIES}

@@ -116,3 +116,12 @@ def test_trains_on_a_yolo_folder_and_takes_its_val_split(tmp_path, capsys):
     assert config["model"]["category_ids"] == [0, 1, 2, 3, 4]  # YOLO class indices
     assert "AP" in json.loads((run / "metrics.json").read_text())
     assert main(["eval", "--weights", str(run), "--val", str(data / "yolo"), "--out", str(tmp_path / "e")]) == 0
+
+
+def test_overrides_may_follow_options_and_anything_else_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["convert", "--from", "official-dino", "x.pth", "--out", str(tmp_path), "bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: bogus" in capsys.readouterr().err
+    # key=value after --out reaches the converter (which then reports the missing file)
+    assert main(["convert", "--from", "official-dino", str(tmp_path / "x.pth"), "--out", str(tmp_path), "top_k=5"]) == 2
+    assert "x.pth not found" in capsys.readouterr().err
