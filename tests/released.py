@@ -94,43 +94,45 @@ def _labels(num_classes: int) -> dict:
             "label2id": {f"thing{i}": i for i in range(num_classes)}}
 
 
+def _resnet_config(depth: int, out_features: list[str]):
+    """A transformers ResNet (random weights) of our depth 18 or 50."""
+    from transformers import ResNetConfig
+    kind, counts, sizes = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
+                           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}[depth]
+    return ResNetConfig(depths=counts, layer_type=kind, hidden_sizes=sizes, out_features=out_features)
+
+
+def _saved(model, directory: Path):
+    from hf_parity import perturb
+    perturb(model)
+    model.save_pretrained(directory)
+    return model
+
+
 def hf_deformable_detr(directory: Path, depth: int, two_stage: bool, box_refine: bool, layers: int, queries: int,
                        num_classes: int = 5):
     """A random transformers Deformable DETR with a transformers ResNet backbone, saved with save_pretrained."""
-    from hf_parity import perturb
-    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
 
     torch.manual_seed(0)
-    kind, counts, sizes = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
-                           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}[depth]
-    backbone = ResNetConfig(depths=counts, layer_type=kind, hidden_sizes=sizes,
-                            out_features=["stage2", "stage3", "stage4"])
+    backbone = _resnet_config(depth, ["stage2", "stage3", "stage4"])
     config = DeformableDetrConfig(
         backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False,
         two_stage=two_stage, with_box_refine=box_refine, encoder_layers=layers, decoder_layers=layers,
         num_queries=queries, two_stage_num_proposals=queries, **_labels(num_classes))
-    model = DeformableDetrForObjectDetection(config).eval()
-    perturb(model)
-    model.save_pretrained(directory)
-    return model
+    return _saved(DeformableDetrForObjectDetection(config).eval(), directory)
 
 
 def hf_conditional_detr(directory: Path, depth: int, layers: int, queries: int, num_classes: int = 5):
     """A random transformers Conditional DETR (ResNet from a ResNetConfig, C5), saved with save_pretrained."""
-    from hf_parity import perturb
-    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection, ResNetConfig
+    from transformers import ConditionalDetrConfig, ConditionalDetrForObjectDetection
 
     torch.manual_seed(0)
-    kind, counts, sizes = {18: ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
-                           50: ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048])}[depth]
-    backbone = ResNetConfig(depths=counts, layer_type=kind, hidden_sizes=sizes, out_features=["stage4"])
+    backbone = _resnet_config(depth, ["stage4"])
     config = ConditionalDetrConfig(
         backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, encoder_layers=layers,
         decoder_layers=layers, num_queries=queries, **_labels(num_classes))
-    model = ConditionalDetrForObjectDetection(config).eval()
-    perturb(model)
-    model.save_pretrained(directory)
-    return model
+    return _saved(ConditionalDetrForObjectDetection(config).eval(), directory)
 
 
 def official_fixture_file(name: str, official, shared_dir: Path, tmp_path: Path):

@@ -3,7 +3,8 @@
 Released files are flat state dicts (saved through accelerate). The filter ratios are buffers and
 become config (``encoder.level_ratios``, ``encoder.layer_ratios``); ``enhance_mcsp`` is a second
 name of the two-stage class head and is checked equal and dropped, as are the sine-embedding
-buffers; ``_classes_`` (the training set's names per category id) becomes the class table. The neck's convolutions have no bias: ours get zeros.
+buffers; ``_classes_`` (the training set's names per category id) becomes the class table. The
+neck's convolutions have no bias: ours get zeros.
 """
 from __future__ import annotations
 
