@@ -1,22 +1,19 @@
 """Salience DETR's cross-level fusion: official layout, init, shapes and gradients, routing, blocks."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED, require_shared
 
 from sparsedet.nn.fusion import CrossLevelFusion
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHAPES = [(13, 17), (7, 9), (4, 5), (2, 3)]
 
 
 def test_state_dict_layout_matches_the_official_neck():
-    folder = SHARED / "fixtures" / "official" / "salience_detr"
-    if not folder.is_dir():
-        pytest.skip(f"{folder} is absent (official fixtures ship next to the repo in CI, not with a clone)")
+    folder = require_shared(SHARED / "fixtures" / "official" / "salience_detr")
     from safetensors.torch import load_file
     prefix = "transformer.neck."
     manifest = json.loads((folder / "manifest.json").read_text())
