@@ -1,5 +1,6 @@
 """Shared pieces of the Hugging Face parity tests: perturbed random models, padded batches, comparison."""
 import torch
+from ties import follow_fixture, picks_by_value
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -37,6 +38,15 @@ def compare(hf, model, images, mask):
     pixel_values = ((images - MEAN) / STD).masked_fill(mask[:, None], 0.0)  # HF pads after normalising
     with torch.no_grad():
         expected = hf(pixel_values=pixel_values, pixel_mask=(~mask).long())
-        out = model(Batch(images, mask))
+        if getattr(expected, "enc_outputs_class", None) is not None:  # two-stage: proposals ranked by class 0
+            first = lambda logits: logits[..., 0]  # noqa: E731
+            k = model.queries.num_queries
+            top = expected.enc_outputs_class[..., 0].sort(dim=1, descending=True, stable=True).indices[:, :k]
+            picked = expected.enc_outputs_class.gather(1, top[..., None].expand(-1, -1, expected.logits.shape[-1]))
+            model.queries.select = follow_fixture(model.queries.select, picks_by_value(picked, first), first)
+        try:
+            out = model(Batch(images, mask))
+        finally:
+            model.queries.__dict__.pop("select", None)  # the model may be shared with other tests
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.boxes, expected.pred_boxes, rtol=1e-4, atol=1e-4)
