@@ -8,7 +8,7 @@ from PIL import Image
 
 from sparsedet.data.batch import Batch, collate
 from sparsedet.data.check import check_dataset, format_problems
-from sparsedet.data.coco import CocoDetection, load_image
+from sparsedet.data.coco import CocoDetection, load_image, open_detection_dataset
 from sparsedet.data.synthetic import write_synthetic
 from sparsedet.data.transforms import (RandomHorizontalFlip, RandomSizeCrop, build_transforms, crop_region,
                                        resized_shape)
@@ -265,3 +265,50 @@ def test_no_stray_warnings_on_clean_data(tmp_path):
         warnings.simplefilter("error")
         ds = CocoDetection(path)
         assert ds[0] is not None and ds[1] is not None
+
+
+def test_check_dataset_decodes_a_truncated_jpeg(tmp_path):
+    noise = (torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise).save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])  # the header survives: it opens and verifies
+    images = [{"id": 1, "file_name": "whole.jpg", "width": 48, "height": 32},
+              {"id": 2, "file_name": "cut.jpg", "width": 48, "height": 32}]
+    path = write_dataset(tmp_path, [ann(1, 1, 3, [1, 1, 5, 5]), ann(2, 2, 3, [1, 1, 5, 5])], images=images)
+    problems = check_dataset(path)
+    assert len(problems) == 1 and problems[0].severity == "error", problems
+    assert problems[0].message.startswith(f"image id 2 (cut.jpg): cannot read {tmp_path / 'cut.jpg'}")
+    assert "truncated" in problems[0].message
+
+
+def test_a_coco_file_without_boxes_is_an_error(tmp_path):
+    path = write_dataset(tmp_path, [])
+    CocoDetection(path)  # as a plain reader it is fine; training and evaluation refuse it
+    with pytest.raises(SparsedetError, match=r"ann\.json has no boxes: its 'annotations' list is empty\. "
+                                             r"Training on it would learn only background"):
+        open_detection_dataset(path, "train")
+    problems = check_dataset(path)  # one error, not a warning per image
+    assert [(p.severity, p.message.split(";")[0]) for p in problems] == [
+        ("error", f"{path}: no boxes ('annotations' is empty)")]
+    with pytest.raises(SparsedetError, match=r"its 1 annotation\(s\) are all crowd regions or degenerate"):
+        open_detection_dataset(write_dataset(tmp_path, [ann(1, 1, 3, [1, 1, 5, 5], iscrowd=1)]), "val")
+    assert open_detection_dataset(write_dataset(tmp_path, [ann(1, 2, 3, [1, 1, 5, 5])]), "train").num_boxes == 1
+
+
+def test_a_size_mismatch_is_marked_in_the_words_of_check_data(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 50, "height": 20},
+              {"id": 2, "file_name": "b.png", "width": 40, "height": 20}]
+    path = write_dataset(tmp_path, [ann(1, 1, 3, [42, 2, 6, 6]), ann(2, 2, 3, [1, 1, 5, 5])], images=images)
+    ds = CocoDetection(path)
+    mismatch = ds[0][1]["size_mismatch"]
+    assert mismatch == f"image id 1 (a.png): json says 50x20 (w x h) but {tmp_path / 'a.png'} is 40x20"
+    assert len(ds[0][1]["boxes"]) == 0 and "size_mismatch" not in ds[1][1]  # the box lay outside the file
+    assert [p.message for p in check_dataset(path) if p.severity == "error"] == [mismatch]
+
+
+def test_require_readable_names_the_image_root(tmp_path):
+    path = write_dataset(tmp_path, [ann(1, 1, 3, [1, 1, 5, 5])])
+    CocoDetection(path).require_readable()
+    with pytest.raises(SparsedetError, match=rf"no image of .*ann\.json can be read under .*elsewhere: all 2 "
+                                             r"failed .* as --images"):
+        CocoDetection(path, tmp_path / "elsewhere").require_readable()

@@ -5,6 +5,8 @@ import torch
 import yaml
 from PIL import Image
 
+from sparsedet.cli import main
+from sparsedet.data.check import check_dataset
 from sparsedet.data.coco import CocoDetection, open_detection_dataset
 from sparsedet.data.synthetic import write_synthetic
 from sparsedet.data.transforms import build_transforms
@@ -153,3 +155,68 @@ def test_coco_dataset_from_a_dict_names_its_source(tmp_path):
         CocoDetection(empty, tmp_path, source="my-source")
     with pytest.raises(ValueError, match="images_root"):
         CocoDetection(empty)
+
+
+def write_split(root, split, labels):
+    """A 40x20 PNG per entry of ``labels`` (file name -> label text, None: no label file) in images/<split>."""
+    (root / "images" / split).mkdir(parents=True)
+    (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for name, text in labels.items():
+        Image.new("RGB", (40, 20), (200, 40, 40)).save(root / "images" / split / name)
+        if text is not None:
+            (root / "labels" / split / name).with_suffix(".txt").write_text(text)
+
+
+def test_check_data_reports_yolo_problems(tmp_path, capsys):
+    write_split(tmp_path, "train", {"a.png": "0 0.5 0.5 0.2 0.2\n1 0.5 0.5 1.4 0.2\n7 0.5 0.5 0.1 0.1\n"
+                                             "0 0.5 x 0.1 0.1\n1 0.5 0.5 0 0.2\n",
+                                    "b.png": None, "c.jpg": "0 0.5 0.5 0.2 0.2\n", "d.png": None})
+    noise = (torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise).save(tmp_path / "images" / "train" / "c.jpg")
+    data = (tmp_path / "images" / "train" / "c.jpg").read_bytes()
+    (tmp_path / "images" / "train" / "c.jpg").write_bytes(data[:len(data) // 2])  # a truncated JPEG
+    write_split(tmp_path, "val", {"e.png": "1 0.5 0.5 0.5 0.5\n"})
+    (tmp_path / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [cat, dog]\n")
+    a = tmp_path / "labels" / "train" / "a.txt"
+    problems = check_dataset(tmp_path)
+    errors = [p.message for p in problems if p.severity == "error"]
+    assert errors[:4] == [
+        f"{a} line 2: w=1.4 is outside [0, 1] (coordinates are fractions of the image width and height)",
+        f"{a} line 3: class 7 is not a class index in 'names' (0..1)",
+        f"{a} line 4: not `class cx cy w h` (finite numbers, optionally followed by polygon points): '0 0.5 x 0.1 0.1'",
+        f"{a} line 5: degenerate box w=0 h=0.2 (both must be > 0)"]
+    assert len(errors) == 5 and "truncated" in errors[4]
+    jpeg = tmp_path / "images" / "train" / "c.jpg"
+    assert errors[4].startswith(f"{tmp_path / 'data.yaml'} (train): cannot read {jpeg}")
+    assert [p.message for p in problems if p.severity == "warning"] == [
+        f"{tmp_path / 'data.yaml'} (train): 2 of 4 images have no label file in {tmp_path / 'labels' / 'train'} "
+        "(e.g. b.txt); they count as background (an image without objects gets an empty .txt)"]
+    assert main(["check-data", "--ann", str(tmp_path / "data.yaml")]) == 1
+    assert "w=1.4 is outside [0, 1]" in capsys.readouterr().out
+    (tmp_path / "labels" / "val" / "e.txt").unlink()  # val without a single box: an error
+    assert f"(val): no boxes: none of its 1 images has a label file in {tmp_path / 'labels' / 'val'}" in \
+        [p.message for p in check_dataset(tmp_path) if p.severity == "error"][-1]
+
+
+def test_training_reads_of_yolo_labels_name_their_problems(tmp_path):
+    write_split(tmp_path, "train", {"a.png": "0 0.5 0.5 1.4 0.2\n0 0.5 0.5 0.2 0.2\n", "b.png": None, "c.png": None})
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat]\n")
+    with pytest.warns(UserWarning) as record:
+        ds = open_detection_dataset(tmp_path, "train")
+    assert ds.num_boxes == 2
+    messages = [str(w.message) for w in record]
+    labels = tmp_path / "labels" / "train"
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"{tmp_path / 'data.yaml'} (train): 1 label line(s) have coordinates outside "
+                                  f"[0, 1], e.g. {labels / 'a.txt'} line 1: w=1.4 is outside [0, 1]")
+    assert messages[1].startswith(f"2 of 3 images have no label file in {labels} ")
+
+    (tmp_path / "labels").rename(tmp_path / "label")  # a misnamed folder: no boxes at all
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one error, no warnings before it
+        with pytest.raises(SparsedetError, match=f"has no boxes: none of its 3 images has a label file in "
+                                                 f"{labels}".replace(".", r"\.")):
+            open_detection_dataset(tmp_path, "train")
+    assert [p.message for p in check_dataset(tmp_path) if "no boxes" in p.message] == [
+        f"{tmp_path / 'data.yaml'} (train): no boxes: none of its 3 images has a label file in {labels} (is the "
+        "labels folder misnamed or elsewhere?)"]

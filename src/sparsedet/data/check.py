@@ -9,7 +9,10 @@ from typing import Literal
 
 from PIL import Image
 
-from .coco import read_coco_json
+from ..errors import SparsedetError
+from .coco import read_coco_json, size_mismatch
+from .yolo import (YAML_NAMES, coordinate_problem, find_yolo_yaml, is_polygon, label_folder, label_path,
+                   parse_label_line, split_images, yolo_splits)
 
 # Boxes may overhang the image by this many pixels before they count as out of bounds
 # (exported annotations often round up by a fraction of a pixel).
@@ -22,19 +25,20 @@ class Problem:
     message: str
 
 
-def _image_problem(path: Path, width: object, height: object) -> str | None:
-    """Why the file cannot serve as this image entry, or None if it is fine."""
+def _image_problem(path: Path, width: object = None, height: object = None) -> str | None:
+    """Why the file cannot serve as this image entry (unreadable, or not ``width`` x ``height`` when
+    they are given), or None if it is fine."""
     if not path.is_file():
         return f"file {path} not found"
     try:
         with Image.open(path) as img:
+            img.verify()  # the file structure (PNG checksums); it checks nothing in a JPEG
+        with Image.open(path) as img:
             size = img.size
-            img.verify()  # checks the file structure without decoding all pixels
+            img.load()  # decodes every pixel: a truncated JPEG fails here
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"cannot read {path} ({err})"
-    if (width, height) != size:
-        return f"json says {width}x{height} (w x h) but {path} is {size[0]}x{size[1]}"
-    return None
+    return None if width is None and height is None else size_mismatch(path, width, height, size)
 
 
 def _bbox_problem(bbox: object, width: object, height: object) -> str | None:
@@ -54,13 +58,23 @@ def _bbox_problem(bbox: object, width: object, height: object) -> str | None:
 
 
 def check_dataset(ann_file: str | Path, images_root: str | Path | None = None) -> list[Problem]:
-    """Check a COCO json and its images; returns every problem found (empty when clean).
+    """Check a COCO json and its images, or a YOLO dataset (its ``data.yaml`` or the folder holding
+    it: see :func:`check_yolo`); returns every problem found (empty when clean).
 
-    Errors: unreadable/missing images or size mismatches, malformed entries, duplicate
-    ids, annotations with unknown image or category ids, degenerate or out-of-bounds
-    boxes. Warnings: images without annotations. A missing file or malformed json
-    raises SparsedetError. ``images_root`` defaults to the json's folder.
+    COCO errors: unreadable (fully decoded) or missing images and size mismatches, malformed
+    entries, duplicate ids, annotations with unknown image or category ids, degenerate or
+    out-of-bounds boxes, no boxes at all. Warnings: images without annotations. A missing file or
+    malformed json raises SparsedetError. ``images_root`` defaults to the json's folder.
     """
+    yaml_path = find_yolo_yaml(ann_file)
+    if yaml_path is not None:
+        if images_root is not None:
+            raise SparsedetError(f"--images does not apply to the YOLO dataset {yaml_path}: its yaml locates "
+                                 "the images. Leave it out.")
+        return check_yolo(yaml_path)
+    if Path(ann_file).is_dir():
+        raise SparsedetError(f"{ann_file} is a folder without {' or '.join(YAML_NAMES)}; pass a COCO json file "
+                             "or a YOLO dataset yaml (or its folder).")
     path = Path(ann_file)
     data = read_coco_json(path)
     root = Path(images_root) if images_root is not None else path.parent
@@ -96,6 +110,7 @@ def check_dataset(ann_file: str | Path, images_root: str | Path | None = None) -
 
     annotated: set[object] = set()
     seen_ids: set[object] = set()
+    boxes = 0  # valid, non-crowd boxes of known images
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             error(f"{path}: annotation #{i} is not a JSON object")
@@ -118,11 +133,94 @@ def check_dataset(ann_file: str | Path, images_root: str | Path | None = None) -
         found = _bbox_problem(ann.get("bbox"), *size)
         if found:
             error(f"{where}: {found}")
+        elif img is not None and not ann.get("iscrowd", 0):
+            boxes += 1
 
+    if images and not boxes:  # training refuses it: one error, not a warning per image
+        why = "its annotations are all crowd or invalid" if data["annotations"] else "'annotations' is empty"
+        error(f"{path}: no boxes ({why}); training on it would learn only background and every metric on it "
+              "would be n/a")
+        return problems
     for img_id, img in images.items():
         if img_id not in annotated:
             problems.append(Problem("warning", f"image id {img_id} ({img['file_name']}): no annotations"))
     return problems
+
+
+def check_yolo(yaml_path: str | Path) -> list[Problem]:
+    """Check every split (train, val, test) of a YOLO dataset; returns every problem found.
+
+    Errors: a split entry without images, unreadable (fully decoded) images, label lines that are
+    not numbers, name no class of 'names', have coordinates outside [0, 1] or an empty box; a train
+    or val split without a single box (naming the folder where its labels were looked for).
+    Warnings: images without a label file (one counted line per split), a test split without boxes.
+    A missing or malformed yaml raises SparsedetError.
+    """
+    yaml_path = Path(yaml_path)
+    problems: list[Problem] = []
+    splits = yolo_splits(yaml_path)
+    if not splits:
+        problems.append(Problem("error", f"{yaml_path}: no split entry; add e.g. `train: images/train`"))
+    for split in splits:
+        where = f"{yaml_path} ({split})"
+        try:
+            classes, _, paths = split_images(yaml_path, split)
+        except SparsedetError as err:  # a bad 'names' is the same error for every split: report it once
+            if all(p.message != str(err) for p in problems):
+                problems.append(Problem("error", str(err)))
+            continue
+        unlabelled, boxes = [], 0
+        for path in paths:
+            found = _image_problem(path)
+            if found:
+                problems.append(Problem("error", f"{where}: {found}"))
+            label = label_path(path)
+            if not label.is_file():
+                unlabelled.append(path)
+                continue
+            lines, count = _label_problems(label, classes)
+            problems += [Problem("error", line) for line in lines]
+            boxes += count
+        if not boxes:
+            labelled = len(paths) - len(unlabelled)
+            why = (f"none of its {len(paths)} images has a label file in {label_folder(paths)} (is the labels "
+                   "folder misnamed or elsewhere?)" if not labelled else
+                   f"its {labelled} label file(s) in {label_folder(paths)} hold no boxes")
+            problems.append(Problem("warning" if split == "test" else "error", f"{where}: no boxes: {why}"))
+        elif unlabelled:
+            problems.append(Problem("warning", f"{where}: {len(unlabelled)} of {len(paths)} images have no label "
+                                    f"file in {label_folder(unlabelled)} (e.g. {label_path(unlabelled[0]).name}); "
+                                    "they count as background (an image without objects gets an empty .txt)"))
+    return problems
+
+
+def _label_problems(path: Path, classes: dict[int, str]) -> tuple[list[str], int]:
+    """What is wrong with the lines of a YOLO label file, and how many boxes of known classes it holds."""
+    problems, boxes = [], 0
+    text = path.read_bytes().decode("utf-8", errors="replace")  # odd bytes fail as a non-numeric line
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        values = parse_label_line(line)
+        if values is None:
+            problems.append(f"{where}: not `class cx cy w h` (finite numbers, optionally followed by polygon "
+                            f"points): {line.strip()[:80]!r}")
+            continue
+        if values[0] != int(values[0]) or int(values[0]) not in classes:
+            problems.append(f"{where}: class {line.split()[0]} is not a class index in 'names' "
+                            f"(0..{max(classes)})")
+            continue
+        boxes += 1
+        found = coordinate_problem(values)
+        if found is None and is_polygon(values):
+            xs, ys = values[1::2], values[2::2]
+            found = "degenerate polygon (no width or height)" if max(xs) <= min(xs) or max(ys) <= min(ys) else None
+        elif found is None and (values[3] <= 0 or values[4] <= 0):
+            found = f"degenerate box w={values[3]:g} h={values[4]:g} (both must be > 0)"
+        if found:
+            problems.append(f"{where}: {found}")
+    return problems, boxes
 
 
 def format_problems(problems: list[Problem], limit: int | None = 100) -> str:

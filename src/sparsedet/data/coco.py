@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..errors import SparsedetError
 from .transforms import ToTensorAndNormaliseBoxes
-from .yolo import YAML_NAMES, find_yolo_yaml, read_yolo
+from .yolo import YAML_NAMES, find_yolo_yaml, label_folder, label_path, read_yolo
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 
@@ -173,6 +173,27 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self._images)
 
+    @property
+    def num_boxes(self) -> int:
+        """Boxes kept for training and evaluation (crowd regions and degenerate boxes are not counted)."""
+        return sum(len(b) for b in self._boxes)
+
+    def require_readable(self) -> None:
+        """Return once some image file reads; else raise SparsedetError naming the image root (a wrong
+        root, or a json moved away from its images, leaves every sample None)."""
+        example = None
+        for info in self._images:
+            path = self.images_root / info["file_name"]
+            try:
+                load_image(path)
+                return
+            except SparsedetError as err:
+                example = example or (f"{path} does not exist" if not path.exists() else str(err))
+        fix = ("pass the folder its file_name entries are relative to as --images (default: the json's folder)"
+               if self.ann_file is not None else "check the image files")
+        raise SparsedetError(f"no image of {self.source} can be read under {self.images_root}: all {len(self)} "
+                             f"failed (e.g. {example}). Training cannot fill a batch; {fix}.")
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict] | None:
         info = self._images[index]
         try:
@@ -189,6 +210,9 @@ class CocoDetection(Dataset):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         target = {"boxes": boxes[keep], "labels": labels[keep], "image_id": info["id"],
                   "orig_size": torch.tensor([height, width])}
+        mismatch = size_mismatch(self.images_root / info["file_name"], info["width"], info["height"], image.size)
+        if mismatch:  # the trainer counts these images in one warning
+            target["size_mismatch"] = f"image id {info['id']} ({info['file_name']}): {mismatch}"
         image, target = self.transforms(image, target)
         target["size"] = torch.tensor([image.shape[-2], image.shape[-1]])
         return image, target
@@ -197,17 +221,47 @@ class CocoDetection(Dataset):
 def open_detection_dataset(path: str | Path, split: str, images_root: str | Path | None = None,
                            transforms: Callable | None = None) -> CocoDetection:
     """A :class:`CocoDetection` from a YOLO ``data.yaml`` (or its folder) and ``split``, or from a
-    COCO json (``split`` unused). ``images_root`` applies to COCO only: the yaml locates YOLO images."""
+    COCO json (``split`` unused). ``images_root`` applies to COCO only: the yaml locates YOLO images.
+    A split without a single box is a SparsedetError: training on it learns only background and
+    evaluating on it defines no metric."""
     yaml_path = find_yolo_yaml(path)
     if yaml_path is None:
         if Path(path).is_dir():
             raise SparsedetError(f"{path} is a folder without {' or '.join(YAML_NAMES)}; pass a COCO "
                                  "json file or a YOLO dataset yaml (or its folder).")
-        return CocoDetection(path, images_root, transforms)
-    if images_root is not None:
-        warnings.warn(f"images_root {images_root} is ignored for the YOLO dataset {yaml_path}", stacklevel=2)
-    coco, root = read_yolo(yaml_path, split)
-    return CocoDetection(coco, root, transforms, source=f"{yaml_path} ({split})")
+        dataset = CocoDetection(path, images_root, transforms)
+    else:
+        if images_root is not None:
+            warnings.warn(f"images_root {images_root} is ignored for the YOLO dataset {yaml_path}", stacklevel=2)
+        coco, root = read_yolo(yaml_path, split)
+        dataset = CocoDetection(coco, root, transforms, source=f"{yaml_path} ({split})")
+    if dataset.num_boxes == 0:
+        raise SparsedetError(f"{dataset.source} has no boxes: {_why_no_boxes(dataset, yaml_path is not None)}. "
+                             "Training on it would learn only background, and every metric on it would be n/a.")
+    return dataset
+
+
+def _why_no_boxes(dataset: CocoDetection, yolo: bool) -> str:
+    annotations = dataset.coco["annotations"]
+    if yolo:
+        images = [dataset.images_root / img["file_name"] for img in dataset.coco["images"]]
+        labelled = sum(label_path(p).is_file() for p in images)
+        where = label_folder(images)
+        if not labelled:
+            return (f"none of its {len(images)} images has a label file in {where} (images/<split>/a.jpg is "
+                    "labelled by labels/<split>/a.txt: is the labels folder misnamed or elsewhere?)")
+        return (f"its {labelled} label file(s) in {where} hold " +
+                (f"only degenerate boxes ({len(annotations)})" if annotations else "no lines"))
+    if not annotations:
+        return "its 'annotations' list is empty"
+    return f"its {len(annotations)} annotation(s) are all crowd regions or degenerate boxes"
+
+
+def size_mismatch(path: str | Path, width: object, height: object, size: tuple[int, int]) -> str | None:
+    """How an image entry's ``width``/``height`` disagree with the file's ``size`` (w, h), or None."""
+    if (width, height) == tuple(size):
+        return None
+    return f"json says {width}x{height} (w x h) but {path} is {size[0]}x{size[1]}"
 
 
 def clipped_xyxy(bbox: object, width: float, height: float) -> list[float] | None:

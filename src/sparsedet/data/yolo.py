@@ -114,21 +114,53 @@ def label_path(image_path: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
+def label_folder(image_paths: list[Path]) -> Path:
+    """The folder where the label files of ``image_paths`` are looked for (their common parent)."""
+    return Path(os.path.commonpath([label_path(p).parent for p in image_paths]))
+
+
+def parse_label_line(line: str) -> list[float] | None:
+    """The numbers of a label line, or None unless it is `class cx cy w h` (finite numbers,
+    optionally followed by more polygon points)."""
+    try:
+        values = [float(v) for v in line.split()]
+    except ValueError:
+        return None
+    return values if len(values) >= 5 and all(abs(v) < float("inf") for v in values) else None
+
+
+def is_polygon(values: list[float]) -> bool:
+    """Whether a parsed label line is ``class x1 y1 x2 y2 ...`` (at least three points)."""
+    return len(values) >= 7 and len(values) % 2 == 1
+
+
+def coordinate_problem(values: list[float]) -> str | None:
+    """Why a parsed label line's coordinates are not fractions in [0, 1] (``"w=1.4 is outside
+    [0, 1]"``), or None."""
+    if is_polygon(values):
+        named = [(f"{'xy'[k % 2]}{k // 2 + 1}", v) for k, v in enumerate(values[1:])]
+    else:
+        named = list(zip(("cx", "cy", "w", "h"), values[1:5]))
+    bad = [f"{name}={v:g}" for name, v in named if not 0.0 <= v <= 1.0]
+    if not bad:
+        return None
+    return (f"{', '.join(bad[:3])} {'is' if len(bad) == 1 else 'are'} outside [0, 1] (coordinates are "
+            "fractions of the image width and height)")
+
+
 def _read_labels(path: Path, classes: dict[int, str], width: int, height: int
-                 ) -> list[tuple[int, list[float], float]]:
-    """(class, COCO [x, y, w, h] pixels clipped to the image, area) per line of a label file."""
+                 ) -> tuple[list[tuple[int, list[float], float]], list[str]]:
+    """(class, COCO [x, y, w, h] pixels clipped to the image, area) per line of a label file, and
+    one ``"FILE line N: ..."`` per line whose coordinates lie outside [0, 1]."""
     if not path.is_file():
-        return []
-    objects = []
+        return [], []
+    objects, outside = [], []
     text = path.read_bytes().decode("utf-8", errors="replace")  # odd bytes fail as a non-numeric line
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            values = [float(v) for v in line.split()]
-        except ValueError:
-            values = []
-        if len(values) < 5 or not all(abs(v) < float("inf") for v in values):
+        values = parse_label_line(line)
+        if values is None:
             raise SparsedetError(f"{path} line {number} is not `class cx cy w h` (finite numbers, "
                                  f"optionally followed by polygon points): {line.strip()[:80]!r}. "
                                  "Fix or delete the line.")
@@ -136,7 +168,10 @@ def _read_labels(path: Path, classes: dict[int, str], width: int, height: int
         if cls != int(cls) or int(cls) not in classes:
             raise SparsedetError(f"{path} line {number} has class {line.split()[0]}, which is not a class "
                                  f"index in 'names' (0..{max(classes)}). Fix the label or add the class.")
-        if len(values) >= 7 and len(values) % 2 == 1:  # polygon x1 y1 x2 y2 ...
+        problem = coordinate_problem(values)
+        if problem:
+            outside.append(f"{path} line {number}: {problem}")
+        if is_polygon(values):  # polygon x1 y1 x2 y2 ...
             xs, ys = values[1::2], values[2::2]
             x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
             area = 0.5 * abs(sum(xs[i - 1] * ys[i] - xs[i] * ys[i - 1] for i in range(len(xs))))
@@ -149,16 +184,11 @@ def _read_labels(path: Path, classes: dict[int, str], width: int, height: int
         box = [x1, y1, max(x2 - x1, 0.0), max(y2 - y1, 0.0)]
         box_area = box[2] * box[3]
         objects.append((int(cls), box, box_area if area is None else min(area * width * height, box_area)))
-    return objects
+    return objects, outside
 
 
-def read_yolo(yaml_path: str | Path, split: str) -> tuple[dict, Path]:
-    """One split of a YOLO dataset as a COCO dict, and the root its ``file_name`` entries are relative to.
-
-    Images are sorted by path with ids 1..N; sizes come from the image headers (images that
-    cannot be opened are skipped with one warning). Boxes are COCO ``[x, y, w, h]`` pixels,
-    clipped to the image but otherwise unchecked; category ids are the YOLO class indices.
-    """
+def split_images(yaml_path: str | Path, split: str) -> tuple[dict[int, str], Path, list[Path]]:
+    """Class index -> name, the dataset root and the sorted image paths of one split of a YOLO dataset."""
     yaml_path = Path(yaml_path)
     data = _load_yaml(yaml_path)
     classes = _names(data, yaml_path)
@@ -172,9 +202,22 @@ def read_yolo(yaml_path: str | Path, split: str) -> tuple[dict, Path]:
     if not paths:
         raise SparsedetError(f"no images found for '{split}: {data[split]}' of {yaml_path}; expected "
                              f"files with suffix {', '.join(sorted(IMAGE_SUFFIXES))}.")
+    return classes, root, paths
+
+
+def read_yolo(yaml_path: str | Path, split: str) -> tuple[dict, Path]:
+    """One split of a YOLO dataset as a COCO dict, and the root its ``file_name`` entries are relative to.
+
+    Images are sorted by path with ids 1..N; sizes come from the image headers (images that
+    cannot be opened are skipped with one warning). Boxes are COCO ``[x, y, w, h]`` pixels,
+    clipped to the image (one counted warning for coordinates outside [0, 1]); category ids are
+    the YOLO class indices. When most but not all images have no label file, one warning counts them.
+    """
+    yaml_path = Path(yaml_path)
+    classes, root, paths = split_images(yaml_path, split)
     if not all(p.is_relative_to(root) for p in paths):
         root = Path(os.path.commonpath([root, *paths]))
-    images, annotations, unreadable = [], [], []
+    images, annotations, unreadable, outside, unlabelled = [], [], [], [], []
     for path in paths:
         try:
             with Image.open(path) as img:
@@ -185,13 +228,26 @@ def read_yolo(yaml_path: str | Path, split: str) -> tuple[dict, Path]:
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": path.relative_to(root).as_posix(),
                        "width": width, "height": height})
-        for cls, bbox, area in _read_labels(label_path(path), classes, width, height):
+        label = label_path(path)
+        if not label.is_file():
+            unlabelled.append(path)
+        objects, problems = _read_labels(label, classes, width, height)
+        outside += problems
+        for cls, bbox, area in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cls,
                                 "bbox": bbox, "area": area, "iscrowd": 0})
     if unreadable:
         shown = ", ".join(str(p) for p in unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
         warnings.warn(f"{yaml_path} ({split}): skipped {len(unreadable)} image(s) that cannot be opened: "
                       f"{shown}", stacklevel=2)
+    if outside:
+        warnings.warn(f"{yaml_path} ({split}): {len(outside)} label line(s) have coordinates outside [0, 1], e.g. "
+                      f"{outside[0]}; their boxes were clipped to the image. `sparsedet check-data --ann "
+                      f"{yaml_path}` lists them.", stacklevel=2)
+    if len(images) < 2 * len(unlabelled) < 2 * len(images):  # all of them: no boxes, an error for training
+        warnings.warn(f"{len(unlabelled)} of {len(images)} images have no label file in {label_folder(unlabelled)} "
+                      f"({yaml_path}, {split}); they train as background. Labels belong in a 'labels' folder "
+                      "beside 'images' (an image without objects gets an empty .txt).", stacklevel=2)
     categories = [{"id": i, "name": name} for i, name in classes.items()]
     return {"images": images, "annotations": annotations, "categories": categories}, root
 
