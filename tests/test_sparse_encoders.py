@@ -126,7 +126,9 @@ def _batch():
 def test_selection_loss_trains_the_scorer_and_unselected_tokens_keep_their_value(preset):
     torch.manual_seed(0)
     cfg = get_preset(preset)
-    apply_overrides(cfg, {"num_classes": 3, "encoder.fusion": False})
+    # Salience without its cross-level fusion, so that untouched tokens keep their input value
+    # (the other kinds have no fusion: the override would be refused there).
+    apply_overrides(cfg, {"num_classes": 3, **({"encoder.fusion": False} if preset.startswith("salience") else {})})
     model = DetectionTransformer(cfg.model).train()
     batch, targets = _batch()
     captured = {}

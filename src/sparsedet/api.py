@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,15 @@ from .data.batch import Batch
 from .data.coco import load_image
 from .data.transforms import resize
 from .engine.checkpoint import load_run, save_run
+from .engine.device import resolve_device
 from .errors import SparsedetError
 from .models.detector import DetectionTransformer
+from .models.heads import check_threshold
 from .presets import get_preset
 
-ImageLike = Any  # path, PIL image, HxWx3 array (uint8 or float in [0, 1]) or (3, H, W) tensor in [0, 1]
+# An image: a path, a PIL image, an RGB (H, W, 3) array (uint8 0..255 or float in [0, 1]; OpenCV's
+# BGR arrays need image[..., ::-1] first) or an RGB (3, H, W) float tensor in [0, 1].
+ImageLike = Any
 
 
 class Detector(DetectionTransformer):
@@ -39,9 +44,10 @@ class Detector(DetectionTransformer):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "Detector":
-        """Build a randomly initialised model; overrides are config fields (``num_classes=5``,
-        ``backbone.depth=18`` or ``train.lr=1e-4``)."""
-        config = apply_overrides(get_preset(name), overrides)
+        """Build a randomly initialised model; overrides are model config fields (``num_classes=5``,
+        ``backbone.depth=18``). Training and data settings (``train.*``, ``data.*``) belong to
+        ``sparsedet train`` or the Config given to a Trainer: here they are refused."""
+        config = apply_overrides(get_preset(name), _model_overrides(overrides, "from_preset"))
         if config.model.classes:
             config.model.num_classes = len(config.model.classes)
         return cls.from_config(config)
@@ -51,15 +57,16 @@ class Detector(DetectionTransformer):
                         **overrides: Any) -> "Detector":
         """Load a run folder written by ``save_pretrained``, ``sparsedet train`` or ``convert`` (its EMA
         weights with ``ema=True``); overrides change what the weights do not fix (``encoder.keep_ratio=0.2``)."""
+        device = resolve_device(map_location, fix="map_location='cpu'")
         config, state = load_run(run_dir, ema=ema)
-        apply_overrides(config, overrides)
+        apply_overrides(config, _model_overrides(overrides, "from_pretrained"))
         config.model.backbone.weights = None  # the run's weights already hold the backbone
         model = cls.from_config(config)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise SparsedetError(
                 f"weights in {run_dir} do not fit its config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
-        return model.to(map_location).eval()
+        return model.to(device).eval()
 
     @classmethod
     def for_finetuning(cls, run_dir: str | Path, config: Config) -> "Detector":
@@ -87,6 +94,21 @@ class Detector(DetectionTransformer):
                           f"({', '.join(sorted(fresh)[:4])}{', ...' if len(fresh) > 4 else ''})")
         return model
 
+    def to(self, *args, **kwargs) -> "Detector":
+        """``nn.Module.to``, with a device this machine has (else a SparsedetError that says what to use)."""
+        device = kwargs.get("device", args[0] if args else None)
+        if isinstance(device, (str, int, torch.device)) and not isinstance(device, bool):
+            resolved = resolve_device(device, fix=".to('cpu')")
+            if "device" in kwargs:
+                kwargs["device"] = resolved
+            else:
+                args = (resolved, *args[1:])
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: int | torch.device | None = None) -> "Detector":
+        resolve_device("cuda" if device is None else device, fix=".to('cpu')")
+        return super().cuda(device)
+
     def save_pretrained(self, run_dir: str | Path) -> None:
         save_run(run_dir, self.state_dict(), getattr(self, "run_config", None) or Config(model=self.config))
 
@@ -99,9 +121,17 @@ class Detector(DetectionTransformer):
                 top_k: int | None = None, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
         """Detect objects.
 
-        Returns per image {"boxes": [n, 4] xyxy in original pixels, "scores": [n], "labels": [n]
-        (column index into ``classes``)}, sorted by score.
+        ``images``: one or a list of paths, PIL images, RGB (H, W, 3) arrays (uint8, or float in
+        [0, 1]; reverse OpenCV's BGR first: ``image[..., ::-1]``) or RGB (3, H, W) float tensors in
+        [0, 1]. ``threshold``: minimum score, in [0, 1]. ``top_k``: at most this many detections per
+        image (default ``config.top_k``).
+
+        Returns per image {"boxes": [n, 4] xyxy in original pixels, clipped to the image, "scores": [n],
+        "labels": [n] (column index into ``classes``)}, sorted by score.
         """
+        check_threshold(threshold)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+            raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
         if not isinstance(images, (list, tuple)):
             images = [images]
         was_training = self.training
@@ -143,19 +173,58 @@ def class_dependent_keys(config: Config) -> set[str]:
     return {k for k, shape in shapes[0].items() if shapes[1][k] != shape}
 
 
+def _model_overrides(overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse training and data settings: a Detector is a model, they would have no effect."""
+    for key in overrides:
+        if key.split(".")[0] in ("train", "data"):
+            raise SparsedetError(f"Detector.{where} takes model settings only; {key} is a "
+                                 f"{'training' if key.startswith('train') else 'data'} setting and would have no "
+                                 f"effect here: give it to `sparsedet train ... {key}=VALUE` (or set it in the "
+                                 "Config a Trainer gets)")
+    return overrides
+
+
 def _to_pil(image: ImageLike) -> Image.Image:
     if isinstance(image, (str, Path)):
-        return load_image(image)
+        path = Path(image)
+        if path.is_dir():
+            raise SparsedetError(f"{path} is a folder; pass the paths of its image files (`sparsedet predict` "
+                                 "takes folders)")
+        if not path.is_file():
+            raise SparsedetError(f"image not found: {path}; pass the path of an existing image file (or a PIL "
+                                 "image, array or tensor)")
+        return load_image(path)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
-            raise SparsedetError(f"image tensors must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()
+            raise SparsedetError(f"image tensors must be RGB (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
+        image = image.detach().cpu()
+        image = (image if image.dtype == torch.uint8 else image.float()).permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
-            raise SparsedetError(f"image arrays must be (H, W, 3), got shape {image.shape}")
-        if image.dtype != np.uint8:
-            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-        return Image.fromarray(image)
+            raise SparsedetError(f"image arrays must be RGB (H, W, 3), got shape {image.shape}")
+        return Image.fromarray(_to_uint8(image))
     raise SparsedetError(f"cannot read an image from {type(image).__name__}; pass a path, PIL image, array or tensor")
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """uint8 as it is; other integers in 0..255; floats in [0, 1] (a float array in 0..255, OpenCV
+    style, or a normalised one is refused, not silently clipped)."""
+    if image.dtype == np.uint8:
+        return image
+    if np.issubdtype(image.dtype, np.integer):
+        if image.size and (image.min() < 0 or image.max() > 255):
+            raise SparsedetError(f"integer image arrays must hold 0..255, got {image.min()}..{image.max()}")
+        return image.astype(np.uint8)
+    if not np.issubdtype(image.dtype, np.floating):
+        raise SparsedetError(f"image arrays must be uint8 or float, got {image.dtype}")
+    if image.size:
+        low, high = float(np.min(image)), float(np.max(image))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise SparsedetError("the image array holds NaN or infinite values")
+        if high > 1.0 + 1e-3 or low < -1e-3:
+            hint = ("it looks like 0..255 pixels (OpenCV style): divide it by 255 or pass uint8" if low >= -1e-3
+                    else "pass the image before normalisation (the model normalises internally)")
+            raise SparsedetError(f"float images must be RGB in [0, 1], got values {low:g}..{high:g}; {hint}")
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)

@@ -248,6 +248,93 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Co
                 setattr(obj, part, _coerce(getattr(obj, part), value, ".".join(parts)))
             else:
                 obj = getattr(obj, part)
+    for key in overrides:
+        _check_takes_effect(config, key if key.split(".")[0] in ("model", "data", "train") else "model." + key)
+    validate(config)
+    return config
+
+
+# Fields that only some encoder kinds (model.encoder.kind) or model kinds (model.kind) read: an
+# override of one of them elsewhere could not take effect, so it is refused.
+ONLY_FOR = {
+    "model.encoder.keep_ratio": ("encoder.kind", ("sparse", "focus")),
+    "model.encoder.layer_ratios": ("encoder.kind", ("focus", "salience")),
+    "model.encoder.object_tokens": ("encoder.kind", ("focus", "salience")),
+    "model.encoder.label_ranges": ("encoder.kind", ("focus", "salience")),
+    "model.encoder.level_ratios": ("encoder.kind", ("salience",)),
+    "model.encoder.background_size": ("encoder.kind", ("salience",)),
+    "model.encoder.fusion": ("encoder.kind", ("salience",)),
+    "model.encoder.aux_heads": ("encoder.kind", ("sparse",)),
+    "model.decoder.smca": ("kind", ("sam",)),
+    "model.decoder.task_queries": ("kind", ("decoupled",)),
+    "model.decoder.split_cross_attention": ("kind", ("decoupled",)),
+    "model.decoder.task_points": ("kind", ("decoupled",)),
+}
+
+
+def _check_takes_effect(config: Config, key: str) -> None:
+    if key not in ONLY_FOR:
+        return
+    switch, kinds = ONLY_FOR[key]
+    current = config.model
+    for part in switch.split("."):
+        current = getattr(current, part)
+    if current not in kinds:
+        raise SparsedetError(f"{key} has no effect with model.{switch}={current!r}: only {' and '.join(kinds)} "
+                             f"read it; leave it out, or choose a preset with a {'/'.join(kinds)} "
+                             f"{'encoder' if switch.startswith('encoder') else 'model'}")
+
+
+# Range checks: (field, test, what it must be). Every entry point (CLI overrides, the API, a
+# Trainer given a Config) runs them through ``validate``.
+_RULES = [
+    ("train.lr", lambda v: v > 0, "a positive number, e.g. 0.0002"),
+    ("train.lr_backbone", lambda v: v >= 0, "0 (frozen backbone) or more, e.g. 2e-05"),
+    ("train.lr_linear_proj_mult", lambda v: v >= 0, "0 or more, e.g. 0.1"),
+    ("train.weight_decay", lambda v: v >= 0, "0 or more, e.g. 0.0001"),
+    ("train.batch_size", lambda v: v >= 1, "at least 1 (images per step and process), e.g. 2"),
+    ("train.accumulate", lambda v: v >= 1, "at least 1 (micro-batches per step)"),
+    ("train.max_steps", lambda v: v >= 0, "0 (use train.epochs) or more"),
+    ("train.epochs", lambda v: v >= 0, "0 or more"),
+    ("train.lr_drop", lambda v: 0 <= v <= 1, "a fraction of training in [0, 1], e.g. 0.8"),
+    ("train.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1], e.g. 0.01"),
+    ("train.warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("train.clip_grad", lambda v: v >= 0, "0 (no clipping) or more, e.g. 0.1"),
+    ("train.ema_decay", lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9997"),
+    ("train.minutes", lambda v: v >= 0, "0 (no budget) or more"),
+    ("train.eval_every", lambda v: v >= -1, "steps, 0 (once per epoch) or -1 (at the end only)"),
+    ("train.checkpoint_every", lambda v: v >= 0, "steps, or 0 (at every evaluation)"),
+    ("train.keep_checkpoints", lambda v: v >= 1, "at least 1"),
+    ("train.log_every", lambda v: v >= 1, "at least 1 (steps)"),
+    ("train.max_nonfinite", lambda v: v >= 1, "at least 1"),
+    ("train.threads", lambda v: v >= 0, "0 (torch's default) or more"),
+    ("train.amp", lambda v: v in ("none", "bf16", "fp16", "auto"), "none, bf16, fp16 or auto"),
+    ("train.schedule", lambda v: v in ("step", "cosine"), "step or cosine"),
+    ("data.num_workers", lambda v: v >= 0, "0 (load in the main process) or more"),
+    ("data.size_divisor", lambda v: v >= 1, "at least 1"),
+    ("data.max_size", lambda v: v >= 1, "at least 1 (pixels)"),
+    ("model.top_k", lambda v: v >= 1, "at least 1 (detections per image)"),
+    ("model.eval_size", lambda v: v >= 1, "at least 1 (pixels)"),
+    ("model.eval_max_size", lambda v: v >= 1, "at least 1 (pixels)"),
+]
+
+
+def validate(config: Config) -> Config:
+    """Refuse values out of range with a SparsedetError naming the key and what it must be (NaN
+    fails every numeric test). Returns ``config``."""
+    for key, test, must in _RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        try:
+            ok = bool(test(value))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise SparsedetError(f"{key}={value!r} is out of range: it must be {must}")
+    t = config.train
+    if t.max_steps == 0 and t.epochs == 0:
+        raise SparsedetError("train.max_steps and train.epochs are both 0: nothing to train; set "
+                             "train.max_steps=N or train.epochs=N")
     return config
 
 

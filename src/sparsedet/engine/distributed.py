@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .device import resolve_device
+
 
 @dataclass(frozen=True)
 class Context:
@@ -27,9 +29,7 @@ def setup(device_name: str) -> tuple[Context, torch.device]:
     """Join the group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK) and pick
     this process's device: ``cuda:LOCAL_RANK`` with NCCL where GPUs are used, else the CPU with Gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
     if world <= 1:
         return Context(), device
     ctx = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))

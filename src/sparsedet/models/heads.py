@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import SparsedetError
 from ..nn.mlp import MLP
 from ..ops.boxes import cxcywh_to_xyxy
 from ..ops.functional import apply_box_delta
@@ -52,14 +53,18 @@ class PredictionHeads(nn.Module):
 @torch.no_grad()
 def postprocess(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int = 100,
                 threshold: float = 0.0) -> list[dict[str, Tensor]]:
-    """Top-k over queries x classes.
+    """Top-k over queries x classes; the one post-processing that prediction, the API, evaluation
+    and visualisation share.
 
     Args:
         logits: [B, Q, C]; boxes: [B, Q, 4] normalised cxcywh of the (unpadded) image.
         sizes: [B, 2] target sizes as (height, width) in pixels.
+        threshold: minimum score, in [0, 1].
     Returns:
-        per image {"boxes": [k, 4] xyxy pixels, "scores": [k], "labels": [k]}, sorted by score.
+        per image {"boxes": [k, 4] xyxy pixels clipped to the image (0 <= x <= width, 0 <= y <= height),
+        "scores": [k], "labels": [k]}, sorted by score.
     """
+    check_threshold(threshold)
     B, Q, C = logits.shape
     prob = logits.sigmoid().flatten(1)
     k = min(top_k, prob.shape[1])
@@ -68,9 +73,22 @@ def postprocess(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int = 100,
     picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
     h, w = sizes.unbind(-1)
     scale = torch.stack([w, h, w, h], -1).to(picked.dtype)[:, None]
-    xyxy = cxcywh_to_xyxy(picked) * scale
+    xyxy = clip_to_image(cxcywh_to_xyxy(picked) * scale, scale)
     results = []
     for b in range(B):
         keep = scores[b] > threshold
         results.append({"boxes": xyxy[b][keep], "scores": scores[b][keep], "labels": labels[b][keep]})
     return results
+
+
+def clip_to_image(xyxy: Tensor, scale: Tensor) -> Tensor:
+    """Clip xyxy pixel boxes [..., 4] to the image: ``scale`` is (width, height, width, height),
+    broadcastable to ``xyxy``. Elementwise min/max only, so that it traces and exports as it is."""
+    return torch.minimum(xyxy.clamp(min=0), scale)
+
+
+def check_threshold(threshold: float) -> None:
+    """Scores are sigmoid probabilities: a threshold outside [0, 1] keeps everything or nothing."""
+    if not 0.0 <= threshold <= 1.0:  # also refuses NaN
+        raise SparsedetError(f"threshold must be a score in [0, 1], got {threshold}; e.g. 0.5 (0 keeps the "
+                             "top-k detections whatever their score)")
