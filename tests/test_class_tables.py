@@ -67,7 +67,7 @@ def test_a_converted_coco_model_evaluates_and_predicts_on_coco_ids(synth, tmp_pa
         image["file_name"] = str(val.parent / image["file_name"])
     (tmp_path / "coco.json").write_text(json.dumps(gt))
     assert main(["eval", "--weights", str(tmp_path / "run"), "--val", str(tmp_path / "coco.json")]) == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "eval" / "coco" / "metrics.json").read_text())  # named after coco.json
     assert 0 <= metrics["AP"] <= 1 and len(metrics["per_class"]) == 80
     image = gt["images"][0]["file_name"]
     assert main(["predict", "--weights", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "pred"),

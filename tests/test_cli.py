@@ -30,10 +30,17 @@ def test_train_eval_predict_round_trip(synth, tmp_path, capsys):
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert history[0]["step"] == 1 and "loss_giou" in history[0]
 
+    trained = (run / "metrics.json").read_text()
+    capsys.readouterr()
     assert main(["eval", "--weights", str(run), "--val", synth["val"]]) == 0
-    metrics = json.loads((run / "metrics.json").read_text())
+    # Evaluations go to RUN/eval/<val data name>/; the training metrics (which bench --plot reads) stay.
+    assert f"wrote {run / 'eval' / 'val' / 'metrics.json'}" in capsys.readouterr().out
+    assert (run / "metrics.json").read_text() == trained
+    metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
     assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1 for k in ("AP", "AP50", "AR100"))
+    assert main(["eval", "--weights", str(run), "--val", synth["val"], "--out", str(run)]) == 0  # replaces them
+    assert json.loads((run / "metrics.json").read_text()) == metrics
 
     images = tmp_path / "images"
     shutil.copytree(Path(synth["root"]) / "images" / "val", images)
@@ -125,3 +132,60 @@ def test_overrides_may_follow_options_and_anything_else_is_refused(tmp_path, cap
     # key=value after --out reaches the converter (which then reports the missing file)
     assert main(["convert", "--from", "official-dino", str(tmp_path / "x.pth"), "--out", str(tmp_path), "top_k=5"]) == 2
     assert "x.pth not found" in capsys.readouterr().err
+
+
+def test_training_stops_when_no_image_can_be_read(synth, tmp_path, capsys, monkeypatch):
+    import sparsedet.engine.trainer as trainer
+    from sparsedet.data.batch import collate
+    batches = []
+
+    def guarded(samples, **kwargs):  # fails the test instead of spinning on unreadable batches forever
+        batches.append(len(samples))
+        assert len(batches) <= 3, "training kept drawing batches in which no image can be read"
+        return collate(samples, **kwargs)
+
+    monkeypatch.setattr(trainer, "collate", guarded)
+    nowhere = tmp_path / "nowhere"  # a wrong --images root
+    nowhere.mkdir()
+    with pytest.warns(UserWarning, match="skipping image id"):
+        err = _error(capsys, ["train", "--preset", "dino_tiny", "--train", synth["train"], "--images", str(nowhere),
+                              "--out", str(tmp_path / "r"), "--no-progress", *TINY])
+    assert f"no image of {synth['train']} can be read under {nowhere}: all 8 failed" in err
+    assert "--images" in err and len(batches) == 1 and err.count("\n") == 1
+
+
+def test_training_counts_size_mismatches_in_one_warning(synth, tmp_path, monkeypatch):
+    from sparsedet.engine.trainer import Trainer
+    data = json.loads(Path(synth["train"]).read_text())
+    data["images"] = data["images"][:3]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {img["id"] for img in data["images"]}]
+    for img in data["images"][:2]:
+        img["width"] += 10  # the files are 10 px narrower than the json says
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    # Only the data path matters here: skip the model's forward and backward passes.
+    monkeypatch.setattr(Trainer, "_forward_backward", lambda self, batch, targets, last: {"loss": 1.0})
+    with pytest.warns(UserWarning) as record:  # 3 steps of 2 images: the 3 images, then 2 of them again
+        assert main(["train", "--preset", "dino_tiny", "--train", str(ann), "--images", synth["root"],
+                     "--out", str(tmp_path / "r"), "--no-progress", *TINY, "train.max_steps=3"]) == 0
+    messages = [str(w.message) for w in record if "json" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("2 training image(s) differ in size from their json width/height, e.g. image id ")
+    assert "json says" in messages[0] and "clamped" in messages[0]
+
+
+def test_train_refuses_data_without_boxes(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--train", "2", "--val", "1", "--size", "64", "--format", "yolo"]) == 0
+    base = ["--preset", "dino_tiny", "--out", str(tmp_path / "r"), "--no-progress", *TINY]
+    yolo = data / "yolo"
+    shutil.rmtree(yolo / "labels" / "val")  # a val split without labels: evaluation would be meaningless
+    err = _error(capsys, ["train", "--train", str(yolo), *base])
+    assert f"(val) has no boxes: none of its 1 images has a label file in {yolo / 'labels' / 'val'}" in err
+    (yolo / "labels").rename(yolo / "label")  # a misnamed labels folder
+    err = _error(capsys, ["train", "--train", str(yolo), *base])
+    assert f"(train) has no boxes: none of its 2 images has a label file in {yolo / 'labels' / 'train'}" in err
+    coco = json.loads((data / "train.json").read_text())
+    (data / "empty.json").write_text(json.dumps({**coco, "annotations": []}))
+    err = _error(capsys, ["train", "--train", str(data / "empty.json"), *base])
+    assert "empty.json has no boxes: its 'annotations' list is empty" in err

@@ -130,40 +130,175 @@ def test_new_run_into_a_folder_with_checkpoints_is_refused(synth, tmp_path, caps
     assert "--resume" in capsys.readouterr().err
 
 
-def test_two_gloo_processes_train_like_one_with_the_global_batch(synth, tmp_path):
-    """2 processes x batch 1 against 1 process x batch 2 on the same data, which holds an image
-    without boxes and a corrupt image: same steps, same loss scale, evaluation gathered from both."""
+KNOWN_DETECTIONS = '''
+def known_detections(gt, image_id, category_ids):
+    """Detections made from image ``image_id``'s ground truth, worse on later images: its boxes
+    shifted right by 3 * image_id px, scored 0.9 - image_id / 10 (minus k / 100 for the k-th), and
+    one false positive (another class on its first box) scored 0.955 - image_id / 5."""
+    import torch
+    anns = [a for a in gt["annotations"] if a["image_id"] == image_id]
+    shift = 3.0 * image_id
+    boxes = [[x + shift, y, x + w + shift, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+    labels = [category_ids.index(a["category_id"]) for a in anns]
+    scores = [0.9 - image_id / 10 - k / 100 for k in range(len(anns))]
+    if anns:
+        x, y, w, h = anns[0]["bbox"]
+        boxes.append([x, y, x + w, y + h])
+        labels.append((labels[0] + 1) % len(category_ids))
+        scores.append(0.955 - image_id / 5)
+    return {"boxes": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels, dtype=torch.long)}
+'''
+
+# Evaluation scores the detections above instead of the barely trained model's (whose AP is 0):
+# the sharding over processes, the gathering and the scoring stay the engine's own.
+KNOWN_DETECTIONS_HOOK = KNOWN_DETECTIONS + '''
+from sparsedet.engine.evaluator import Evaluator
+_update = Evaluator.update
+def _known(self, image_ids, detections):
+    _update(self, image_ids, [known_detections(self.gt, int(i), self.category_ids) for i in image_ids])
+Evaluator.update = _known
+'''
+
+
+def test_two_gloo_processes_take_the_step_one_process_takes_with_the_global_batch(synth, tmp_path):
+    """What DDP promises, checked after one step: 2 Gloo processes x batch 1 compute the gradients
+    of 1 process x batch 2 on the same two images (to 1e-5 of the largest), end with its weights (to
+    2e-5, 1/20 of the step lr = 4e-4) and log its losses. That is exact only where nothing but the
+    process count differs between the two launches, so this test trains with frozen batch norm
+    (trainable BN normalises each process's own batch), no dropout and no denoising queries (random
+    draws differ per process; the denoising groups depend on the batch's largest box count), no
+    warm-up (its first step's lr is tiny) and two images of the same size (the same padding, no crop
+    in the tiny presets). The engine supplies the rest: one global sample order sliced by rank and
+    one augmentation seed per sample. The images hold 5 and 2 boxes, so a loss normalised by each
+    process's own box count would weigh them differently (the engine normalises by the mean count
+    over processes, and DDP averages the gradients). The first global batch is two unreadable
+    images, which both launches skip.
+
+    Evaluation: each process scores its half of the val images and process 0 gathers them. Detections
+    made from the ground truth (KNOWN_DETECTIONS) stand in for the model's, so that the AP is clearly
+    above 0 and differs from either half's; the gathered AP must equal the single process's."""
+    from sparsedet.cli import _prepare_training
+    from sparsedet.engine.evaluator import evaluate_coco
+    seed = get_preset("dino_tiny").train.seed
     data = json.loads(Path(synth["train"]).read_text())
+    by_id = {img["id"]: img for img in data["images"]}
+    assert all((by_id[i]["width"], by_id[i]["height"]) == (128, 128) for i in (3, 4, 6, 7))
+    boxes = {i: sum(a["image_id"] == i for a in data["annotations"]) for i in (3, 7)}
+    assert boxes == {3: 5, 7: 2}
+    # The global order of a 4-image set: its first batch gets the unreadable images 4 and 6, its second 3 and 7.
+    first, second = ([i for i, _ in batch] for batch in list(GroupedBatchSampler([0] * 4, 2, seed))[:2])
+    slots = dict(zip(first + second, (4, 6, 3, 7)))
+    data["images"] = [by_id[slots[k]] for k in range(4)]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in (3, 7)]
     root = tmp_path / "data"
     shutil.copytree(Path(synth["root"]) / "images", root / "images")
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 2]  # image 2: no boxes
-    (root / data["images"][5]["file_name"]).write_bytes(b"not an image")
+    for i in (4, 6):
+        (root / by_id[i]["file_name"]).write_bytes(b"not an image")
     ann = root / "train.json"
     ann.write_text(json.dumps(data))
-    common = ["--train", str(ann), "--val", synth["val"], "--no-progress", "--preset", "dino_tiny", *TINY,
-              "train.max_steps=6", "train.log_every=1", "train.eval_every=-1", "train.threads=1"]
-    single = _cli(["train", "--out", str(tmp_path / "one"), *common, "train.batch_size=2"])
-    assert single.returncode == 0, single.stderr
+    overrides = [*TINY, "train.max_steps=1", "train.log_every=1", "train.eval_every=-1", "train.threads=1",
+                 "train.warmup_steps=0", "model.backbone.norm=frozen_bn", "model.dn_queries=0", "model.dropout=0.0"]
+    launch = tmp_path / "launch.py"
+    launch.write_text(KNOWN_DETECTIONS_HOOK + "\nimport sys\nfrom sparsedet.cli import main\n"
+                                              "sys.exit(main(sys.argv[1:]))\n")
+    argv = ["train", "--preset", "dino_tiny", "--train", str(ann), "--val", synth["val"], "--no-progress", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(launch), *argv, "--out", str(tmp_path / "one"),
+                             "train.batch_size=2"], capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "sparsedet", "train", "--out", str(tmp_path / "two"), *common, "train.batch_size=1"],
+                          str(launch), *argv, "--out", str(tmp_path / "two"), "train.batch_size=1"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
-    steps = [r["step"] for r in two if "loss" in r]
-    assert steps == [r["step"] for r in one if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    mean = [sum(r["loss"] for r in log if "loss" in r) / 6 for log in (one, two)]
-    assert 0.8 < mean[1] / mean[0] < 1.25, mean
-    assert "unreadable" in ddp.stderr
-    # Evaluation: each process scored its half of the val images; process 0 gathered all of them.
+    assert "unreadable" in single.stderr and "unreadable" in ddp.stderr
+
+    # The same losses: each process divides its sum by the mean box count (7 / 2), so their mean is
+    # the single process's sum over both images divided by 7.
+    one, two = ([r for r in _log(tmp_path / run) if "loss" in r] for run in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1]
+    for key in LOSS_KEYS:
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-7), key
+
+    # The same gradients: Adam's first moment after one step, 0.1 x the (clipped) gradient, read from
+    # each run's checkpoint; to 1e-5 of the largest.
+    moments = [load_train_state(latest_checkpoint(tmp_path / run))["optimizer"]["state"] for run in ("one", "two")]
+    assert moments[0].keys() == moments[1].keys()
+    scale = max(m["exp_avg"].abs().max().item() for m in moments[0].values())
+    for k in moments[0]:
+        torch.testing.assert_close(moments[1][k]["exp_avg"], moments[0][k]["exp_avg"], rtol=0, atol=1e-5 * scale)
+    # The same weights. Adam's first step moves every weight with a gradient by lr * g / (|g| + 1e-8),
+    # about lr = 4e-4: a gradient of another sign misses by up to 2 * lr. atol 2e-5 = lr / 20, because
+    # where |g| is near 1e-8 float noise in g moves the step by a few % of lr (1 % seen).
+    lr = 4e-4
+    _, model, _, _ = _prepare_training("dino_tiny", None, overrides, {"train": str(ann), "val": synth["val"]})
+    start = model.state_dict()
+    (_, a), (_, b) = load_run(tmp_path / "one"), load_run(tmp_path / "two")
+    assert a.keys() == b.keys() == start.keys()
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    assert 0.5 * lr < moved < 2 * lr, moved
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=lr / 20, msg=lambda m: f"{k}: {m}")
+
+    # Evaluation gathered from both processes = evaluation in one.
     gathered = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    from sparsedet.data.coco import CocoDetection
-    from sparsedet.data.transforms import build_transforms
-    from sparsedet.engine.evaluator import evaluate
-    model = Detector.from_pretrained(tmp_path / "two")
-    val = CocoDetection(synth["val"], transforms=build_transforms(False, [96], 128))
-    alone, _ = evaluate(model, val, batch_size=1, progress=False)
-    assert gathered["AP"] == pytest.approx(alone["AP"], abs=1e-9) and gathered["AR100"] == pytest.approx(alone["AR100"])
+    alone = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert gathered["AP"] == pytest.approx(alone["AP"], abs=1e-12)
+    assert gathered["AR100"] == pytest.approx(alone["AR100"], abs=1e-12)
+    scope: dict = {}
+    exec(KNOWN_DETECTIONS, scope)
+    gt = json.loads(Path(synth["val"]).read_text())
+    category_ids = [c["id"] for c in gt["categories"]]
+
+    def ap(image_ids):
+        results = []
+        for i in image_ids:
+            d = scope["known_detections"](gt, i, category_ids)
+            for (x0, y0, x1, y1), s, label in zip(d["boxes"].tolist(), d["scores"].tolist(), d["labels"].tolist()):
+                results.append({"image_id": i, "category_id": category_ids[label], "bbox": [x0, y0, x1 - x0, y1 - y0],
+                                "score": s})
+        return evaluate_coco(gt, results, per_class=False)["AP"]
+
+    ids = [img["id"] for img in gt["images"]]
+    assert alone["AP"] == pytest.approx(ap(ids), abs=1e-6) and 0.2 < alone["AP"] < 0.9
+    assert min(abs(ap(ids[rank::2]) - alone["AP"]) for rank in (0, 1)) > 0.02  # neither half alone passes
+
+
+def test_loss_normalisers_are_means_over_processes(monkeypatch):
+    """Under torchrun each process divides its loss sums by the mean count over processes (DDP then
+    averages the gradients: the global batch's sum over its global count): the box count of every
+    box term and Salience DETR's count of positive tokens alike. A second process holding 10 of each
+    is simulated; each term must scale by local count / mean count."""
+    from sparsedet.data.batch import Batch
+    from sparsedet.losses.criterion import SetCriterion
+    from sparsedet.models.detector import DetectionTransformer
+    torch.manual_seed(0)
+    cfg = get_preset("salience_detr_tiny")
+    apply_overrides(cfg, {"num_classes": 3, "hidden_dim": 64, "ffn_dim": 64, "num_decoder_layers": 1,
+                          "num_queries": 20, "dn_queries": 6, "backbone.width": 8, "encoder.fusion": False})
+    model = DetectionTransformer(cfg.model).train()
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.5, 0.6]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4]])}]
+    out = model(Batch(torch.rand(2, 3, 128, 128), torch.zeros(2, 128, 128, dtype=torch.bool)), targets)
+    criterion = SetCriterion.for_model(cfg.model)
+    alone = criterion(out, targets)
+    counts = []
+
+    def all_reduce(t, op=None):  # the other process holds 10 boxes and 10 positive tokens
+        counts.append(t.item())
+        t += 10
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    shared = criterion(out, targets)
+    monkeypatch.undo()
+    assert len(counts) == 2 and counts[0] == 3 and counts[1] > 0  # boxes, then positive tokens
+    assert shared.keys() == alone.keys() and "loss_select" in alone and "loss_bbox_dn" in alone
+    for key in alone:
+        count = counts[1] if key == "loss_select" else counts[0]
+        expected = alone[key] * count / ((count + 10) / 2)
+        assert shared[key].item() == pytest.approx(expected.item(), rel=1e-5), key
 
 
 def test_bad_data_trains_through_with_counted_warnings(synth, tmp_path):
@@ -372,3 +507,123 @@ def test_data_loader_workers_do_not_change_the_run(synth, tmp_path):
         trainer.fit()
         losses.append([r["loss"] for r in trainer.history])
     assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def _signal_at(monkeypatch, step: int, *signums: int) -> None:
+    """Send ``signums`` to this process right after step ``step`` is logged (needs train.log_every=1)."""
+    from sparsedet.engine.trainer import Trainer
+    log_step = Trainer._log_step
+
+    def signalling(self, sums, bar):
+        log_step(self, sums, bar)
+        if self.step == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Trainer, "_log_step", signalling)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(synth, tmp_path, capsys, monkeypatch):
+    import signal
+    args = ["train", "--preset", "dino_tiny", "--train", synth["train"], "--no-progress", *TINY,
+            "train.max_steps=5", "train.log_every=1", "train.seed=5", "model.dropout=0.1"]
+    assert main(args + ["--out", str(tmp_path / "whole")]) == 0
+    handler = signal.getsignal(signal.SIGINT)
+    _signal_at(monkeypatch, 3, signal.SIGINT)
+    assert main(args + ["--out", str(tmp_path / "cut")]) == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handlers are gone again
+    err = capsys.readouterr().err
+    assert "interrupted by SIGINT at step 3" in err and f"sparsedet train --resume {tmp_path / 'cut'}" in err
+    assert latest_checkpoint(tmp_path / "cut").name == "step_00000003"  # no periodic checkpoint before step 5
+    assert load_train_state(latest_checkpoint(tmp_path / "cut"))["step"] == 3
+    assert max(_losses(tmp_path / "cut")) == 3
+
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    assert "at step 3" in capsys.readouterr().out
+    expected, got = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 6)) and got == expected  # bit-identical, steps 4 and 5 included
+    _, a = load_run(tmp_path / "whole")
+    _, b = load_run(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_and_exits_143_and_a_second_signal_quits_at_once(synth, tmp_path, capsys, monkeypatch):
+    import signal
+    args = ["train", "--preset", "dino_tiny", "--train", synth["train"], "--no-progress", *TINY,
+            "train.max_steps=3", "train.log_every=1"]
+    _signal_at(monkeypatch, 1, signal.SIGTERM)
+    assert main(args + ["--out", str(tmp_path / "term")]) == 143
+    assert "interrupted by SIGTERM at step 1" in capsys.readouterr().err
+    assert load_train_state(latest_checkpoint(tmp_path / "term"))["step"] == 1
+
+    _signal_at(monkeypatch, 1, signal.SIGINT, signal.SIGINT)  # twice: quit without saving
+    assert main(args + ["--out", str(tmp_path / "twice")]) == 130
+    assert capsys.readouterr().err.rstrip().endswith("interrupted")
+    assert latest_checkpoint(tmp_path / "twice") is None
+
+
+def test_resume_and_fine_tuning_keep_preset_and_source(synth, tmp_path):
+    run = tmp_path / "run"
+    args = ["--train", synth["train"], "--no-progress", *TINY, "train.max_steps=1"]
+    assert main(["train", "--preset", "dino_tiny", "--out", str(run), *args]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "dino_tiny"
+    config["source"] = "official-dino: checkpoint.pth"  # as if the run had started from converted weights
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--no-progress", "train.max_steps=2"]) == 0
+    resumed = json.loads((run / "config.json").read_text())
+    assert (resumed["preset"], resumed["source"]) == ("dino_tiny", "official-dino: checkpoint.pth")
+    assert resumed["train"]["max_steps"] == 2
+    assert main(["train", "--weights", str(run), "--out", str(tmp_path / "tuned"), *args]) == 0
+    tuned = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert (tuned["preset"], tuned["source"]) == ("dino_tiny", "official-dino: checkpoint.pth")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_run_files_honour_the_umask(tmp_path):
+    import stat
+
+    from sparsedet.config import Config
+    from sparsedet.engine.checkpoint import atomic_write, publish, save_checkpoint
+    old = os.umask(0o027)
+    try:
+        checkpoint = save_checkpoint(tmp_path, "step_00000001", {"w": torch.zeros(2)}, Config(), {"step": 1},
+                                     ema_state={"w": torch.ones(2)})
+        publish(checkpoint, tmp_path)
+        atomic_write(tmp_path / "metrics.json", lambda p: Path(p).write_text("{}"))
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(checkpoint) == 0o750
+    files = [*checkpoint.iterdir(), *(tmp_path / n for n in ("model.safetensors", "ema.safetensors", "config.json",
+                                                             "metrics.json"))]
+    assert len(files) == 8 and {p.name: mode(p) for p in files} == {p.name: 0o640 for p in files}
+
+
+def test_no_progress_logs_plain_lines_evaluations_and_a_start_up_summary(synth, tmp_path, capsys):
+    assert main(["train", "--preset", "dino_tiny", "--train", synth["train"], "--val", synth["val"], "--no-progress",
+                 "--out", str(tmp_path / "run"), *TINY, "train.log_every=1", "train.eval_every=-1"]) == 0
+    out = capsys.readouterr().out
+    boxes = {split: len(json.loads(Path(synth[split]).read_text())["annotations"]) for split in ("train", "val")}
+    assert f"train    8 images, {boxes['train']} boxes ({synth['train']})" in out
+    assert f"val      4 images, {boxes['val']} boxes ({synth['val']})" in out
+    assert f"classes  5: {', '.join(synth['classes'])}" in out
+    assert "device   cpu x 1 process, fp32 (train.amp=none)" in out
+    assert "plan     2 steps (train.max_steps=2)" in out
+    assert "step 1/2  epoch 0  loss " in out and "step 2/2  epoch 0  loss " in out
+    assert "AP50" in out and "class" in out  # the evaluation table
+    assert out.index("plan") < out.index("step 1/2") < out.index("AP50")
+
+
+def test_start_up_summary_explains_an_epoch_plan(synth, tmp_path):
+    from sparsedet.engine.trainer import Trainer, make_datasets
+    config = apply_overrides(get_preset("dino_tiny"), [*TINY, f"data.train={synth['train']}", "train.max_steps=0",
+                                                       "train.epochs=3", "train.minutes=5"])
+    train_set, _ = make_datasets(config)
+    config.model.num_classes = len(train_set.classes)
+    trainer = Trainer(Detector.from_config(config), config, train_set, None, tmp_path / "run", progress=False)
+    summary = trainer.summary()
+    assert "val      none: no evaluation" in summary
+    assert ("plan     at most 12 steps = 3 epochs (train.epochs, train.max_steps=0) x 4 steps (8 images / 2 per "
+            "step) or 5 min of training (train.minutes), whichever ends first") in summary

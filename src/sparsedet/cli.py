@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "Several GPUs or machines: launch the same command with torchrun, e.g.\n"
                        "  torchrun --nproc_per_node 8 -m sparsedet train --preset dino_r50 --train ... --out RUN\n"
                        "(multi-node: add --nnodes N --node_rank R --rdzv_endpoint HOST:PORT). train.batch_size is "
-                       "per process; NCCL on GPUs, Gloo on CPUs.")
+                       "per process; NCCL on GPUs, Gloo on CPUs.\n\n"
+                       "Ctrl-C (SIGINT) or SIGTERM stops at the end of the current step, saves a resumable checkpoint "
+                       "and prints the --resume command; the exit status is 130 (SIGINT) or 143 (SIGTERM). A second "
+                       "signal quits at once without saving.")
     s.add_argument("--preset", help="model preset (see `sparsedet presets`)")
     s.add_argument("--weights", help="fine-tune from this run folder (another class set is fine: class heads restart)")
     s.add_argument("--resume", metavar="RUN", help="continue this run exactly from its newest checkpoint; data and "
@@ -87,13 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", dest="val_ann", help="validation data (COCO json or YOLO yaml)")
     s.add_argument("--images", help="COCO image root (default: each json's folder)")
     s.add_argument("--out", help="run folder to write (with --resume: RUN)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: plain log lines every train.log_every steps (for nohup and batch logs)")
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("eval", help="COCO AP of a run folder or of a results file",
                        description="Either --weights RUN (runs the model on --val) or --results DET.json "
-                       "(a COCO results file). Prints a table and writes DIR/metrics.json.")
+                       "(a COCO results file). Prints a table and writes DIR/metrics.json: by default "
+                       "RUN/eval/DATA/metrics.json (DATA: the --val json's or yaml's dataset name, plus _ema with "
+                       "--ema), so the training metrics in RUN/metrics.json stay; --out RUN replaces those.")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="run folder")
     src.add_argument("--results", help="COCO results json")
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", required=True, dest="val_ann",
                    help="ground truth: COCO json, or YOLO data.yaml or its folder (its val split)")
     s.add_argument("--images", help="image root (default: the json's folder)")
-    s.add_argument("--out", help="folder for metrics.json (default: RUN, or . for --results)")
+    s.add_argument("--out", help="folder for metrics.json (default: RUN/eval/DATA, or . for --results)")
     s.add_argument("--batch-size", type=int, default=4)
     s.set_defaults(func=cmd_eval)
 
@@ -167,11 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     s.set_defaults(func=cmd_viz)
 
-    s = sub.add_parser("check-data", help="validate a COCO-format dataset",
-                       description="Reports missing/unreadable images, degenerate or out-of-bounds boxes, duplicate "
-                       "ids, unknown category ids and images without annotations. Exit 0 when clean, 1 on errors.")
-    s.add_argument("--ann", required=True, help="annotations (COCO json)")
-    s.add_argument("--images", help="image root (default: the json's folder)")
+    s = sub.add_parser("check-data", help="validate a COCO or YOLO dataset",
+                       description="Decodes every image and reports missing/unreadable images, size mismatches, "
+                       "degenerate or out-of-bounds boxes, duplicate ids, unknown category ids and images without "
+                       "annotations; for a YOLO dataset (every split): label lines with an unknown class index or "
+                       "coordinates outside [0, 1], and images without a label file (counted). A train or val split "
+                       "without a single box is an error. Exit 0 when clean, 1 on errors.")
+    s.add_argument("--ann", required=True, metavar="DATA",
+                   help="COCO json, or YOLO data.yaml or its folder (all its splits are checked)")
+    s.add_argument("--images", help="COCO image root (default: the json's folder)")
     s.set_defaults(func=cmd_check_data)
 
     s = sub.add_parser("presets", help="list the model presets")
@@ -219,6 +229,7 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
 
 def cmd_train(args) -> int:
     from .engine import distributed
+    from .engine.interrupt import TrainingInterrupted
     from .engine.trainer import Trainer, make_datasets, set_threads
     data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
     if args.resume:
@@ -249,6 +260,13 @@ def cmd_train(args) -> int:
             if trainer.ctx.is_main:
                 print(f"resumed {path} at step {trainer.step}")
         trainer.fit()
+    except TrainingInterrupted as stop:
+        if trainer.ctx.is_main:
+            launcher = "torchrun ... -m sparsedet" if trainer.ctx.distributed else "sparsedet"
+            print(f"interrupted by {stop.signal_name} at step {stop.step}; saved a resumable checkpoint in "
+                  f"{stop.run_dir / 'checkpoints'}. Continue with:\n  {launcher} train --resume {stop.run_dir}",
+                  file=sys.stderr, flush=True)
+        return stop.exit_code
     finally:
         distributed.teardown()
     if trainer.ctx.is_main:
@@ -270,12 +288,23 @@ def cmd_eval(args) -> int:
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
         metrics, _ = evaluate(model, dataset, args.batch_size)
-        out = Path(args.out or args.weights)
+        out = Path(args.out) if args.out else Path(args.weights) / "eval" / (_dataset_name(args.val_ann)
+                                                                            + ("_ema" if args.ema else ""))
     print(format_metrics(metrics))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'}")
     return 0
+
+
+def _dataset_name(path: str) -> str:
+    """A dataset's short name: a COCO json's file name without .json (instances_val2017), or a YOLO
+    dataset's folder name (for its data.yaml or the folder itself)."""
+    path = Path(path).resolve()
+    if path.is_dir() or path.suffix.lower() in (".yaml", ".yml"):
+        path = path if path.is_dir() else path.parent
+        return path.name or "data"
+    return path.stem
 
 
 def _collect_images(inputs: list[str]) -> list[Path]:
@@ -320,6 +349,8 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
 
 def cmd_predict(args) -> int:
     from .api import Detector
+    from .models.heads import check_threshold
+    check_threshold(args.threshold)
     model = Detector.from_pretrained(args.weights)
     files = _collect_images(args.inputs)
     predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k)
@@ -359,13 +390,14 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.batch < 1 or args.runs < 0 or args.warmup < 0:
         raise SparsedetError("--batch must be at least 1, --runs and --warmup at least 0")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .engine.device import resolve_device
+    device = resolve_device(args.device or "auto", fix="--device cpu")
     sizes = [bench.parse_size(s) for s in (args.size or ["800x1067"])]
     overrides = parse_overrides(args.set)
     key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
     if args.plot and key:
         raise SparsedetError("--plot draws trained runs as they are; leave out --sweep")
-    env = bench.environment(torch.device(device), args.dtype)
+    env = bench.environment(device, args.dtype)
     print(bench.format_environment(env))
     print(bench.CONVENTION)
     results = []
@@ -393,8 +425,8 @@ def cmd_bench(args) -> int:
         for target in args.targets:
             metrics = Path(target) / "metrics.json"
             if not metrics.is_file():
-                raise SparsedetError(f"--plot needs run folders with metrics.json (from `sparsedet train` or "
-                                     f"`sparsedet eval`); {metrics} not found")
+                raise SparsedetError(f"--plot needs run folders with metrics.json (from `sparsedet train` with "
+                                     f"--val, or `sparsedet eval --out RUN`); {metrics} not found")
             ap = json.loads(metrics.read_text()).get("AP")
             if ap is None:
                 raise SparsedetError(f"{metrics} has no AP entry")

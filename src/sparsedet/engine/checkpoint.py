@@ -8,11 +8,13 @@ crash at any moment leaves the previous checkpoint complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
 
 import torch
@@ -27,15 +29,33 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _BEST_DIR = re.compile(r"^best_step_(\d+)$")
 
 
+def _fresh(folder: Path, prefix: str, create) -> Path:
+    """A new, unused ``folder/prefix*.tmp`` made by ``create(path)`` (which fails if it exists).
+    Unlike ``tempfile``, which makes files 0600 and folders 0700, the permissions follow the umask."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(4)}.tmp"
+        try:
+            create(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves
-    a half-written file in place of the previous one."""
+    a half-written file in place of the previous one. The file's mode honours the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(_fresh(path.parent, f".{path.name}.", _create_file))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as the kernel made it
     try:
         write(tmp)
+        with contextlib.suppress(OSError):  # some writers (safetensors) make their file 0600
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -75,7 +95,8 @@ def load_config(run_dir: str | Path) -> Config:
         raw = json.loads((run_dir / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise SparsedetError(f"malformed {run_dir / CONFIG}: {e}") from None
-    return Config.from_dict({k: v for k, v in raw.items() if k in ("model", "data", "train")})
+    # preset and source travel on: a resumed or fine-tuned run still says where it started.
+    return Config.from_dict({k: v for k, v in raw.items() if k in ("preset", "source", "model", "data", "train")})
 
 
 def load_run(run_dir: str | Path, ema: bool = False) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -97,7 +118,7 @@ def save_checkpoint(run_dir: str | Path, name: str, state_dict: dict[str, torch.
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    tmp = _fresh(root, f".{name}.", os.mkdir)
     try:
         save_run(tmp, state_dict, config, ema_state=ema_state)
         torch.save(train_state, tmp / TRAIN_STATE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import signal
 import time
 import warnings
 from functools import partial
@@ -17,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, validate
 from ..data.batch import collate
 from ..data.coco import CocoDetection, open_detection_dataset
 from ..data.sampler import GroupedBatchSampler, SeededSamples, aspect_groups
@@ -29,6 +30,7 @@ from . import distributed
 from .checkpoint import (atomic_write, latest_checkpoint, load_run, load_train_state, prune_checkpoints, publish,
                          save_checkpoint)
 from .evaluator import evaluate, format_metrics
+from .interrupt import StopSignals, TrainingInterrupted, ignore_stop_signals
 from .optim import WeightEMA, lr_factor, param_groups
 
 METRICS_LOG = "metrics.jsonl"
@@ -56,7 +58,11 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     if name not in ("auto", "bf16"):
         raise SparsedetError(f"train.amp must be none, bf16, fp16 or auto, got {name!r}")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if name == "bf16":
+            warnings.warn("this GPU has no bf16; training in fp32 (train.amp=fp16 gives mixed precision on it)")
+        return None
     native = _cpu_has_native_bf16()
     if name == "bf16" and not native:
         warnings.warn("this CPU has no native bf16; training in bf16 anyway (slow)")
@@ -101,11 +107,11 @@ class Trainer:
                  out_dir: str | Path, progress: bool = True):
         self.config, self.train_set, self.val_set = config, train_set, val_set
         self.out_dir = Path(out_dir)
-        t = config.train
+        t = validate(config).train
         self.ctx, self.device = distributed.setup(t.device)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.progress = progress and self.ctx.is_main
+        self.progress = progress and self.ctx.is_main  # progress bars; without them, plain log lines
         self.model = model.to(self.device)
         self.amp_dtype = resolve_amp(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -122,15 +128,20 @@ class Trainer:
         self.loader = DataLoader(SeededSamples(train_set), batch_sampler=self.sampler,
                                  collate_fn=partial(collate, size_divisor=config.data.size_divisor),
                                  num_workers=config.data.num_workers, generator=torch.Generator().manual_seed(t.seed),
-                                 pin_memory=self.device.type == "cuda")
+                                 pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals)
         seed_everything(t.seed + self.ctx.rank)  # the same model everywhere (DDP broadcasts), own dropout
         self.step = self.epoch = self.batch_in_epoch = 0
         self.trained_seconds = 0.0          # evaluation and checkpoint time do not count
         self.skipped_images = 0
+        self.size_mismatches: dict[int, str] = {}  # image id -> how its file disagrees with the json's size
+        self._mismatches_warned = 0
+        self._images_readable = False
         self.best: dict | None = None       # {"AP", "step"} of the best evaluation
         self.history: list[dict] = []
         self._writer = None
         self._resumed = False
+        self._stop: StopSignals | None = None
+        self._saved_step: int | None = None  # the step of the newest step checkpoint this process wrote
 
     # ---------------------------------------------------------------- the loop
     def total_steps(self) -> int:
@@ -140,7 +151,14 @@ class Trainer:
         return t.epochs * max(1, len(self.sampler) // t.accumulate)
 
     def fit(self) -> dict:
-        """Train until ``max_steps`` (or ``epochs``) or the ``minutes`` budget; returns the last metrics."""
+        """Train until ``max_steps`` (or ``epochs``) or the ``minutes`` budget; returns the last metrics.
+        SIGINT (Ctrl-C) or SIGTERM stops training at the next step boundary: the current step
+        finishes, a resumable checkpoint of it is saved and :class:`TrainingInterrupted` is raised.
+        A second signal quits at once (``KeyboardInterrupt``), saving nothing more."""
+        with StopSignals(announce=self.ctx.is_main) as self._stop:
+            return self._train()
+
+    def _train(self) -> dict:
         t = self.config.train
         total, budget = self.total_steps(), t.minutes * 60.0
         eval_every = self._eval_interval(total)
@@ -151,20 +169,26 @@ class Trainer:
                                      "`sparsedet train --resume RUN` or train into another folder")
             if self.ctx.is_main:
                 (self.out_dir / METRICS_LOG).unlink(missing_ok=True)  # a new run starts a new log
+        self._say(self.summary())
         initial = min(int(self.trained_seconds), int(budget)) if budget else self.step
         bar = tqdm(total=int(budget) if budget else total, initial=initial, desc="train",
                    unit="s" if budget else "step", disable=not self.progress, dynamic_ncols=True)
         self.model.train()
-        metrics, bad_in_row, micro, sums = {}, 0, 0, {}
+        metrics, bad_in_row, micro, sums, interrupted = {}, 0, 0, {}, False
         clock = time.perf_counter()
         done = self.step >= total or (budget and self.trained_seconds >= budget)
         while not done:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             for batch, targets, dropped in self.loader:
+                if micro == 0 and self._stop_requested():  # a step boundary; this batch is left for the resume
+                    interrupted = done = True
+                    break
                 self.batch_in_epoch += 1
                 self.skipped_images += dropped
                 if not distributed.all_agree(batch is not None, self.ctx, self.device):
+                    self._require_readable_images()  # an image root where nothing reads never fills a batch
                     continue  # every image of some process's batch was unreadable: all skip it
+                self._count_size_mismatches(targets)
                 if micro == 0:
                     self._set_lr(total, budget)
                 terms = self._forward_backward(batch, targets, last=micro == t.accumulate - 1)
@@ -205,15 +229,95 @@ class Trainer:
                     break
             else:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self._warn_size_mismatches()
         bar.close()
         if self.skipped_images and self.ctx.is_main:
             warnings.warn(f"skipped {self.skipped_images} unreadable images during training")
+        self._warn_size_mismatches()
+        if interrupted or self._stop_requested():
+            if self._saved_step != self.step:
+                self.save()
+            if self._writer is not None:
+                self._writer.close()
+            raise TrainingInterrupted(self._stop.signum or signal.SIGTERM, self.step, self.out_dir)
         if self.val_set is not None:
             metrics = self.evaluate()
         self.save()
         if self._writer is not None:
             self._writer.close()
         return metrics
+
+    def _stop_requested(self) -> bool:
+        """Whether SIGINT/SIGTERM reached any process (every process takes part)."""
+        asked = self._stop is not None and self._stop.signum is not None
+        return not distributed.all_agree(not asked, self.ctx, self.device)
+
+    def summary(self) -> str:
+        """What this run found and will do: images and boxes per split, classes, device, precision,
+        length and where it comes from, evaluation and checkpoint intervals."""
+        t, world = self.config.train, self.ctx.world_size
+        lines = []
+        for split, data in (("train", self.train_set), ("val", self.val_set)):
+            lines.append(f"{split:9s}{len(data)} images, {data.num_boxes} boxes ({data.source})" if data is not None
+                         else f"{split:9s}none: no evaluation")
+        names = ", ".join(self.train_set.classes[:10]) + (", ..." if len(self.train_set.classes) > 10 else "")
+        lines.append(f"{'classes':9s}{len(self.train_set.classes)}: {names}")
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}[self.amp_dtype]
+        lines.append(f"{'device':9s}{self.device} x {world} process{'es' if world > 1 else ''}, {precision} "
+                     f"(train.amp={t.amp}), batch {t.batch_size} per process x {t.accumulate} accumulated")
+        total = self.total_steps()
+        if t.max_steps > 0:
+            plan = f"{total} steps (train.max_steps={t.max_steps})"
+        else:
+            per_epoch = max(1, len(self.sampler) // t.accumulate)
+            plan = (f"{total} steps = {t.epochs} epochs (train.epochs, train.max_steps=0) x {per_epoch} steps "
+                    f"({len(self.train_set)} images / {t.batch_size * world * t.accumulate} per step)")
+        if t.minutes:
+            plan = f"at most {plan} or {t.minutes:g} min of training (train.minutes), whichever ends first"
+        if self.step:
+            plan += f"; resuming at step {self.step}"
+        lines.append(f"{'plan':9s}{plan}")
+        every = self._eval_interval(total)
+        evals = ("none" if self.val_set is None else "at the end" if every > total
+                 else f"every {every} steps and at the end")
+        saves = (f"every {t.checkpoint_every} steps and " if t.checkpoint_every
+                 else "at each evaluation and " if self.val_set is not None and every <= total else "")
+        lines.append(f"{'writes':9s}{self.out_dir}: evaluation {evals} (train.eval_every={t.eval_every}), "
+                     f"checkpoints {saves}at the end, a log line every {t.log_every} step(s)")
+        return "\n".join(lines)
+
+    def _say(self, text: str) -> None:
+        """A message for the user from process 0: above the progress bar, or a plain flushed line
+        (for nohup and batch-scheduler logs)."""
+        if not self.ctx.is_main:
+            return
+        if self.progress:
+            tqdm.write(text)
+        else:
+            print(text, flush=True)
+
+    def _require_readable_images(self) -> None:
+        """After a batch without one readable image: stop (SparsedetError naming the image root) unless
+        some training image can be read at all. Every process takes part; the check runs once."""
+        if not self._images_readable:
+            self.train_set.require_readable()
+            self._images_readable = True
+
+    def _count_size_mismatches(self, targets: list[dict]) -> None:
+        for target in targets:
+            if "size_mismatch" in target:
+                self.size_mismatches.setdefault(target["image_id"], target["size_mismatch"])
+
+    def _warn_size_mismatches(self) -> None:
+        """One counted warning (at an epoch's end and the end of training) when new images whose file
+        disagrees with the json's width/height were met: their boxes were clamped to the file."""
+        count = len(self.size_mismatches)
+        if count > self._mismatches_warned and self.ctx.is_main:
+            example = next(iter(self.size_mismatches.values()))
+            warnings.warn(f"{count} training image(s) differ in size from their json width/height, e.g. {example}; "
+                          "their boxes were clamped to the file (boxes outside it dropped). Fix the json's sizes "
+                          "(`sparsedet check-data` lists them).")
+        self._mismatches_warned = count
 
     def _eval_interval(self, total: int) -> int:
         """Steps between evaluations: ``train.eval_every``, or one epoch (0), or never before the end (-1)."""
@@ -276,8 +380,7 @@ class Trainer:
             self._log(record)
             payload = json.dumps({"step": self.step, **metrics}, indent=2)
             atomic_write(self.out_dir / "metrics.json", lambda p: Path(p).write_text(payload))
-            if self.progress:
-                tqdm.write(format_metrics(metrics))
+            self._say(format_metrics(metrics))
         if self.best is None or metrics["AP"] > self.best["AP"]:
             self.best = {"AP": metrics["AP"], "step": self.step}
             self.save(best=True)
@@ -289,6 +392,12 @@ class Trainer:
         if not self.ctx.is_main:
             return
         bar.set_postfix(step=self.step, loss=f"{values['loss']:.3f}", lr=f"{lr:.1e}")
+        if not self.progress:
+            minutes = self.config.train.minutes
+            terms = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in values.items())
+            self._say(f"step {self.step}" + ("" if minutes else f"/{self.total_steps()}") + f"  epoch {self.epoch}  "
+                      f"{terms}  lr {lr:.1e}  {self.trained_seconds:.0f}" + (f"/{minutes * 60:.0f}" if minutes else "")
+                      + " s")
         self._log({"step": self.step, "epoch": self.epoch, "time_s": round(self.trained_seconds, 3), "lr": lr,
                    **values})
 
@@ -328,6 +437,8 @@ class Trainer:
             if not best:
                 publish(checkpoint, self.out_dir)
             prune_checkpoints(self.out_dir, self.config.train.keep_checkpoints)
+        if not best:
+            self._saved_step = self.step
         distributed.barrier(self.ctx)
 
     def _train_state(self) -> dict:
