@@ -1,4 +1,5 @@
-"""`sparsedet bench`: the JSON a user scripts against, latency protocol, sweeps, the AP-vs-GFLOPs plot."""
+"""`sparsedet bench`: the JSON a user scripts against, latency protocol, each model's own peak
+memory, sweeps, the AP-vs-GFLOPs plot."""
 import json
 
 import pytest
@@ -22,6 +23,40 @@ def test_latency_split_covers_the_whole_run():
     assert lat["encoder"]["median"] > 0 and lat["backbone"]["median"] > 0
     assert r["gflops"]["total"] == pytest.approx(sum(r["gflops"][s] for s in STAGES))
     assert r["memory_peak"]["mib"] > 0 and r["runs"] == 3
+
+
+def test_cpu_peak_memory_is_each_runs_own():
+    """The CPU peak is the RSS increase during the bench's own runs: a small input benched after a
+    large one reports far less. The process's lifetime peak RSS, reported before, handed the large
+    run's peak on to every later model (and the pytest process's own to both)."""
+    torch.manual_seed(0)
+    model = load_model("dino_tiny", {"num_classes": 3})
+    large = bench_model(model, (448, 448), runs=1, warmup=0)["memory_peak"]
+    small = bench_model(model, (64, 64), runs=1, warmup=0)["memory_peak"]
+    assert large["kind"] == small["kind"] == "peak RSS increase during the runs"
+    assert large["mib"] > 30 and 0 <= small["mib"] < large["mib"] / 5, (large, small)  # seen: 92 and 3
+    assert small["rss_before_mib"] > small["mib"]  # the weights, inputs and the rest of the process
+
+
+@pytest.mark.parametrize("high_water_mark", [True, False], ids=["kernel-mark", "sampled"])
+def test_peak_rss_counts_what_the_block_added(high_water_mark, monkeypatch):
+    """Both ways of reading the peak: the kernel's high-water mark (reset at the start), or samples
+    of the RSS in a thread where the kernel refuses the reset."""
+    import time
+
+    from sparsedet.tools import bench
+    if not high_water_mark:
+        monkeypatch.setattr(bench, "_reset_high_water_mark", lambda: False)
+    with bench.PeakRss() as large:
+        held = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
+        time.sleep(0.05)  # held across many samples
+        del held
+    with bench.PeakRss() as small:
+        held = torch.ones(1024)
+        time.sleep(0.05)
+    assert large.method == ("kernel high-water mark" if high_water_mark else "RSS sampled every 1 ms")
+    assert 60 * 2**20 < large.increase < 80 * 2**20, large.increase
+    assert 0 <= small.increase < 4 * 2**20, small.increase
 
 
 def test_cli_json_sweep_and_plot(tmp_path, capsys):

@@ -126,8 +126,8 @@ def _tiny(cfg: Config) -> Config:
     if m.num_levels == 1:
         # One stride-16 level (the DC5 resolution): C5 of a 256 px image is only 8 x 8.
         m.backbone.return_layers = [3]
-        # The official 1e-4: at 4e-4 SAM-DETR's and SD-DETR's encoder memory collapsed to a constant
-        # after ~900 steps (their queries are read from it); at 1e-4 it stays informative.
+        # The official 1e-4: in an earlier trial at 4e-4, SAM-DETR's and SD-DETR's encoder memory
+        # collapsed to a constant (their queries are read from it); benchmarks/decoders.py --lr --probe-every.
         t.lr = t.lr_backbone = 1e-4
     return cfg
 

@@ -44,11 +44,7 @@ class SetCriterion:
         Returns unweighted terms; ``total`` combines them."""
         # Normalised by the mean box count per process over all processes (DDP then averages
         # gradients), so that N processes train like one process with N times the batch.
-        num_boxes = float(sum(len(t["labels"]) for t in targets))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            n = torch.tensor([num_boxes], device=outputs.logits.device)
-            torch.distributed.all_reduce(n)
-            num_boxes = n.item() / torch.distributed.get_world_size()
+        num_boxes = _mean_over_processes(float(sum(len(t["labels"]) for t in targets)), outputs.logits.device)
         num_boxes = max(num_boxes, 1.0)
         sets = [(outputs.logits, outputs.boxes, targets, "")]
         sets += [(a["logits"], a["boxes"], targets, f"_{i}") for i, a in enumerate(outputs.aux)]
@@ -93,7 +89,10 @@ class SetCriterion:
             target = sel.foreground_targets(boxes, shapes, strides, self.label_ranges)
             return sel.foreground_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
         target = sel.salience_targets(boxes, shapes, selection.padded_size, self.label_ranges)
-        return sel.salience_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
+        # Normalised like the box terms: by the mean positive count over processes (the other two
+        # kinds average per image, which DDP's gradient mean keeps).
+        num_pos = _mean_over_processes(float((target > 0).sum()), logits.device)
+        return sel.salience_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma, num_pos)
 
     def _terms(self, logits: Tensor, boxes: Tensor, targets: list[dict], match, num_boxes: float) -> dict[str, Tensor]:
         B, Q, C = logits.shape
@@ -129,6 +128,15 @@ class SetCriterion:
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """Weighted sum of all terms (each term's weight is that of its base name)."""
         return sum(self.weights[_base(k)] * v for k, v in losses.items())
+
+
+def _mean_over_processes(value: float, device: torch.device) -> float:
+    """``value`` averaged over the processes of a torchrun group (``value`` itself in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], device=device)
+        torch.distributed.all_reduce(t)
+        return t.item() / torch.distributed.get_world_size()
+    return value
 
 
 def _pixel_xyxy(boxes: Tensor, size: Tensor) -> Tensor:

@@ -135,11 +135,15 @@ def foreground_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: 
     return (per_image / target.sum(1).clamp(min=1)).mean()
 
 
-def salience_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def salience_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                  num_pos: float | None = None) -> Tensor:
     """Salience DETR: focal loss with soft targets, weight alpha * t * (1 - p)^gamma +
     (1 - alpha) * (1 - t) * p^gamma (not detached, as official), summed and divided by the
-    batch's count of tokens with a positive target."""
+    batch's count of tokens with a positive target (``num_pos`` where given: under torchrun the
+    mean count over processes), at least 1."""
     p = logits.sigmoid()
     weight = alpha * target * (1 - p) ** gamma + (1 - alpha) * (1 - target) * p ** gamma
     loss = weight * F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    return loss.sum() / (target > 0).sum().clamp(min=1)
+    if num_pos is None:
+        return loss.sum() / (target > 0).sum().clamp(min=1)
+    return loss.sum() / max(num_pos, 1.0)

@@ -5,15 +5,20 @@ Latency protocol: ``warmup`` untimed runs, then ``runs`` timed runs of the whole
 (forward + post-processing, no hooks) and ``runs`` more with the device synchronised at every stage
 boundary for the per-stage split; median, min and max of each. A stage's time excludes stages
 nested in it (box heads called by the decoder count as ``heads``); ``other`` is the rest of the run
-(input normalisation, post-processing).
+(input normalisation, post-processing). Peak memory covers the warm-up and timed runs of this model
+alone: on a GPU the peak allocated (weights included), on a CPU the peak RSS increase over the RSS
+before the runs (weights and inputs already loaded; see ``PeakRss``).
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import resource
 import statistics
 import sys
+import threading
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +29,7 @@ from torch import nn
 
 from .. import __version__
 from ..data.batch import Batch
+from ..engine.device import resolve_device
 from ..errors import SparsedetError
 from ..ops import deform_attn
 from ..ops.flops import OTHER, count_macs, hook_stages
@@ -127,12 +133,101 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": 1e3 * statistics.median(values), "min": 1e3 * min(values), "max": 1e3 * max(values)}
 
 
-def _peak_memory(device: torch.device) -> dict:
+def _rss_bytes() -> int | None:
+    """This process's resident set size now (Linux /proc/self/statm), None without /proc."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset the kernel's peak-RSS mark of this process to its current RSS (Linux >= 4.0; some
+    sandboxes refuse it). The lifetime ``ru_maxrss`` of ``getrusage`` goes with it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _high_water_mark() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that an earlier model's freed
+    memory is not reused unseen by the next one's runs."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRss:
+    """The peak resident set size of this process while the ``with`` block runs, less the RSS at its
+    start: what the block added at most (CPU tensors have no allocator statistics). Read from the
+    kernel's high-water mark, reset at the start, where Linux allows that; else from samples of
+    /proc/self/statm every ``interval`` seconds in a background thread (a shorter peak can slip
+    between two; the thread takes the GIL briefly at every sample). Without /proc (macOS,
+    Windows) only the lifetime peak exists: ``increase`` stays None. Memory freed before the block
+    and kept by the allocator would be reused unseen, so the heap is trimmed first."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval, self.method = interval, "unavailable"
+        self.before = self.peak = self.increase = None
+
+    def __enter__(self) -> "PeakRss":
+        _release_free_heap()
+        self.before = _rss_bytes()
+        if self.before is None:
+            return self
+        self.peak, self._thread = self.before, None
+        if _reset_high_water_mark() and _high_water_mark() is not None:
+            self.method = "kernel high-water mark"
+        else:
+            self.method = f"RSS sampled every {self.interval * 1e3:g} ms"
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm", "rb", buffering=0) as f:  # kept open: a sample costs one read
+            while not self._done.wait(self.interval):
+                f.seek(0)
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+
+    def __exit__(self, *exc) -> None:
+        if self.before is None:
+            return
+        if self._thread is not None:
+            self._done.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes() or 0)
+        else:
+            self.peak = max(self.peak, _high_water_mark() or 0)
+        self.increase = self.peak - self.before
+
+
+def _peak_memory(device: torch.device, rss: PeakRss) -> dict:
     if device.type == "cuda":
-        return {"kind": "torch.cuda.max_memory_allocated", "mib": torch.cuda.max_memory_allocated(device) / 2**20}
-    # CPU tensors have no allocator statistics: the process's peak resident set is the honest bound.
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return {"kind": "process peak RSS", "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20}
+        return {"kind": "torch.cuda.max_memory_allocated during the runs (weights included)",
+                "mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    if rss.increase is None:  # no /proc: only the process's lifetime peak, which earlier work shares
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        return {"kind": "process lifetime peak RSS (includes everything run before)",
+                "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20}
+    return {"kind": "peak RSS increase during the runs", "method": rss.method, "mib": rss.increase / 2**20,
+            "rss_before_mib": rss.before / 2**20}
 
 
 def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device: str | torch.device = "cpu",
@@ -142,9 +237,7 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
     from tqdm import tqdm
     if dtype not in DTYPES:
         raise SparsedetError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SparsedetError("--device cuda asked for, but torch sees no CUDA device")
+    device = resolve_device(device, fix="--device cpu")
     if dtype == "fp16" and device.type != "cuda":
         raise SparsedetError("fp16 runs on CUDA only; use bf16 on a CPU")
     model = model.to(device).eval()
@@ -195,7 +288,7 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
 
     bar = tqdm(total=warmup + 2 * runs, desc="timing", disable=not progress, leave=False)
     totals, per_stage = [], defaultdict(list)
-    with torch.inference_mode(), autocast:
+    with PeakRss() as rss, torch.inference_mode(), autocast:
         for _ in range(warmup):
             run()
             bar.update()
@@ -215,7 +308,7 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
     bar.close()
     result["latency_ms"] = {"total": _summary(totals), **{name: _summary(per_stage[name]) for name in STAGES}}
     result["runs"], result["warmup"] = runs, warmup
-    result["memory_peak"] = _peak_memory(device)
+    result["memory_peak"] = _peak_memory(device, rss)
     return result
 
 
@@ -238,7 +331,8 @@ def format_result(name: str, r: dict) -> str:
     lines.append(f"  encoder tokens updated per layer: {per_layer} (of {r['encoder_tokens']})")
     if timed:
         mem = r["memory_peak"]
-        lines.append(f"  peak memory: {mem['mib']:.0f} MiB ({mem['kind']}); {r['runs']} timed runs after "
+        detail = f", over {mem['rss_before_mib']:.0f} MiB before them; {mem['method']}" if "method" in mem else ""
+        lines.append(f"  peak memory: {mem['mib']:.0f} MiB ({mem['kind']}{detail}); {r['runs']} timed runs after "
                      f"{r['warmup']} warm-up")
     return "\n".join(lines)
 
