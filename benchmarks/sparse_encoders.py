@@ -1,6 +1,8 @@
 """Dense against token-sparse encoders at the same training budget (issue: sparse encoders).
 
-For each preset: `sparsedet demo` (same synthetic data, seed and wall-clock budget), then on the
+For each preset: `sparsedet demo` (same synthetic data, seed and wall-clock budget); with
+``--same-steps N`` also a second run of exactly N steps (no time limit), so that the encoder's effect
+on AP can be told from the step-rate effect; then on the
 first ``--images`` val images at the preset's eval size, eval mode, batch 1:
 - encoder GMACs ("GFLOPs" in the papers' sense: one multiply-add = 1, bilinear sample = 4),
   counting everything between the neck and the decoder: token scoring and its projection, the
@@ -9,6 +11,7 @@ first ``--images`` val images at the preset's eval size, eval mode, batch 1:
   warm-up calls).
 
     python benchmarks/sparse_encoders.py --minutes 5 --out bench_sparse
+    python benchmarks/sparse_encoders.py --minutes 10 --same-steps 1500 --out bench_sparse
     python benchmarks/sparse_encoders.py --skip-training --out bench_sparse   # re-measure cost only
 """
 from __future__ import annotations
@@ -30,7 +33,9 @@ from sparsedet.data.coco import CocoDetection
 from sparsedet.data.transforms import build_transforms
 from sparsedet.ops.flops import count_macs
 
-PRESETS = ["dino_tiny", "sparse_detr_tiny", "focus_detr_tiny", "salience_detr_tiny"]
+# Each sparse encoder next to its dense base: Sparse DETR sits on two-stage Deformable DETR
+# (deformable_detr_tiny), Focus-DETR and Salience DETR on DINO (dino_tiny).
+PRESETS = ["dino_tiny", "deformable_detr_tiny", "sparse_detr_tiny", "focus_detr_tiny", "salience_detr_tiny"]
 
 
 def encoder_cost(model: Detector, dataset: CocoDetection, n: int) -> tuple[float, float, float]:
@@ -63,6 +68,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--presets", nargs="+", default=PRESETS)
     p.add_argument("--out", default="bench_sparse")
+    p.add_argument("--same-steps", type=int, default=0, metavar="N",
+                   help="also train each preset for exactly N steps and report that AP (0: off)")
     p.add_argument("--skip-training", action="store_true", help="reuse the runs already in --out")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -74,6 +81,13 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "sparsedet.cli", "demo", "--preset", preset, "--minutes",
                             str(args.minutes), "--seed", str(args.seed), "--out", str(run)], check=True)
         metrics = json.loads((run / "metrics.json").read_text())
+        if args.same_steps:
+            fixed = out / f"{preset}_{args.same_steps}_steps"
+            if not args.skip_training:
+                subprocess.run([sys.executable, "-m", "sparsedet.cli", "demo", "--preset", preset, "--minutes", "0",
+                                "--seed", str(args.seed), "--out", str(fixed),
+                                f"train.max_steps={args.same_steps}"], check=True)
+            metrics["AP_same_steps"] = json.loads((fixed / "metrics.json").read_text())["AP"]
         model = Detector.from_pretrained(run / "run")
         m = model.config
         val = CocoDetection(run / "data" / "val.json", transforms=build_transforms(False, [m.eval_size], m.eval_max_size))
@@ -84,11 +98,13 @@ def main() -> None:
     print(f"\n{minutes:g} min training per preset, seed {args.seed}; cost on {args.images} val images at "
           f"the eval size, batch 1; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
-    print(f"| preset | steps | AP | AP vs {base[0]} | APs | encoder GFLOPs | vs {base[0]} | encoder ms (median) "
+    same = f" AP @ {args.same_steps} steps |" if args.same_steps else ""
+    print(f"| preset | steps | AP |{same} AP vs {base[0]} | APs | encoder GFLOPs | vs {base[0]} | encoder ms (median) "
           "| vs | kept tokens / layer |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|" + ("---:|" if same else "") + "---:|---:|---:|---:|---:|---:|---:|")
     for preset, mt, g, ms, kept in rows:
-        print(f"| {preset} | {mt['step']} | {mt['AP']:.3f} | {mt['AP'] / max(base[1]['AP'], 1e-9):.0%} | "
+        at_steps = f" {mt['AP_same_steps']:.3f} |" if same else ""
+        print(f"| {preset} | {mt['step']} | {mt['AP']:.3f} |{at_steps} {mt['AP'] / max(base[1]['AP'], 1e-9):.0%} | "
               f"{mt['APs']:.3f} | {g:.3f} | {g / base[2]:.0%} | {ms:.1f} | {ms / base[3]:.0%} | {kept:.0%} |")
 
 
