@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sparsedet.losses.matcher import HungarianMatcher
-from sparsedet.ops.boxes import batched_nms, box_iou, cxcywh_to_xyxy, generalized_box_iou, nms, xyxy_to_cxcywh
+from sparsedet.ops.boxes import (batched_nms, box_iou, cell_nms, cxcywh_to_xyxy, generalized_box_iou, nms,
+                                 xyxy_to_cxcywh)
 
 
 def test_iou_and_giou_hand_computed():
@@ -38,6 +39,26 @@ def test_nms_matches_brute_force():
         idx = (groups == grp).nonzero().flatten()
         sub = idx[nms(boxes[idx], scores[idx], 0.3)]
         assert set(sub.tolist()) == set(kept[groups[kept] == grp].tolist())
+
+
+@pytest.mark.parametrize("iou", [0.0, 0.1, 0.3, 0.5])
+def test_cell_nms_decides_as_box_nms(iou):
+    # 120 distinct cells on two levels of 12 x 10 and 6 x 5, ranked by random scores.
+    g = torch.Generator().manual_seed(int(iou * 10))
+    tokens = torch.randperm(150, generator=g)[:120]
+    level = (tokens >= 120).long()
+    local = tokens - 120 * level
+    width = torch.tensor([12, 6])[level]
+    x, y = local % width, local // width
+    scores = torch.rand(len(tokens), generator=g)
+    order = scores.argsort(descending=True)
+    level, x, y = level[order], x[order], y[order]
+    boxes = torch.stack([x - 1, y - 1, x + 1, y + 1], -1).float()
+    expected = batched_nms(boxes, scores[order], level, iou)
+    kept = cell_nms(level, x, y, iou)
+    assert kept.nonzero().squeeze(1).tolist() == expected.tolist()
+    # Direct neighbours overlap by 1/3 and diagonal ones by 1/7: above 1/3 nothing is suppressed.
+    assert (int(kept.sum()) == len(tokens)) == (iou >= 1 / 3)
 
 
 @pytest.mark.parametrize("seed,n_pred,n_gt", [(0, 5, 3), (1, 6, 6), (2, 7, 2), (3, 4, 1)])

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..nn.mlp import MLP
 from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
-from ..ops.boxes import batched_nms
+from ..ops.boxes import cell_nms
 from ..ops.functional import gather_rows
 from .encoders.scoring import token_levels
 
@@ -188,19 +188,15 @@ class ProposalQueries(nn.Module):
         then, where an image has too few, its best suppressed tokens (the official code instead
         truncates every image to the smallest survivor count)."""
         S = logits.shape[1]
-        scores, cand = logits.max(-1).values.topk(min(4 * self.num_queries, S), dim=1)
+        cand = logits.max(-1).values.topk(min(4 * self.num_queries, S), dim=1).indices  # best first
         starts = torch.tensor([0] + [h * w for h, w in shapes], device=logits.device).cumsum(0)
         widths = torch.tensor([w for _, w in shapes], device=logits.device)
         level = token_levels(cand, shapes)
         local = cand - starts[level]
-        x, y = (local % widths[level]).to(scores.dtype), (local // widths[level]).to(scores.dtype)
-        boxes = torch.stack([x - 1, y - 1, x + 1, y + 1], -1)
+        x, y = local % widths[level], local // widths[level]
         k = min(self.num_queries, S)
         out = []
         for b in range(logits.shape[0]):
-            kept = batched_nms(boxes[b], scores[b], level[b], self.nms_iou)
-            suppressed = torch.ones(cand.shape[1], dtype=torch.bool, device=cand.device)
-            suppressed[kept] = False
-            rest = suppressed.nonzero().squeeze(1)
-            out.append(cand[b, torch.cat([kept, rest])[:k]])
+            kept = cell_nms(level[b], x[b], y[b], self.nms_iou)
+            out.append(cand[b, torch.cat([kept.nonzero(), (~kept).nonzero()]).squeeze(1)[:k]])
         return torch.stack(out)

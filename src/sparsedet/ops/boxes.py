@@ -82,3 +82,27 @@ def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: fl
     span = boxes.max() - boxes.min() + 1
     shifted = boxes + (groups.to(boxes) * span)[:, None]
     return nms(shifted, scores, iou_threshold)
+
+
+def cell_nms(level: Tensor, x: Tensor, y: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS of candidates given best first, each the box of 3 x 3 cells around its integer
+    cell (``x``, ``y``) on feature level ``level``: a bool mask of the kept ones.
+
+    The same decisions as ``batched_nms`` over the boxes (x - 1, y - 1, x + 1, y + 1) grouped by
+    level (Salience DETR's proposal filter), in O(n): two such boxes overlap only when their
+    cells are neighbours, so each candidate looks up its 8 neighbours among the kept cells
+    instead of filling an n x n IoU matrix (benchmarks/proposal_nms.py)."""
+    suppressing = []  # neighbour offsets whose boxes overlap by IoU > iou_threshold (float32, as box_iou)
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            inter = (2 - abs(dx)) * (2 - abs(dy))
+            if (dx or dy) and torch.tensor(inter / (8 - inter), dtype=torch.float32) > iou_threshold:
+                suppressing.append((dx, dy))
+    kept_cells: set[tuple[int, int, int]] = set()
+    keep = []
+    for lvl, cx, cy in zip(level.tolist(), x.tolist(), y.tolist()):
+        free = not any((lvl, cx + dx, cy + dy) in kept_cells for dx, dy in suppressing)
+        keep.append(free)
+        if free:
+            kept_cells.add((lvl, cx, cy))
+    return torch.tensor(keep, dtype=torch.bool, device=level.device)
