@@ -16,7 +16,7 @@ import torch
 from sparsedet import Detector
 from sparsedet.data.batch import Batch
 from sparsedet.engine.optim import param_groups
-from sparsedet.engine.trainer import resolve_amp
+from sparsedet.engine.precision import resolve_amp
 from sparsedet.losses.criterion import SetCriterion
 
 

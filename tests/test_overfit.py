@@ -9,7 +9,8 @@ from sparsedet.data.coco import CocoDetection
 from sparsedet.data.synthetic import write_synthetic
 from sparsedet.data.transforms import build_transforms
 from sparsedet.engine.evaluator import evaluate
-from sparsedet.engine.trainer import Trainer, seed_everything
+from sparsedet.engine.rng import seed_everything
+from sparsedet.engine.trainer import Trainer
 from sparsedet.presets import get_preset
 
 

@@ -10,7 +10,7 @@ from sparsedet import Detector, SparsedetError
 from sparsedet.cli import main
 from sparsedet.config import apply_overrides, validate
 from sparsedet.engine.device import resolve_device
-from sparsedet.engine.trainer import resolve_amp
+from sparsedet.engine.precision import resolve_amp
 from sparsedet.presets import get_preset
 from tiny import TINY
 

@@ -211,7 +211,8 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     from .api import Detector
     from .config import apply_overrides
     from .engine.checkpoint import load_config
-    from .engine.trainer import make_datasets, seed_everything
+    from .engine.rng import seed_everything
+    from .engine.trainer import make_datasets
     from .presets import get_preset
     if bool(preset) == bool(weights):
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import signal
 import time
 import warnings
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -32,50 +30,15 @@ from .checkpoint import (atomic_write, latest_checkpoint, load_run, load_train_s
 from .evaluator import evaluate, format_metrics
 from .interrupt import StopSignals, TrainingInterrupted, ignore_stop_signals
 from .optim import WeightEMA, lr_factor, param_groups
+from .precision import outputs_in_fp32, resolve_amp
+from .rng import rng_state, seed_everything, set_rng_state
 
 METRICS_LOG = "metrics.jsonl"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
-
-
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp``: "bf16", "fp16" (trained with a loss scaler), "none", or
-    "auto" = bf16 only where the hardware runs it natively (emulated bf16 on an older CPU is slower
-    than fp32)."""
-    if name == "none":
-        return None
-    if name == "fp16":
-        return torch.float16
-    if name not in ("auto", "bf16"):
-        raise SparsedetError(f"train.amp must be none, bf16, fp16 or auto, got {name!r}")
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if name == "bf16":
-            warnings.warn("this GPU has no bf16; training in fp32 (train.amp=fp16 gives mixed precision on it)")
-        return None
-    native = _cpu_has_native_bf16()
-    if name == "bf16" and not native:
-        warnings.warn("this CPU has no native bf16; training in bf16 anyway (slow)")
-        return torch.bfloat16
-    return torch.bfloat16 if native else None
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def make_datasets(config: Config) -> tuple[CocoDetection, CocoDetection | None]:
@@ -343,7 +306,7 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out = self.net(batch, targets)
-            terms = self.criterion(_float(out), targets)
+            terms = self.criterion(outputs_in_fp32(out), targets)
             loss = self.criterion.total(terms)
             if not distributed.all_agree(bool(torch.isfinite(loss)), self.ctx, self.device):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -446,7 +409,7 @@ class Trainer:
                 "trained_seconds": self.trained_seconds, "skipped_images": self.skipped_images,
                 "best": self.best, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema_updates": self.ema.updates if self.ema is not None else 0,
-                "world_size": self.ctx.world_size, "rng": distributed.gather_objects(_rng_state(), self.ctx)}
+                "world_size": self.ctx.world_size, "rng": distributed.gather_objects(rng_state(), self.ctx)}
 
     def resume(self, checkpoint: str | Path | None = None) -> Path:
         """Continue from ``checkpoint`` (default: the newest in ``out_dir``) exactly where it stopped:
@@ -472,7 +435,7 @@ class Trainer:
         for key in ("step", "epoch", "batch_in_epoch", "trained_seconds", "skipped_images", "best"):
             setattr(self, key, state[key])
         if state["world_size"] == self.ctx.world_size:
-            _set_rng_state(state["rng"][self.ctx.rank])
+            set_rng_state(state["rng"][self.ctx.rank])
         else:
             warnings.warn(f"{path} was written by {state['world_size']} processes, resuming with "
                           f"{self.ctx.world_size}: random streams restart from train.seed")
@@ -498,33 +461,3 @@ def _truncate_log(path: Path, step: int) -> list[dict]:
     kept = [record for record in map(json.loads, path.read_text().splitlines()) if record["step"] <= step]
     atomic_write(path, lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in kept)))
     return kept
-
-
-def _rng_state() -> dict:
-    version, keys, gauss = random.getstate()
-    kind, mt, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(keys), gauss], "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [kind, torch.from_numpy(mt.astype(np.int64)), pos, has_gauss, cached]}
-
-
-def _set_rng_state(state: dict) -> None:
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    kind, mt, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, mt.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _float(out):
-    """Losses run in fp32 whatever precision the forward pass used."""
-    out.logits, out.boxes = out.logits.float(), out.boxes.float()
-    out.aux = [{k: v.float() for k, v in a.items()} for a in out.aux]
-    out.enc_aux = [{k: v.float() for k, v in a.items()} for a in out.enc_aux]
-    if out.enc is not None:
-        out.enc = {k: v.float() if torch.is_tensor(v) else v for k, v in out.enc.items()}
-    if out.dn is not None:
-        out.dn = {k: v.float() if torch.is_tensor(v) else v for k, v in out.dn.items()}
-    return out
