@@ -1,50 +1,168 @@
-"""Deformable attention: the gather backend equals the grid_sample reference."""
+"""Deformable attention: every backend of the ``sparsedet::ms_deform_attn`` op equals the
+grid_sample reference, values and gradients, on hand-made inputs and on every preset's own calls."""
 import math
+import warnings
 
 import pytest
 import torch
 
+from sparsedet import Detector
+from sparsedet.data.batch import Batch
 from sparsedet.nn.attention import MSDeformAttn
-from sparsedet.ops.deform_attn import ms_deform_attn
+from sparsedet.ops import deform_attn, deform_attn_kernel
+from sparsedet.ops.deform_attn import BACKENDS, ms_deform_attn
+from sparsedet.presets import PRESETS
+
+FAST = [b for b in BACKENDS if b != "reference"]
 
 
-def _inputs(seed, B, Q, shapes, M=2, D=3, P=3):
+def _inputs(seed, B, Q, shapes, M=2, D=3, P=3, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     S, L = sum(h * w for h, w in shapes), len(shapes)
-    value = torch.randn(B, S, M, D, generator=g, dtype=torch.float64)
+    value = torch.randn(B, S, M, D, generator=g, dtype=dtype)
     # Locations spill outside [0, 1] so that border and out-of-map samples are exercised.
-    loc = torch.rand(B, Q, M, L, P, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
-    weights = torch.rand(B, Q, M, L, P, generator=g, dtype=torch.float64).softmax(-1)
+    loc = torch.rand(B, Q, M, L, P, 2, generator=g, dtype=dtype) * 1.4 - 0.2
+    weights = torch.rand(B, Q, M, L, P, generator=g, dtype=dtype).softmax(-1)
     return value, loc, weights
 
 
-@pytest.mark.parametrize("seed,shapes", [(0, [(5, 7)]), (1, [(6, 4), (3, 2), (1, 1)]), (2, [(9, 11), (5, 6), (3, 3), (2, 2)])])
-def test_gather_matches_reference_values_and_gradients(seed, shapes):
-    value, loc, weights = _inputs(seed, 2, 13, shapes)
-    inputs = [t.clone().requires_grad_() for t in (value, loc, weights)]
-    ref = ms_deform_attn(inputs[0], shapes, inputs[1], inputs[2], backend="reference")
-    grads_ref = torch.autograd.grad((ref * torch.arange(ref.numel(), dtype=ref.dtype).view_as(ref).sin()).sum(), inputs)
-    inputs2 = [t.clone().requires_grad_() for t in (value, loc, weights)]
-    out = ms_deform_attn(inputs2[0], shapes, inputs2[1], inputs2[2], backend="gather")
-    grads = torch.autograd.grad((out * torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin()).sum(), inputs2)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+def _run(backend, shapes, value, loc, weights, grad_seed=7):
+    """Output and the gradients of a fixed random projection of it, for value, locations, weights."""
+    leaves = [t.detach().clone().requires_grad_() for t in (value, loc, weights)]
+    out = ms_deform_attn(leaves[0], shapes, leaves[1], leaves[2], backend=backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    return (out.detach(), *torch.autograd.grad((out * g).sum(), leaves))
 
 
-def test_sample_at_pixel_centre_reads_that_pixel():
+def _assert_matches(backend, shapes, value, loc, weights, atol):
+    ref = _run("reference", shapes, value, loc, weights)
+    got = _run(backend, shapes, value, loc, weights)
+    for name, a, b in zip(("output", "grad value", "grad locations", "grad weights"), got, ref):
+        assert a.dtype == b.dtype, name
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=0, atol=atol * scale, msg=lambda m: f"{backend} {name}: {m}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("seed,shapes,D", [(0, [(5, 7)], 3), (1, [(6, 4), (3, 2), (1, 1)], 16),
+                                          (2, [(9, 11), (5, 6), (3, 3), (2, 2)], 32)])
+def test_backend_matches_reference_values_and_gradients(backend, seed, shapes, D):
+    # gather keeps float64 (exact); the cpu kernel computes in fp32 and returns the input dtype.
+    value, loc, weights = _inputs(seed, 2, 13, shapes, D=D)
+    _assert_matches(backend, shapes, value, loc, weights, atol=1e-10 if backend == "gather" else 1e-5)
+    _assert_matches(backend, shapes, *(t.float() for t in (value, loc, weights)), atol=1e-5)
+
+
+def test_cpu_kernel_result_does_not_depend_on_thread_count():
+    value, loc, weights = _inputs(3, 2, 600, [(12, 10), (6, 5)], M=8, D=16, P=4, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_run("cpu", [(12, 10), (6, 5)], value, loc, weights))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sample_at_pixel_centre_reads_that_pixel(backend):
     # 1 level of 2x4, one head of width 1: location of pixel (row 1, col 2) centre is ((2+.5)/4, (1+.5)/2).
     value = torch.arange(8, dtype=torch.float64).view(1, 8, 1, 1)
-    loc = torch.tensor([[2.5 / 4, 1.5 / 2]], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
     w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
-    for backend in ("reference", "gather"):
-        assert ms_deform_attn(value, [(2, 4)], loc, w, backend).item() == pytest.approx(6.0)
-    # Halfway between pixels 5 and 6, and fully outside the map (zero padding).
-    loc_mid = torch.tensor([[2.0 / 4, 1.5 / 2]], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
-    loc_out = torch.tensor([[1.5, 1.5]], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
-    for backend in ("reference", "gather"):
-        assert ms_deform_attn(value, [(2, 4)], loc_mid, w, backend).item() == pytest.approx(5.5)
-        assert ms_deform_attn(value, [(2, 4)], loc_out, w, backend).item() == 0.0
+
+    def at(x, y):
+        loc = torch.tensor([[x, y]], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+        return ms_deform_attn(value, [(2, 4)], loc, w, backend).item()
+
+    assert at(2.5 / 4, 1.5 / 2) == pytest.approx(6.0)
+    # Halfway between pixels 5 and 6, fully outside the map (zero padding), and not a number.
+    assert at(2.0 / 4, 1.5 / 2) == pytest.approx(5.5)
+    assert at(1.5, 1.5) == 0.0
+    if backend == "cpu":
+        assert at(float("nan"), 0.5) == 0.0 and at(1e30, -1e30) == 0.0
+
+
+def test_one_graph_node_under_compile_and_export():
+    torch.library.opcheck(torch.ops.sparsedet.ms_deform_attn.default,
+                          (*(t.float() for t in _inputs(4, 1, 5, [(3, 4)])[:1]), [3, 4],
+                           *(t.float() for t in _inputs(4, 1, 5, [(3, 4)])[1:]), "cpu"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+    class Core(torch.nn.Module):
+        def forward(self, value, loc, weights):
+            return ms_deform_attn(value, [(3, 4)], loc, weights, backend="cpu")
+
+    value, loc, weights = (t.float() for t in _inputs(4, 1, 5, [(3, 4)]))
+    program = torch.export.export(Core(), (value, loc, weights))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == ["sparsedet.ms_deform_attn.default"]
+    torch.testing.assert_close(program.module()(value, loc, weights), Core()(value, loc, weights))
+
+
+def test_backend_choice_env_and_errors(monkeypatch):
+    monkeypatch.setenv(deform_attn.ENV, "gather")
+    assert deform_attn.default_backend("cpu") == "gather"
+    monkeypatch.setenv(deform_attn.ENV, "grid")
+    with pytest.raises(ValueError, match="SPARSEDET_DEFORM_ATTN: unknown deformable-attention backend 'grid'"):
+        deform_attn.default_backend("cpu")
+    monkeypatch.delenv(deform_attn.ENV)
+    assert deform_attn.default_backend("cpu") == "cpu"
+    assert deform_attn.default_backend("cuda") == "gather"
+    with pytest.raises(ValueError, match="cannot run on meta"):
+        ms_deform_attn(*(t.to("meta") for t in _inputs(0, 1, 2, [(2, 2)])[:1]), [(2, 2)],
+                       *(t.to("meta") for t in _inputs(0, 1, 2, [(2, 2)])[1:]), backend="cpu")
+
+
+def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(deform_attn_kernel, "_library", None)
+    monkeypatch.setattr(deform_attn_kernel, "_failure", None)
+    monkeypatch.setenv("SPARSEDET_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(UserWarning, match="fast CPU kernel is unavailable .*slower grid_sample path"):
+        assert deform_attn.default_backend("cpu") == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value, loc, weights = _inputs(0, 1, 3, [(2, 3)])
+        ref = ms_deform_attn(value, [(2, 3)], loc, weights, backend="reference")
+        assert torch.equal(ms_deform_attn(value, [(2, 3)], loc, weights), ref)
+
+
+def _recorded_calls(preset):
+    """Whether ``preset`` has deformable attention, and the inputs of every call to it in one
+    training forward."""
+    torch.manual_seed(0)
+    model = Detector.from_preset(preset, num_classes=3).train()
+    deformable = any(isinstance(m, MSDeformAttn) for m in model.modules())
+    g = torch.Generator().manual_seed(0)
+    batch = Batch.from_images([torch.rand(3, 96, 128, generator=g), torch.rand(3, 112, 80, generator=g)])
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    calls = []
+    original = deform_attn.ms_deform_attn
+
+    def record(value, shapes, locations, weights, backend=None):
+        calls.append((value.detach().clone(), list(shapes), locations.detach().clone(), weights.detach().clone()))
+        return original(value, shapes, locations, weights, "reference")
+
+    deform_attn.ms_deform_attn = record
+    try:
+        model(batch, targets)
+    finally:
+        deform_attn.ms_deform_attn = original
+    return deformable, calls
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.endswith("_tiny")])
+def test_fast_backends_match_reference_on_every_preset(preset):
+    deformable, calls = _recorded_calls(preset)
+    assert bool(calls) == deformable
+    for value, shapes, loc, weights in calls:
+        for backend in FAST:
+            _assert_matches(backend, shapes, value, loc, weights, atol=1e-4)
 
 
 def test_module_initialisation_follows_official_pattern():

@@ -1,38 +1,69 @@
-"""Multi-scale deformable attention core (no parameters).
+"""Multi-scale deformable attention core (no parameters), one ``torch.library`` op.
 
-``ms_deform_attn(value, shapes, locations, weights)`` samples every head's value
-map bilinearly at the given locations and sums the samples with the attention
-weights. Location convention: (x, y) in [0, 1] where 0 is the left/top edge of
-the map and 1 the right/bottom edge (``grid_sample`` with ``align_corners=False``);
-samples outside the map read zeros.
+``ms_deform_attn(value, shapes, locations, weights)`` samples every head's value map bilinearly at
+the given locations and sums the samples with the attention weights. Location convention: (x, y)
+in [0, 1] where 0 is the left/top edge of the map and 1 the right/bottom edge (``grid_sample``
+with ``align_corners=False``); samples outside the map read zeros.
 
-Backends:
-- ``reference``: one ``F.grid_sample`` per level; the ground truth in tests.
-- ``gather``: explicit bilinear gather of the four neighbours, with the bilinear
-  and attention weights folded into one weighted sum. Same numbers, exportable,
-  and the form ``torch.compile`` speeds up on CPU.
+It runs as the custom op ``sparsedet::ms_deform_attn`` (with a fake implementation and its own
+backward op), so ``torch.compile`` and ``torch.export`` see one node whatever the backend:
+- ``reference``: one ``F.grid_sample`` per level, gradients by autograd through it; the ground
+  truth in tests.
+- ``cpu``: a fused C kernel for forward and backward (``deform_attn_cpu.c``, built once per
+  machine, see ``deform_attn_kernel.py``); the default on CPU.
+- ``gather``: explicit bilinear gather of the four neighbours in plain PyTorch on any device, with
+  a backward that scatter-adds the value gradient (``index_add_``) instead of grid_sample's; the
+  default on GPU.
+
+``SPARSEDET_DEFORM_ATTN=reference|cpu|gather`` overrides the automatic choice;
+benchmarks/deform_attn.py measures the backends against each other.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("reference", "gather")
-# grid_sample is the fastest eager path on CPU (specs/performance.md §1.3); gather is for compile/export.
-_default_backend = "reference"
+from . import deform_attn_kernel
+
+BACKENDS = ("reference", "cpu", "gather")
+ENV = "SPARSEDET_DEFORM_ATTN"
+_override: str | None = None
 
 
-def set_default_backend(name: str) -> None:
-    """Choose the backend used when ``ms_deform_attn`` is called without one."""
-    global _default_backend
+def set_default_backend(name: str | None) -> None:
+    """Choose the backend used when ``ms_deform_attn`` is called without one (None: automatic)."""
+    global _override
+    if name is not None:
+        _check(name, "set_default_backend")
+    _override = name
+
+
+def default_backend(device: torch.device | str = "cpu") -> str:
+    """The backend a call on ``device`` runs: ``set_default_backend``'s choice, else
+    ``$SPARSEDET_DEFORM_ATTN``, else ``cpu`` on CPUs (``reference`` where no C compiler builds the
+    kernel) and ``gather`` on GPUs."""
+    device = torch.device(device)
+    name = _override or os.environ.get(ENV) or None
+    if name is not None:
+        _check(name, ENV if _override is None else "set_default_backend")
+        if name == "cpu" and device.type != "cpu":
+            warnings.warn(f"deformable attention: the cpu backend cannot run on {device.type}; using gather",
+                          stacklevel=2)
+            return "gather"
+    else:
+        name = "cpu" if device.type == "cpu" else "gather"
+    if name == "cpu" and not deform_attn_kernel.available():
+        return "reference"
+    return name
+
+
+def _check(name: str, where: str) -> None:
     if name not in BACKENDS:
-        raise ValueError(f"unknown deformable-attention backend {name!r}; choose one of {BACKENDS}")
-    _default_backend = name
-
-
-def default_backend() -> str:
-    return _default_backend
+        raise ValueError(f"{where}: unknown deformable-attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def ms_deform_attn(
@@ -49,18 +80,86 @@ def ms_deform_attn(
         shapes: per level (H_l, W_l) as Python ints.
         locations: [B, Q, M, L, P, 2] sampling locations (x, y) in [0, 1].
         weights: [B, Q, M, L, P] attention weights (already normalised).
-        backend: ``reference`` or ``gather``; defaults to ``default_backend()``.
+        backend: one of ``BACKENDS``; defaults to ``default_backend(value.device)``.
 
     Returns:
-        [B, Q, M * D].
+        [B, Q, M * D], in ``value``'s dtype.
     """
-    backend = backend or _default_backend
-    if backend == "reference":
-        return _reference(value, shapes, locations, weights)
-    if backend == "gather":
-        return _gather(value, shapes, locations, weights)
-    raise ValueError(f"unknown deformable-attention backend {backend!r}; choose one of {BACKENDS}")
+    if backend is None:
+        backend = default_backend(value.device)
+    else:
+        _check(backend, "ms_deform_attn")
+        if backend == "cpu" and value.device.type != "cpu":
+            raise ValueError(f"the cpu deformable-attention backend cannot run on {value.device.type} tensors")
+        if backend == "cpu" and not deform_attn_kernel.available():
+            backend = "reference"
+    flat = [int(n) for hw in shapes for n in hw]
+    return torch.ops.sparsedet.ms_deform_attn(value, flat, locations, weights, backend)
 
+
+def _pairs(flat: list[int]) -> list[tuple[int, int]]:
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+# --- the op -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsedet::ms_deform_attn", mutates_args=())
+def _op(value: Tensor, shapes: list[int], locations: Tensor, weights: Tensor, backend: str) -> Tensor:
+    if backend == "cpu":
+        return deform_attn_kernel.forward(value.float(), shapes, locations.float(), weights.float()).to(value.dtype)
+    if backend == "gather":
+        return _gather_forward(value, _pairs(shapes), locations, weights)
+    return _reference(value, _pairs(shapes), locations, weights)
+
+
+@_op.register_fake
+def _(value: Tensor, shapes: list[int], locations: Tensor, weights: Tensor, backend: str) -> Tensor:
+    B, _, M, D = value.shape
+    return value.new_empty(B, locations.shape[1], M * D)
+
+
+@torch.library.custom_op("sparsedet::ms_deform_attn_backward", mutates_args=())
+def _op_backward(grad: Tensor, value: Tensor, shapes: list[int], locations: Tensor, weights: Tensor,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cpu":
+        B, Q = grad.shape[:2]
+        grads = deform_attn_kernel.backward(grad.float().view(B, Q, *value.shape[2:]), value.float(), shapes,
+                                            locations.float(), weights.float())
+    else:
+        grads = _gather_backward(grad, value, _pairs(shapes), locations, weights)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, (value, locations, weights)))
+
+
+@_op_backward.register_fake
+def _(grad: Tensor, value: Tensor, shapes: list[int], locations: Tensor, weights: Tensor,
+      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(value), torch.empty_like(locations), torch.empty_like(weights)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    value, shapes, locations, weights, backend = inputs
+    ctx.save_for_backward(value, locations, weights)
+    ctx.shapes, ctx.backend = shapes, backend
+
+
+def _backward(ctx, grad: Tensor):
+    value, locations, weights = ctx.saved_tensors
+    if ctx.backend == "reference":
+        # The ground truth: autograd through grid_sample, recomputed here (autograd runs above the op).
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+            out = _reference(leaves[0], _pairs(ctx.shapes), leaves[1], leaves[2])
+            gv, gl, gw = torch.autograd.grad(out, leaves, grad)
+    else:
+        gv, gl, gw = torch.ops.sparsedet.ms_deform_attn_backward(grad.contiguous(), value, ctx.shapes, locations,
+                                                                 weights, ctx.backend)
+    return gv, None, gl, gw, None
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- backends in PyTorch ----------------------------------------------------------------------
 
 def _reference(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     B, S, M, D = value.shape
@@ -79,40 +178,73 @@ def _reference(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, 
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()
 
 
-def _gather(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
-    B, S, M, D = value.shape
-    _, Q, _, L, P, _ = locations.shape
-    dev = value.device
-    sizes = torch.tensor(shapes, device=dev, dtype=locations.dtype)  # [L, 2] as (H, W)
-    hw = sizes.flip(-1)  # (W, H) to match (x, y)
-    starts = [0]
-    for h, w in shapes[:-1]:
-        starts.append(starts[-1] + h * w)
-    level_start = torch.tensor(starts, device=dev)
-    widths = torch.tensor([w for _, w in shapes], device=dev)
-    # Pixel coordinates with align_corners=False: centre of pixel i sits at i + 0.5.
-    pix = locations * hw[:, None, :] - 0.5  # [B, Q, M, L, P, 2]
-    base = pix.floor()
-    frac = pix - base
-    base = base.long()
-    x0, y0 = base[..., 0], base[..., 1]
-    fx, fy = frac[..., 0], frac[..., 1]
-    wl = widths[:, None]
-    hl = torch.tensor([h for h, _ in shapes], device=dev)[:, None]
-    idx, wts = [], []
+def _corners(shapes: list[tuple[int, int]], locations: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four bilinear neighbours of every location, as [B, M, Q, L*P, 4] tensors:
+    flat row index into S (0 where outside), bilinear weight (0 where outside), and the weight's
+    derivatives by x and y in location units (0 where outside)."""
+    dev, dt = locations.device, locations.dtype
+    starts, acc = [], 0
+    for h, w in shapes:
+        starts.append(acc)
+        acc += h * w
+    level_h = torch.tensor([h for h, _ in shapes], device=dev)[:, None]
+    level_w = torch.tensor([w for _, w in shapes], device=dev)[:, None]
+    level_start = torch.tensor(starts, device=dev)[:, None]
+    loc = locations.transpose(1, 2)  # [B, M, Q, L, P, 2]
+    # Pixel coordinates with align_corners=False (the centre of pixel i sits at i + 0.5), computed
+    # as grid_sample does, so that locations on pixel lines fall in the same cell.
+    x = (2 * loc[..., 0] - 1 + 1) * (level_w.to(dt) * 0.5) - 0.5
+    y = (2 * loc[..., 1] - 1 + 1) * (level_h.to(dt) * 0.5) - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    idx, bil, dbx, dby = [], [], [], []
     for dy in (0, 1):
         for dx in (0, 1):
             xi, yi = x0 + dx, y0 + dy
-            bil = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
-            inside = (xi >= 0) & (xi < wl) & (yi >= 0) & (yi < hl)
-            flat = level_start[:, None] + yi.clamp(min=0) * wl + xi.clamp(min=0)
-            flat = torch.where(inside, flat, torch.zeros_like(flat))
-            idx.append(flat)
-            wts.append(bil * inside.to(bil.dtype))
-    # [B, Q, M, L, P, 4] -> [B, M, Q, K] with K = L * P * 4
-    idx_t = torch.stack(idx, -1).permute(0, 2, 1, 3, 4, 5).reshape(B, M, Q * L * P * 4)
-    w_t = (torch.stack(wts, -1) * weights[..., None]).permute(0, 2, 1, 3, 4, 5).reshape(B * M, Q, L * P * 4)
+            inside = ((xi >= 0) & (xi < level_w) & (yi >= 0) & (yi < level_h)).to(dt)
+            wx, wy = (fx if dx else 1 - fx), (fy if dy else 1 - fy)
+            idx.append((level_start + yi.clamp(min=0) * level_w + xi.clamp(min=0)) * inside.long())
+            bil.append(wx * wy * inside)
+            dbx.append((1 if dx else -1) * wy * inside * level_w.to(dt))
+            dby.append((1 if dy else -1) * wx * inside * level_h.to(dt))
+    B, M, Q = loc.shape[:3]
+    return tuple(torch.stack(t, -1).reshape(B, M, Q, -1, 4) for t in (idx, bil, dbx, dby))
+
+
+def _gather_rows(value: Tensor, idx: Tensor) -> Tensor:
+    """value [B, S, M, D], idx [B, M, Q, K, 4] -> [B, M, Q, K, 4, D]."""
+    B, S, M, D = value.shape
     v = value.permute(0, 2, 1, 3).reshape(B * M, S, D)
-    picked = torch.gather(v, 1, idx_t.reshape(B * M, -1, 1).expand(-1, -1, D))
-    out = torch.einsum("nqk,nqkd->nqd", w_t, picked.view(B * M, Q, L * P * 4, D))
-    return out.view(B, M, Q, D).permute(0, 2, 1, 3).reshape(B, Q, M * D)
+    flat = idx.reshape(B * M, -1, 1).expand(-1, -1, D)
+    return torch.gather(v, 1, flat).view(*idx.shape, D)
+
+
+def _gather_forward(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
+    B, S, M, D = value.shape
+    Q = locations.shape[1]
+    idx, bil, _, _ = _corners(shapes, locations)
+    w = bil * weights.transpose(1, 2).reshape(B, M, Q, -1, 1)
+    out = torch.einsum("bmqkn,bmqknd->bmqd", w.to(value.dtype), _gather_rows(value, idx))
+    return out.permute(0, 2, 1, 3).reshape(B, Q, M * D)
+
+
+def _gather_backward(grad: Tensor, value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
+                     weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, S, M, D = value.shape
+    _, Q, _, L, P, _ = locations.shape
+    idx, bil, dbx, dby = _corners(shapes, locations)
+    a = weights.transpose(1, 2).reshape(B, M, Q, L * P, 1).to(value.dtype)
+    g = grad.view(B, Q, M, D).transpose(1, 2).to(value.dtype)  # [B, M, Q, D]
+    dot = torch.einsum("bmqd,bmqknd->bmqkn", g, _gather_rows(value, idx))
+    grad_weights = (bil * dot).sum(-1)  # [B, M, Q, L*P]
+    grad_loc = torch.stack([(dbx * dot).sum(-1), (dby * dot).sum(-1)], -1) * a  # [B, M, Q, L*P, 2]
+    # The value gradient is a scatter-add of weighted output gradients into the sampled rows.
+    contrib = (a * bil)[..., None] * g[:, :, :, None, None, :]  # [B, M, Q, K, 4, D]
+    grad_value = torch.zeros(B * M, S, D, dtype=value.dtype, device=value.device)
+    offsets = (torch.arange(B * M, device=value.device) * S).view(B, M, 1, 1, 1)
+    grad_value.view(-1, D).index_add_(0, (idx + offsets).reshape(-1), contrib.reshape(-1, D))
+    grad_value = grad_value.view(B, M, S, D).transpose(1, 2)
+    return (grad_value,
+            grad_loc.view(B, M, Q, L, P, 2).transpose(1, 2),
+            grad_weights.view(B, M, Q, L, P).transpose(1, 2))

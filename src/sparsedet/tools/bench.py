@@ -88,7 +88,7 @@ def environment(device: torch.device, dtype: str) -> dict:
     """The facts a latency number needs next to it."""
     env = {"sparsedet": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "device": str(device), "cpu": _cpu_model(),
-           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "deform_attn_backend": deform_attn.default_backend(), "dtype": dtype}
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "deform_attn_backend": deform_attn.default_backend(device), "dtype": dtype}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
