@@ -75,18 +75,41 @@ class MSDeformAttn(nn.Module):
         if value_padding is not None:
             v = v.masked_fill(value_padding[..., None], 0.0)
         v = v.view(B, v.shape[1], M, self.dim // M)
-        offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
-        weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
+        # Offsets, softmax and locations in fp32 under autocast: they are box arithmetic, and bf16
+        # bilinear sampling is slower and less exact.
+        offsets = self.sampling_offsets(query).float()
+        weights = self.attention_weights(query).float().view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
+        reference = reference.float()
         if reference.shape[-1] == 2:
-            normaliser = torch.tensor([(w, h) for h, w in shapes], dtype=query.dtype, device=query.device)
-            loc = reference[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+            # reference + offset / (W, H) as one multiply-add over flat rows: 3x faster than the
+            # broadcast division over six dimensions.
+            inverse = torch.tensor([(1.0 / w, 1.0 / h) for h, w in shapes], device=query.device)
+            scale = inverse[None, :, None, :].expand(M, L, P, 2).reshape(-1)
+            start = reference.reshape(B, Q, 1, L, 1, 2).expand(B, Q, M, L, P, 2).reshape(B, Q, -1)
+            loc = torch.addcmul(start, offsets, scale).view(B, Q, M, L, P, 2)
         else:
+            offsets = offsets.view(B, Q, M, L, P, 2)
             loc = reference[:, :, None, :, None, :2] + offsets / P * reference[:, :, None, :, None, 2:] * 0.5
-        # Sampling stays in fp32 under autocast: bf16 bilinear sampling is slower and less exact.
         with torch.autocast(device_type=query.device.type, enabled=False):
-            out = deform_attn.ms_deform_attn(v.float(), shapes, loc.float(), weights.float())
+            out = deform_attn.ms_deform_attn(v.float(), shapes, loc, weights)
         out = self.output_proj(out.to(query.dtype))
         return (out, loc, weights) if return_sampling else out
+
+
+class SelfAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (same parameters, batch first) that runs in fp32 on a CPU even
+    under bf16 autocast: at DETR's few hundred queries, bf16 ``scaled_dot_product_attention`` forward
+    and backward take 2.8 ms on a CPU against 0.63 ms in fp32, and the projections are tiny."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__(dim, num_heads, dropout=dropout, batch_first=True)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, **kwargs) -> tuple[Tensor, Tensor | None]:
+        if query.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return super().forward(query, key, value, **kwargs)
+        kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(query.float(), key.float(), value.float(), **kwargs)
 
 
 class ProjectedAttention(nn.Module):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...nn.attention import MSDeformAttn
+from ...nn.attention import MSDeformAttn, SelfAttention
 from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
@@ -19,7 +19,7 @@ class DeformableDecoderLayer(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn = SelfAttention(dim, num_heads, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
         self.norm1 = nn.LayerNorm(dim)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ...config import ModelConfig
 from ...errors import SparsedetError
+from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
 from .dense import DeformableEncoderLayer, EncoderOutput
@@ -23,7 +24,7 @@ class DualAttentionLayer(DeformableEncoderLayer):
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int):
         super().__init__(dim, ffn_dim, dropout, num_levels, num_heads, num_points)
-        self.pre_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.pre_attn = SelfAttention(dim, num_heads, dropout=dropout)
         self.pre_norm = nn.LayerNorm(dim)
 
     def forward(self, query: Tensor, pos: Tensor, reference: Tensor, value: Tensor, shapes: list[tuple[int, int]],

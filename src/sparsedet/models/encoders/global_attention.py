@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from .dense import EncoderOutput
 
@@ -12,7 +13,7 @@ from .dense import EncoderOutput
 class GlobalEncoderLayer(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_heads: int):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn = SelfAttention(dim, num_heads, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, dim)
