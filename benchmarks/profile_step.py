@@ -15,8 +15,8 @@ import torch
 
 from sparsedet import Detector
 from sparsedet.data.batch import Batch
-from sparsedet.engine.optim import param_groups
-from sparsedet.engine.precision import resolve_amp
+from sparsedet.engine.optim import make_optimizer
+from sparsedet.engine.precision import autocast, resolve_precision
 from sparsedet.losses.criterion import SetCriterion
 
 
@@ -47,9 +47,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = Detector.from_preset(args.preset, num_classes=5).train()
     cfg = model.run_config
-    amp = resolve_amp(cfg.train.amp, torch.device("cpu"))
+    dtype = resolve_precision(cfg.train.precision, torch.device("cpu"), training=True)
     criterion = SetCriterion(5, cfg.model.loss)
-    opt = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr)
+    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
     timer = StageTimer({"backbone": model.backbone, "neck": model.neck, "encoder": model.encoder,
                         "queries": model.queries, "decoder": model.decoder})
     batch = Batch.from_images([torch.rand(3, args.size, args.size) for _ in range(args.batch)])
@@ -61,7 +61,7 @@ def main() -> None:
     for step in range(args.steps + 3):
         timer.times.clear()
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(dtype, torch.device("cpu")):
             out = model(batch, targets)
         t1 = time.perf_counter()
         loss = criterion.total(criterion(out, targets))
@@ -77,7 +77,7 @@ def main() -> None:
             for k, v in sample.items():
                 rows.setdefault(k, []).append(v)
     print(f"{args.preset}, batch {args.batch} x {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-          f"precision {'bf16 autocast' if amp else 'fp32'}, torch {torch.__version__}\n")
+          f"precision {'bf16 autocast' if dtype else 'fp32'}, torch {torch.__version__}\n")
     print("| part | median ms | share of step |")
     print("|---|---:|---:|")
     step = statistics.median(rows["step"])

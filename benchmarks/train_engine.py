@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 SETTINGS = {  # name: (processes, threads per process, overrides); every row names its precision, since
-    # the presets' train.amp=auto means bf16 on a CPU with native bf16 and fp32 elsewhere.
-    "fp32, 1 process x 2 threads": (1, 2, ["train.batch_size=2", "train.amp=none"]),
-    "bf16 autocast": (1, 2, ["train.batch_size=2", "train.amp=bf16"]),
-    "fp16 autocast + loss scaler": (1, 2, ["train.batch_size=2", "train.amp=fp16"]),
-    "fp32 + EMA": (1, 2, ["train.batch_size=2", "train.amp=none", "train.ema=true"]),
-    "fp32, batch 1 x accumulate 2": (1, 2, ["train.batch_size=1", "train.amp=none", "train.accumulate=2"]),
-    "fp32, 2 Gloo processes x 1 thread, batch 1 each": (2, 1, ["train.batch_size=1", "train.amp=none"]),
+    # the presets' train.precision=auto means bf16 on a CPU with native bf16 and fp32 elsewhere.
+    "fp32, 1 process x 2 threads": (1, 2, ["train.batch_size=2", "train.precision=fp32"]),
+    "bf16 autocast": (1, 2, ["train.batch_size=2", "train.precision=bf16"]),
+    "fp16 autocast + loss scaler": (1, 2, ["train.batch_size=2", "train.precision=fp16"]),
+    "fp32 + EMA": (1, 2, ["train.batch_size=2", "train.precision=fp32", "train.ema=true"]),
+    "fp32, batch 1 x accumulate 2": (1, 2, ["train.batch_size=1", "train.precision=fp32", "train.accumulate=2"]),
+    "fp32, 2 Gloo processes x 1 thread, batch 1 each": (2, 1, ["train.batch_size=1", "train.precision=fp32"]),
 }
 
 

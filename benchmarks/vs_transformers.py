@@ -7,7 +7,13 @@ downloaded), converts it with ``sparsedet convert --from hf-deformable-detr`` in
 eager forwards (no post-processing, ``inference_mode``) on one image, alternating transformers / ours
 run by run so drifts of the machine hit both alike, and prints the medians and their ratio.
 
-    python benchmarks/vs_transformers.py --size 800x1333 --runs 7
+Also times, in the same alternation: ours in bf16 (``precision="bf16"``: dense layers in bf16, the
+backbone channels_last, sampling and box arithmetic in fp32) and ``focus_detr_r50`` (random weights)
+in bf16, the token-sparse model against transformers' dense one. Before timing it checks that our
+fp32 outputs with the default deformable-attention backend equal the ``reference`` (grid_sample)
+backend's within 1e-4 and prints the bf16 difference.
+
+    python benchmarks/vs_transformers.py --size 800x1333 --runs 5
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network
 
 import torch  # noqa: E402
 
+from sparsedet import Detector  # noqa: E402
 from sparsedet.data.batch import Batch  # noqa: E402
+from sparsedet.engine.precision import inference_precision, resolve_precision  # noqa: E402
+from sparsedet.ops import deform_attn  # noqa: E402
 from sparsedet.tools.bench import environment, format_environment, parse_size  # noqa: E402
 from sparsedet.tools.convert import convert  # noqa: E402
 
@@ -49,8 +58,8 @@ def hf_deformable_detr(directory: str):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="800x1333", help="HEIGHTxWIDTH (default 800x1333)")
-    p.add_argument("--runs", type=int, default=7, help="timed runs of each model (default 7)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5, help="timed runs of each model (default 5)")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,27 +84,54 @@ def main() -> None:
     def run_ours():
         return ours(batch)
 
+    focus = Detector.from_preset("focus_detr_r50").eval()
+    bf16 = resolve_precision("bf16", torch.device("cpu"))
+    backend = deform_attn.default_backend("cpu")
+
+    def in_bf16(model):
+        def run():
+            with inference_precision(model, bf16), torch.inference_mode():
+                return model(batch)
+        return run
+
+    runs = {"transformers fp32": run_hf, "sparsedet fp32": run_ours, "sparsedet bf16": in_bf16(ours),
+            "focus_detr_r50 bf16": in_bf16(focus)}
     with torch.inference_mode():
         expected, got = run_hf(), run_ours()
         diff = max((got.logits - expected.logits).abs().max().item(), (got.boxes - expected.pred_boxes).abs().max().item())
-        print(f"same weights, same input: max |difference| of logits and boxes = {diff:.2e}")
-        for _ in range(args.warmup):
-            run_hf(), run_ours()
-        times = {"transformers": [], "sparsedet": []}
-        for i in range(args.runs):
-            for name, fn in (("transformers", run_hf), ("sparsedet", run_ours)):
-                start = time.perf_counter()
+        print(f"same weights, same input: max |difference| of logits and boxes from transformers = {diff:.2e}")
+        deform_attn.set_default_backend("reference")
+        reference = run_ours()
+        deform_attn.set_default_backend(None)
+        diff = max((got.logits - reference.logits).abs().max().item(), (got.boxes - reference.boxes).abs().max().item())
+        print(f"fp32, backend {backend} against reference: max |difference| = {diff:.2e}")
+        assert diff <= 1e-4, f"the {backend} backend differs from reference by {diff:.2e}"
+    low = runs["sparsedet bf16"]()
+    print(f"bf16 against fp32: max |difference| of logits {(low.logits.float() - got.logits).abs().max().item():.2e}, "
+          f"boxes {(low.boxes.float() - got.boxes).abs().max().item():.2e}")
+    for _ in range(args.warmup):
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for i in range(args.runs):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
                 fn()
-                times[name].append(time.perf_counter() - start)
-            print(f"run {i + 1}/{args.runs}: transformers {times['transformers'][-1]:.2f} s, "
-                  f"sparsedet {times['sparsedet'][-1]:.2f} s", flush=True)
+            times[name].append(time.perf_counter() - start)
+        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
 
     import transformers
-    print(format_environment({**environment(torch.device("cpu"), "fp32"), "transformers": transformers.__version__}))
+    print(format_environment({**environment(torch.device("cpu"), "fp32 and bf16 (per row)"),
+                              "transformers": transformers.__version__}))
     med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nbatch 1, {h}x{w}, eager, {args.runs} runs alternating, deformable attention backend {backend}\n")
+    print("| model | precision | median s | min | max | transformers fp32 / this |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, values in times.items():
-        print(f"{name:13s} median {med[name]:.3f} s  min {min(values):.3f}  max {max(values):.3f}  ({args.runs} runs)")
-    print(f"batch 1, {h}x{w}: transformers / sparsedet median time = {med['transformers'] / med['sparsedet']:.2f}")
+        model, precision = name.rsplit(" ", 1)
+        print(f"| {model} | {precision} | {med[name]:.2f} | {min(values):.2f} | {max(values):.2f} | "
+              f"{med['transformers fp32'] / med[name]:.2f}x |")
 
 
 if __name__ == "__main__":

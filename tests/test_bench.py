@@ -71,7 +71,7 @@ def test_cli_json_sweep_and_plot(tmp_path, capsys):
     assert main(["bench", *runs, "--size", "96x128", "--runs", "0", "--json", str(out),
                  "--plot", str(tmp_path / "ap.png")]) == 0
     report = json.loads(out.read_text())
-    assert {"torch", "threads", "cpu", "deform_attn_backend", "dtype"} <= set(report["environment"])
+    assert {"torch", "threads", "cpu", "deform_attn_backend", "precision"} <= set(report["environment"])
     sparse, dense = report["results"]
     assert sparse["gflops"]["encoder"] < dense["gflops"]["encoder"]
     assert sparse["params"] > 0 and len(sparse["encoder_tokens_per_layer"]) == 3
@@ -84,8 +84,21 @@ def test_cli_json_sweep_and_plot(tmp_path, capsys):
     assert low["overrides"] == {"encoder.keep_ratio": 0.2}
     assert low["gflops"]["encoder"] < high["gflops"]["encoder"]
     assert low["encoder_tokens_per_layer"][0] < high["encoder_tokens_per_layer"][0]
-    assert "median" in low["latency_ms"]["total"]
-    assert "sweep of encoder.keep_ratio" in capsys.readouterr().out
+    assert "median" in low["latency_ms"]["total"] and low["precision"] == "fp32"
+    out = capsys.readouterr().out
+    assert "sweep of encoder.keep_ratio" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.split()[:1] in (["0.2"], ["0.6"])] == ["fp32"] * 2
+
+
+def test_dtype_is_a_deprecated_alias_of_precision_and_rows_name_what_ran(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    with pytest.warns(FutureWarning, match="--dtype is deprecated and will be removed; use --precision"):
+        assert main(["bench", "dino_tiny", "--size", "64x64", "--runs", "1", "--warmup", "0", "--device", "cpu",
+                     "--dtype", "bf16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["environment"]["precision"] == "bf16" and "dtype" not in report["environment"]
+    assert report["results"][0]["precision"] == "bf16"
+    assert "dino_tiny  64x64  batch 1  bf16  params" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -93,7 +106,7 @@ def test_cli_json_sweep_and_plot(tmp_path, capsys):
     (["bench", "dino_tiny", "--size", "800"], "HEIGHTxWIDTH"),
     (["bench", "dino_tiny", "--sweep", "keep_ratio"], "KEY=V1,V2"),
     (["bench", "dino_tiny", "--runs", "0", "--plot", "x.png"], "metrics.json"),
-    (["bench", "dino_tiny", "--dtype", "fp16", "--device", "cpu"], "fp16 runs on CUDA only"),
+    (["bench", "dino_tiny", "--precision", "fp16", "--device", "cpu"], "fp16 runs on CUDA only"),
 ])
 def test_cli_errors(argv, message, capsys):
     assert main(argv + (["--size", "64x64"] if "--size" not in argv else [])) == 2

@@ -127,8 +127,9 @@ def test_focal_loss_hand_computed():
 
 def test_config_round_trip_and_overrides(tmp_path):
     cfg = get_preset("dino_tiny")
-    apply_overrides(cfg, ["train.max_steps=7", "hidden_dim=64", "model.backbone.depth=34", "train.amp=none"])
-    assert (cfg.train.max_steps, cfg.model.hidden_dim, cfg.model.backbone.depth, cfg.train.amp) == (7, 64, 34, "none")
+    apply_overrides(cfg, ["train.max_steps=7", "hidden_dim=64", "model.backbone.depth=34", "train.precision=fp32"])
+    assert (cfg.train.max_steps, cfg.model.hidden_dim, cfg.model.backbone.depth,
+            cfg.train.precision) == (7, 64, 34, "fp32")
     cfg.save(tmp_path / "c.json")
     assert Config.load(tmp_path / "c.json") == cfg
     with pytest.raises(SparsedetError, match="did you mean train.max_steps"):

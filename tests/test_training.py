@@ -379,19 +379,50 @@ def test_fine_tuning_onto_another_class_set_keeps_the_rest(synth, tmp_path):
     assert tuned["data"]["val"] == "" and tuned["data"]["train"] == str(ann)  # not the base run's data
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_trains_on_cpu(synth, tmp_path, amp):
+def test_train_amp_is_a_deprecated_alias_of_train_precision(tmp_path):
+    def warns_once(set_amp) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            set_amp()
+        assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == [
+            "train.amp is deprecated and will be removed; use train.precision (train.amp='none' is "
+            "train.precision='fp32')"]
+
+    for set_amp in (lambda c: apply_overrides(c, ["train.amp=none"]),       # CLI override
+                    lambda c: apply_overrides(c, {"train.amp": "none"}),     # Python override
+                    lambda c: setattr(c.train, "amp", "none")):              # Python attribute
+        config = get_preset("dino_tiny")
+        assert config.train.precision == "auto"
+        warns_once(lambda: set_amp(config))
+        assert config.train.precision == "fp32" and "amp" not in config.to_dict()["train"]
+    with pytest.warns(FutureWarning), pytest.raises(SparsedetError, match="train.precision='fp8'.*fp16 or auto"):
+        apply_overrides(get_preset("dino_tiny"), ["train.amp=fp8"])
+    # A run folder written before the rename: its config.json has "amp" and no "precision".
+    run = tmp_path / "old_run"
+    Detector.from_preset("dino_tiny", num_classes=3, hidden_dim=32, ffn_dim=32, num_encoder_layers=1,
+                         num_decoder_layers=1).save_pretrained(run)
+    raw = json.loads((run / "config.json").read_text())
+    del raw["train"]["precision"]
+    raw["train"]["amp"] = "none"
+    (run / "config.json").write_text(json.dumps(raw))
+    loaded = []
+    warns_once(lambda: loaded.append(Detector.from_pretrained(run)))
+    assert loaded[0].run_config.train.precision == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(synth, tmp_path, precision):
     from sparsedet.cli import _prepare_training
     from sparsedet.engine.trainer import Trainer
-    cfg, model, train_set, _ = _prepare_training("dino_tiny", None, TINY + [f"train.amp={amp}",
+    cfg, model, train_set, _ = _prepare_training("dino_tiny", None, TINY + [f"train.precision={precision}",
                                                  "train.max_steps=3", "train.log_every=1"], {"train": synth["train"]})
     trainer = Trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no native bf16" where the CPU has none
         trainer.fit()
-    assert trainer.amp_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    assert trainer.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
     assert all(math.isfinite(r["loss"]) for r in trainer.history)
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert len(changed) > 10
@@ -609,7 +640,7 @@ def test_no_progress_logs_plain_lines_evaluations_and_a_start_up_summary(synth, 
     assert f"train    8 images, {boxes['train']} boxes ({synth['train']})" in out
     assert f"val      4 images, {boxes['val']} boxes ({synth['val']})" in out
     assert f"classes  5: {', '.join(synth['classes'])}" in out
-    assert "device   cpu x 1 process, fp32 (train.amp=none)" in out
+    assert "device   cpu x 1 process, fp32 (train.precision=fp32)" in out
     assert "plan     2 steps (train.max_steps=2)" in out
     assert "step 1/2  epoch 0  loss " in out and "step 2/2  epoch 0  loss " in out
     assert "AP50" in out and "class" in out  # the evaluation table

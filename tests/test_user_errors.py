@@ -10,7 +10,7 @@ from sparsedet import Detector, SparsedetError
 from sparsedet.cli import main
 from sparsedet.config import apply_overrides, validate
 from sparsedet.engine.device import resolve_device
-from sparsedet.engine.precision import resolve_amp
+from sparsedet.engine.precision import resolve_precision
 from sparsedet.presets import get_preset
 from tiny import TINY
 
@@ -46,7 +46,7 @@ def tiny_model():
     ("train.accumulate", 0, "at least 1"),
     ("train.ema_decay", 1.0, "[0, 1)"),
     ("train.lr_drop", 1.5, "[0, 1]"),
-    ("train.amp", "fp8", "none, bf16, fp16 or auto"),
+    ("train.precision", "fp8", "fp32, bf16, fp16 or auto"),
     ("data.num_workers", -2, "0 (load in the main process) or more"),
 ])
 def test_out_of_range_settings_are_refused_where_they_are_set(key, value, must):
@@ -103,11 +103,12 @@ def test_api_device_errors_name_the_fix(tiny_model, tmp_path, cpu_build):
 
 def test_bf16_on_a_gpu_without_it_warns(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.warns(UserWarning, match="no bf16; training in fp32"):
-        assert resolve_amp("bf16", torch.device("cuda")) is None
+    for training in (True, False):
+        with pytest.warns(UserWarning, match="no bf16; running in fp32"):
+            assert resolve_precision("bf16", torch.device("cuda"), training) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "auto" chooses fp32 quietly
-        assert resolve_amp("auto", torch.device("cuda")) is None
+        assert resolve_precision("auto", torch.device("cuda"), training=True) is None
 
 
 def test_thresholds_and_top_k_out_of_range_are_refused(tiny_model, tmp_path, capsys):

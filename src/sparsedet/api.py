@@ -17,6 +17,7 @@ from .data.coco import load_image
 from .data.transforms import resize
 from .engine.checkpoint import load_run, save_run
 from .engine.device import resolve_device
+from .engine.precision import inference_precision, resolve_precision
 from .errors import SparsedetError
 from .models.detector import DetectionTransformer
 from .models.heads import check_threshold
@@ -117,17 +118,18 @@ class Detector(DetectionTransformer):
         return self.config.classes or [str(i) for i in range(self.config.num_classes)]
 
     @torch.no_grad()
-    def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5,
-                top_k: int | None = None, batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+    def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5, top_k: int | None = None,
+                batch_size: int = 4, precision: str = "fp32") -> list[dict[str, torch.Tensor]]:
         """Detect objects.
 
         ``images``: one or a list of paths, PIL images, RGB (H, W, 3) arrays (uint8, or float in
         [0, 1]; reverse OpenCV's BGR first: ``image[..., ::-1]``) or RGB (3, H, W) float tensors in
         [0, 1]. ``threshold``: minimum score, in [0, 1]. ``top_k``: at most this many detections per
-        image (default ``config.top_k``).
+        image (default ``config.top_k``). ``precision``: "fp32", "bf16" or "fp16" (CUDA only) for the
+        forward pass.
 
-        Returns per image {"boxes": [n, 4] xyxy in original pixels, clipped to the image, "scores": [n],
-        "labels": [n] (column index into ``classes``)}, sorted by score.
+        Returns per image {"boxes": [n, 4] xyxy in original pixels, clipped to the image, "scores": [n]
+        (both fp32 in any precision), "labels": [n] (column index into ``classes``)}, sorted by score.
         """
         check_threshold(threshold)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
@@ -137,11 +139,13 @@ class Detector(DetectionTransformer):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
+        dtype = resolve_precision(precision, device)
         results = []
         try:
-            for start in range(0, len(images), batch_size):
-                batch, sizes, _ = self.preprocess(images[start:start + batch_size])
-                results += self.detect(batch.to(device), sizes.to(device), threshold, top_k)
+            with inference_precision(self, dtype):
+                for start in range(0, len(images), batch_size):
+                    batch, sizes, _ = self.preprocess(images[start:start + batch_size])
+                    results += self.detect(batch.to(device), sizes.to(device), threshold, top_k)
         finally:
             self.train(was_training)
         return results

@@ -7,10 +7,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from .config import PRECISIONS
 from .errors import SparsedetError
 from .tools.convert import SOURCES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (autocast; fp16 on CUDA only); "
+                  "boxes and scores come back in fp32")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Data: --train/--val take a COCO json or a YOLO data.yaml (or its folder; its val split is "
                        "used when --val is not given).\n\n"
                        "Any config field is an override key.sub=value, e.g. train.max_steps=500 train.batch_size=4 "
-                       "train.amp=bf16 train.ema=true train.accumulate=2 train.schedule=cosine train.seed=1 "
+                       "train.precision=bf16 train.ema=true train.accumulate=2 train.schedule=cosine train.seed=1 "
                        "train.log_every=10 train.checkpoint_every=500.\n\n"
                        "Several GPUs or machines: launch the same command with torchrun, e.g.\n"
                        "  torchrun --nproc_per_node 8 -m sparsedet train --preset dino_r50 --train ... --out RUN\n"
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", help="image root (default: the json's folder)")
     s.add_argument("--out", help="folder for metrics.json (default: RUN/eval/DATA, or . for --results)")
     s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="detect objects in images",
@@ -119,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
     s.add_argument("--top-k", type=int, default=None, help="at most K detections per image")
+    s.add_argument("--batch-size", type=int, default=4, help="images per forward (default 4)")
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
@@ -148,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "papers' GFLOPs correspond to)")
     s.add_argument("--batch", type=int, default=1, help="images per forward (default 1); GFLOPs are per image")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype for timing")
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision of the timed runs: fp32 "
+                   "(default), bf16 or fp16 (autocast; fp16 on CUDA only); each row says what ran")
+    s.add_argument("--dtype", choices=PRECISIONS, help=argparse.SUPPRESS)  # deprecated spelling of --precision
     s.add_argument("--runs", type=int, default=10, help="timed runs (default 10; 0 counts cost only)")
     s.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -278,6 +286,9 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .engine.evaluator import evaluate_coco, format_metrics, load_results
     if args.results:
+        if args.precision != "fp32":
+            raise SparsedetError("--precision sets how --weights RUN runs; a --results file is already computed: "
+                                 "leave it out")
         metrics = evaluate_coco(args.val_ann, load_results(args.results))
         out = Path(args.out or ".")
     else:
@@ -288,7 +299,7 @@ def cmd_eval(args) -> int:
         model = Detector.from_pretrained(args.weights, ema=args.ema)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
-        metrics, _ = evaluate(model, dataset, args.batch_size)
+        metrics, _ = evaluate(model, dataset, args.batch_size, precision=args.precision)
         out = Path(args.out) if args.out else Path(args.weights) / "eval" / (_dataset_name(args.val_ann)
                                                                             + ("_ema" if args.ema else ""))
     print(format_metrics(metrics))
@@ -324,26 +335,48 @@ def _collect_images(inputs: list[str]) -> list[Path]:
     return files
 
 
-def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top_k: int | None) -> list[dict]:
-    """Run ``model`` on files; write predictions.json and one drawn PNG per image."""
+def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top_k: int | None,
+                      precision: str = "fp32", batch_size: int = 4) -> list:
+    """Run ``model`` on files, ``batch_size`` images per forward; write predictions.json and one drawn
+    PNG per image. Two worker threads decode the next batch and draw and save the last one while the
+    model runs (image decoding and PNG encoding release the GIL). Returns the drawn pictures."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     from .data.coco import load_image
     from .tools.draw import draw_detections
+    if batch_size < 1:
+        raise SparsedetError(f"--batch-size must be at least 1, got {batch_size}")
     out.mkdir(parents=True, exist_ok=True)
     ids = model.config.category_ids or list(range(model.num_classes))
-    entries, drawn = [], []
-    for i, path in enumerate(tqdm(files, desc="predict", disable=len(files) < 4)):
-        image = load_image(path)
-        det = model.predict(image, threshold=threshold, top_k=top_k)[0]
-        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-            x1, y1, x2, y2 = box
-            entries.append({"file_name": str(path), "image_id": i, "category_id": ids[label],
-                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                            "score": round(score, 5)})
+    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+
+    def load(chunk: list[Path]) -> list:
+        return [load_image(p) for p in chunk]
+
+    def draw(path: Path, image, det):
         picture = draw_detections(image, det, model.classes)
         picture.save(out / f"{path.stem}_pred.png")
-        drawn.append(picture)
+        return picture
+
+    entries, drawings = [], []
+    with ThreadPoolExecutor(2) as pool, tqdm(total=len(files), desc="predict", disable=len(files) < 4) as bar:
+        loading = pool.submit(load, chunks[0]) if chunks else None
+        for c, chunk in enumerate(chunks):
+            images = loading.result()
+            if c + 1 < len(chunks):
+                loading = pool.submit(load, chunks[c + 1])
+            dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision, batch_size=batch_size)
+            for j, (path, image, det) in enumerate(zip(chunk, images, dets)):
+                for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+                    x1, y1, x2, y2 = box
+                    entries.append({"file_name": str(path), "image_id": c * batch_size + j, "category_id": ids[label],
+                                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                                    "score": round(score, 5)})
+                drawings.append(pool.submit(draw, path, image, det))
+            bar.update(len(chunk))
+        drawn = [d.result() for d in drawings]
     (out / "predictions.json").write_text(json.dumps(entries, indent=1))
     return drawn
 
@@ -354,7 +387,7 @@ def cmd_predict(args) -> int:
     check_threshold(args.threshold)
     model = Detector.from_pretrained(args.weights)
     files = _collect_images(args.inputs)
-    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k)
+    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size)
     print(f"wrote {Path(args.out) / 'predictions.json'} and {len(files)} drawn images")
     return 0
 
@@ -391,6 +424,9 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.batch < 1 or args.runs < 0 or args.warmup < 0:
         raise SparsedetError("--batch must be at least 1, --runs and --warmup at least 0")
+    if args.dtype:
+        warnings.warn("--dtype is deprecated and will be removed; use --precision", FutureWarning)
+        args.precision = args.dtype
     from .engine.device import resolve_device
     device = resolve_device(args.device or "auto", fix="--device cpu")
     sizes = [bench.parse_size(s) for s in (args.size or ["800x1067"])]
@@ -398,7 +434,7 @@ def cmd_bench(args) -> int:
     key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
     if args.plot and key:
         raise SparsedetError("--plot draws trained runs as they are; leave out --sweep")
-    env = bench.environment(device, args.dtype)
+    env = bench.environment(device, args.precision)
     print(bench.format_environment(env))
     print(bench.CONVENTION)
     results = []
@@ -408,7 +444,8 @@ def cmd_bench(args) -> int:
             for value in values:
                 chosen = {**overrides, **({key: value} if key else {})}
                 model = bench.load_model(target, chosen)
-                row = bench.bench_model(model, size, args.batch, device, args.dtype, args.runs, args.warmup, True)
+                row = bench.bench_model(model, size, args.batch, device, args.precision, args.runs, args.warmup,
+                                        True)
                 rows.append({"model": target, "overrides": chosen, **row})
                 if not key:
                     print(bench.format_result(target, row))

@@ -4,11 +4,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import SparsedetError
+
+# Precision words: inference (predict, eval, bench) takes PRECISIONS; training also "auto" (bf16
+# where the hardware runs it natively, else fp32). engine.precision says what each one runs as.
+PRECISIONS = ("fp32", "bf16", "fp16")
+TRAIN_PRECISIONS = PRECISIONS + ("auto",)
 
 
 @dataclass
@@ -150,9 +156,16 @@ class TrainConfig:
     max_nonfinite: int = 20            # non-finite losses in a row that stop the run
     seed: int = 42
     device: str = "auto"
-    amp: str = "none"                  # "none" | "bf16" | "fp16" (with a loss scaler) | "auto" (bf16 where native)
+    precision: str = "fp32"            # "fp32" | "bf16" | "fp16" (with a loss scaler) | "auto" (bf16 where native)
     threads: int = 0                   # 0 = torch default
     tensorboard: bool = True           # also log to RUN/tensorboard when the tensorboard package is installed
+
+    def _set_amp(self, value: str) -> None:
+        self.precision = _renamed("train.amp", value)[1]
+
+    # The deprecated train.amp set from Python (overrides and JSON go through RENAMED). Write-only:
+    # a read would give a precision word where old code expects "none".
+    amp = property(fset=_set_amp)
 
 
 @dataclass
@@ -184,10 +197,27 @@ class Config:
             raise SparsedetError(f"malformed config {path}: {e}") from None
 
 
+# Renamed keys: old dotted key -> (new key in the same section, old value -> new value). The old
+# spellings keep working, with a FutureWarning: run folders written before the rename, scripts.
+RENAMED = {"train.amp": ("train.precision", lambda v: "fp32" if v == "none" else v)}
+
+
+def _renamed(key: str, value: Any) -> tuple[str, Any]:
+    """``(key, value)`` under the current name (warning when ``key`` is an old one)."""
+    if key not in RENAMED:
+        return key, value
+    new, convert = RENAMED[key]
+    warnings.warn(f"{key} is deprecated and will be removed; use {new} ({key}={value!r} is "
+                  f"{new}={convert(value)!r})", FutureWarning, stacklevel=3)
+    return new, convert(value)
+
+
 def _build(cls, d: dict, prefix: str):
     names = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in d.items():
+        full, value = _renamed(prefix + key, value)
+        key = full[len(prefix):]
         if key not in names:
             _unknown(prefix + key, [prefix + n for n in names])
         sub = names[key].default_factory if names[key].default_factory is not dataclasses.MISSING else None
@@ -234,6 +264,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Co
     """
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
+    overrides = dict(_renamed(key, value) for key, value in overrides.items())
     for key, value in overrides.items():
         parts = key.split(".")
         if parts[0] not in ("model", "data", "train"):
@@ -308,7 +339,7 @@ _RULES = [
     ("train.log_every", lambda v: v >= 1, "at least 1 (steps)"),
     ("train.max_nonfinite", lambda v: v >= 1, "at least 1"),
     ("train.threads", lambda v: v >= 0, "0 (torch's default) or more"),
-    ("train.amp", lambda v: v in ("none", "bf16", "fp16", "auto"), "none, bf16, fp16 or auto"),
+    ("train.precision", lambda v: v in TRAIN_PRECISIONS, ", ".join(PRECISIONS) + " or auto"),
     ("train.schedule", lambda v: v in ("step", "cosine"), "step or cosine"),
     ("data.num_workers", lambda v: v >= 0, "0 (load in the main process) or more"),
     ("data.size_divisor", lambda v: v >= 1, "at least 1"),

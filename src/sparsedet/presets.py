@@ -122,7 +122,7 @@ def _tiny(cfg: Config) -> Config:
     t = cfg.train
     # Batch 2 beat 1, 4 and 8 at a fixed 3-minute CPU budget (more updates per second).
     t.lr, t.lr_backbone, t.batch_size, t.clip_grad = 4e-4, 4e-4, 2, 0.1
-    t.warmup_steps, t.log_every, t.amp = 50, 20, "auto"
+    t.warmup_steps, t.log_every, t.precision = 50, 20, "auto"
     if m.num_levels == 1:
         # One stride-16 level (the DC5 resolution): C5 of a 256 px image is only 8 x 8.
         m.backbone.return_layers = [3]

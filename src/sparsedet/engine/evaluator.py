@@ -24,6 +24,7 @@ from ..data.batch import collate
 from ..data.categories import column_categories
 from ..errors import SparsedetError
 from .distributed import Context, gather_objects
+from .precision import inference_precision, resolve_precision
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _STAT_MEANINGS = (
@@ -255,23 +256,26 @@ class Evaluator:
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
-             ctx: Context = Context()) -> tuple[dict, list[dict]]:
+             ctx: Context = Context(), precision: str = "fp32") -> tuple[dict, list[dict]]:
     """COCO metrics of ``model`` on ``dataset`` (a ``CocoDetection``; boxes rescaled to each file's
-    original size) and the detections in the COCO results format. Under torchrun every process
-    evaluates its share of the images and every process gets the metrics of all of them."""
+    original size) and the detections in the COCO results format, the model run in ``precision``
+    ("fp32", "bf16" or "fp16" on CUDA). Under torchrun every process evaluates its share of the
+    images and every process gets the metrics of all of them."""
     device = next(model.parameters()).device
+    dtype = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     m = model.config
     evaluator = Evaluator(dataset.coco, column_categories(m.classes, m.category_ids) or dataset.category_ids)
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    for batch, targets, _ in tqdm(loader, desc="eval", disable=not (progress and ctx.is_main), leave=False):
-        if batch is None:
-            continue
-        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        dets = model.detect(batch.to(device), sizes)
-        evaluator.update([t["image_id"] for t in targets], [{k: v.cpu() for k, v in d.items()} for d in dets])
+    with inference_precision(model, dtype):
+        for batch, targets, _ in tqdm(loader, desc="eval", disable=not (progress and ctx.is_main), leave=False):
+            if batch is None:
+                continue
+            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            dets = model.detect(batch.to(device), sizes)
+            evaluator.update([t["image_id"] for t in targets], [{k: v.cpu() for k, v in d.items()} for d in dets])
     model.train(was_training)
     if ctx.distributed:
         evaluator.merge(gather_objects(evaluator.per_image, ctx))

@@ -29,8 +29,8 @@ from .checkpoint import (atomic_write, latest_checkpoint, load_run, load_train_s
                          save_checkpoint)
 from .evaluator import evaluate, format_metrics
 from .interrupt import StopSignals, TrainingInterrupted, ignore_stop_signals
-from .optim import WeightEMA, lr_factor, param_groups
-from .precision import outputs_in_fp32, resolve_amp
+from .optim import WeightEMA, lr_factor, make_optimizer
+from .precision import NAMES, autocast, outputs_in_fp32, resolve_precision
 from .rng import rng_state, seed_everything, set_rng_state
 
 METRICS_LOG = "metrics.jsonl"
@@ -76,10 +76,10 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress and self.ctx.is_main  # progress bars; without them, plain log lines
         self.model = model.to(self.device)
-        self.amp_dtype = resolve_amp(t.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.autocast_dtype = resolve_precision(t.precision, self.device, training=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.criterion = SetCriterion.for_model(config.model)
-        self.optimizer = torch.optim.AdamW(param_groups(model, t), lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = make_optimizer(model, t, self.device)
         self.ema = WeightEMA(model, t.ema_decay) if t.ema else None
         # Unused parameters happen (no denoising queries for an image without boxes), so DDP looks for them.
         self.net = (DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
@@ -162,8 +162,8 @@ class Trainer:
                     if bad_in_row >= t.max_nonfinite:
                         raise SparsedetError(
                             f"{bad_in_row} non-finite losses in a row at step {self.step + 1}; lower train.lr, try "
-                            f"train.amp=none or check the data (sparsedet check-data). The last good checkpoint "
-                            f"is in {self.out_dir / 'checkpoints'}")
+                            f"train.precision=fp32 or check the data (sparsedet check-data). The last good "
+                            f"checkpoint is in {self.out_dir / 'checkpoints'}")
                     continue
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v / t.accumulate
@@ -225,9 +225,10 @@ class Trainer:
                          else f"{split:9s}none: no evaluation")
         names = ", ".join(self.train_set.classes[:10]) + (", ..." if len(self.train_set.classes) > 10 else "")
         lines.append(f"{'classes':9s}{len(self.train_set.classes)}: {names}")
-        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}[self.amp_dtype]
+        precision = NAMES[self.autocast_dtype] + (" with loss scaling" if self.scaler.is_enabled() else "")
         lines.append(f"{'device':9s}{self.device} x {world} process{'es' if world > 1 else ''}, {precision} "
-                     f"(train.amp={t.amp}), batch {t.batch_size} per process x {t.accumulate} accumulated")
+                     f"(train.precision={t.precision}), batch {t.batch_size} per process x {t.accumulate} "
+                     "accumulated")
         total = self.total_steps()
         if t.max_steps > 0:
             plan = f"{total} steps (train.max_steps={t.max_steps})"
@@ -303,8 +304,7 @@ class Trainer:
         targets = [{"labels": x["labels"].to(self.device), "boxes": x["boxes"].to(self.device)} for x in targets]
         sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.net.no_sync()
         with sync:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with autocast(self.autocast_dtype, self.device):
                 out = self.net(batch, targets)
             terms = self.criterion(outputs_in_fp32(out), targets)
             loss = self.criterion.total(terms)

@@ -172,8 +172,10 @@ class DetectionTransformer(nn.Module):
     def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:
         """Forward + post-processing. sizes: [B, 2] (height, width) to scale boxes to."""
         out = self(batch)
-        logits = out.logits
+        # Post-processing in fp32 whatever the forward ran in: bf16 pixel coordinates are off by
+        # up to 4 px at 1000 px, and callers get fp32 boxes and scores in any precision.
+        logits, boxes = out.logits.float(), out.boxes.float()
         unused = unused_columns(self.config.classes)
         if unused:  # columns that name no category (COCO's 11 unused ids) never become detections
             logits = logits.index_fill(-1, torch.tensor(unused, device=logits.device), float("-inf"))
-        return postprocess(logits, out.boxes, sizes, top_k or self.config.top_k, threshold)
+        return postprocess(logits, boxes, sizes, top_k or self.config.top_k, threshold)

@@ -23,7 +23,7 @@ class PredictionHeads(nn.Module):
         n = 1 if shared else num_layers
         self.num_layers = num_layers
         self.class_embed = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n))
-        self.box_embed = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(n))
+        self.box_embed = nn.ModuleList(MLP(dim, dim, 4, 3, fp32=True) for _ in range(n))
         for cls, box in zip(self.class_embed, self.box_embed):
             nn.init.constant_(cls.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
             nn.init.zeros_(box.layers[-1].weight)

@@ -131,7 +131,7 @@ class ProposalQueries(nn.Module):
         self.enc_output = nn.Linear(dim, dim)
         self.enc_output_norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, num_classes)
-        self.box_head = MLP(dim, dim, 4, 3)
+        self.box_head = MLP(dim, dim, 4, 3, fp32=True)
         if mode == "two_stage":
             self.pos_trans = nn.Linear(2 * dim, 2 * dim)
             self.pos_trans_norm = nn.LayerNorm(2 * dim)

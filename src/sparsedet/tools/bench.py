@@ -20,7 +20,6 @@ import statistics
 import sys
 import threading
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 from time import perf_counter
 
@@ -30,6 +29,7 @@ from torch import nn
 from .. import __version__
 from ..data.batch import Batch
 from ..engine.device import resolve_device
+from ..engine.precision import NAMES, inference_precision, resolve_precision
 from ..errors import SparsedetError
 from ..ops import deform_attn
 from ..ops.flops import OTHER, count_macs, hook_stages
@@ -39,7 +39,6 @@ CONVENTION = ("GFLOPs per image = 1e9 multiply-adds (one fused multiply-add = 1 
               "papers); deformable attention counted analytically (5 per sampled channel), token sparsity as run")
 # Short names for sweep keys users reach for most.
 SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio"}
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_model(target: str, overrides: dict | None = None) -> nn.Module:
@@ -84,11 +83,12 @@ def parse_sweep(text: str) -> tuple[str, list]:
     return key, parsed
 
 
-def environment(device: torch.device, dtype: str) -> dict:
+def environment(device: torch.device, precision: str) -> dict:
     """The facts a latency number needs next to it."""
     env = {"sparsedet": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "device": str(device), "cpu": _cpu_model(),
-           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "deform_attn_backend": deform_attn.default_backend(device), "dtype": dtype}
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "deform_attn_backend": deform_attn.default_backend(device), "precision": precision}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -231,15 +231,13 @@ def _peak_memory(device: torch.device, rss: PeakRss) -> dict:
 
 
 def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device: str | torch.device = "cpu",
-                dtype: str = "fp32", runs: int = 10, warmup: int = 3, progress: bool = False) -> dict:
+                precision: str = "fp32", runs: int = 10, warmup: int = 3, progress: bool = False) -> dict:
     """Parameters, GFLOPs per stage and (``runs`` > 0) latency per stage of ``model`` on a
-    ``batch`` of ``size`` (height, width) images."""
+    ``batch`` of ``size`` (height, width) images, timed in ``precision`` ("fp32", "bf16" or "fp16"
+    on CUDA; the result's "precision" says what ran)."""
     from tqdm import tqdm
-    if dtype not in DTYPES:
-        raise SparsedetError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     device = resolve_device(device, fix="--device cpu")
-    if dtype == "fp16" and device.type != "cuda":
-        raise SparsedetError("fp16 runs on CUDA only; use bf16 on a CPU")
+    dtype = resolve_precision(precision, device)  # before the cost count: a wrong word fails at once
     model = model.to(device).eval()
     h, w = size
     g = torch.Generator().manual_seed(0)
@@ -247,7 +245,7 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
     sizes = torch.tensor([[h, w]] * batch, device=device)
     stages = stage_modules(model)
 
-    # Cost: one forward in fp32 (the count does not depend on dtype), with the encoder's input shapes.
+    # Cost: one forward in fp32 (the count does not depend on precision), with the encoder's input shapes.
     seen = {}
 
     def keep_shapes(module, args, levels) -> None:
@@ -275,9 +273,6 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
         return result
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    autocast = (torch.autocast(device.type, DTYPES[dtype]) if DTYPES[dtype] is not None else nullcontext())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     def run() -> float:
         sync()
@@ -288,24 +283,29 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
 
     bar = tqdm(total=warmup + 2 * runs, desc="timing", disable=not progress, leave=False)
     totals, per_stage = [], defaultdict(list)
-    with PeakRss() as rss, torch.inference_mode(), autocast:
-        for _ in range(warmup):
-            run()
-            bar.update()
-        for _ in range(runs):
-            totals.append(run())
-            bar.update()
-        for _ in range(runs):
-            timer = StageTimer(stages, sync)
-            try:
-                elapsed = run()
-            finally:
-                timer.remove()
-            for name in STAGES[:-1]:
-                per_stage[name].append(timer.seconds.get(name, 0.0))
-            per_stage[OTHER].append(elapsed - sum(timer.seconds.values()))
-            bar.update()
+    # The precision's weight layout is in place before the peak-memory counters start.
+    with inference_precision(model, dtype):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with PeakRss() as rss, torch.inference_mode():
+            for _ in range(warmup):
+                run()
+                bar.update()
+            for _ in range(runs):
+                totals.append(run())
+                bar.update()
+            for _ in range(runs):
+                timer = StageTimer(stages, sync)
+                try:
+                    elapsed = run()
+                finally:
+                    timer.remove()
+                for name in STAGES[:-1]:
+                    per_stage[name].append(timer.seconds.get(name, 0.0))
+                per_stage[OTHER].append(elapsed - sum(timer.seconds.values()))
+                bar.update()
     bar.close()
+    result["precision"] = NAMES[dtype]
     result["latency_ms"] = {"total": _summary(totals), **{name: _summary(per_stage[name]) for name in STAGES}}
     result["runs"], result["warmup"] = runs, warmup
     result["memory_peak"] = _peak_memory(device, rss)
@@ -316,7 +316,8 @@ def format_result(name: str, r: dict) -> str:
     """One model's table: GFLOPs and latency per stage."""
     h, w = r["size"]
     timed = "latency_ms" in r
-    lines = [f"{name}  {h}x{w}  batch {r['batch']}  params {r['params'] / 1e6:.1f} M"]
+    ran = f"  {r['precision']}" if timed else ""  # the precision the timed runs ran in
+    lines = [f"{name}  {h}x{w}  batch {r['batch']}{ran}  params {r['params'] / 1e6:.1f} M"]
     header = f"  {'stage':9s} {'GFLOPs':>8s}"
     if timed:
         header += f" {'median ms':>10s} {'min ms':>8s} {'max ms':>8s}"
@@ -340,12 +341,13 @@ def format_result(name: str, r: dict) -> str:
 def format_sweep(key: str, values: list, results: list[dict]) -> str:
     """A sweep's cost curve, one row per value."""
     timed = "latency_ms" in results[0]
-    lines = [f"  {key:>20s} {'GFLOPs':>8s} {'encoder':>8s} {'tokens/layer':>12s}" + (" median ms" if timed else "")]
+    lines = [f"  {key:>20s} {'GFLOPs':>8s} {'encoder':>8s} {'tokens/layer':>12s}"
+             + (" median ms precision" if timed else "")]
     for value, r in zip(values, results):
         mean_tokens = sum(r["encoder_tokens_per_layer"]) / len(r["encoder_tokens_per_layer"])
         line = f"  {value!s:>20s} {r['gflops']['total']:8.2f} {r['gflops']['encoder']:8.2f} {mean_tokens:12.0f}"
         if timed:
-            line += f" {r['latency_ms']['total']['median']:9.1f}"
+            line += f" {r['latency_ms']['total']['median']:9.1f} {r['precision']:>9s}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ class DualAttentionLayer(DeformableEncoderLayer):
         objects, objects_pos = gather_rows(query, top), gather_rows(pos, top)
         q = objects + objects_pos
         objects = self.pre_norm(objects + self.dropout(self.pre_attn(q, q, objects, need_weights=False)[0]))
-        query = query.scatter(1, top[..., None].expand(-1, -1, query.shape[-1]), objects)
+        query = query.scatter(1, top[..., None].expand(-1, -1, query.shape[-1]), objects.to(query.dtype))
         return super().forward(query, pos, reference, value, shapes, value_padding)
 
 
