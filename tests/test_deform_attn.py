@@ -190,3 +190,12 @@ def test_module_masks_padding_and_box_reference():
     value2[0, 3:] += 100
     torch.testing.assert_close(attn(query, ref, value2, [(2, 3)], pad), out)
     assert out.shape == (1, 3, 16) and math.isfinite(out.sum().item())
+
+
+def test_torch_compile_traces_a_whole_model_without_graph_breaks():
+    # dynamo's trace only (no code generation): the op, its backend choice and the model are one graph.
+    torch.manual_seed(0)
+    model = Detector.from_preset("deformable_detr_tiny", num_classes=3).eval()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(Batch.from_images([torch.rand(3, 64, 96)]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

@@ -76,6 +76,8 @@ def _build(cc: str) -> Path:
 def load() -> ctypes.CDLL | None:
     """The built library, or None (with one warning per process) where it cannot be built."""
     global _library, _failure
+    if _library is not None or _failure is not None:  # no lock once decided (torch.compile traces this)
+        return _library
     with _lock:
         if _library is None and _failure is None:
             cc = _compiler()
