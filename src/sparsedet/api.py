@@ -110,6 +110,14 @@ class Detector(DetectionTransformer):
         resolve_device("cuda" if device is None else device, fix=".to('cpu')")
         return super().cuda(device)
 
+    def export_onnx(self, path: str | Path, size: tuple[int, int] | None = None, opset: int = 18,
+                    top_k: int | None = None) -> dict:
+        """Write the model as ONNX for inputs of ``size`` (height, width; default a square of
+        ``eval_max_size``) with post-processing inside, and check it in onnxruntime against PyTorch
+        (``sparsedet.tools.export``). Returns the comparison; raises when they disagree."""
+        from .tools.export import export_onnx
+        return export_onnx(self, path, size, opset, top_k)
+
     def save_pretrained(self, run_dir: str | Path) -> None:
         save_run(run_dir, self.state_dict(), getattr(self, "run_config", None) or Config(model=self.config))
 

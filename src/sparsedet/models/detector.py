@@ -171,11 +171,16 @@ class DetectionTransformer(nn.Module):
     @torch.no_grad()
     def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:
         """Forward + post-processing. sizes: [B, 2] (height, width) to scale boxes to."""
+        logits, boxes = self.final_outputs(batch)
+        return postprocess(logits, boxes, sizes, top_k or self.config.top_k, threshold)
+
+    def final_outputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Logits [B, Q, C] and boxes [B, Q, 4] ready for post-processing: in fp32 whatever the
+        forward ran in (bf16 pixel coordinates are off by up to 4 px at 1000 px), and columns that
+        name no category (COCO's 11 unused ids) at -inf, so they never become detections."""
         out = self(batch)
-        # Post-processing in fp32 whatever the forward ran in: bf16 pixel coordinates are off by
-        # up to 4 px at 1000 px, and callers get fp32 boxes and scores in any precision.
         logits, boxes = out.logits.float(), out.boxes.float()
         unused = unused_columns(self.config.classes)
-        if unused:  # columns that name no category (COCO's 11 unused ids) never become detections
+        if unused:
             logits = logits.index_fill(-1, torch.tensor(unused, device=logits.device), float("-inf"))
-        return postprocess(logits, boxes, sizes, top_k or self.config.top_k, threshold)
+        return logits, boxes

@@ -65,20 +65,26 @@ def postprocess(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int = 100,
         "scores": [k], "labels": [k]}, sorted by score.
     """
     check_threshold(threshold)
-    B, Q, C = logits.shape
+    xyxy, scores, labels = top_detections(logits, boxes, sizes, top_k)
+    results = []
+    for b in range(logits.shape[0]):
+        keep = scores[b] > threshold
+        results.append({"boxes": xyxy[b][keep], "scores": scores[b][keep], "labels": labels[b][keep]})
+    return results
+
+
+def top_detections(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The fixed-shape part of ``postprocess`` (what an exported model computes): the best
+    min(top_k, Q * C) (query, class) pairs per image as boxes [B, k, 4] xyxy pixels clipped to the
+    image, scores [B, k] and labels [B, k] (column indices), sorted by score."""
+    C = logits.shape[-1]
     prob = logits.sigmoid().flatten(1)
-    k = min(top_k, prob.shape[1])
-    scores, idx = prob.topk(k, dim=1)
+    scores, idx = prob.topk(min(top_k, prob.shape[1]), dim=1)
     query, labels = idx // C, idx % C
     picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
     h, w = sizes.unbind(-1)
     scale = torch.stack([w, h, w, h], -1).to(picked.dtype)[:, None]
-    xyxy = clip_to_image(cxcywh_to_xyxy(picked) * scale, scale)
-    results = []
-    for b in range(B):
-        keep = scores[b] > threshold
-        results.append({"boxes": xyxy[b][keep], "scores": scores[b][keep], "labels": labels[b][keep]})
-    return results
+    return clip_to_image(cxcywh_to_xyxy(picked) * scale, scale), scores, labels
 
 
 def clip_to_image(xyxy: Tensor, scale: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import SparsedetError
 from ..nn.mlp import MLP
 from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
@@ -187,6 +188,9 @@ class ProposalQueries(nn.Module):
         neighbours at 0.3; diagonal ones survive). Returns [B, num_queries]: survivors by score,
         then, where an image has too few, its best suppressed tokens (the official code instead
         truncates every image to the smallest survivor count)."""
+        if torch.compiler.is_exporting():
+            raise SparsedetError("Salience DETR's proposal NMS (ProposalQueries.select_distinct) has no exportable "
+                                 "form yet: it keeps candidates one by one on the host; export another preset")
         S = logits.shape[1]
         cand = logits.max(-1).values.topk(min(4 * self.num_queries, S), dim=1).indices  # best first
         starts = torch.tensor([0] + [h * w for h, w in shapes], device=logits.device).cumsum(0)
