@@ -21,7 +21,9 @@ from sparsedet.presets import PRESETS  # noqa: E402
 from sparsedet.tools import export  # noqa: E402
 
 SIZE = (96, 128)
-SMALL = {"eval_size": 96, "eval_max_size": 128}
+# One encoder and one decoder layer at half width: exporting costs time per graph node.
+SMALL = {"eval_size": 96, "eval_max_size": 128, "num_encoder_layers": 1, "num_decoder_layers": 1, "hidden_dim": 64,
+         "ffn_dim": 128, "backbone.width": 16}
 EXPORTABLE = [p for p in PRESETS if p.endswith("_tiny") and p.split("_")[0] not in ("sparse", "focus", "salience")]
 
 
@@ -50,7 +52,7 @@ def test_converted_transformers_model_exports(tmp_path):
 
     from sparsedet.tools.convert import convert
     directory = tmp_path / "hf"
-    hf_deformable_detr(directory, 50, True, True, 2, 100)
+    hf_deformable_detr(directory, 18, True, True, 1, 50)
     model, _ = convert("hf-deformable-detr", directory, {"model.eval_size": 96, "model.eval_max_size": 128})
     report = model.export_onnx(tmp_path / "hf.onnx", size=SIZE)
     assert report["ok"], report
@@ -88,7 +90,7 @@ def test_disagreement_keeps_the_file_and_fails(tmp_path, monkeypatch):
 @pytest.mark.parametrize("preset,name", [("sparse_detr_tiny", "Sparse DETR"), ("focus_detr_tiny", "Focus-DETR"),
                                          ("salience_detr_tiny", "Salience DETR")])
 def test_token_sparse_encoders_refuse_with_the_reason(preset, name, tmp_path):
-    model = Detector.from_preset(preset, num_classes=3, **SMALL)
+    model = Detector.from_preset(preset, num_classes=3)
     with pytest.raises(SparsedetError, match=f"{name} cannot be exported yet: on a padded batch onnxruntime"):
         model.export_onnx(tmp_path / "s.onnx", size=SIZE)
     assert not (tmp_path / "s.onnx").exists()
