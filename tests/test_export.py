@@ -105,9 +105,9 @@ def test_what_cannot_export_says_so(tmp_path):
 
 
 def test_cli_export(tmp_path, capsys):
-    out = tmp_path / "d.onnx"
-    with pytest.warns(UserWarning, match="random weights"):
-        assert main(["export", "conditional_detr_tiny", "--out", str(out), "--size", "384x384"]) == 0
+    run, out = tmp_path / "run", tmp_path / "d.onnx"
+    Detector.from_preset("conditional_detr_tiny", num_classes=3, **SMALL).save_pretrained(run)
+    assert main(["export", str(run), "--out", str(out), "--size", "96x128", "--top-k", "10"]) == 0
     assert out.is_file()
-    assert "onnxruntime against PyTorch: 2 sample images, best 20 detections each: 0 without a match" in \
+    assert "onnxruntime against PyTorch: 2 sample images, best 10 detections each: 0 without a match" in \
         capsys.readouterr().out
