@@ -1,0 +1,91 @@
+"""Exported Deformable DETR in onnxruntime against PyTorch eager (ours) and transformers eager.
+
+Builds transformers' two-stage Deformable DETR with random weights (as vs_transformers.py),
+converts it, exports ours with ``Detector.export_onnx`` at --size (the export checks onnxruntime
+against PyTorch on its samples), then times, alternating run by run: transformers fp32 eager,
+ours fp32 eager (as ``predict`` runs it) and the ONNX file in onnxruntime (CPU provider,
+``intra_op_num_threads`` = --threads), batch 1, and prints medians and ratios.
+
+    python benchmarks/onnx_speed.py --size 800x1333 --runs 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from vs_transformers import MEAN, STD, hf_deformable_detr  # noqa: E402
+
+from sparsedet.engine.precision import inference_precision  # noqa: E402
+from sparsedet.tools.bench import environment, format_environment, parse_size  # noqa: E402
+from sparsedet.tools.convert import convert  # noqa: E402
+from sparsedet.tools.export import INPUTS, OUTPUTS, ExportedDetector, describe  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="800x1333")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    h, w = parse_size(args.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_deformable_detr(tmp)
+        ours, _ = convert("hf-deformable-detr", tmp, {"model.eval_size": min(h, w), "model.eval_max_size": max(h, w)})
+        ours.eval()
+        path = os.path.join(tmp, "model.onnx")
+        start = time.perf_counter()
+        report = ours.export_onnx(path, size=(h, w))
+        print(f"export + check {time.perf_counter() - start:.0f} s: {describe(report)}")
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        images = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+        mask = torch.zeros(1, h, w, dtype=torch.bool)
+        feeds = {"images": images.numpy(), "mask": mask.numpy(), "sizes": np.array([[h, w]], dtype=np.int64)}
+        wrapper = ExportedDetector(ours, ours.config.top_k).eval()
+        pixel_values, pixel_mask = (images - MEAN) / STD, torch.ones(1, h, w, dtype=torch.long)
+
+        def run_ours():
+            with inference_precision(ours, None), torch.inference_mode():
+                wrapper(*(torch.from_numpy(feeds[k]) for k in INPUTS))
+
+        def run_hf():
+            with torch.inference_mode():
+                hf(pixel_values=pixel_values, pixel_mask=pixel_mask)
+
+        runs = {"transformers fp32 eager": run_hf, "sparsedet fp32 eager": run_ours,
+                "sparsedet ONNX, onnxruntime": lambda: session.run(OUTPUTS, feeds)}
+        for fn in runs.values():  # warm-up
+            fn()
+        times = {k: [] for k in runs}
+        for i in range(args.runs):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+            print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    import onnxruntime
+    import transformers
+    print(format_environment({**environment(torch.device("cpu"), "fp32"), "transformers": transformers.__version__,
+                              "onnxruntime": onnxruntime.__version__}))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nbatch 1, {h}x{w}, {args.runs} runs alternating\n")
+    print("| model | median s | min | max | transformers / this |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {med[name]:.2f} | {min(values):.2f} | {max(values):.2f} | "
+              f"{med['transformers fp32 eager'] / med[name]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
