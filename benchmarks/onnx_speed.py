@@ -20,7 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from vs_transformers import MEAN, STD, hf_deformable_detr  # noqa: E402
+from vs_transformers import MEAN, STD, hf_deformable_detr, time_alternating  # noqa: E402
 
 from sparsedet.engine.precision import inference_precision  # noqa: E402
 from sparsedet.tools.bench import environment, format_environment, parse_size  # noqa: E402
@@ -30,9 +30,9 @@ from sparsedet.tools.export import INPUTS, OUTPUTS, ExportedDetector, describe  
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="800x1333")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--size", default="800x1333", help="HEIGHTxWIDTH of the export and the timed input")
+    p.add_argument("--runs", type=int, default=5, help="timed rounds after one warm-up (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch and onnxruntime threads (default 2)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     h, w = parse_size(args.size)
@@ -65,15 +65,7 @@ def main() -> None:
 
         runs = {"transformers fp32 eager": run_hf, "sparsedet fp32 eager": run_ours,
                 "sparsedet ONNX, onnxruntime": lambda: session.run(OUTPUTS, feeds)}
-        for fn in runs.values():  # warm-up
-            fn()
-        times = {k: [] for k in runs}
-        for i in range(args.runs):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-            print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+        times = time_alternating(runs, args.runs)
     import onnxruntime
     import transformers
     print(format_environment({**environment(torch.device("cpu"), "fp32"), "transformers": transformers.__version__,

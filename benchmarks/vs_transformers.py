@@ -55,6 +55,23 @@ def hf_deformable_detr(directory: str):
     return model
 
 
+def time_alternating(runs: dict, count: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` (name: callable), run after run in turn so that drifts of the
+    machine hit all alike; prints each round."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times = {name: [] for name in runs}
+    for i in range(count):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                fn()
+            times[name].append(time.perf_counter() - start)
+        print(f"run {i + 1}/{count}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    return times
+
+
 def output_difference(out, logits, boxes) -> float:
     return max((out.logits - logits).abs().max().item(), (out.boxes - boxes).abs().max().item())
 
@@ -118,17 +135,7 @@ def main() -> None:
         print(f"fp32, backend {backend} against reference: encoder memory max |difference| = {diff:.2e}; final "
               f"logits and boxes {output_difference(got, reference.logits, reference.boxes):.2e}")
         assert diff <= 1e-4, f"the {backend} backend differs from reference by {diff:.2e}"
-    for _ in range(args.warmup):
-        for fn in runs.values():
-            fn()
-    times = {name: [] for name in runs}
-    for i in range(args.runs):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            with torch.inference_mode():
-                fn()
-            times[name].append(time.perf_counter() - start)
-        print(f"run {i + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    times = time_alternating(runs, args.runs, args.warmup)
 
     import transformers
     print(format_environment({**environment(torch.device("cpu"), "fp32 and bf16 (per row)"),

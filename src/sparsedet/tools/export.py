@@ -175,11 +175,13 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
 
 def sample_images(size: tuple[int, int], n: int) -> list[np.ndarray]:
     """Deterministic test pictures (smooth colour fields with rectangles) that fit ``size`` after
-    resizing: one of its shape, one narrower."""
+    resizing: one of its shape, one shorter along its shorter side."""
     rng = np.random.default_rng(0)
     images = []
     for i in range(n):
-        h, w = size if i % 2 == 0 else (size[0], size[1] * 3 // 4)  # the second one is padded
+        # The second is shorter along the shorter side, so it is padded and still fits after resizing.
+        shorter = (size[0] * 3 // 4, size[1]) if size[0] <= size[1] else (size[0], size[1] * 3 // 4)
+        h, w = size if i % 2 == 0 else shorter
         y, x = np.mgrid[0:h, 0:w]
         image = np.stack([(x / w), (y / h), 0.5 + 0.5 * np.sin((x + y) / 17.0)], -1) * 200
         for _ in range(4):
