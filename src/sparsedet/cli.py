@@ -11,7 +11,6 @@ from .config import PRECISIONS
 from .errors import SparsedetError
 from .tools.convert import SOURCES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (autocast; fp16 on CUDA only); "
                   "boxes and scores come back in fp32")
 
@@ -334,74 +333,13 @@ def _dataset_name(path: str) -> str:
     return path.stem
 
 
-def _collect_images(inputs: list[str]) -> list[Path]:
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise SparsedetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise SparsedetError(f"image or folder not found: {path}")
-    return files
-
-
-def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top_k: int | None,
-                      precision: str = "fp32", batch_size: int = 4) -> list:
-    """Run ``model`` on files, ``batch_size`` images per forward; write predictions.json and one drawn
-    PNG per image. Two worker threads decode the next batch and draw and save the last one while the
-    model runs (image decoding and PNG encoding release the GIL). Returns the drawn pictures."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    from .data.coco import load_image
-    from .tools.draw import draw_detections
-    if batch_size < 1:
-        raise SparsedetError(f"--batch-size must be at least 1, got {batch_size}")
-    out.mkdir(parents=True, exist_ok=True)
-    ids = model.config.category_ids or list(range(model.num_classes))
-    chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
-
-    def load(chunk: list[Path]) -> list:
-        return [load_image(p) for p in chunk]
-
-    def draw(path: Path, image, det):
-        picture = draw_detections(image, det, model.classes)
-        picture.save(out / f"{path.stem}_pred.png")
-        return picture
-
-    entries, drawings = [], []
-    with ThreadPoolExecutor(2) as pool, tqdm(total=len(files), desc="predict", disable=len(files) < 4) as bar:
-        loading = pool.submit(load, chunks[0]) if chunks else None
-        for c, chunk in enumerate(chunks):
-            images = loading.result()
-            if c + 1 < len(chunks):
-                loading = pool.submit(load, chunks[c + 1])
-            dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision, batch_size=batch_size)
-            for j, (path, image, det) in enumerate(zip(chunk, images, dets)):
-                for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-                    x1, y1, x2, y2 = box
-                    entries.append({"file_name": str(path), "image_id": c * batch_size + j, "category_id": ids[label],
-                                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                                    "score": round(score, 5)})
-                drawings.append(pool.submit(draw, path, image, det))
-            bar.update(len(chunk))
-        drawn = [d.result() for d in drawings]
-    (out / "predictions.json").write_text(json.dumps(entries, indent=1))
-    return drawn
-
-
 def cmd_predict(args) -> int:
     from .api import Detector
+    from .tools.predict import collect_images, predict_to_folder
     from .models.heads import check_threshold
     check_threshold(args.threshold)
     model = Detector.from_pretrained(args.weights)
-    files = _collect_images(args.inputs)
+    files = collect_images(args.inputs)
     predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size)
     print(f"wrote {Path(args.out) / 'predictions.json'} and {len(files)} drawn images")
     return 0
@@ -516,6 +454,7 @@ def cmd_demo(args) -> int:
     from .data.synthetic import write_synthetic
     from .engine.trainer import Trainer
     from .tools.draw import grid
+    from .tools.predict import predict_to_folder
     out = Path(args.out)
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts over each time
     t0 = time.perf_counter()

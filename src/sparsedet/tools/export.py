@@ -29,11 +29,13 @@ from ..models.heads import top_detections
 INPUTS, OUTPUTS = ["images", "mask", "sizes"], ["boxes", "scores", "labels"]
 # Encoders whose result on a padded batch depends on how a top-k orders tied padding tokens, or on
 # the batch's keep width, which the graph fixes at the unpadded count (measured: scores off by 4e-3).
-UNEXPORTABLE = {"sparse": "Sparse DETR", "focus": "Focus-DETR", "salience": "Salience DETR"}
-UNEXPORTABLE_WHY = {
-    "sparse": "its efficient query init reads the memory of whichever tied padding tokens the top-k returns",
-    "focus": "its dual attention takes object tokens from the batch-wide selection, padding entries included",
-    "salience": "its dual attention as Focus-DETR's, and its proposal NMS keeps candidates one by one on the host"}
+UNEXPORTABLE = {  # encoder kind: (method, why)
+    "sparse": ("Sparse DETR", "its efficient query init reads the memory of whichever tied padding tokens the "
+                              "top-k returns"),
+    "focus": ("Focus-DETR", "its dual attention takes object tokens from the batch-wide selection, padding "
+                            "entries included"),
+    "salience": ("Salience DETR", "its dual attention as Focus-DETR's, and its proposal NMS keeps candidates one "
+                                  "by one on the host")}
 BOX_TOLERANCE_PX, SCORE_TOLERANCE = 0.5, 1e-3
 
 
@@ -119,10 +121,10 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
         raise SparsedetError(f"export needs onnx, onnxruntime and onnxscript: pip install 'sparsedet[export]' ({e})")
     if not 16 <= opset <= 19:
         raise SparsedetError(f"--opset must be 16 to 19 (GridSample with mode 'bilinear'), got {opset}")
-    kind = model.config.encoder.kind
-    if kind in UNEXPORTABLE:
-        raise SparsedetError(f"{UNEXPORTABLE[kind]} cannot be exported yet: on a padded batch onnxruntime would not "
-                             f"compute what PyTorch computes ({UNEXPORTABLE_WHY[kind]})")
+    if model.config.encoder.kind in UNEXPORTABLE:
+        method, why = UNEXPORTABLE[model.config.encoder.kind]
+        raise SparsedetError(f"{method} cannot be exported yet: on a padded batch onnxruntime would not compute "
+                             f"what PyTorch computes ({why})")
     path = Path(path)
     size = size or default_size(model)
     model = model.eval().float()
