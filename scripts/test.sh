@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest "$@"
+# Two workers (SPARSEDET_TEST_WORKERS), one thread each (tests/conftest.py): half the suite is
+# single-threaded Python (ONNX export, symbolic tracing), so two processes keep both cores busy.
+.venv/bin/python -m pytest -n "${SPARSEDET_TEST_WORKERS:-2}" --dist worksteal "$@"

@@ -7,7 +7,8 @@ import torch
 
 from sparsedet.data.synthetic import write_synthetic
 
-torch.set_num_threads(2)
+# Two cores: one thread per xdist worker (scripts/test.sh runs two), both threads otherwise.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")

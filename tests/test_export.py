@@ -1,8 +1,9 @@
-"""ONNX export: every exportable tiny preset and a converted transformers Deformable DETR run in
-onnxruntime with PyTorch's detections (boxes within 0.5 px, scores within 1e-3, same labels), on
-the export's own samples and on a batch of other, differently sized images."""
+"""ONNX export: every tiny preset and a converted transformers Deformable DETR run in onnxruntime
+with PyTorch's detections (boxes within 0.5 px, scores within 1e-3, same labels), on the export's
+own samples and at other sizes: a batch of two differently sized images, and a portrait one."""
 import json
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network, before transformers is imported
 
@@ -17,33 +18,60 @@ pytest.importorskip("onnxscript")
 from sparsedet import Detector  # noqa: E402
 from sparsedet.cli import main  # noqa: E402
 from sparsedet.errors import SparsedetError  # noqa: E402
-from sparsedet.presets import PRESETS  # noqa: E402
+from sparsedet.presets import PRESETS, get_preset  # noqa: E402
 from sparsedet.tools import export  # noqa: E402
 
 SIZE = (96, 128)
 # One encoder and one decoder layer at half width: exporting costs time per graph node.
 SMALL = {"eval_size": 96, "eval_max_size": 128, "num_encoder_layers": 1, "num_decoder_layers": 1, "hidden_dim": 64,
          "ffn_dim": 128, "backbone.width": 16}
-EXPORTABLE = [p for p in PRESETS if p.endswith("_tiny") and p.split("_")[0] not in ("sparse", "focus", "salience")]
+# conditional_detr_tiny: in test_cli_export_and_the_file_as_a_run.
+PRESETS_TINY = [p for p in PRESETS if p.endswith("_tiny") and p != "conditional_detr_tiny"]
+
+
+def _small(preset: str) -> dict:
+    """SMALL, with two feature levels where the preset has several (four levels, as the converted
+    transformers model below has, cost a third more export time) and one keep ratio per layer and
+    level where the encoder has them."""
+    config = dict(SMALL)
+    if get_preset(preset).model.num_levels > 1:
+        config["num_levels"] = 2
+    if preset.startswith(("focus", "salience")):
+        config["encoder.layer_ratios"] = [0.5]
+    if preset.startswith("salience"):
+        config["encoder.level_ratios"] = [0.4, 1.0]
+    return config
 
 
 def _other_images():
-    """Two images of other sizes and shapes than the export samples (both fit 96 x 128 after resizing)."""
+    """A batch of two images of other sizes and shapes than the export samples (padded to 84 x 128
+    after resizing), and a portrait one (128 x 60)."""
     rng = np.random.default_rng(5)
-    return [rng.integers(0, 255, (60, 128, 3), dtype=np.uint8), rng.integers(0, 255, (72, 110, 3), dtype=np.uint8)]
+    return ([rng.integers(0, 255, (60, 128, 3), dtype=np.uint8), rng.integers(0, 255, (72, 110, 3), dtype=np.uint8)],
+            [rng.integers(0, 255, (128, 60, 3), dtype=np.uint8)])
 
 
-@pytest.mark.parametrize("preset", EXPORTABLE)
+def _check_other_sizes(model, path, top_k=None):
+    wrapper = export.ExportedDetector(model, top_k or model.config.top_k).eval()
+    pair, portrait = _other_images()
+    for images, shape in ((pair, (2, 3, 84, 128)), (portrait, (1, 3, 128, 60))):
+        inputs = export.prepare(model, images)
+        assert inputs["images"].shape == shape and inputs["mask"].any() == (len(images) > 1)  # the pair is padded
+        report = export.compare(wrapper, path, inputs)
+        assert report["ok"] and report["images"] == len(images), report
+        assert report["max_box_px"] <= 0.5 and report["max_score"] <= 1e-3
+
+
+@pytest.mark.parametrize("preset", PRESETS_TINY)
 def test_tiny_preset_exports_and_matches_pytorch(preset, tmp_path):
     torch.manual_seed(0)
-    model = Detector.from_preset(preset, num_classes=3, **SMALL)
+    model = Detector.from_preset(preset, num_classes=3, **_small(preset))
     path = tmp_path / "model.onnx"
-    report = model.export_onnx(path, size=SIZE)
+    report = model.export_onnx(path)
     assert report["ok"] and report["images"] == 2 and report["checked_per_image"] == 20, report
-    wrapper = export.ExportedDetector(model, model.config.top_k).eval()
-    other = export.compare(wrapper, path, export.prepare(model, _other_images(), SIZE))
-    assert other["ok"] and other["images"] == 2, other
-    assert other["max_box_px"] <= 0.5 and other["max_score"] <= 1e-3
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [bool(d.dim_param) for d in dims] == [True, False, True, True]  # batch, height and width are free
+    _check_other_sizes(model, path)
 
 
 def test_converted_transformers_model_exports(tmp_path):
@@ -54,10 +82,9 @@ def test_converted_transformers_model_exports(tmp_path):
     directory = tmp_path / "hf"
     hf_deformable_detr(directory, 18, True, True, 1, 50)
     model, _ = convert("hf-deformable-detr", directory, {"model.eval_size": 96, "model.eval_max_size": 128})
-    report = model.export_onnx(tmp_path / "hf.onnx", size=SIZE)
+    report = model.export_onnx(tmp_path / "hf.onnx")
     assert report["ok"], report
-    wrapper = export.ExportedDetector(model, model.config.top_k).eval()
-    assert export.compare(wrapper, tmp_path / "hf.onnx", export.prepare(model, _other_images(), SIZE))["ok"]
+    _check_other_sizes(model, tmp_path / "hf.onnx")
 
 
 def test_metadata_outputs_and_category_ids(tmp_path):
@@ -72,7 +99,7 @@ def test_metadata_outputs_and_category_ids(tmp_path):
     assert [o.name for o in proto.graph.output] == export.OUTPUTS
     import onnxruntime as ort
     boxes, scores, labels = ort.InferenceSession(str(path)).run(
-        export.OUTPUTS, export.prepare(model, _other_images(), SIZE))
+        export.OUTPUTS, export.prepare(model, _other_images()[0], SIZE))
     assert boxes.shape == (2, 7, 4) and scores.shape == labels.shape == (2, 7)
     assert set(labels.flatten().tolist()) <= {3, 9} and (np.diff(scores, axis=1) <= 0).all()
     assert (boxes[0][:, [0, 2]] <= 128).all() and (boxes[0][:, [1, 3]] <= 60).all()  # clipped to the original
@@ -87,15 +114,6 @@ def test_disagreement_keeps_the_file_and_fails(tmp_path, monkeypatch):
     assert (tmp_path / "m.mismatch.onnx").is_file() and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("preset,name", [("sparse_detr_tiny", "Sparse DETR"), ("focus_detr_tiny", "Focus-DETR"),
-                                         ("salience_detr_tiny", "Salience DETR")])
-def test_token_sparse_encoders_refuse_with_the_reason(preset, name, tmp_path):
-    model = Detector.from_preset(preset, num_classes=3)
-    with pytest.raises(SparsedetError, match=f"{name} cannot be exported yet: on a padded batch onnxruntime"):
-        model.export_onnx(tmp_path / "s.onnx", size=SIZE)
-    assert not (tmp_path / "s.onnx").exists()
-
-
 def test_what_cannot_export_says_so(tmp_path):
     model = Detector.from_preset("deformable_detr_tiny", num_classes=3, **SMALL)
     with pytest.raises(SparsedetError, match="resized image is .* larger than the exported input 64x64; export with"):
@@ -104,10 +122,53 @@ def test_what_cannot_export_says_so(tmp_path):
         model.export_onnx(tmp_path / "s.onnx", size=SIZE, opset=12)
 
 
-def test_cli_export(tmp_path, capsys):
+def test_cli_export_and_the_file_as_a_run(tmp_path, capsys, synth):
+    """export writes a file for any size; predict, eval and bench take it where they take a run."""
     run, out = tmp_path / "run", tmp_path / "d.onnx"
-    Detector.from_preset("conditional_detr_tiny", num_classes=3, **SMALL).save_pretrained(run)
-    assert main(["export", str(run), "--out", str(out), "--size", "96x128", "--top-k", "10"]) == 0
-    assert out.is_file()
+    Detector.from_preset("conditional_detr_tiny", classes=synth["classes"], category_ids=[1, 2, 3, 5, 7],
+                         **SMALL).save_pretrained(run)
+    assert main(["export", str(run), "--out", str(out), "--top-k", "10"]) == 0
     assert "onnxruntime against PyTorch: 2 sample images, best 10 detections each: 0 without a match" in \
         capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["input_size"] == "any" and json.loads(meta["config"])["model"]["kind"] == "conditional"
+    _check_other_sizes(Detector.from_pretrained(run), out, top_k=10)
+
+    images = sorted((Path(synth["val"]).parent / "images" / "val").glob("*.png"))
+    for weights, folder in ((run, "torch"), (out, "onnx")):
+        assert main(["predict", "--weights", str(weights), *map(str, images), "--out", str(tmp_path / folder),
+                     "--threshold", "0", "--top-k", "10"]) == 0
+    torch_entries, onnx_entries = (json.loads((tmp_path / f / "predictions.json").read_text()) for f in ("torch", "onnx"))
+    assert len(onnx_entries) == len(torch_entries) == 10 * len(images)
+    _assert_same_entries(torch_entries, onnx_entries)
+    assert len(list((tmp_path / "onnx").glob("*_pred.png"))) == len(images)
+
+    from sparsedet.api import load_detector
+    from sparsedet.data.coco import CocoDetection
+    from sparsedet.data.transforms import build_transforms
+    from sparsedet.engine.evaluator import evaluate
+    dataset = CocoDetection(synth["val"], transforms=build_transforms(False, [96], 128))
+    _, torch_results = evaluate(Detector.from_pretrained(run, top_k=10), dataset, 2, progress=False)
+    _, onnx_results = evaluate(load_detector(out), dataset, 2, progress=False)
+    assert len(onnx_results) == len(torch_results) == 10 * len(dataset)
+    _assert_same_entries(torch_results, onnx_results)
+    assert main(["eval", "--weights", str(out), "--val", synth["val"]]) == 0
+    assert (tmp_path / "d_eval" / "val" / "metrics.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(out), "--val", synth["val"], "--precision", "bf16"]) == 2
+    assert "runs in the precision it was exported in (fp32)" in capsys.readouterr().err
+
+    capsys.readouterr()
+    assert main(["bench", str(out), "--size", "96x128", "--runs", "2", "--warmup", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "d.onnx  96x128  batch 1  fp32  onnxruntime" in printed and "median" in printed
+
+
+def _assert_same_entries(expected: list[dict], got: list[dict]):
+    """COCO result entries: each expected one has a got one on the same image with its category, a
+    score within 1e-3 and every bbox number within 0.5 px."""
+    for e in expected:
+        close = [g for g in got if g["image_id"] == e["image_id"] and g["category_id"] == e["category_id"]
+                 and abs(g["score"] - e["score"]) <= 1e-3
+                 and max(abs(a - b) for a, b in zip(g["bbox"], e["bbox"])) <= 0.5]
+        assert close, e

@@ -164,31 +164,3 @@ def test_selection_loss_trains_the_scorer_and_unselected_tokens_keep_their_value
         assert len(encoded.aux) == len(model.encoder.layers) - 1
         assert {k for k in terms if "_enc_" in k} == {f"loss_{t}_enc_{i}" for t in ("cls", "bbox", "giou")
                                                      for i in range(len(encoded.aux))}
-
-
-@pytest.mark.parametrize("preset", ["sparse_detr_tiny", "focus_detr_tiny"])
-def test_traced_model_matches_eager_on_a_new_image(preset):
-    """Selections are top-k + gather with static widths, so a trace at one size replays exactly."""
-    import warnings
-    torch.manual_seed(0)
-    cfg = get_preset(preset)
-    apply_overrides(cfg, {"num_classes": 3})
-    model = DetectionTransformer(cfg.model).eval()
-
-    class Boxes(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, images, mask):
-            out = self.model(Batch(images, mask))
-            return out.logits, out.boxes
-
-    mask = torch.zeros(1, 128, 128, dtype=torch.bool)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(Boxes(), (torch.rand(1, 3, 128, 128), mask), check_trace=False)
-    image = torch.rand(1, 3, 128, 128)
-    with torch.no_grad():
-        for eager, replay in zip(model(Batch(image, mask)).__dict__.values(), traced(image, mask)):
-            assert torch.allclose(eager, replay, atol=1e-5)

@@ -112,8 +112,8 @@ class Detector(DetectionTransformer):
 
     def export_onnx(self, path: str | Path, size: tuple[int, int] | None = None, opset: int = 18,
                     top_k: int | None = None) -> dict:
-        """Write the model as ONNX for inputs of ``size`` (height, width; default a square of
-        ``eval_max_size``) with post-processing inside, and check it in onnxruntime against PyTorch
+        """Write the model as ONNX for inputs of any size (or of ``size`` (height, width) only) with
+        post-processing inside, and check it in onnxruntime against PyTorch
         (``sparsedet.tools.export``). Returns the comparison; raises when they disagree."""
         from .tools.export import export_onnx
         return export_onnx(self, path, size, opset, top_k)
@@ -140,8 +140,7 @@ class Detector(DetectionTransformer):
         (both fp32 in any precision), "labels": [n] (column index into ``classes``)}, sorted by score.
         """
         check_threshold(threshold)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-            raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
+        check_top_k(top_k)
         if not isinstance(images, (list, tuple)):
             images = [images]
         was_training = self.training
@@ -161,14 +160,38 @@ class Detector(DetectionTransformer):
     def preprocess(self, images: list[ImageLike]) -> tuple[Batch, torch.Tensor, list[Image.Image]]:
         """Images -> (padded batch at the model's eval size, original (height, width) [B, 2], the
         resized images the batch holds)."""
-        tensors, sizes, resized_images = [], [], []
-        for im in map(_to_pil, images):
-            resized, _ = resize(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
-                                self.config.eval_size, self.config.eval_max_size)
-            tensors.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
-            sizes.append((im.height, im.width))
-            resized_images.append(resized)
-        return Batch.from_images(tensors), torch.tensor(sizes), resized_images
+        return preprocess_images(images, self.config.eval_size, self.config.eval_max_size)
+
+
+def preprocess_images(images: list[ImageLike], eval_size: int, eval_max_size: int
+                      ) -> tuple[Batch, torch.Tensor, list[Image.Image]]:
+    """What every prediction does first (``Detector``, an exported model in ``OnnxDetector``): each
+    image resized so its short side is ``eval_size`` and its long side at most ``eval_max_size``,
+    then padded into one batch. Returns (batch, original (height, width) [B, 2], the resized images)."""
+    tensors, sizes, resized_images = [], [], []
+    for im in map(_to_pil, images):
+        resized, _ = resize(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
+                            eval_size, eval_max_size)
+        tensors.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        sizes.append((im.height, im.width))
+        resized_images.append(resized)
+    return Batch.from_images(tensors), torch.tensor(sizes), resized_images
+
+
+def check_top_k(top_k: int | None) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
+
+
+def load_detector(weights: str | Path, ema: bool = False):
+    """What ``--weights`` names: a run folder (a ``Detector``) or an exported ``.onnx`` file (an
+    ``OnnxDetector``, run in onnxruntime)."""
+    if str(weights).lower().endswith(".onnx"):
+        if ema:
+            raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")
+        from .tools.onnx_model import OnnxDetector
+        return OnnxDetector(weights)
+    return Detector.from_pretrained(weights, ema=ema)
 
 
 def class_dependent_keys(config: Config) -> set[str]:

@@ -97,13 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("eval", help="COCO AP of a run folder or of a results file",
-                       description="Either --weights RUN (runs the model on --val) or --results DET.json "
-                       "(a COCO results file). Prints a table and writes DIR/metrics.json: by default "
-                       "RUN/eval/DATA/metrics.json (DATA: the --val json's or yaml's dataset name, plus _ema with "
-                       "--ema), so the training metrics in RUN/metrics.json stay; --out RUN replaces those.")
+    s = sub.add_parser("eval", help="COCO AP of a run folder, an exported .onnx file or a results file",
+                       description="Either --weights RUN (runs the model on --val; RUN may also be an .onnx file "
+                       "from `sparsedet export`, run in onnxruntime) or --results DET.json (a COCO results file). "
+                       "Prints a table and writes DIR/metrics.json: by default RUN/eval/DATA/metrics.json (DATA: "
+                       "the --val json's or yaml's dataset name, plus _ema with --ema; MODEL_eval/DATA beside an "
+                       ".onnx file), so the training metrics in RUN/metrics.json stay; --out RUN replaces those.")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="run folder")
+    src.add_argument("--weights", help="run folder or exported .onnx file")
     src.add_argument("--results", help="COCO results json")
     s.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (ema.safetensors)")
     s.add_argument("--val", required=True, dest="val_ann",
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="detect objects in images",
                        description="Writes DIR/predictions.json (COCO results entries plus file_name; boxes in "
                        "original pixels) and one drawn PNG per image.")
-    s.add_argument("--weights", required=True, help="run folder")
+    s.add_argument("--weights", required=True, help="run folder, or an .onnx file from `sparsedet export` (run "
+                   "in onnxruntime)")
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
@@ -150,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "*.mismatch.onnx when they disagree. Needs pip install 'sparsedet[export]'.")
     s.add_argument("target", metavar="RUN_OR_PRESET")
     s.add_argument("--out", required=True, help="the .onnx file to write")
-    s.add_argument("--size", help="input HEIGHTxWIDTH (default: a square of the model's eval_max_size, so any "
-                   "aspect ratio fits after resizing)")
+    s.add_argument("--size", help="fix the input at HEIGHTxWIDTH (default: any height and width, the batch padded "
+                   "to its largest image)")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset, 16 to 19 (default 18)")
     s.add_argument("--top-k", type=int, default=None, help="detections per image (default: the model's top_k)")
     s.set_defaults(func=cmd_export)
@@ -306,16 +308,18 @@ def cmd_eval(args) -> int:
         metrics = evaluate_coco(args.val_ann, load_results(args.results))
         out = Path(args.out or ".")
     else:
-        from .api import Detector
+        from .api import load_detector
         from .data.coco import open_detection_dataset
         from .data.transforms import build_transforms
         from .engine.evaluator import evaluate
-        model = Detector.from_pretrained(args.weights, ema=args.ema)
+        model = load_detector(args.weights, ema=args.ema)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
         metrics, _ = evaluate(model, dataset, args.batch_size, precision=args.precision)
-        out = Path(args.out) if args.out else Path(args.weights) / "eval" / (_dataset_name(args.val_ann)
-                                                                            + ("_ema" if args.ema else ""))
+        name = _dataset_name(args.val_ann) + ("_ema" if args.ema else "")
+        weights = Path(args.weights)
+        beside = weights.parent / f"{weights.stem}_eval" if weights.is_file() else weights / "eval"
+        out = Path(args.out) if args.out else beside / name
     print(format_metrics(metrics))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -334,11 +338,11 @@ def _dataset_name(path: str) -> str:
 
 
 def cmd_predict(args) -> int:
-    from .api import Detector
+    from .api import load_detector
     from .tools.predict import collect_images, predict_to_folder
     from .models.heads import check_threshold
     check_threshold(args.threshold)
-    model = Detector.from_pretrained(args.weights)
+    model = load_detector(args.weights)
     files = collect_images(args.inputs)
     predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size)
     print(f"wrote {Path(args.out) / 'predictions.json'} and {len(files)} drawn images")

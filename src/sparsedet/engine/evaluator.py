@@ -12,6 +12,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -260,23 +261,29 @@ def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
     """COCO metrics of ``model`` on ``dataset`` (a ``CocoDetection``; boxes rescaled to each file's
     original size) and the detections in the COCO results format, the model run in ``precision``
     ("fp32", "bf16" or "fp16" on CUDA). Under torchrun every process evaluates its share of the
-    images and every process gets the metrics of all of them."""
-    device = next(model.parameters()).device
+    images and every process gets the metrics of all of them. ``model`` may also be an
+    ``OnnxDetector`` (an exported file, fp32 only)."""
+    in_torch = isinstance(model, torch.nn.Module)
+    device = next(model.parameters()).device if in_torch else torch.device("cpu")
     dtype = resolve_precision(precision, device)
-    was_training = model.training
-    model.eval()
+    if not in_torch:
+        model.check_precision(precision)
+    was_training = in_torch and model.training
+    if in_torch:
+        model.eval()
     m = model.config
     evaluator = Evaluator(dataset.coco, column_categories(m.classes, m.category_ids) or dataset.category_ids)
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    with inference_precision(model, dtype):
+    with inference_precision(model, dtype) if in_torch else nullcontext():
         for batch, targets, _ in tqdm(loader, desc="eval", disable=not (progress and ctx.is_main), leave=False):
             if batch is None:
                 continue
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
             dets = model.detect(batch.to(device), sizes)
             evaluator.update([t["image_id"] for t in targets], [{k: v.cpu() for k, v in d.items()} for d in dets])
-    model.train(was_training)
+    if in_torch:
+        model.train(was_training)
     if ctx.distributed:
         evaluator.merge(gather_objects(evaluator.per_image, ctx))
     return evaluator.compute(), evaluator.results()

@@ -155,7 +155,7 @@ class DetectionTransformer(nn.Module):
         outputs, refs, sampling = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
                                                record_sampling=record)
         if selection is not None:
-            selection.padded_size = (int(batch.images.shape[-2]), int(batch.images.shape[-1]))
+            selection.padded_size = tuple(batch.images.shape[-2:])
             selection.image_sizes = torch.stack([(~batch.mask[:, :, 0]).sum(1), (~batch.mask[:, 0, :]).sum(1)], -1)
         logits, boxes = self.heads(outputs, refs, self.config.sigmoid_eps)
         dn_out = None

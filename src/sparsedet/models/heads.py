@@ -10,6 +10,7 @@ from ..errors import SparsedetError
 from ..nn.mlp import MLP
 from ..ops.boxes import cxcywh_to_xyxy
 from ..ops.functional import apply_box_delta
+from ..ops.functional import top_k as best
 
 PRIOR_PROB = 0.01
 
@@ -79,7 +80,7 @@ def top_detections(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int) -> 
     image, scores [B, k] and labels [B, k] (column indices), sorted by score."""
     C = logits.shape[-1]
     prob = logits.sigmoid().flatten(1)
-    scores, idx = prob.topk(min(top_k, prob.shape[1]), dim=1)
+    scores, idx = best(prob, min(top_k, prob.shape[1]))
     query, labels = idx // C, idx % C
     picked = torch.gather(boxes, 1, query[..., None].expand(-1, -1, 4))
     h, w = sizes.unbind(-1)

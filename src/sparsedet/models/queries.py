@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..errors import SparsedetError
 from ..nn.mlp import MLP
 from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
-from ..ops.boxes import cell_nms
-from ..ops.functional import gather_rows
+from ..ops.boxes import cell_nms_batch
+from ..ops.functional import gather_rows, top_k
 from .encoders.scoring import token_levels
 
 
@@ -155,7 +154,7 @@ class ProposalQueries(nn.Module):
         """Indices [B, k] of the tokens that become queries, ranked by raw logits: the first
         class channel (two-stage) or the best class."""
         scores = logits[..., 0] if self.mode == "two_stage" else logits.max(-1).values
-        return scores.topk(k, dim=1).indices
+        return top_k(scores, k)[1]
 
     def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
         B = memory.shape[0]
@@ -188,19 +187,14 @@ class ProposalQueries(nn.Module):
         neighbours at 0.3; diagonal ones survive). Returns [B, num_queries]: survivors by score,
         then, where an image has too few, its best suppressed tokens (the official code instead
         truncates every image to the smallest survivor count)."""
-        if torch.compiler.is_exporting():
-            raise SparsedetError("Salience DETR's proposal NMS (ProposalQueries.select_distinct) has no exportable "
-                                 "form yet: it keeps candidates one by one on the host; export another preset")
         S = logits.shape[1]
-        cand = logits.max(-1).values.topk(min(4 * self.num_queries, S), dim=1).indices  # best first
+        cand = top_k(logits.max(-1).values, min(4 * self.num_queries, S))[1]  # best first
         starts = torch.tensor([0] + [h * w for h, w in shapes], device=logits.device).cumsum(0)
         widths = torch.tensor([w for _, w in shapes], device=logits.device)
         level = token_levels(cand, shapes)
         local = cand - starts[level]
-        x, y = local % widths[level], local // widths[level]
-        k = min(self.num_queries, S)
-        out = []
-        for b in range(logits.shape[0]):
-            kept = cell_nms(level[b], x[b], y[b], self.nms_iou)
-            out.append(cand[b, torch.cat([kept.nonzero(), (~kept).nonzero()]).squeeze(1)[:k]])
-        return torch.stack(out)
+        kept = cell_nms_batch(level, local % widths[level], local // widths[level], self.nms_iou)
+        # Survivors in candidate order, then the suppressed ones: the largest of these distinct keys.
+        n = cand.shape[1]
+        key = kept.long() * n + torch.arange(n - 1, -1, -1, device=cand.device)
+        return cand.gather(1, top_k(key, min(self.num_queries, S))[1])

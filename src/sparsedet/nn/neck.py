@@ -78,7 +78,7 @@ class Neck(nn.Module):
             pads.append(pad.flatten(1))
             pos = pos.flatten(2).transpose(1, 2)
             poss.append(pos + self.level_embed[lvl] if self.level_embed is not None else pos)
-            shapes.append((int(h), int(w)))
+            shapes.append((h, w))  # SymInts while exporting with a dynamic size
             valid_h = (~pad[:, :, 0]).sum(1).float() / h
             valid_w = (~pad[:, 0, :]).sum(1).float() / w
             ratios.append(torch.stack([valid_w, valid_h], -1))

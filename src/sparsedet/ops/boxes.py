@@ -106,3 +106,17 @@ def cell_nms(level: Tensor, x: Tensor, y: Tensor, iou_threshold: float) -> Tenso
         if free:
             kept_cells.add((lvl, cx, cy))
     return torch.tensor(keep, dtype=torch.bool, device=level.device)
+
+
+@torch.library.custom_op("sparsedet::cell_nms", mutates_args=())
+def cell_nms_batch(level: Tensor, x: Tensor, y: Tensor, iou_threshold: float) -> Tensor:
+    """``cell_nms`` per image of [B, n] candidates (best first) -> kept [B, n] bool. One graph
+    node, so that export can replace it by ONNX NonMaxSuppression (tools/export.py)."""
+    if level.shape[0] == 0:
+        return torch.zeros_like(level, dtype=torch.bool)
+    return torch.stack([cell_nms(level[b], x[b], y[b], iou_threshold) for b in range(level.shape[0])])
+
+
+@cell_nms_batch.register_fake
+def _(level: Tensor, x: Tensor, y: Tensor, iou_threshold: float) -> Tensor:
+    return torch.empty_like(level, dtype=torch.bool)

@@ -93,7 +93,7 @@ def ms_deform_attn(
             raise ValueError(f"the cpu deformable-attention backend cannot run on {value.device.type} tensors")
         if backend == "cpu" and not deform_attn_kernel.available():
             backend = "reference"
-    flat = [int(n) for hw in shapes for n in hw]
+    flat = [n for hw in shapes for n in hw]
     return torch.ops.sparsedet.ms_deform_attn(value, flat, locations, weights, backend)
 
 

@@ -23,3 +23,11 @@ def apply_box_delta(delta: Tensor, reference: Tensor, eps: float = 1e-5) -> Tens
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x: [B, N, D], index: [B, K] -> [B, K, D]."""
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest entries of each row of ``x`` [B, n], best first, ties broken by the lower
+    index: ``torch.topk`` leaves tie order to the kernel (and so to the CPU), while onnxruntime's
+    TopK uses this rule. Returns (values, indices), each [B, k]."""
+    values, indices = x.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]

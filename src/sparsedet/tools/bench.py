@@ -41,11 +41,17 @@ CONVENTION = ("GFLOPs per image = 1e9 multiply-adds (one fused multiply-add = 1 
 SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio"}
 
 
-def load_model(target: str, overrides: dict | None = None) -> nn.Module:
-    """A run folder (its weights) or a preset name (random weights: cost does not depend on them)."""
-    from ..api import Detector
+def load_model(target: str, overrides: dict | None = None):
+    """A run folder (its weights), a preset name (random weights: cost does not depend on them) or
+    an exported .onnx file (an ``OnnxDetector``)."""
+    from ..api import Detector, load_detector
     from ..presets import PRESETS
     overrides = overrides or {}
+    if target.lower().endswith(".onnx"):
+        if overrides:
+            raise SparsedetError(f"an .onnx file computes what it was exported with; leave out --set/--sweep "
+                                 f"({', '.join(overrides)})")
+        return load_detector(target)
     if Path(target).is_dir():
         return Detector.from_pretrained(target, **overrides)
     if target in PRESETS:
@@ -236,6 +242,8 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
     ``batch`` of ``size`` (height, width) images, timed in ``precision`` ("fp32", "bf16" or "fp16"
     on CUDA; the result's "precision" says what ran)."""
     from tqdm import tqdm
+    if not isinstance(model, nn.Module):
+        return bench_exported(model, size, batch, precision, runs, warmup)
     device = resolve_device(device, fix="--device cpu")
     dtype = resolve_precision(precision, device)  # before the cost count: a wrong word fails at once
     model = model.to(device).eval()
@@ -312,8 +320,39 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
     return result
 
 
+def bench_exported(model, size: tuple[int, int], batch: int = 1, precision: str = "fp32", runs: int = 10,
+                   warmup: int = 3) -> dict:
+    """Latency of an exported file (an ``OnnxDetector``) by the same protocol and inputs as
+    ``bench_model``: ``warmup`` untimed runs, then ``runs`` timed runs of the whole file (forward and
+    post-processing) in onnxruntime on the CPU. No per-stage split or GFLOPs: the graph has no
+    stage boundaries to time or count (bench the run folder for those)."""
+    import onnxruntime
+    model.check_precision(precision)
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    inputs = Batch(torch.rand(batch, 3, h, w, generator=g), torch.zeros(batch, h, w, dtype=torch.bool))
+    sizes = torch.tensor([[h, w]] * batch)
+    result = {"weights": model.num_weights, "size": [h, w], "batch": batch, "precision": "fp32",
+              "runtime": f"onnxruntime {onnxruntime.__version__} (CPU, {model.threads} threads)"}
+    if runs <= 0:
+        return result
+    totals = []
+    with PeakRss() as rss:
+        for i in range(warmup + runs):
+            start = perf_counter()
+            model.detect(inputs, sizes)
+            if i >= warmup:
+                totals.append(perf_counter() - start)
+    result["latency_ms"] = {"total": _summary(totals)}
+    result["runs"], result["warmup"] = runs, warmup
+    result["memory_peak"] = _peak_memory(torch.device("cpu"), rss)
+    return result
+
+
 def format_result(name: str, r: dict) -> str:
-    """One model's table: GFLOPs and latency per stage."""
+    """One model's table: GFLOPs and latency per stage (an exported file: its total latency)."""
+    if "runtime" in r:
+        return _format_exported(name, r)
     h, w = r["size"]
     timed = "latency_ms" in r
     ran = f"  {r['precision']}" if timed else ""  # the precision the timed runs ran in
@@ -335,6 +374,18 @@ def format_result(name: str, r: dict) -> str:
         detail = f", over {mem['rss_before_mib']:.0f} MiB before them; {mem['method']}" if "method" in mem else ""
         lines.append(f"  peak memory: {mem['mib']:.0f} MiB ({mem['kind']}{detail}); {r['runs']} timed runs after "
                      f"{r['warmup']} warm-up")
+    return "\n".join(lines)
+
+
+def _format_exported(name: str, r: dict) -> str:
+    h, w = r["size"]
+    lines = [f"{name}  {h}x{w}  batch {r['batch']}  {r['precision']}  {r['runtime']}  weights "
+             f"{r['weights'] / 1e6:.1f} M values"]
+    if "latency_ms" in r:
+        t = r["latency_ms"]["total"]
+        lines.append(f"  {'total':9s} median {t['median']:.1f} ms, min {t['min']:.1f}, max {t['max']:.1f}")
+        lines.append(f"  peak memory: {r['memory_peak']['mib']:.0f} MiB ({r['memory_peak']['kind']}); {r['runs']} "
+                     f"timed runs after {r['warmup']} warm-up")
     return "\n".join(lines)
 
 

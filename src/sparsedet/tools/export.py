@@ -1,13 +1,16 @@
 """ONNX export: one file per model, post-processing inside, checked in onnxruntime.
 
 The exported graph takes ``images`` [B, 3, H, W] (RGB float in [0, 1], padded), ``mask`` [B, H, W]
-(True on padding) and ``sizes`` [B, 2] (each image's original (height, width), int64), at the
-fixed H x W it was exported for; normalisation happens inside. It returns ``boxes`` [B, k, 4] (xyxy
+(True on padding) and ``sizes`` [B, 2] (each image's original (height, width), int64), at any H x W
+(or the one fixed size asked for); normalisation happens inside. It returns ``boxes`` [B, k, 4] (xyxy
 in original pixels, clipped), ``scores`` [B, k] and ``labels`` [B, k] (the run's category ids),
 sorted by score: what ``predict`` returns before its threshold. ``prepare`` makes those inputs from
 images. The class table, the input size and the pre-processing are in the file's metadata.
 
-Deformable attention leaves the graph as ONNX ``GridSample`` per level (``ms_deform_attn_onnx``).
+Deformable attention leaves the graph as ONNX ``GridSample`` per level (``ms_deform_attn_onnx``),
+Salience DETR's proposal NMS as ``NonMaxSuppression`` (``cell_nms_onnx``), and the token-sparse
+encoders' keep widths as values computed from the mask, so that every preset computes on any
+padded batch what PyTorch computes.
 Needs ``pip install 'sparsedet[export]'`` (onnx, onnxruntime, onnxscript), imported only here.
 """
 from __future__ import annotations
@@ -22,20 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
 from ..models.heads import top_detections
 
 INPUTS, OUTPUTS = ["images", "mask", "sizes"], ["boxes", "scores", "labels"]
-# Encoders whose result on a padded batch depends on how a top-k orders tied padding tokens, or on
-# the batch's keep width, which the graph fixes at the unpadded count (measured: scores off by 4e-3).
-UNEXPORTABLE = {  # encoder kind: (method, why)
-    "sparse": ("Sparse DETR", "its efficient query init reads the memory of whichever tied padding tokens the "
-                              "top-k returns"),
-    "focus": ("Focus-DETR", "its dual attention takes object tokens from the batch-wide selection, padding "
-                            "entries included"),
-    "salience": ("Salience DETR", "its dual attention as Focus-DETR's, and its proposal NMS keeps candidates one "
-                                  "by one on the host")}
 BOX_TOLERANCE_PX, SCORE_TOLERANCE = 0.5, 1e-3
 
 
@@ -55,34 +50,45 @@ class ExportedDetector(nn.Module):
         return xyxy, scores, self.category_ids[labels]
 
 
-def default_size(model) -> tuple[int, int]:
+def sample_size(model) -> tuple[int, int]:
     """A square of the longest resized side: every aspect ratio fits."""
     side = -(-model.config.eval_max_size // 32) * 32
     return side, side
 
 
-def prepare(model, images: list, size: tuple[int, int]) -> dict[str, np.ndarray]:
+def prepare(model, images: list, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """Images (anything ``Detector.predict`` takes) -> the exported model's inputs: resized as
     ``predict`` resizes them (short side ``eval_size``, long side at most ``eval_max_size``), then
-    padded to ``size`` (height, width)."""
+    padded to the largest of the batch, or to ``size`` (height, width) for a fixed-size export."""
     batch, sizes, _ = model.preprocess(images)
-    h, w = batch.images.shape[-2:]
-    if h > size[0] or w > size[1]:
-        raise SparsedetError(f"a resized image is {h}x{w}, larger than the exported input {size[0]}x{size[1]}; "
-                             f"export with --size {max(h, size[0])}x{max(w, size[1])}")
-    pad = (0, size[1] - w, 0, size[0] - h)
-    images_t = nn.functional.pad(batch.images, pad)
-    mask = nn.functional.pad(batch.mask, pad, value=True)
-    return {"images": images_t.numpy(), "mask": mask.numpy(), "sizes": sizes.numpy().astype(np.int64)}
+    return inputs(batch, sizes, size)
+
+
+def inputs(batch: Batch, sizes: Tensor, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """A padded batch and its images' original (height, width) [B, 2] -> the exported model's
+    inputs, padded further to ``size`` where the export fixed it."""
+    images, mask = batch.images, batch.mask
+    if size is not None:
+        h, w = images.shape[-2:]
+        if h > size[0] or w > size[1]:
+            raise SparsedetError(f"a resized image is {h}x{w}, larger than the exported input {size[0]}x{size[1]}; "
+                                 f"export with --size {max(h, size[0])}x{max(w, size[1])} or without --size")
+        pad = (0, size[1] - w, 0, size[0] - h)
+        images, mask = nn.functional.pad(images, pad), nn.functional.pad(mask, pad, value=True)
+    return {"images": images.float().numpy(), "mask": mask.numpy(), "sizes": sizes.numpy().astype(np.int64)}
 
 
 def ms_deform_attn_onnx(value, shapes, locations, weights, backend):
     """``sparsedet::ms_deform_attn`` in ONNX ops (opset 16-19): one GridSample per level, as the
-    ``reference`` backend computes it. ``shapes`` is the flat (H_0, W_0, H_1, ...) list of ints."""
+    ``reference`` backend computes it. ``shapes`` is the flat (H_0, W_0, H_1, ...) list: ints, or
+    scalar int64 values where the input size is dynamic."""
     from onnxscript import opset18 as op
 
     def ints(*values):
         return op.Constant(value_ints=list(values))
+
+    def dim(n):  # an int or a scalar value -> a 1-element int64 tensor
+        return ints(n) if isinstance(n, int) else op.Reshape(n, ints(1))
 
     heads_dim = op.Shape(value, start=3, end=4)
     batch = op.Shape(value, start=0, end=1)
@@ -92,12 +98,13 @@ def ms_deform_attn_onnx(value, shapes, locations, weights, backend):
     grids = op.Reshape(grids, op.Concat(ints(-1), op.Shape(grids, start=2), axis=0))  # [B*M, Q, L, P, 2]
     wts = op.Transpose(weights, perm=[0, 2, 1, 3, 4])  # [B, M, Q, L, P]
     wts = op.Reshape(wts, op.Concat(ints(-1, 1), op.Shape(wts, start=2), axis=0))  # [B*M, 1, Q, L, P]
-    out, start = None, 0
+    out, start = None, ints(0)
     for level in range(len(shapes) // 2):
-        h, w = shapes[2 * level], shapes[2 * level + 1]
-        v = op.Slice(per_head, ints(start), ints(start + h * w), ints(3))
-        v = op.Reshape(v, op.Concat(ints(-1), heads_dim, ints(h, w), axis=0))  # [B*M, D, h, w]
-        start += h * w
+        h, w = dim(shapes[2 * level]), dim(shapes[2 * level + 1])
+        end = op.Add(start, op.Mul(h, w))
+        v = op.Slice(per_head, start, end, ints(3))
+        v = op.Reshape(v, op.Concat(ints(-1), heads_dim, h, w, axis=0))  # [B*M, D, h, w]
+        start = end
         sampled = op.GridSample(v, op.Gather(grids, op.Constant(value_int=level), axis=2),
                                 align_corners=0, mode="bilinear", padding_mode="zeros")  # [B*M, D, Q, P]
         part = op.ReduceSum(op.Mul(sampled, op.Gather(wts, op.Constant(value_int=level), axis=3)), ints(-1),
@@ -107,12 +114,45 @@ def ms_deform_attn_onnx(value, shapes, locations, weights, backend):
     return op.Transpose(out, perm=[0, 2, 1])
 
 
+def stable_sort_onnx(x, stable=None, dim=-1, descending=False):
+    """``aten.sort.stable`` (``ops.functional.top_k``'s sort) as ONNX TopK over the whole axis,
+    whose ties go to the lower index: what a stable sort does."""
+    from onnxscript import opset18 as op
+    n = op.Shape(x, start=dim, end=dim + 1) if dim != -1 else op.Shape(x, start=-1)
+    return op.TopK(x, n, axis=dim, largest=1 if descending else 0, sorted=1)
+
+
+def cell_nms_onnx(level, x, y, iou_threshold):
+    """``sparsedet::cell_nms`` as ONNX NonMaxSuppression over the boxes (x - 1, y - 1, x + 1, y + 1),
+    shifted apart per level so that levels never overlap, scored by candidate rank (candidates come
+    best first, so the greedy order is the same); the selected indices are scattered into a mask."""
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    def ints(*values):
+        return op.Constant(value_ints=list(values))
+
+    n = op.Shape(x, start=1, end=2)
+    shift = op.Mul(op.Cast(level, to=TensorProto.FLOAT), op.Constant(value_float=1e5))
+    xf, yf = op.Add(op.Cast(x, to=TensorProto.FLOAT), shift), op.Cast(y, to=TensorProto.FLOAT)
+    one = op.Constant(value_float=1.0)
+    corners = [op.Sub(yf, one), op.Sub(xf, one), op.Add(yf, one), op.Add(xf, one)]
+    boxes = op.Concat(*[op.Unsqueeze(c, ints(-1)) for c in corners], axis=-1)  # [B, n, 4] as (y1, x1, y2, x2)
+    rank = op.Cast(op.Range(op.Squeeze(n, ints(0)), op.Constant(value_int=0), op.Constant(value_int=-1)),
+                   to=TensorProto.FLOAT)  # n, n - 1, ..., 1
+    scores = op.Expand(op.Reshape(rank, ints(1, 1, -1)), op.Concat(op.Shape(x, start=0, end=1), ints(1), n, axis=0))
+    selected = op.NonMaxSuppression(boxes, scores, n, op.Constant(value_floats=[iou_threshold]))  # [K, 3]
+    where = op.Gather(selected, ints(0, 2), axis=1)  # (image, candidate)
+    ones = op.Expand(op.Constant(value_int=1), op.Shape(selected, start=0, end=1))
+    return op.Cast(op.ScatterND(op.Mul(x, op.Constant(value_int=0)), where, ones), to=TensorProto.BOOL)
+
+
 def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, opset: int = 18,
                 top_k: int | None = None) -> dict:
-    """Write ``model`` (a ``Detector``) to ``path`` as ONNX for inputs of ``size`` (height, width),
-    then run the file in onnxruntime on sample images and compare with PyTorch. Returns the
-    comparison; when it fails, the file is kept as ``*.mismatch.onnx`` and SparsedetError says by
-    how much."""
+    """Write ``model`` (a ``Detector``) to ``path`` as ONNX for inputs of any size, or of ``size``
+    (height, width) only, then run the file in onnxruntime on sample images and compare with
+    PyTorch. Returns the comparison; when it fails, the file is kept as ``*.mismatch.onnx`` and
+    SparsedetError says by how much."""
     try:
         import onnx
         import onnxruntime  # noqa: F401
@@ -121,17 +161,17 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
         raise SparsedetError(f"export needs onnx, onnxruntime and onnxscript: pip install 'sparsedet[export]' ({e})")
     if not 16 <= opset <= 19:
         raise SparsedetError(f"--opset must be 16 to 19 (GridSample with mode 'bilinear'), got {opset}")
-    if model.config.encoder.kind in UNEXPORTABLE:
-        method, why = UNEXPORTABLE[model.config.encoder.kind]
-        raise SparsedetError(f"{method} cannot be exported yet: on a padded batch onnxruntime would not compute "
-                             f"what PyTorch computes ({why})")
     path = Path(path)
-    size = size or default_size(model)
     model = model.eval().float()
     wrapper = ExportedDetector(model, top_k or model.config.top_k).eval()
-    sample = prepare(model, sample_images(size, 2), size)
+    sample = prepare(model, sample_images(size or sample_size(model), 2), size)
     args = tuple(torch.from_numpy(sample[k]) for k in INPUTS)
     batch = torch.export.Dim("batch", min=1, max=64)
+    dims = {0: batch}
+    if size is None:  # the coarsest (stride 64) map must be wider than one cell
+        height, width = torch.export.Dim("height", min=65, max=8192), torch.export.Dim("width", min=65, max=8192)
+        dims = {0: batch, 2: height, 3: width}
+    dynamic = {"images": dims, "mask": {k - 1 if k else 0: d for k, d in dims.items()}, "sizes": {0: batch}}
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and other chatter of the exporter
@@ -140,8 +180,10 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
         try:
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=opset, input_names=INPUTS, output_names=OUTPUTS,
-                dynamic_shapes={"images": {0: batch}, "mask": {0: batch}, "sizes": {0: batch}},
-                custom_translation_table={torch.ops.sparsedet.ms_deform_attn.default: ms_deform_attn_onnx},
+                dynamic_shapes=dynamic,
+                custom_translation_table={torch.ops.sparsedet.ms_deform_attn.default: ms_deform_attn_onnx,
+                                          torch.ops.aten.sort.stable: stable_sort_onnx,
+                                          torch.ops.sparsedet.cell_nms.default: cell_nms_onnx},
                 optimize=False,  # the onnxscript optimiser dropped a node's input in our graphs
                 report=False, verbose=False)
         except Exception as e:  # the exporter's errors are long; name the model and the first line
@@ -156,13 +198,20 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
         finally:
             quiet.setLevel(level)
     proto = program.model_proto
+    fixed = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[2:] if d.dim_value]
+    if size is None and fixed:  # the exporter falls back to the sample's size when a dynamic one fails
+        raise SparsedetError(f"exporting {model.config.kind} with a {model.config.encoder.kind} encoder for any "
+                             f"input size failed (the graph fixed it at {fixed}); export with --size HxW")
     c = model.config
-    meta = {"sparsedet": __version__, "classes": json.dumps(c.classes or [str(i) for i in range(c.num_classes)]),
+    run_config = getattr(model, "run_config", None) or Config(model=c)
+    meta = {"sparsedet": __version__, "config": json.dumps(run_config.to_dict()), "top_k": str(wrapper.top_k),
+            "classes": json.dumps(c.classes or [str(i) for i in range(c.num_classes)]),
             "category_ids": json.dumps(c.category_ids or list(range(c.num_classes))),
-            "input_size": f"{size[0]}x{size[1]}", "eval_size": str(c.eval_size), "eval_max_size": str(c.eval_max_size),
+            "input_size": f"{size[0]}x{size[1]}" if size else "any", "eval_size": str(c.eval_size),
+            "eval_max_size": str(c.eval_max_size),
             "preprocessing": "RGB in [0, 1]; resize so the short side is eval_size and the long side at most "
-                             "eval_max_size; pad right and bottom to input_size (mask True there); "
-                             "normalisation is inside the graph"}
+                             "eval_max_size; pad right and bottom to the largest of the batch, or to input_size "
+                             "when it is fixed (mask True there); normalisation is inside the graph"}
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +225,10 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
 
 
 def sample_images(size: tuple[int, int], n: int) -> list[np.ndarray]:
-    """Deterministic test pictures (smooth colour fields with rectangles) that fit ``size`` after
-    resizing: one of its shape, one shorter along its shorter side."""
+    """Deterministic test pictures (smooth colour fields with rectangles, plus noise so that no two
+    tokens see the same pixels: an exact tie between tokens is broken by the last bit of each
+    engine's arithmetic) that fit ``size`` after resizing: one of its shape, one shorter along its
+    shorter side."""
     rng = np.random.default_rng(0)
     images = []
     for i in range(n):
@@ -189,6 +240,7 @@ def sample_images(size: tuple[int, int], n: int) -> list[np.ndarray]:
         for _ in range(4):
             y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
             image[y0:y0 + rng.integers(8, h // 2), x0:x0 + rng.integers(8, w // 2)] = rng.integers(0, 255, 3)
+        image = image * 0.8 + rng.uniform(0, 50, image.shape)
         images.append(image.astype(np.uint8))
     return images
 

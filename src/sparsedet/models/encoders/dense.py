@@ -27,10 +27,10 @@ def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor
     scaled to every level: [B, S, L, 2] as (x, y)."""
     refs = []
     for lvl, (h, w) in enumerate(shapes):
-        ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            indexing="ij")
+        # arange + 0.5 equals linspace(0.5, h - 0.5, h) exactly and keeps a symbolic h symbolic.
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                                torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                                indexing="ij")
         y = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
         x = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
         refs.append(torch.stack([x, y], -1))

@@ -12,7 +12,7 @@ from ...config import ModelConfig
 from ...errors import SparsedetError
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
-from ...ops.functional import gather_rows
+from ...ops.functional import gather_rows, top_k
 from .dense import DeformableEncoderLayer, EncoderOutput
 from .scoring import (LayerSelection, TokenScorer, TokenSelection, cascade, check_ratios, encoder_points, gather_points,
                       mask_padding, scatter_tokens, top_down_scores, top_share, uniform_alpha)
@@ -29,7 +29,7 @@ class DualAttentionLayer(DeformableEncoderLayer):
 
     def forward(self, query: Tensor, pos: Tensor, reference: Tensor, value: Tensor, shapes: list[tuple[int, int]],
                 value_padding: Tensor, object_scores: Tensor, num_objects: int) -> Tensor:
-        top = object_scores.topk(min(num_objects, query.shape[1]), dim=1).indices
+        top = top_k(object_scores, min(num_objects, query.shape[1]))[1]
         objects, objects_pos = gather_rows(query, top), gather_rows(pos, top)
         q = objects + objects_pos
         objects = self.pre_norm(objects + self.dropout(self.pre_attn(q, q, objects, need_weights=False)[0]))

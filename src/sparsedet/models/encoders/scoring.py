@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import SparsedetError
-from ...ops.functional import gather_rows
+from ...ops.functional import gather_rows, top_k
 from .dense import encoder_reference_points
 
 
@@ -73,21 +73,21 @@ def keep_counts(valid: Tensor, ratio: float, plus_one: bool) -> Tensor:
     return n + 1 if plus_one else n
 
 
-def batch_width(counts: Tensor, static: int) -> int:
-    """Width of the batch's selection: the largest count. While exporting, tensors hold no values,
-    so the width for an unpadded input (``static``) is used instead."""
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return static
-    return int(counts.max())
+def size_value(value: Tensor, upper: int) -> int:
+    """The int in a 0-d tensor, known to lie in [1, upper]. While exporting it stays a value of the
+    graph (an unbacked size), so widths follow the input."""
+    size = value.item()
+    torch._check(size >= 1)
+    torch._check(size <= upper)
+    return size
 
 
 def top_share(logits: Tensor, padding: Tensor, ratio: float, plus_one: bool) -> "LayerSelection":
     """Each image's best floor(ratio * valid) (+ 1) tokens of ``logits`` [B, n], padding masked to
     the minimum, at the batch-wide width of the largest count."""
     counts = keep_counts((~padding).sum(1), ratio, plus_one)
-    total = logits.shape[1]
-    static = int(torch.tensor(ratio, dtype=torch.float32) * total) + int(plus_one)
-    scores, indices = mask_padding(logits, padding).topk(min(batch_width(counts, static), total), dim=1)
+    # The batch's width is the largest count.
+    scores, indices = top_k(mask_padding(logits, padding), size_value(counts.max(), logits.shape[1]))
     return LayerSelection(indices, scores, counts)
 
 
@@ -127,7 +127,9 @@ def cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float]
     k = indices.shape[1]
     out = []
     for r in ratios:
-        k_t = max(1, int(torch.tensor(r, dtype=torch.float32) * k))
+        # A tensor product, so that a symbolic width (export) stays a value of the graph.
+        k_t = size_value((torch.full((), k, dtype=torch.float32) * torch.tensor(r, dtype=torch.float32)).long()
+                         .clamp(min=1), k)
         out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], counts.clamp(max=k_t)))
     return out
 

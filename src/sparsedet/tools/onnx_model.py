@@ -1,0 +1,109 @@
+"""An exported model (``sparsedet export``) as a first-class detector: ``OnnxDetector`` runs the
+file in onnxruntime behind the interface that ``predict``, ``eval`` and ``bench`` use for a
+``Detector`` (``config``, ``classes``, ``preprocess``, ``detect``, ``predict``). The run's config
+travels in the file's metadata, so resizing and the class table are the run's own."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..api import ImageLike, check_top_k, preprocess_images
+from ..config import Config
+from ..data.batch import Batch
+from ..errors import SparsedetError
+from ..models.heads import check_threshold
+from .export import OUTPUTS, inputs
+
+
+class OnnxDetector:
+    """``OnnxDetector("model.onnx").predict("photo.jpg")``: detections as ``Detector.predict``
+    returns them, computed by onnxruntime on the CPU with PyTorch's thread count."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        path = Path(path)
+        if not path.is_file():
+            raise SparsedetError(f"ONNX file not found: {path}")
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise SparsedetError(f"running an .onnx file needs onnxruntime: pip install 'sparsedet[export]' ({e})")
+        options = ort.SessionOptions()
+        self.threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = self.threads
+        options.log_severity_level = 3  # the optimiser's notes about nodes it could not fuse
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
+            raise SparsedetError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "config" not in meta:
+            raise SparsedetError(f"{path} was not written by `sparsedet export` (its metadata has no run config); "
+                                 "export the run again")
+        self.path = path
+        self.run_config = Config.from_dict(json.loads(meta["config"]))
+        self.config = self.run_config.model
+        self.exported_top_k = int(meta["top_k"])
+        fixed = meta.get("input_size", "any")
+        self.input_size = None if fixed == "any" else tuple(int(v) for v in fixed.split("x"))
+        self._column = {cid: i for i, cid in enumerate(self.category_ids)}
+
+    @property
+    def num_weights(self) -> int:
+        """Values stored in the file's initializers (weights, buffers and constants)."""
+        import onnx
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        return sum(int(np.prod(t.dims)) for t in graph.initializer)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config.classes or [str(i) for i in range(self.config.num_classes)]
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def category_ids(self) -> list[int]:
+        return list(self.config.category_ids or range(self.config.num_classes))
+
+    @staticmethod
+    def check_precision(precision: str) -> None:
+        if precision != "fp32":
+            raise SparsedetError(f"an .onnx file runs in the precision it was exported in (fp32); leave out "
+                                 f"--precision {precision}")
+
+    def preprocess(self, images: list[ImageLike]) -> tuple[Batch, Tensor, list]:
+        return preprocess_images(images, self.config.eval_size, self.config.eval_max_size)
+
+    def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:
+        """The file's top-k detections of a padded batch, scored above ``threshold``, at most
+        ``top_k`` (no more than the export's); labels as column indices, like ``Detector.detect``."""
+        k = min(top_k or self.config.top_k, self.exported_top_k)
+        boxes, scores, labels = self.session.run(OUTPUTS, inputs(batch, sizes.cpu(), self.input_size))
+        columns = np.vectorize(self._column.__getitem__, otypes=[np.int64])(labels) if labels.size else labels
+        results = []
+        for b in range(boxes.shape[0]):
+            keep = scores[b, :k] > threshold
+            results.append({"boxes": torch.from_numpy(boxes[b, :k][keep]),
+                            "scores": torch.from_numpy(scores[b, :k][keep]),
+                            "labels": torch.from_numpy(columns[b, :k][keep])})
+        return results
+
+    def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5, top_k: int | None = None,
+                batch_size: int = 4, precision: str = "fp32") -> list[dict[str, Tensor]]:
+        """``Detector.predict`` through onnxruntime. The file computes in the precision it was
+        exported in, so ``precision`` must be "fp32"."""
+        check_threshold(threshold)
+        check_top_k(top_k)
+        self.check_precision(precision)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        results = []
+        for start in range(0, len(images), batch_size):
+            batch, sizes, _ = self.preprocess(images[start:start + batch_size])
+            results += self.detect(batch, sizes, threshold, top_k)
+        return results
