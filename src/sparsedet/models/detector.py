@@ -13,43 +13,27 @@ from ..errors import SparsedetError
 from ..nn.attention import MSDeformAttn
 from ..nn.backbone import ResNet
 from ..nn.neck import MultiLevel, Neck
-from .decoders import SINGLE_LEVEL, build_decoder
+from .bases import BASES
 from .denoising import ContrastiveDenoising
 from .encoders import build_encoder
 from .heads import PredictionHeads, postprocess
 from .encoders.scoring import TokenSelection
-from .queries import AnchorPointQueries, BoxQueries, LearnedQueries, ProposalQueries
-
-KINDS = ("deformable", "dino") + SINGLE_LEVEL
-REFINING = ("dino", "sam", "decoupled")   # always refine boxes layer by layer
+from .queries import LearnedQueries
 
 
 def check_model_config(c: ModelConfig) -> None:
     """Clear errors for combinations the architecture cannot build."""
-    if c.kind not in KINDS:
-        raise SparsedetError(f"unknown model kind {c.kind!r}; choose one of {KINDS}")
+    if c.kind not in BASES:
+        raise SparsedetError(f"unknown model kind {c.kind!r}; choose one of {tuple(BASES)}")
     if c.classes and len(c.classes) != c.num_classes:
         raise SparsedetError(
             f"model has {c.num_classes} classes but {len(c.classes)} class names; make them agree")
-    single = c.kind in SINGLE_LEVEL
-    if single and (c.num_levels != 1 or c.encoder.kind != "global"):
+    single = [kind for kind, base in BASES.items() if base.single_level]
+    if c.kind in single and (c.num_levels != 1 or c.encoder.kind != "global"):
         raise SparsedetError(f"kind={c.kind!r} attends globally over one feature level: set num_levels=1 and "
                              "encoder.kind='global' (as the conditional_detr/sam_detr/decoupled_detr presets)")
-    if not single and c.encoder.kind == "global":
-        raise SparsedetError("encoder.kind='global' is for the single-level kinds (conditional, sam, decoupled)")
-
-
-def build_queries(c: ModelConfig) -> nn.Module:
-    if c.kind in ("dino", "decoupled"):
-        return ProposalQueries("mixed", c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
-    if c.kind == "conditional":
-        return AnchorPointQueries(c.num_queries, c.hidden_dim)
-    if c.kind == "sam":
-        return BoxQueries(c.num_queries, c.hidden_dim)
-    if c.two_stage:
-        mode = "efficient" if c.efficient_queries else "two_stage"
-        return ProposalQueries(mode, c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
-    return LearnedQueries(c.num_queries, c.hidden_dim)
+    if c.kind not in single and c.encoder.kind == "global":
+        raise SparsedetError(f"encoder.kind='global' is for the single-level kinds ({', '.join(single)})")
 
 
 @dataclass
@@ -83,23 +67,22 @@ class DetectionTransformer(nn.Module):
         super().__init__()
         check_model_config(config)
         self.config = c = config
-        dino = c.kind == "dino"
+        base = BASES[c.kind]
+        self.refine_boxes = base.refine(c)
         b = c.backbone
         self.backbone = ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm)
         if b.weights:
             self.backbone.load_weights(b.weights)
         self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset,
-                         norm=c.input_norm, level_embed=c.kind not in SINGLE_LEVEL)
+                         norm=c.input_norm, level_embed=not base.single_level)
         self.encoder = build_encoder(c)
-        self.queries = build_queries(c)
-        self.decoder = build_decoder(c)
-        default_shared = {"dino": True, "conditional": True, "sam": False, "decoupled": False}.get(
-            c.kind, not c.box_refine)
-        shared = c.share_heads if c.share_heads is not None else default_shared
-        self.heads = PredictionHeads(c.hidden_dim, c.num_classes, c.num_decoder_layers, shared,
-                                     initial_size_bias=-2.0 if c.kind == "deformable" and not c.two_stage else 0.0)
+        self.queries = base.queries(c)
+        self.decoder = base.decoder(c)
+        self.heads = PredictionHeads(c.hidden_dim, c.num_classes, c.num_decoder_layers, base.share_heads(c),
+                                     initial_size_bias=base.size_bias(c))
         self.denoising = (ContrastiveDenoising(c.num_classes, c.hidden_dim, c.dn_queries, c.dn_label_noise,
-                                               c.dn_box_noise, c.sigmoid_eps, c.dn_spare_label) if dino else None)
+                                               c.dn_box_noise, c.sigmoid_eps, c.dn_spare_label)
+                          if base.denoising else None)
         self.register_buffer("image_mean", torch.tensor(c.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(c.image_std).view(1, 3, 1, 1), persistent=False)
         self._reset_transformer_parameters()
@@ -148,10 +131,10 @@ class DetectionTransformer(nn.Module):
                 tgt = torch.cat([dn.tgt, tgt], 1)
                 reference = torch.cat([dn.reference, reference], 1)
                 attn_mask = dn.attn_mask
-        refine = self.config.box_refine or self.config.kind in REFINING
-        box_heads = [self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if refine else None
-        # Sparse DETR's scorer learns from where the decoder looked.
-        record = record_sampling or (self.training and self.config.encoder.kind == "sparse")
+        box_heads = ([self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if self.refine_boxes
+                     else None)
+        # An encoder whose scorer learns from where the decoder looked (Sparse DETR) says so.
+        record = record_sampling or (self.training and getattr(self.encoder, "learns_from_decoder", False))
         outputs, refs, sampling = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
                                                record_sampling=record)
         if selection is not None:

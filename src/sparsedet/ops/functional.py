@@ -30,4 +30,4 @@ def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     index: ``torch.topk`` leaves tie order to the kernel (and so to the CPU), while onnxruntime's
     TopK uses this rule. Returns (values, indices), each [B, k]."""
     values, indices = x.sort(dim=1, descending=True, stable=True)
-    return values[:, :k], indices[:, :k]
+    return values[:, :k].contiguous(), indices[:, :k].contiguous()

@@ -16,6 +16,8 @@ from .scoring import (LayerSelection, TokenScorer, TokenSelection, check_ratios,
 
 
 class SparseEncoder(nn.Module):
+    learns_from_decoder = True  # its scorer's target is the decoder's attention map (DAM)
+
     def __init__(self, c: ModelConfig):
         super().__init__()
         check_ratios([c.encoder.keep_ratio], "encoder.keep_ratio")
