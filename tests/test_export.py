@@ -105,8 +105,32 @@ def test_metadata_outputs_and_category_ids(tmp_path):
     assert (boxes[0][:, [0, 2]] <= 128).all() and (boxes[0][:, [1, 3]] <= 60).all()  # clipped to the original
 
 
+def test_fp16_file_matches_pytorch_in_fp16(tmp_path):
+    # Learned queries: no top-k inside the model, where fp16 rounding (PyTorch's or onnxruntime's,
+    # on this CPU or another) could swap two near-tied proposals.
+    torch.manual_seed(0)
+    model = Detector.from_preset("deformable_detr_tiny", num_classes=3, two_stage=False,
+                                 **_small("deformable_detr_tiny"))
+    path = tmp_path / "half.onnx"
+    report = model.export_onnx(path, size=SIZE, precision="fp16")
+    assert report["ok"] and report["max_score"] <= 1e-2 and report["max_box_px"] <= 2.0, report
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left in fp32
+    graph = onnx.load(str(path)).graph
+    weights = [t.data_type for t in graph.initializer if t.name.endswith(".weight")]
+    assert len(weights) > 20 and set(weights) == {onnx.TensorProto.FLOAT16}
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # images stay fp32
+
+    from sparsedet.tools.onnx_model import OnnxDetector
+    exported = OnnxDetector(path)
+    assert exported.precision == "fp16"
+    pair, _ = _other_images()
+    assert len(exported.predict(pair, threshold=0.0, precision="fp16")) == 2
+    with pytest.raises(SparsedetError, match=r"exported in \(fp16\); leave out --precision bf16"):
+        exported.predict(pair, precision="bf16")
+
+
 def test_disagreement_keeps_the_file_and_fails(tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "BOX_TOLERANCE_PX", -1.0)  # nothing can match
+    monkeypatch.setitem(export.TOLERANCES, "fp32", (-1.0, 1e-3))  # nothing can match
     model = Detector.from_preset("conditional_detr_tiny", num_classes=3, **SMALL)
     with pytest.raises(SparsedetError, match=r"onnxruntime disagrees with PyTorch: 2 sample images, best 20 .*"
                                              r"m\.mismatch\.onnx"):

@@ -111,12 +111,12 @@ class Detector(DetectionTransformer):
         return super().cuda(device)
 
     def export_onnx(self, path: str | Path, size: tuple[int, int] | None = None, opset: int = 18,
-                    top_k: int | None = None) -> dict:
+                    top_k: int | None = None, precision: str = "fp32") -> dict:
         """Write the model as ONNX for inputs of any size (or of ``size`` (height, width) only) with
-        post-processing inside, and check it in onnxruntime against PyTorch
-        (``sparsedet.tools.export``). Returns the comparison; raises when they disagree."""
+        post-processing inside, in ``precision`` "fp32" or "fp16", and check it in onnxruntime
+        against PyTorch (``sparsedet.tools.export``). Returns the comparison; raises when they disagree."""
         from .tools.export import export_onnx
-        return export_onnx(self, path, size, opset, top_k)
+        return export_onnx(self, path, size, opset, top_k, precision)
 
     def save_pretrained(self, run_dir: str | Path) -> None:
         save_run(run_dir, self.state_dict(), getattr(self, "run_config", None) or Config(model=self.config))

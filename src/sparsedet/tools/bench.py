@@ -332,7 +332,7 @@ def bench_exported(model, size: tuple[int, int], batch: int = 1, precision: str 
     g = torch.Generator().manual_seed(0)
     inputs = Batch(torch.rand(batch, 3, h, w, generator=g), torch.zeros(batch, h, w, dtype=torch.bool))
     sizes = torch.tensor([[h, w]] * batch)
-    result = {"weights": model.num_weights, "size": [h, w], "batch": batch, "precision": "fp32",
+    result = {"weights": model.num_weights, "size": [h, w], "batch": batch, "precision": model.precision,
               "runtime": f"onnxruntime {onnxruntime.__version__} (CPU, {model.threads} threads)"}
     if runs <= 0:
         return result

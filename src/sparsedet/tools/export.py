@@ -15,6 +15,7 @@ Needs ``pip install 'sparsedet[export]'`` (onnx, onnxruntime, onnxscript), impor
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -31,7 +32,9 @@ from ..errors import SparsedetError
 from ..models.heads import top_detections
 
 INPUTS, OUTPUTS = ["images", "mask", "sizes"], ["boxes", "scores", "labels"]
-BOX_TOLERANCE_PX, SCORE_TOLERANCE = 0.5, 1e-3
+# Agreement the export check asks of onnxruntime against PyTorch, per precision: (box px, score).
+TOLERANCES = {"fp32": (0.5, 1e-3), "fp16": (2.0, 1e-2)}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 class ExportedDetector(nn.Module):
@@ -45,8 +48,10 @@ class ExportedDetector(nn.Module):
         self.register_buffer("category_ids", torch.tensor(c.category_ids or list(range(c.num_classes))))
 
     def forward(self, images: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits, boxes = self.model.final_outputs(Batch(images, mask))
-        xyxy, scores, labels = top_detections(logits, boxes, sizes, self.top_k)
+        """images stay fp32 in every precision: the model's own dtype starts inside the graph, and
+        the post-processing is fp32."""
+        logits, boxes = self.model.final_outputs(Batch(images.to(self.model.image_mean.dtype), mask))
+        xyxy, scores, labels = top_detections(logits.float(), boxes.float(), sizes, self.top_k)
         return xyxy, scores, self.category_ids[labels]
 
 
@@ -148,11 +153,13 @@ def cell_nms_onnx(level, x, y, iou_threshold):
 
 
 def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, opset: int = 18,
-                top_k: int | None = None) -> dict:
+                top_k: int | None = None, precision: str = "fp32") -> dict:
     """Write ``model`` (a ``Detector``) to ``path`` as ONNX for inputs of any size, or of ``size``
     (height, width) only, then run the file in onnxruntime on sample images and compare with
-    PyTorch. Returns the comparison; when it fails, the file is kept as ``*.mismatch.onnx`` and
-    SparsedetError says by how much."""
+    PyTorch. ``precision`` "fp16" stores and computes the model in fp16 (inputs and outputs stay
+    fp32; sampling and post-processing run in fp32 as in bf16) and checks it against PyTorch in
+    fp16, within 2 px and 1e-2. Returns the comparison; when it fails, the file is kept as
+    ``*.mismatch.onnx`` and SparsedetError says by how much."""
     try:
         import onnx
         import onnxruntime  # noqa: F401
@@ -161,8 +168,13 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
         raise SparsedetError(f"export needs onnx, onnxruntime and onnxscript: pip install 'sparsedet[export]' ({e})")
     if not 16 <= opset <= 19:
         raise SparsedetError(f"--opset must be 16 to 19 (GridSample with mode 'bilinear'), got {opset}")
+    if precision not in PRECISIONS:
+        raise SparsedetError(f"--precision must be one of {', '.join(PRECISIONS)} for export, got {precision!r}")
     path = Path(path)
-    model = model.eval().float()
+    run_config = getattr(model, "run_config", None) or Config(model=model.config)
+    if precision != "fp32":
+        model = copy.deepcopy(model)  # the caller's model stays as it was
+    model = model.eval().to(PRECISIONS[precision])
     wrapper = ExportedDetector(model, top_k or model.config.top_k).eval()
     sample = prepare(model, sample_images(size or sample_size(model), 2), size)
     args = tuple(torch.from_numpy(sample[k]) for k in INPUTS)
@@ -203,8 +215,8 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
         raise SparsedetError(f"exporting {model.config.kind} with a {model.config.encoder.kind} encoder for any "
                              f"input size failed (the graph fixed it at {fixed}); export with --size HxW")
     c = model.config
-    run_config = getattr(model, "run_config", None) or Config(model=c)
     meta = {"sparsedet": __version__, "config": json.dumps(run_config.to_dict()), "top_k": str(wrapper.top_k),
+            "precision": precision,
             "classes": json.dumps(c.classes or [str(i) for i in range(c.num_classes)]),
             "category_ids": json.dumps(c.category_ids or list(range(c.num_classes))),
             "input_size": f"{size[0]}x{size[1]}" if size else "any", "eval_size": str(c.eval_size),
@@ -216,7 +228,7 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
         proto.metadata_props.add(key=key, value=value)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
-    report = compare(wrapper, path, sample)
+    report = compare(wrapper, path, sample, precision=precision)
     if not report["ok"]:
         bad = path.with_suffix(".mismatch.onnx")
         path.replace(bad)
@@ -245,11 +257,13 @@ def sample_images(size: tuple[int, int], n: int) -> list[np.ndarray]:
     return images
 
 
-def compare(wrapper: ExportedDetector, path: Path, inputs: dict[str, np.ndarray], top: int = 20) -> dict:
+def compare(wrapper: ExportedDetector, path: Path, inputs: dict[str, np.ndarray], top: int = 20,
+            precision: str = "fp32") -> dict:
     """Run the file in onnxruntime and the wrapper in PyTorch on ``inputs``; each of PyTorch's best
     ``top`` detections per image must have an onnxruntime detection with the same label, a score
-    within 1e-3 and every box side within 0.5 px (matched, not position by position: detections a
-    rounding apart in score may swap)."""
+    within 1e-3 and every box side within 0.5 px (fp16: 1e-2 and 2 px; matched, not position by
+    position: detections a rounding apart in score may swap)."""
+    box_tolerance, score_tolerance = TOLERANCES[precision]
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -265,7 +279,7 @@ def compare(wrapper: ExportedDetector, path: Path, inputs: dict[str, np.ndarray]
             same = got[2][b] == expected[2][b, i]
             box = np.abs(got[0][b] - expected[0][b, i]).max(-1)
             score = np.abs(got[1][b] - expected[1][b, i])
-            fits = same & (box <= BOX_TOLERANCE_PX) & (score <= SCORE_TOLERANCE)
+            fits = same & (box <= box_tolerance) & (score <= score_tolerance)
             if fits.any():
                 j = int(np.argmin(np.where(fits, score, np.inf)))
                 worst_box, worst_score = max(worst_box, float(box[j])), max(worst_score, float(score[j]))

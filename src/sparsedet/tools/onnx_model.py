@@ -47,6 +47,7 @@ class OnnxDetector:
         self.run_config = Config.from_dict(json.loads(meta["config"]))
         self.config = self.run_config.model
         self.exported_top_k = int(meta["top_k"])
+        self.precision = meta.get("precision", "fp32")
         fixed = meta.get("input_size", "any")
         self.input_size = None if fixed == "any" else tuple(int(v) for v in fixed.split("x"))
         self._column = {cid: i for i, cid in enumerate(self.category_ids)}
@@ -70,11 +71,12 @@ class OnnxDetector:
     def category_ids(self) -> list[int]:
         return list(self.config.category_ids or range(self.config.num_classes))
 
-    @staticmethod
-    def check_precision(precision: str) -> None:
-        if precision != "fp32":
-            raise SparsedetError(f"an .onnx file runs in the precision it was exported in (fp32); leave out "
-                                 f"--precision {precision}")
+    def check_precision(self, precision: str) -> None:
+        """The file computes in the precision it was exported in; "fp32", the default everywhere,
+        stands for "as exported"."""
+        if precision not in ("fp32", self.precision):
+            raise SparsedetError(f"an .onnx file runs in the precision it was exported in ({self.precision}); "
+                                 f"leave out --precision {precision}")
 
     def preprocess(self, images: list[ImageLike]) -> tuple[Batch, Tensor, list]:
         return preprocess_images(images, self.config.eval_size, self.config.eval_max_size)
@@ -95,8 +97,8 @@ class OnnxDetector:
 
     def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5, top_k: int | None = None,
                 batch_size: int = 4, precision: str = "fp32") -> list[dict[str, Tensor]]:
-        """``Detector.predict`` through onnxruntime. The file computes in the precision it was
-        exported in, so ``precision`` must be "fp32"."""
+        """``Detector.predict`` through onnxruntime, in the precision the file was exported in
+        (``precision`` may only name that one, or be left at "fp32")."""
         check_threshold(threshold)
         check_top_k(top_k)
         self.check_precision(precision)
