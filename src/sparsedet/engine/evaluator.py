@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..data.batch import collate
 from ..data.categories import column_categories
 from ..errors import SparsedetError
+from .checkpoint import atomic_write
 from .distributed import Context, gather_objects
 from .precision import inference_precision, resolve_precision
 
@@ -66,12 +67,22 @@ def load_results(path: str | Path) -> list[dict]:
 
 
 def save_results(results: list[dict], path: str | Path) -> None:
-    """Write detections in the COCO results format (the inverse of `load_results`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results), encoding="utf-8")
-    tmp.replace(path)  # atomic: a crash never leaves a half-written results file
+    """Write detections in the COCO results format (the inverse of `load_results`), atomically."""
+    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(results), encoding="utf-8"))
+
+
+def coco_results(image_id: int, det: dict, category_ids: list[int | None]) -> list[dict]:
+    """One image's detections ("boxes" [n, 4] xyxy in original pixels, "scores" [n], "labels" [n]
+    as column indices) as COCO results entries: bbox xywh rounded to 1/1000 pixel (far below what
+    changes an IoU decision; keeps results files small), the column's original category id. Columns
+    without a category (None) are dropped."""
+    boxes = det["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    labels = [int(label) for label in det["labels"].detach().cpu().reshape(-1).tolist()]
+    scores = det["scores"].detach().cpu().reshape(-1).tolist()
+    return [{"image_id": image_id, "category_id": category_ids[label], "bbox": [round(v, 3) for v in box],
+             "score": score}
+            for box, score, label in zip(xywh, scores, labels) if category_ids[label] is not None]
 
 
 def _ground_truth(gt: dict | str | Path) -> dict:
@@ -224,22 +235,14 @@ class Evaluator:
             if image_id not in self._image_ids:
                 raise SparsedetError(f"image_id {image_id} is not in the ground truth; the data loader and "
                                      "the annotation file must describe the same images")
-            boxes = det["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
-            labels = [int(label) for label in det["labels"].detach().cpu().reshape(-1).tolist()]
-            scores = det["scores"].detach().cpu().reshape(-1).tolist()
-            bad = [label for label in labels if not 0 <= label < len(self.category_ids)]
+            labels = det["labels"].reshape(-1)
+            bad = labels[(labels < 0) | (labels >= len(self.category_ids))].tolist()
             if bad:
                 raise SparsedetError(
                     f"label {bad[0]} on image {image_id} is outside the model's {len(self.category_ids)} classes; "
                     "the model's classes must match the dataset's categories"
                 )
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-            self.per_image[image_id] = [
-                # 1/1000 pixel is far below what changes an IoU decision; keeps results json small
-                {"image_id": image_id, "category_id": self.category_ids[label],
-                 "bbox": [round(v, 3) for v in box], "score": score}
-                for box, score, label in zip(xywh, scores, labels) if self.category_ids[label] is not None
-            ]
+            self.per_image[image_id] = coco_results(image_id, det, self.category_ids)
 
     def results(self) -> list[dict]:
         """All detections so far in the COCO results format (xywh pixels, original category ids)."""

@@ -135,12 +135,12 @@ class DetectionTransformer(nn.Module):
                      else None)
         # An encoder whose scorer learns from where the decoder looked (Sparse DETR) says so.
         record = record_sampling or (self.training and getattr(self.encoder, "learns_from_decoder", False))
-        outputs, refs, sampling = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
-                                               record_sampling=record)
+        decoded = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
+                               record_sampling=record)
         if selection is not None:
             selection.padded_size = tuple(batch.images.shape[-2:])
             selection.image_sizes = torch.stack([(~batch.mask[:, :, 0]).sum(1), (~batch.mask[:, 0, :]).sum(1)], -1)
-        logits, boxes = self.heads(outputs, refs, self.config.sigmoid_eps)
+        logits, boxes = self.heads(decoded, self.config.sigmoid_eps)
         dn_out = None
         if dn is not None:
             D = dn.num_queries
@@ -149,7 +149,7 @@ class DetectionTransformer(nn.Module):
             # Keep label_enc in the graph even when no positive slot is used (DDP needs every parameter).
             logits = logits + 0.0 * self.denoising.label_enc.weight[0, 0]
         aux = [{"logits": logits[i], "boxes": boxes[i]} for i in range(len(logits) - 1)]
-        return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection, encoded.aux, sampling)
+        return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection, encoded.aux, decoded.sampling)
 
     @torch.no_grad()
     def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:

@@ -10,6 +10,7 @@ from ..errors import SparsedetError
 from ..nn.mlp import MLP
 from ..ops.boxes import cxcywh_to_xyxy
 from ..ops.functional import apply_box_delta
+from .decoders import DecoderOutput
 from ..ops.functional import top_k as best
 
 PRIOR_PROB = 0.01
@@ -38,13 +39,12 @@ class PredictionHeads(nn.Module):
     def class_head(self, layer: int) -> nn.Module:
         return self.class_embed[layer if len(self.class_embed) > 1 else 0]
 
-    def forward(self, outputs: list[Tensor | tuple[Tensor, Tensor]], refs: list[Tensor], eps: float
-                ) -> tuple[Tensor, Tensor]:
-        """outputs/refs per layer -> logits [L, B, Q, C], boxes [L, B, Q, 4] (normalised cxcywh).
-        An output may be a pair (features for the class head, features for the box head): SD-DETR's
-        two task streams."""
+    def forward(self, decoded: DecoderOutput, eps: float) -> tuple[Tensor, Tensor]:
+        """The decoder's queries and references per layer -> logits [L, B, Q, C], boxes [L, B, Q, 4]
+        (normalised cxcywh). A layer's queries may be a pair (features for the class head, features
+        for the box head): SD-DETR's two task streams."""
         logits, boxes = [], []
-        for lid, (h, ref) in enumerate(zip(outputs, refs)):
+        for lid, (h, ref) in enumerate(zip(decoded.hidden, decoded.references)):
             h_cls, h_box = h if isinstance(h, tuple) else (h, h)
             logits.append(self.class_head(lid)(h_cls))
             boxes.append(apply_box_delta(self.box_head(lid)(h_box), ref, eps))

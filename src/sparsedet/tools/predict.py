@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..data.coco import load_image
+from ..engine.evaluator import coco_results
 from ..errors import SparsedetError
 from .draw import draw_detections
 
@@ -60,11 +61,8 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
                 loading = pool.submit(load, chunks[c + 1])
             dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision, batch_size=batch_size)
             for j, (path, image, det) in enumerate(zip(chunk, images, dets)):
-                for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-                    x1, y1, x2, y2 = box
-                    entries.append({"file_name": str(path), "image_id": c * batch_size + j, "category_id": ids[label],
-                                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                                    "score": round(score, 5)})
+                entries += [{"file_name": str(path), **entry, "score": round(entry["score"], 5)}
+                            for entry in coco_results(c * batch_size + j, det, ids)]
                 drawings.append(pool.submit(draw, path, image, det))
             bar.update(len(chunk))
         drawn = [d.result() for d in drawings]

@@ -11,6 +11,7 @@ from ...nn.attention import ProjectedAttention
 from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
+from . import DecoderOutput
 
 
 def heads_concat(a: Tensor, b: Tensor, num_heads: int) -> Tensor:
@@ -103,13 +104,13 @@ class ConditionalDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: MultiLevel,
                 query_pos: Tensor | None = None, attn_mask: Tensor | None = None, box_heads=None,
-                record_sampling: bool = False) -> tuple[list[Tensor], list[Tensor], None]:
+                record_sampling: bool = False) -> DecoderOutput:
         """tgt: [B, Q, C] (zeros); reference: [B, Q, 2] points in [0, 1]; query_pos: [B, Q, C].
-        Returns (outputs per layer, the reference per layer, None)."""
+        Every layer's boxes refine the same reference points."""
         sine = sine_embed_coords(reference, self.dim // 2, 10000.0, "yxwh")
         outputs = []
         for i, layer in enumerate(self.layers):
             scaled = sine if i == 0 else sine * self.query_scale(tgt)
             tgt = layer(tgt, query_pos, scaled, memory, levels.pos, levels.padding)
             outputs.append(self.norm(tgt))
-        return outputs, [reference] * len(outputs), None
+        return DecoderOutput(outputs, [reference] * len(outputs))

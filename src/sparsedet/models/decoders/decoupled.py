@@ -22,6 +22,7 @@ from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.functional import apply_box_delta
+from . import DecoderOutput
 from .conditional import ConditionalCrossAttention, QueryPositionSelfAttention
 from .sam import box_features, point_predictor, point_positions, salient_points
 
@@ -75,10 +76,10 @@ class DecoupledDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: MultiLevel,
                 query_pos: Tensor | None = None, attn_mask: Tensor | None = None, box_heads=None,
-                record_sampling: bool = False) -> tuple[list[tuple[Tensor, Tensor]], list[Tensor], None]:
+                record_sampling: bool = False) -> DecoderOutput:
         """tgt: [B, Q, C] learned content (used where task-aware queries are off); reference:
-        [B, Q, 4] anchor boxes. Returns (per layer (classification stream, localisation stream),
-        each layer's input boxes, None)."""
+        [B, Q, 4] anchor boxes. Hidden per layer: (classification stream, localisation stream);
+        references: each layer's input boxes."""
         tasks = list(self.query_scale)
         if self.points is not None:
             rois = box_features(memory, levels.shapes[0], levels.valid_ratios[:, 0], reference)
@@ -99,4 +100,4 @@ class DecoupledDecoder(nn.Module):
             outputs.append((normed[0], normed[-1]))
             if lid + 1 < len(self.layers):
                 reference = apply_box_delta(box_heads[lid](normed[-1]), reference, self.eps).detach()
-        return outputs, refs, None
+        return DecoderOutput(outputs, refs)

@@ -12,6 +12,7 @@ from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.functional import apply_box_delta
+from . import DecoderOutput
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -67,16 +68,15 @@ class DeformableDecoder(nn.Module):
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: MultiLevel,
                 query_pos: Tensor | None = None, attn_mask: Tensor | None = None,
                 box_heads: list[Callable[[Tensor], Tensor]] | None = None,
-                record_sampling: bool = False) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, Tensor] | None]:
+                record_sampling: bool = False) -> DecoderOutput:
         """
         Args:
             tgt: [B, Q, C]; reference: [B, Q, 2|4] in [0, 1] of the valid image.
             box_heads: per-layer box-delta heads for iterative refinement (None: references stay fixed).
             record_sampling: also return every layer's cross-attention sampling (Sparse DETR's
                 attention-map target).
-        Returns:
-            (outputs per layer [B, Q, C], references per layer that the layer's box delta is added to,
-            None or (locations [B, layers, Q, heads, levels, points, 2], weights [B, layers, Q, heads, levels, points])).
+        Returns ``DecoderOutput``; references are what each layer's box delta is added to (DINO
+        looks forward twice: the previous layer's undetached boxes).
         """
         ratios = levels.valid_ratios
         outputs, pred_refs, sampling = [], [], []
@@ -96,5 +96,6 @@ class DeformableDecoder(nn.Module):
                 prev_undetached = new_ref
                 reference = new_ref.detach()
         if not record_sampling:
-            return outputs, pred_refs, None
-        return outputs, pred_refs, (torch.stack([s[0] for s in sampling], 1), torch.stack([s[1] for s in sampling], 1))
+            return DecoderOutput(outputs, pred_refs)
+        return DecoderOutput(outputs, pred_refs,
+                             (torch.stack([s[0] for s in sampling], 1), torch.stack([s[1] for s in sampling], 1)))

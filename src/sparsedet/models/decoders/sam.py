@@ -15,6 +15,7 @@ from ...nn.position import sine_embed_coords
 from ...ops.boxes import cxcywh_to_xyxy
 from ...ops.functional import apply_box_delta
 from ...ops.roi_align import roi_align
+from . import DecoderOutput
 from .conditional import QueryPositionSelfAttention
 
 ROI = 7
@@ -130,9 +131,9 @@ class SamDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: MultiLevel,
                 query_pos: Tensor | None = None, attn_mask: Tensor | None = None, box_heads=None,
-                record_sampling: bool = False) -> tuple[list[Tensor], list[Tensor], None]:
+                record_sampling: bool = False) -> DecoderOutput:
         """tgt: [B, Q, C]; reference: [B, Q, 4] boxes (cxcywh in [0, 1]); box_heads: per-layer
-        box-delta heads. Returns (outputs per layer, each layer's input boxes, None)."""
+        box-delta heads. References: each layer's input boxes."""
         outputs, refs = [], []
         for lid, layer in enumerate(self.layers):
             refs.append(reference)
@@ -140,4 +141,4 @@ class SamDecoder(nn.Module):
             outputs.append(tgt)
             if lid + 1 < len(self.layers):
                 reference = apply_box_delta(box_heads[lid](tgt), reference, self.eps).detach()
-        return outputs, refs, None
+        return DecoderOutput(outputs, refs)
