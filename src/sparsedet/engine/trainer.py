@@ -78,7 +78,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.autocast_dtype = resolve_precision(t.precision, self.device, training=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
-        self.criterion = SetCriterion.for_model(config.model)
+        self.criterion = SetCriterion.for_model(
+            config.model, lambda value, device: distributed.mean_over_ranks({"n": value}, self.ctx, device)["n"])
         self.optimizer = make_optimizer(model, t, self.device)
         self.ema = WeightEMA(model, t.ema_decay) if t.ema else None
         # Unused parameters happen (no denoising queries for an image without boxes), so DDP looks for them.

@@ -10,6 +10,7 @@ ground-truth boxes in the batch. Sparse encoders add ``loss_select``, their scor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,29 +23,39 @@ from .focal import aligned_loss, sigmoid_focal_loss, varifocal_loss
 from .matcher import HungarianMatcher
 
 
+def _one_process(value: float, device: torch.device) -> float:
+    return value
+
+
 class SetCriterion:
     def __init__(self, num_classes: int, config: LossConfig, selection: str = "dense",
-                 label_ranges: list[list[float]] | None = None):
-        """selection: the encoder kind whose token scorer is supervised ("dense": none)."""
+                 label_ranges: list[list[float]] | None = None,
+                 mean_over_processes: Callable[[float, torch.device], float] = _one_process):
+        """selection: the encoder kind whose token scorer is supervised ("dense": none).
+        mean_over_processes: averages a loss normaliser (box and positive-token counts) over the
+        processes of a torchrun group; the trainer passes its distributed context's."""
         if config.cls_loss not in ("focal", "varifocal", "aligned"):
             raise ValueError(f"unknown classification loss {config.cls_loss!r}; choose focal, varifocal or aligned")
         self.num_classes, self.cfg = num_classes, config
         self.selection, self.label_ranges = selection, label_ranges
+        self.mean_over_processes = mean_over_processes
         self.matcher = HungarianMatcher(config.match_cls, config.match_bbox, config.match_giou,
                                         config.focal_alpha, config.focal_gamma)
         self.weights = {"loss_cls": config.cls_weight, "loss_bbox": config.bbox_weight,
                         "loss_giou": config.giou_weight, "loss_select": config.select_weight}
 
     @classmethod
-    def for_model(cls, config: ModelConfig) -> "SetCriterion":
-        return cls(config.num_classes, config.loss, config.encoder.kind, config.encoder.label_ranges)
+    def for_model(cls, config: ModelConfig,
+                  mean_over_processes: Callable[[float, torch.device], float] = _one_process) -> "SetCriterion":
+        return cls(config.num_classes, config.loss, config.encoder.kind, config.encoder.label_ranges,
+                   mean_over_processes)
 
     def __call__(self, outputs, targets: list[dict]) -> dict[str, Tensor]:
         """outputs: ``DetectorOutput``; targets: per image {"labels", "boxes" (normalised cxcywh)}.
         Returns unweighted terms; ``total`` combines them."""
         # Normalised by the mean box count per process over all processes (DDP then averages
         # gradients), so that N processes train like one process with N times the batch.
-        num_boxes = _mean_over_processes(float(sum(len(t["labels"]) for t in targets)), outputs.logits.device)
+        num_boxes = self.mean_over_processes(float(sum(len(t["labels"]) for t in targets)), outputs.logits.device)
         num_boxes = max(num_boxes, 1.0)
         sets = [(outputs.logits, outputs.boxes, targets, "")]
         sets += [(a["logits"], a["boxes"], targets, f"_{i}") for i, a in enumerate(outputs.aux)]
@@ -91,7 +102,7 @@ class SetCriterion:
         target = sel.salience_targets(boxes, shapes, selection.padded_size, self.label_ranges)
         # Normalised like the box terms: by the mean positive count over processes (the other two
         # kinds average per image, which DDP's gradient mean keeps).
-        num_pos = _mean_over_processes(float((target > 0).sum()), logits.device)
+        num_pos = self.mean_over_processes(float((target > 0).sum()), logits.device)
         return sel.salience_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma, num_pos)
 
     def _terms(self, logits: Tensor, boxes: Tensor, targets: list[dict], match, num_boxes: float) -> dict[str, Tensor]:
@@ -128,15 +139,6 @@ class SetCriterion:
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """Weighted sum of all terms (each term's weight is that of its base name)."""
         return sum(self.weights[_base(k)] * v for k, v in losses.items())
-
-
-def _mean_over_processes(value: float, device: torch.device) -> float:
-    """``value`` averaged over the processes of a torchrun group (``value`` itself in one process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([value], device=device)
-        torch.distributed.all_reduce(t)
-        return t.item() / torch.distributed.get_world_size()
-    return value
 
 
 def _pixel_xyxy(boxes: Tensor, size: Tensor) -> Tensor:
