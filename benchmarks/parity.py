@@ -238,7 +238,7 @@ def focus_precision(tmp: Path) -> list[tuple[str, float]]:
             outs[dtype] = model(Batch(torch.zeros(B, 3, h * 8, w * 8, dtype=dtype),
                                       torch.zeros(B, h * 8, w * 8, dtype=torch.bool)))
     a, b = outs[torch.float32], outs[torch.float64]
-    layers = [aux["logits"] for aux in a.aux] + [a.logits], [aux["logits"] for aux in b.aux] + [b.logits]
+    layers = [aux.logits for aux in a.aux] + [a.logits], [aux.logits for aux in b.aux] + [b.logits]
     return [(f"decoder layer {i} logits", (x.double() - y).abs().max().item()) for i, (x, y) in enumerate(zip(*layers))]
 
 

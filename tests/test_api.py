@@ -67,13 +67,13 @@ def test_deformable_two_stage_encoder_loss_is_class_agnostic():
     batch = Batch.from_images([torch.rand(3, 64, 64)])
     targets = [{"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}]
     out = model(batch, targets)
-    assert out.dn is None and out.enc["binary"] and out.enc["logits"].shape[1] == sum(h * w for h, w in [(8, 8), (4, 4), (2, 2), (1, 1)])
+    assert out.dn is None and out.enc.class_agnostic and out.enc.logits.shape[1] == sum(h * w for h, w in [(8, 8), (4, 4), (2, 2), (1, 1)])
     criterion = SetCriterion(3, model.config.loss)
     losses = criterion(out, targets)
     assert set(losses) == {f"loss_{t}{s}" for t in ("cls", "bbox", "giou") for s in ("", "_0", "_enc")}
     # Class-agnostic: the encoder's target column is 0 whatever the label, so only column 0 is pulled up.
-    logits = out.enc["logits"].detach().requires_grad_()
-    out.enc["logits"] = logits
+    logits = out.enc.logits.detach().requires_grad_()
+    out.enc.logits = logits
     criterion(out, targets)["loss_cls_enc"].backward()
     assert (logits.grad[..., 0] < 0).any() and not (logits.grad[..., 2] < 0).any()
 
@@ -86,7 +86,7 @@ def test_training_outputs_and_losses_have_the_documented_names():
                {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
     out = model(batch, targets)
     assert out.logits.shape == (2, 10, 3) and out.boxes.shape == (2, 10, 4) and len(out.aux) == 1
-    assert out.dn["logits"].shape[:3] == (2, 2, 8)  # layers, batch, 2 * max_gt * groups
+    assert out.dn.logits.shape[:3] == (2, 2, 8)  # layers, batch, 2 * max_gt * groups
     losses = SetCriterion(3, model.config.loss)(out, targets)
     expected = {f"loss_{t}{s}" for t in ("cls", "bbox", "giou") for s in ("", "_0", "_enc", "_dn", "_dn_0")}
     assert set(losses) == expected

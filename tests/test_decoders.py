@@ -94,8 +94,8 @@ def test_decoupled_class_head_reads_the_classification_stream():
         for p in model.decoder.layers[0].cross["loc"].parameters():
             p.add_(0.1 * torch.randn_like(p))
         after = model(batch)
-    torch.testing.assert_close(after.aux[0]["logits"], before.aux[0]["logits"])
-    assert (after.aux[0]["boxes"] - before.aux[0]["boxes"]).abs().max() > 1e-4
+    torch.testing.assert_close(after.aux[0].logits, before.aux[0].logits)
+    assert (after.aux[0].boxes - before.aux[0].boxes).abs().max() > 1e-4
 
 
 def test_decoupled_switches_build_the_ablations():

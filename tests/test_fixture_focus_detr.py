@@ -27,13 +27,13 @@ def test_official_focus_detr_fixture_matches(official, shared_dir, tmp_path):
         torch.testing.assert_close(ours, expected[key], atol=atol, rtol=0)
 
     close(out.selection.token_logits[..., None], "foreground_logits")
-    close(out.enc["logits"], "enc.pred_logits")
-    close(out.enc["boxes"], "enc.pred_boxes")
+    close(out.enc.logits, "enc.pred_logits")
+    close(out.enc.boxes, "enc.pred_boxes")
     # Float32 rounding grows about 2x per decoder layer here: this model's own float32 and float64
     # final logits differ by 2.0e-4 (measured), so the six-layer decoder cannot agree to 1e-4 with
     # any float32 run; its first layers still do.
     for i, aux in enumerate(out.aux):
-        close(aux["logits"], f"aux.{i}.pred_logits", 1e-4 if i < 2 else 4e-4)
-        close(aux["boxes"], f"aux.{i}.pred_boxes")
+        close(aux.logits, f"aux.{i}.pred_logits", 1e-4 if i < 2 else 4e-4)
+        close(aux.boxes, f"aux.{i}.pred_boxes")
     close(out.logits, "pred_logits", 4e-4)
     close(out.boxes, "pred_boxes")

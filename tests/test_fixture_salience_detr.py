@@ -46,9 +46,9 @@ def test_official_salience_detr_fixture_matches(official, shared_dir, tmp_path, 
         hl, wl = expected[f"salience.{lvl}"].shape[-2:]
         close(out.selection.token_logits[:, starts[-1]:starts[-1] + hl * wl].view(B, 1, hl, wl), f"salience.{lvl}")
         starts.append(starts[-1] + hl * wl)
-    close(out.enc["logits"], "enc.pred_logits")
-    close(out.enc["boxes"], "enc.pred_boxes")
-    close(out.aux[0]["logits"], "aux.0.pred_logits")
-    close(out.aux[0]["boxes"], "aux.0.pred_boxes")
+    close(out.enc.logits, "enc.pred_logits")
+    close(out.enc.boxes, "enc.pred_boxes")
+    close(out.aux[0].logits, "aux.0.pred_logits")
+    close(out.aux[0].boxes, "aux.0.pred_boxes")
     close(out.logits, "pred_logits")
     close(out.boxes, "pred_boxes")

@@ -24,5 +24,5 @@ def test_official_sam_detr_fixture_matches(official, shared_dir, tmp_path, name)
     torch.testing.assert_close(out.logits, expected["pred_logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(out.boxes, expected["pred_boxes"], atol=1e-4, rtol=0)
     for i in range(5):
-        torch.testing.assert_close(out.aux[i]["logits"], expected[f"aux.{i}.pred_logits"], atol=1e-4, rtol=0)
-        torch.testing.assert_close(out.aux[i]["boxes"], expected[f"aux.{i}.pred_boxes"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.aux[i].logits, expected[f"aux.{i}.pred_logits"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.aux[i].boxes, expected[f"aux.{i}.pred_boxes"], atol=1e-4, rtol=0)

@@ -61,12 +61,12 @@ def test_official_sparse_detr_fixture_matches(official, shared_dir, tmp_path, or
     close(mask_padding(out.selection.token_logits, out.selection.padding), "backbone_mask_prediction")
     assert len(out.enc_aux) == 5
     for i, aux in enumerate(out.enc_aux):
-        close(aux["logits"], f"enc_aux.{i}.pred_logits")
-        close(aux["boxes"], f"enc_aux.{i}.pred_boxes")
-    close(out.enc["logits"], "enc.pred_logits")
-    close(out.enc["boxes"], "enc.pred_boxes")
-    close(out.aux[0]["logits"], "aux.0.pred_logits")
-    close(out.aux[0]["boxes"], "aux.0.pred_boxes")
+        close(aux.logits, f"enc_aux.{i}.pred_logits")
+        close(aux.boxes, f"enc_aux.{i}.pred_boxes")
+    close(out.enc.logits, "enc.pred_logits")
+    close(out.enc.boxes, "enc.pred_boxes")
+    close(out.aux[0].logits, "aux.0.pred_logits")
+    close(out.aux[0].boxes, "aux.0.pred_boxes")
     close(out.logits, "pred_logits")
     close(out.boxes, "pred_boxes")
 

@@ -72,10 +72,8 @@ def cpu_has_native_bf16() -> bool:
 def outputs_in_fp32(out):
     """Losses run in fp32 whatever precision the forward pass used."""
     out.logits, out.boxes = out.logits.float(), out.boxes.float()
-    out.aux = [{k: v.float() for k, v in a.items()} for a in out.aux]
-    out.enc_aux = [{k: v.float() for k, v in a.items()} for a in out.enc_aux]
-    if out.enc is not None:
-        out.enc = {k: v.float() if torch.is_tensor(v) else v for k, v in out.enc.items()}
-    if out.dn is not None:
-        out.dn = {k: v.float() if torch.is_tensor(v) else v for k, v in out.dn.items()}
+    out.aux = [a.float() for a in out.aux]
+    out.enc_aux = [a.float() for a in out.enc_aux]
+    out.enc = out.enc.float() if out.enc is not None else None
+    out.dn = out.dn.float() if out.dn is not None else None
     return out

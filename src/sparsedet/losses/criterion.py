@@ -58,25 +58,25 @@ class SetCriterion:
         num_boxes = self.mean_over_processes(float(sum(len(t["labels"]) for t in targets)), outputs.logits.device)
         num_boxes = max(num_boxes, 1.0)
         sets = [(outputs.logits, outputs.boxes, targets, "")]
-        sets += [(a["logits"], a["boxes"], targets, f"_{i}") for i, a in enumerate(outputs.aux)]
+        sets += [(a.logits, a.boxes, targets, f"_{i}") for i, a in enumerate(outputs.aux)]
         if outputs.enc is not None:
             # Deformable DETR's two-stage proposals are class-agnostic: every target is class 0.
             enc_targets = ([{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-                           if outputs.enc.get("binary") else targets)
-            sets.append((outputs.enc["logits"], outputs.enc["boxes"], enc_targets, "_enc"))
-        sets += [(a["logits"], a["boxes"], targets, f"_enc_{i}") for i, a in enumerate(outputs.enc_aux)]
+                           if outputs.enc.class_agnostic else targets)
+            sets.append((outputs.enc.logits, outputs.enc.boxes, enc_targets, "_enc"))
+        sets += [(a.logits, a.boxes, targets, f"_enc_{i}") for i, a in enumerate(outputs.enc_aux)]
         matches = self.matcher.match_many([s[:3] for s in sets])
         losses = {}
         for (logits, boxes, tg, suffix), match in zip(sets, matches):
             losses.update({k + suffix: v for k, v in self._terms(logits, boxes, tg, match, num_boxes).items()})
         if outputs.dn is not None:
             dn = outputs.dn
-            match = _dn_match(targets, dn["queries"])
-            norm = num_boxes * dn["queries"].num_groups
-            L = dn["logits"].shape[0]
+            match = _dn_match(targets, dn.queries)
+            norm = num_boxes * dn.queries.num_groups
+            L = dn.logits.shape[0]
             for i in range(L):
                 suffix = "_dn" if i == L - 1 else f"_dn_{i}"
-                terms = self._terms(dn["logits"][i], dn["boxes"][i], targets, match, norm)
+                terms = self._terms(dn.logits[i], dn.boxes[i], targets, match, norm)
                 losses.update({k + suffix: v for k, v in terms.items()})
         if self.selection != "dense" and outputs.selection is not None:
             losses["loss_select"] = self._selection_loss(outputs.selection, outputs.sampling, targets)

@@ -15,10 +15,11 @@ from ..nn.backbone import ResNet
 from ..nn.neck import MultiLevel, Neck
 from .bases import BASES
 from .denoising import ContrastiveDenoising
-from .encoders import build_encoder
-from .heads import PredictionHeads, postprocess
+from .decoders import Decoder
+from .encoders import Encoder, build_encoder
+from .heads import DenoisingPredictions, PredictionHeads, Predictions, ProposalPredictions, postprocess
 from .encoders.scoring import TokenSelection
-from .queries import LearnedQueries
+from .queries import LearnedQueries, Queries
 
 
 def check_model_config(c: ModelConfig) -> None:
@@ -41,28 +42,33 @@ class DetectorOutput:
     """Raw model output.
 
     logits: [B, Q, C] (sigmoid, no background column); boxes: [B, Q, 4] normalised cxcywh of the
-    unpadded image; aux: earlier decoder layers, each {"logits", "boxes"}; enc: two-stage encoder
-    predictions {"logits", "boxes", "binary"} or None; dn: denoising predictions
-    {"logits": [L, B, D, C], "boxes": [L, B, D, 4], "queries": DenoisingQueries} or None;
+    unpadded image; aux: earlier decoder layers' predictions; enc: the two-stage proposals'
+    predictions or None; dn: the denoising queries' predictions (every layer) or None;
     selection: a sparse encoder's ``TokenSelection`` (per layer: kept token indices, scores and
-    counts; per level via ``level_counts``), None for dense encoders; enc_aux: detection outputs
-    on the sparse tokens of encoder layers (Sparse DETR), each {"logits", "boxes"}; sampling: the
-    deformable decoder's (locations [B, layers, Q, heads, levels, points, 2] as (x, y) in [0, 1] of
-    the padded input, weights [B, layers, Q, heads, levels, points]) when recorded (Sparse DETR's
-    training, figures), else None.
+    counts; per level via ``level_counts``), None for dense encoders; enc_aux: predictions on the
+    sparse tokens of encoder layers (Sparse DETR); sampling: the deformable decoder's (locations
+    [B, layers, Q, heads, levels, points, 2] as (x, y) in [0, 1] of the padded input, weights
+    [B, layers, Q, heads, levels, points]) when recorded (Sparse DETR's training, figures), else None.
     """
 
     logits: Tensor
     boxes: Tensor
-    aux: list[dict] = field(default_factory=list)
-    enc: dict | None = None
-    dn: dict | None = None
+    aux: list[Predictions] = field(default_factory=list)
+    enc: ProposalPredictions | None = None
+    dn: DenoisingPredictions | None = None
     selection: TokenSelection | None = None
-    enc_aux: list[dict] = field(default_factory=list)
+    enc_aux: list[Predictions] = field(default_factory=list)
     sampling: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
 
 class DetectionTransformer(nn.Module):
+    """The chain backbone -> neck -> encoder -> queries -> decoder -> heads; the base detector
+    (``bases.BASES``) builds the queries and decoder, the encoder table the encoder."""
+
+    encoder: Encoder
+    queries: Queries
+    decoder: Decoder
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         check_model_config(config)
@@ -144,11 +150,11 @@ class DetectionTransformer(nn.Module):
         dn_out = None
         if dn is not None:
             D = dn.num_queries
-            dn_out = {"logits": logits[:, :, :D], "boxes": boxes[:, :, :D], "queries": dn}
+            dn_out = DenoisingPredictions(logits[:, :, :D], boxes[:, :, :D], dn)
             logits, boxes = logits[:, :, D:], boxes[:, :, D:]
             # Keep label_enc in the graph even when no positive slot is used (DDP needs every parameter).
             logits = logits + 0.0 * self.denoising.label_enc.weight[0, 0]
-        aux = [{"logits": logits[i], "boxes": boxes[i]} for i in range(len(logits) - 1)]
+        aux = [Predictions(logits[i], boxes[i]) for i in range(len(logits) - 1)]
         return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection, encoded.aux, decoded.sampling)
 
     @torch.no_grad()

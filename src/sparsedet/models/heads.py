@@ -1,7 +1,10 @@
-"""Class and box heads per decoder layer, and top-k post-processing."""
+"""Class and box heads per decoder layer, the predictions they make, and top-k post-processing."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,10 +13,38 @@ from ..errors import SparsedetError
 from ..nn.mlp import MLP
 from ..ops.boxes import cxcywh_to_xyxy
 from ..ops.functional import apply_box_delta
-from .decoders import DecoderOutput
 from ..ops.functional import top_k as best
+from .decoders import DecoderOutput
 
 PRIOR_PROB = 0.01
+
+
+@dataclass
+class Predictions:
+    """One set of queries' detections: logits [B, N, C] (sigmoid, no background column) and boxes
+    [B, N, 4] (normalised cxcywh of the unpadded image)."""
+
+    logits: Tensor
+    boxes: Tensor
+
+    def float(self) -> "Predictions":
+        return dataclasses.replace(self, logits=self.logits.float(), boxes=self.boxes.float())
+
+
+@dataclass
+class ProposalPredictions(Predictions):
+    """The two-stage proposals' predictions. class_agnostic: trained with every target as class 0
+    (Deformable DETR's two-stage), else with the targets' classes."""
+
+    class_agnostic: bool = False
+
+
+@dataclass
+class DenoisingPredictions(Predictions):
+    """Every decoder layer's predictions for the denoising queries: logits [L, B, D, C], boxes
+    [L, B, D, 4]; queries: the ``DenoisingQueries`` that made them (they define the matching)."""
+
+    queries: Any = None
 
 
 class PredictionHeads(nn.Module):

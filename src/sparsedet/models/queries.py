@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -18,17 +19,33 @@ from ..nn.position import sine_embed_coords
 from ..ops.boxes import cell_nms_batch
 from ..ops.functional import gather_rows, top_k
 from .encoders.scoring import token_levels
+from .heads import ProposalPredictions
+
+
+class Queries(Protocol):
+    """The encoder's memory and levels -> the decoder's first queries (``QueryInit``)."""
+
+    def __call__(self, memory: Tensor, levels: MultiLevel) -> QueryInit: ...
+
+
+class TokenProjection(Protocol):
+    """What the token-sparse encoders borrow from the query module (``ProposalQueries``): the
+    two-stage token projection and class head, so that their scores and the proposals share them."""
+
+    class_head: nn.Module
+
+    def project(self, tokens: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass
 class QueryInit:
     """tgt: [B, Q, C] content; reference: [B, Q, 2|4] in [0, 1]; query_pos: [B, Q, C] or None
-    (then the decoder derives it from the reference); enc: encoder-side predictions or None."""
+    (then the decoder derives it from the reference); enc: the proposals' predictions or None."""
 
     tgt: Tensor
     reference: Tensor
     query_pos: Tensor | None = None
-    enc: dict | None = None
+    enc: ProposalPredictions | None = None
 
 
 def encoder_proposals(memory: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
@@ -173,10 +190,10 @@ class ProposalQueries(nn.Module):
                 query_pos, tgt = pos.split(self.dim, dim=-1)
             else:
                 query_pos, tgt = pos, gather_rows(memory, top)
-            enc = {"logits": logits, "boxes": boxes_unact.sigmoid(), "binary": self.mode == "two_stage"}
+            enc = ProposalPredictions(logits, boxes_unact.sigmoid(), class_agnostic=self.mode == "two_stage")
             return QueryInit(tgt, ref_unact.sigmoid(), query_pos, enc)
         ref_unact = gather_rows(boxes_unact, top)
-        enc = {"logits": self.class_head(gather_rows(feats, top)), "boxes": ref_unact.sigmoid(), "binary": False}
+        enc = ProposalPredictions(self.class_head(gather_rows(feats, top)), ref_unact.sigmoid())
         tgt = self.tgt_embed.weight[None, :top.shape[1]].expand(B, -1, -1)
         return QueryInit(tgt, ref_unact.detach().sigmoid(), None, enc)
 

@@ -181,7 +181,7 @@ def decoder_reads(obs: Observation, query: int, layer: int) -> tuple[Image.Image
         red.putalpha(Image.fromarray(alpha))
         image = Image.alpha_composite(image.convert("RGBA"), red).convert("RGB")
         facts["attention_peak_token"] = int(weights.argmax())
-    boxes = out.aux[layer]["boxes"] if layer < len(out.aux) else out.boxes
+    boxes = out.aux[layer].boxes if layer < len(out.aux) else out.boxes
     cx, cy, bw, bh = (boxes[0, query] * torch.tensor([obs.image.width, obs.image.height] * 2)).tolist()
     ImageDraw.Draw(image).rectangle([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=(255, 255, 255),
                                     width=2)

@@ -1,15 +1,31 @@
-"""Encoders by ``model.encoder.kind``: the one table from config name to class."""
+"""Encoders by ``model.encoder.kind``: the one table from config name to class, and the contract
+every encoder keeps (``Encoder``)."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
 from ...config import ModelConfig
 from ...errors import SparsedetError
-from .dense import DenseEncoder
+from ...nn.neck import MultiLevel
+from .dense import DenseEncoder, EncoderOutput
 from .focus import FocusEncoder
 from .global_attention import GlobalEncoder
 from .salience import SalienceEncoder
 from .sparse import SparseEncoder
+
+if TYPE_CHECKING:  # queries imports the encoders' scoring
+    from ..queries import TokenProjection
+
+
+class Encoder(Protocol):
+    """The neck's levels -> the memory (and a token-sparse encoder's selection and auxiliary
+    predictions). ``queries`` lends its token projection and class head, which the token-sparse
+    encoders score tokens with; the others ignore it."""
+
+    def __call__(self, levels: MultiLevel, queries: TokenProjection) -> EncoderOutput: ...
+
 
 ENCODERS = {"dense": None, "global": GlobalEncoder, "sparse": SparseEncoder, "focus": FocusEncoder, "salience": SalienceEncoder}
 

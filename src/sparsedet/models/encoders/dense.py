@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -10,16 +10,20 @@ from torch import Tensor, nn
 
 from ...nn.attention import MSDeformAttn
 from ...nn.neck import MultiLevel
+from ..heads import Predictions
+
+if TYPE_CHECKING:  # scoring imports this module
+    from .scoring import TokenSelection
 
 
 @dataclass
 class EncoderOutput:
     """memory: [B, S, C]; selection: a sparse encoder's ``TokenSelection`` (None when dense);
-    aux: detection outputs of encoder layers, each {"logits", "boxes"} (Sparse DETR)."""
+    aux: detections on the sparse tokens of encoder layers (Sparse DETR)."""
 
     memory: Tensor
-    selection: Any = None
-    aux: list[dict] = field(default_factory=list)
+    selection: TokenSelection | None = None
+    aux: list[Predictions] = field(default_factory=list)
 
 
 def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ...config import ModelConfig
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
-from ..heads import PredictionHeads
+from ..heads import PredictionHeads, Predictions
 from .dense import DeformableEncoderLayer, EncoderOutput
 from .scoring import (LayerSelection, TokenScorer, TokenSelection, check_ratios, encoder_points, gather_points,
                       scatter_tokens, top_share)
@@ -52,7 +52,7 @@ class SparseEncoder(nn.Module):
             # The auxiliary heads only feed losses: inference neither runs nor pays for them.
             if self.training and self.aux_heads is not None and t < len(self.aux_heads.box_embed):
                 box = self.aux_heads.box_head(t)(query) + gather_rows(proposals, indices)
-                aux.append({"logits": self.aux_heads.class_head(t)(query), "boxes": box.sigmoid()})
+                aux.append(Predictions(self.aux_heads.class_head(t)(query), box.sigmoid()))
         selection = TokenSelection(logits, [selected] * len(self.layers), shapes, padding)
         return EncoderOutput(memory, selection, aux)
 
