@@ -10,8 +10,8 @@ from ..config import ModelConfig
 from ..data.batch import Batch
 from ..data.categories import unused_columns
 from ..errors import SparsedetError
-from ..nn.attention import MSDeformAttn
 from ..nn.backbone import ResNet
+from ..nn.init import transformer_init
 from ..nn.neck import MultiLevel, Neck
 from .bases import BASES
 from .denoising import ContrastiveDenoising
@@ -19,7 +19,7 @@ from .decoders import Decoder
 from .encoders import Encoder, build_encoder
 from .heads import DenoisingPredictions, PredictionHeads, Predictions, ProposalPredictions, postprocess
 from .encoders.scoring import TokenSelection
-from .queries import LearnedQueries, Queries
+from .queries import Queries
 
 
 def check_model_config(c: ModelConfig) -> None:
@@ -91,26 +91,7 @@ class DetectionTransformer(nn.Module):
                           if base.denoising else None)
         self.register_buffer("image_mean", torch.tensor(c.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(c.image_std).view(1, 3, 1, 1), persistent=False)
-        self._reset_transformer_parameters()
-
-    def _reset_transformer_parameters(self) -> None:
-        # The official transformers xavier-initialise every matrix they own, then re-apply the
-        # deformable-attention and reference-point inits; prediction heads, the background
-        # embedding, the fusion convolutions and the learned queries of the top-level official
-        # models (``query_embed``, N(0, 1)) keep theirs.
-        own = [self.heads] + [getattr(self.queries, n, None) for n in ("query_embed", "class_head", "box_head")]
-        own += [getattr(self.encoder, n, None) for n in ("aux_heads", "fusion", "background_rows", "background_cols")]
-        heads = {id(p) for m in own if m is not None for p in m.parameters()}
-        for module in (self.encoder, self.decoder, self.queries):
-            for p in module.parameters():
-                if p.dim() > 1 and id(p) not in heads:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
-        if isinstance(self.queries, LearnedQueries):
-            nn.init.xavier_uniform_(self.queries.reference_points.weight, gain=1.0)
-            nn.init.zeros_(self.queries.reference_points.bias)
+        transformer_init(self, [self.encoder, self.decoder, self.queries])
 
     @property
     def num_classes(self) -> int:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SparsedetError
+from ..nn.init import keep_own_init
 from ..nn.mlp import MLP
 from ..ops.boxes import cxcywh_to_xyxy
 from ..ops.functional import apply_box_delta
@@ -63,6 +64,7 @@ class PredictionHeads(nn.Module):
             nn.init.zeros_(box.layers[-1].bias)
         # Small initial boxes (sigmoid(-2) ~ 0.12) for the first layer's head only.
         nn.init.constant_(self.box_embed[0].layers[-1].bias[2:], initial_size_bias)
+        keep_own_init(self)
 
     def box_head(self, layer: int) -> nn.Module:
         return self.box_embed[layer if len(self.box_embed) > 1 else 0]

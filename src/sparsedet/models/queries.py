@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from ..nn.init import keep_own_init
 from ..nn.mlp import MLP
 from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
@@ -84,6 +85,12 @@ class LearnedQueries(nn.Module):
         super().__init__()
         self.query_embed = nn.Embedding(num_queries, 2 * dim)
         self.reference_points = nn.Linear(dim, 2)
+        keep_own_init(self.query_embed)  # N(0, 1), as the official top-level model
+        self.reset_parameters()
+
+    reinit_after_xavier = True
+
+    def reset_parameters(self) -> None:
         nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
         nn.init.zeros_(self.reference_points.bias)
 
@@ -103,6 +110,7 @@ class AnchorPointQueries(nn.Module):
         super().__init__()
         self.query_embed = nn.Embedding(num_queries, dim)
         self.ref_point_head = MLP(dim, dim, 2, 2)
+        keep_own_init(self.query_embed)
 
     def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
         pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
@@ -117,6 +125,7 @@ class BoxQueries(nn.Module):
         super().__init__()
         self.dim = dim
         self.query_embed = nn.Embedding(num_queries, 4)
+        keep_own_init(self.query_embed)
 
     def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
         B, Q = memory.shape[0], self.query_embed.num_embeddings
@@ -160,6 +169,7 @@ class ProposalQueries(nn.Module):
         nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(self.box_head.layers[-1].weight)
         nn.init.zeros_(self.box_head.layers[-1].bias)
+        keep_own_init(self.class_head, self.box_head)
 
     def project(self, tokens: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """LayerNorm(Linear(tokens)) with padded and border tokens zeroed first, and each token's

@@ -29,6 +29,8 @@ class MSDeformAttn(nn.Module):
         self.output_proj = nn.Linear(dim, dim)
         self.reset_parameters()
 
+    reinit_after_xavier = True  # the official init of offsets, weights and projections
+
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.sampling_offsets.weight)
         # Each head starts looking in its own direction, on square rings of growing radius.

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ...config import ModelConfig
 from ...errors import SparsedetError
 from ...nn.fusion import CrossLevelFusion
+from ...nn.init import keep_own_init
 from ...nn.neck import MultiLevel
 from .focus import FocusEncoder
 from .scoring import (LayerSelection, TokenSelection, cascade, check_ratios, top_share)
@@ -32,6 +33,7 @@ class SalienceEncoder(FocusEncoder):
         nn.init.uniform_(self.background_rows.weight)
         nn.init.uniform_(self.background_cols.weight)
         self.fusion = CrossLevelFusion(c.hidden_dim, c.num_levels) if e.fusion else None
+        keep_own_init(self.background_rows, self.background_cols, self.fusion)
 
     def select(self, level_logits: list[Tensor], ranking: Tensor, levels: MultiLevel) -> list[LayerSelection]:
         """Per level, the top floor(ratio_l * valid) tokens (batch-wide quota = the largest; padding
