@@ -45,6 +45,21 @@ def test_backbone_weights_file_loads_and_bad_file_is_named(tmp_path):
         ResNet(18, width=4).load_weights(_save_resnet(tmp_path / "r18w8.pth", ResNet(18, width=8)))
 
 
+def test_only_a_fresh_model_reads_the_backbone_file(tmp_path):
+    """Building a model reads nothing from disk; from_preset and a training from scratch
+    (from_config(..., backbone_weights=True)) load the ImageNet file the config names."""
+    from sparsedet import Detector
+    path = _save_resnet(tmp_path / "r18w8.pth", ResNet(18, width=8))
+    model = Detector.from_preset("dino_tiny", **{"backbone.depth": 18, "backbone.width": 8, "backbone.weights": str(path)})
+    torch.testing.assert_close(model.backbone.state_dict()["layer3.0.conv1.weight"],
+                               torch.load(path)["layer3.0.conv1.weight"])
+    config = get_preset("dino_tiny")
+    apply_overrides(config, {"backbone.weights": str(tmp_path / "gone.pth")})
+    Detector.from_config(config)  # no read: a run's own weights or a checkpoint hold the backbone
+    with pytest.raises(SparsedetError, match="not found"):
+        Detector.from_config(config, backbone_weights=True)
+
+
 def _save_resnet(path, net):
     torch.save(net.state_dict(), path)
     return path

@@ -38,20 +38,26 @@ class Detector(DetectionTransformer):
     """
 
     @classmethod
-    def from_config(cls, config: Config) -> "Detector":
+    def from_config(cls, config: Config, backbone_weights: bool = False) -> "Detector":
+        """The model ``config`` describes. Nothing is read from disk, unless ``backbone_weights``:
+        then the ImageNet file that ``model.backbone.weights`` names is loaded into the backbone
+        (a training from scratch, ``from_preset``)."""
         model = cls(config.model)
         model.run_config = config
+        if backbone_weights and config.model.backbone.weights:
+            model.backbone.load_weights(config.model.backbone.weights)
         return model
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "Detector":
-        """Build a randomly initialised model; overrides are model config fields (``num_classes=5``,
+        """Build a randomly initialised model (its backbone from the ImageNet file that
+        ``backbone.weights`` names, if any); overrides are model config fields (``num_classes=5``,
         ``backbone.depth=18``). Training and data settings (``train.*``, ``data.*``) belong to
         ``sparsedet train`` or the Config given to a Trainer: here they are refused."""
         config = apply_overrides(get_preset(name), _model_overrides(overrides, "from_preset"))
         if config.model.classes:
             config.model.num_classes = len(config.model.classes)
-        return cls.from_config(config)
+        return cls.from_config(config, backbone_weights=True)
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu", ema: bool = False,
@@ -61,8 +67,7 @@ class Detector(DetectionTransformer):
         device = resolve_device(map_location, fix="map_location='cpu'")
         config, state = load_run(run_dir, ema=ema)
         apply_overrides(config, _model_overrides(overrides, "from_pretrained"))
-        config.model.backbone.weights = None  # the run's weights already hold the backbone
-        model = cls.from_config(config)
+        model = cls.from_config(config)  # the run's weights hold the backbone
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise SparsedetError(
@@ -76,8 +81,7 @@ class Detector(DetectionTransformer):
         differs, the class-dependent tensors (class heads, denoising label table) start fresh, with a
         warning that lists them. Any other mismatch is an error."""
         old_config, state = load_run(run_dir)
-        config.model.backbone.weights = None  # the run's weights hold the backbone
-        model = cls.from_config(config)
+        model = cls.from_config(config)  # the run's weights hold the backbone
         new_state = model.state_dict()
         same_classes = (list(old_config.model.category_ids) == list(config.model.category_ids)
                         and list(old_config.model.classes) == list(config.model.classes))
@@ -202,7 +206,6 @@ def class_dependent_keys(config: Config) -> set[str]:
         model_config = copy.deepcopy(config.model)
         model_config.num_classes += extra
         model_config.classes, model_config.category_ids = [], []
-        model_config.backbone.weights = None
         with torch.device("meta"):
             shapes.append({k: v.shape for k, v in DetectionTransformer(model_config).state_dict().items()})
     return {k for k, shape in shapes[0].items() if shapes[1][k] != shape}

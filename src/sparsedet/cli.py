@@ -251,7 +251,7 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     m = config.model
     m.classes, m.category_ids, m.num_classes = train_set.classes, train_set.category_ids, len(train_set.classes)
     seed_everything(config.train.seed)  # the initial weights follow train.seed
-    model = Detector.for_finetuning(weights, config) if weights else Detector.from_config(config)
+    model = Detector.for_finetuning(weights, config) if weights else Detector.from_config(config, backbone_weights=True)
     return config, model, train_set, val_set
 
 
@@ -273,8 +273,7 @@ def cmd_train(args) -> int:
         train_set, val_set = make_datasets(config)
         if train_set.category_ids != config.model.category_ids:
             raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
-        config.model.backbone.weights = None  # the checkpoint holds the backbone
-        model, out = Detector.from_config(config), args.resume
+        model, out = Detector.from_config(config), args.resume  # the checkpoint holds the backbone
     else:
         if not args.train_ann or not args.out:
             raise SparsedetError("--train and --out are required (or --resume RUN)")
