@@ -1,4 +1,4 @@
-"""Small feed-forward blocks shared by heads and query generators."""
+"""Small feed-forward blocks shared by heads, query generators and the transformer layers."""
 from __future__ import annotations
 
 import torch
@@ -30,3 +30,15 @@ class MLP(nn.Module):
                 x = F.relu(x)
         return x
 
+
+class FeedForward:
+    """The transformer layers' feed-forward block, ``linear2(dropout(relu(linear1(x))))``, mixed
+    into a layer so that its parameters keep the official names (``linear1``, ``linear2``) on the
+    layer itself; the layer owns ``dropout``."""
+
+    def add_feed_forward(self, dim: int, ffn_dim: int) -> None:
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))

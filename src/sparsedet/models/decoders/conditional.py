@@ -4,11 +4,10 @@ point, scaled by a function of the query's content (specs/decoders.md §4.1)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...nn.attention import ProjectedAttention
-from ...nn.mlp import MLP
+from ...nn.mlp import FeedForward, MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from . import DecoderOutput
@@ -42,7 +41,7 @@ class QueryPositionSelfAttention(nn.Module):
         return self.norm1(tgt + self.dropout(self.self_attn(q, k, self.sa_v_proj(tgt))))
 
 
-class ConditionalCrossAttention(nn.Module):
+class ConditionalCrossAttention(FeedForward, nn.Module):
     """Conditional cross-attention -> norm2 -> FFN -> norm3. Per head, the content parts
     (32 wide at C=256) and the spatial parts of q and k are concatenated, so each logit is
     content.content + spatial.spatial. ``first``: the layer also adds the learned positional
@@ -59,8 +58,7 @@ class ConditionalCrossAttention(nn.Module):
         self.ca_qpos_sine_proj = nn.Linear(dim, dim)
         self.cross_attn = ProjectedAttention(dim, num_heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.add_feed_forward(dim, ffn_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -74,7 +72,7 @@ class ConditionalCrossAttention(nn.Module):
         q = heads_concat(q, self.ca_qpos_sine_proj(query_sine), self.num_heads)
         k = heads_concat(k, k_pos, self.num_heads)
         tgt = self.norm2(tgt + self.dropout(self.cross_attn(q, k, self.ca_v_proj(memory), padding)))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        ffn = self.feed_forward(tgt)
         return self.norm3(tgt + self.dropout(ffn))
 
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...nn.attention import MSDeformAttn, SelfAttention
-from ...nn.mlp import MLP
+from ...nn.mlp import FeedForward, MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.functional import apply_box_delta
 from . import DecoderOutput
 
 
-class DeformableDecoderLayer(nn.Module):
+class DeformableDecoderLayer(FeedForward, nn.Module):
     """Self-attention (q = k = tgt + pos) -> norm2 -> deformable cross-attention -> norm1 -> FFN -> norm3."""
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int):
@@ -24,8 +23,7 @@ class DeformableDecoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.cross_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
         self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.add_feed_forward(dim, ffn_dim)
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -41,7 +39,7 @@ class DeformableDecoderLayer(nn.Module):
         if record_sampling:
             x, sampling = x[0], x[1:]
         tgt = self.norm1(tgt + self.dropout(x))
-        x = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        x = self.feed_forward(tgt)
         return self.norm3(tgt + self.dropout(x)), sampling
 
 

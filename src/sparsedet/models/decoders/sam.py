@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...nn.attention import ProjectedAttention
-from ...nn.mlp import MLP
+from ...nn.mlp import FeedForward, MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.boxes import cxcywh_to_xyxy
@@ -74,7 +74,7 @@ def gaussian_prior(points: Tensor, scales: Tensor, shape: tuple[int, int], valid
     return (-dist / 8.0).permute(0, 2, 1, 3)
 
 
-class SamDecoderLayer(QueryPositionSelfAttention):
+class SamDecoderLayer(FeedForward, QueryPositionSelfAttention):
     """Self-attention (position = sine of the box centre) -> norm1 -> Semantics Aligner ->
     cross-attention (q/k C wide per head, v C/M) -> norm2 -> FFN -> norm3. Parameter names
     follow the official layer, so its checkpoints convert by prefix."""
@@ -93,8 +93,7 @@ class SamDecoderLayer(QueryPositionSelfAttention):
         nn.init.zeros_(self.point2[-1].bias)
         self.attn1 = nn.Linear(dim, dim * num_heads)
         self.attn2 = nn.Linear(dim, dim * num_heads)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.add_feed_forward(dim, ffn_dim)
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, tgt: Tensor, boxes: Tensor, memory: Tensor, levels: MultiLevel) -> Tensor:
@@ -115,7 +114,7 @@ class SamDecoderLayer(QueryPositionSelfAttention):
         bias = gaussian_prior(points, extra.view(B, Q, M, 2), shape, ratio) if self.smca else None
         out = self.cross_attn(q, k, self.ca_v_proj(memory), levels.padding, bias)
         tgt = self.norm2(tgt + self.dropout(out))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        ffn = self.feed_forward(tgt)
         return self.norm3(tgt + self.dropout(ffn))
 
 

@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...nn.attention import MSDeformAttn
 from ...nn.neck import MultiLevel
+from ...nn.mlp import FeedForward
 from ..heads import Predictions
 
 if TYPE_CHECKING:  # scoring imports this module
@@ -41,15 +41,14 @@ def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
 
-class DeformableEncoderLayer(nn.Module):
+class DeformableEncoderLayer(FeedForward, nn.Module):
     """Post-norm layer: deformable self-attention (query = token + pos, value = tokens) then FFN."""
 
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_levels: int, num_heads: int, num_points: int):
         super().__init__()
         self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
         self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.add_feed_forward(dim, ffn_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -58,7 +57,7 @@ class DeformableEncoderLayer(nn.Module):
         """query: [B, Q, C] tokens to update; value: [B, S, C] tokens attended to."""
         x = query + self.dropout(self.self_attn(query + pos, reference, value, shapes, value_padding))
         x = self.norm1(x)
-        x = x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+        x = x + self.dropout(self.feed_forward(x))
         return self.norm2(x)
 
 

@@ -2,21 +2,20 @@
 self-attention over one feature level, q = k = tokens + position, v = tokens."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
+from ...nn.mlp import FeedForward
 from .dense import EncoderOutput
 
 
-class GlobalEncoderLayer(nn.Module):
+class GlobalEncoderLayer(FeedForward, nn.Module):
     def __init__(self, dim: int, ffn_dim: int, dropout: float, num_heads: int):
         super().__init__()
         self.self_attn = SelfAttention(dim, num_heads, dropout=dropout)
         self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.add_feed_forward(dim, ffn_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -24,7 +23,7 @@ class GlobalEncoderLayer(nn.Module):
         q = x + pos
         attn = self.self_attn(q, q, x, key_padding_mask=padding, need_weights=False)[0]
         x = self.norm1(x + self.dropout(attn))
-        ffn = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        ffn = self.feed_forward(x)
         return self.norm2(x + self.dropout(ffn))
 
 
