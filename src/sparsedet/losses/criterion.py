@@ -99,6 +99,9 @@ class SetCriterion:
             strides = [2 ** round(math.log2(H / h)) for h, _ in shapes]
             target = sel.foreground_targets(boxes, shapes, strides, self.label_ranges)
             return sel.foreground_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
+        if self.selection != "salience":  # a new token-sparse encoder needs its supervision here
+            raise ValueError(f"encoder kind {self.selection!r} selects tokens, but the criterion has no selection "
+                             "loss for it (SetCriterion._selection_loss)")
         target = sel.salience_targets(boxes, shapes, selection.padded_size, self.label_ranges)
         # Normalised like the box terms: by the mean positive count over processes (the other two
         # kinds average per image, which DDP's gradient mean keeps).
