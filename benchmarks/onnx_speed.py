@@ -27,7 +27,7 @@ from sparsedet import Detector  # noqa: E402
 from sparsedet.engine.precision import inference_precision  # noqa: E402
 from sparsedet.tools.bench import environment, format_environment, parse_size  # noqa: E402
 from sparsedet.tools.convert import convert  # noqa: E402
-from sparsedet.tools.export import INPUTS, OUTPUTS, ExportedDetector, describe  # noqa: E402
+from sparsedet.tools.export import INPUTS, OUTPUTS, ExportedDetector, describe, onnxruntime_session  # noqa: E402
 
 
 def main() -> None:
@@ -72,14 +72,10 @@ def main() -> None:
 def exported_runs(name: str, model, path: str, feeds: dict, threads: int) -> dict:
     """Export ``model`` for any input size; return its timed runs: PyTorch fp32 eager and the file
     in onnxruntime on ``feeds``."""
-    import onnxruntime as ort
     start = time.perf_counter()
     report = model.export_onnx(path)
     print(f"{name}: export + check {time.perf_counter() - start:.0f} s: {describe(report)}", flush=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(path, threads)
     wrapper = ExportedDetector(model, model.config.top_k).eval()
 
     def run_eager():

@@ -195,6 +195,8 @@ def test_cli_export_and_the_file_as_a_run(tmp_path, capsys, synth):
     assert main(["bench", str(out), "--size", "96x128", "--runs", "2", "--warmup", "1"]) == 0
     printed = capsys.readouterr().out
     assert "d.onnx  96x128  batch 1  fp32  onnxruntime" in printed and "median" in printed
+    assert main(["export", str(out), "--out", str(tmp_path / "again.onnx")]) == 2
+    assert "is already an ONNX file" in capsys.readouterr().err
 
 
 def _assert_same_entries(expected: list[dict], got: list[dict]):

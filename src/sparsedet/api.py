@@ -129,6 +129,11 @@ class Detector(DetectionTransformer):
     def classes(self) -> list[str]:
         return self.config.classes or [str(i) for i in range(self.config.num_classes)]
 
+    @property
+    def category_ids(self) -> list[int]:
+        """Each class column's category id (the column index where the run names none)."""
+        return list(self.config.category_ids or range(self.config.num_classes))
+
     @torch.no_grad()
     def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5, top_k: int | None = None,
                 batch_size: int = 4, precision: str = "fp32") -> list[dict[str, torch.Tensor]]:

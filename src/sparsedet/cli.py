@@ -377,6 +377,8 @@ def cmd_viz(args) -> int:
 def cmd_export(args) -> int:
     from .tools import bench
     from .tools.export import describe
+    if args.target.lower().endswith(".onnx"):
+        raise SparsedetError(f"{args.target} is already an ONNX file; export takes a run folder or a preset")
     model = bench.load_model(args.target)
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the file computes an untrained model")

@@ -99,12 +99,13 @@ def postprocess(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int = 100,
         "scores": [k], "labels": [k]}, sorted by score.
     """
     check_threshold(threshold)
-    xyxy, scores, labels = top_detections(logits, boxes, sizes, top_k)
-    results = []
-    for b in range(logits.shape[0]):
-        keep = scores[b] > threshold
-        results.append({"boxes": xyxy[b][keep], "scores": scores[b][keep], "labels": labels[b][keep]})
-    return results
+    return above_threshold(*top_detections(logits, boxes, sizes, top_k), threshold)
+
+
+def above_threshold(xyxy: Tensor, scores: Tensor, labels: Tensor, threshold: float) -> list[dict[str, Tensor]]:
+    """Per image, the detections of ``top_detections``' fixed-shape output scored above ``threshold``."""
+    return [{"boxes": xyxy[b][keep], "scores": scores[b][keep], "labels": labels[b][keep]}
+            for b, keep in enumerate(scores > threshold)]
 
 
 def top_detections(logits: Tensor, boxes: Tensor, sizes: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:

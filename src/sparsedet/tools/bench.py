@@ -236,6 +236,14 @@ def _peak_memory(device: torch.device, rss: PeakRss) -> dict:
             "rss_before_mib": rss.before / 2**20}
 
 
+def timing_inputs(size: tuple[int, int], batch: int, device: torch.device) -> tuple[Batch, torch.Tensor]:
+    """The timed runs' input: ``batch`` unpadded random images of ``size`` (seeded), and their sizes."""
+    h, w = size
+    g = torch.Generator().manual_seed(0)
+    images = Batch(torch.rand(batch, 3, h, w, generator=g), torch.zeros(batch, h, w, dtype=torch.bool))
+    return images.to(device), torch.tensor([[h, w]] * batch, device=device)
+
+
 def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device: str | torch.device = "cpu",
                 precision: str = "fp32", runs: int = 10, warmup: int = 3, progress: bool = False) -> dict:
     """Parameters, GFLOPs per stage and (``runs`` > 0) latency per stage of ``model`` on a
@@ -248,9 +256,7 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
     dtype = resolve_precision(precision, device)  # before the cost count: a wrong word fails at once
     model = model.to(device).eval()
     h, w = size
-    g = torch.Generator().manual_seed(0)
-    inputs = Batch(torch.rand(batch, 3, h, w, generator=g), torch.zeros(batch, h, w, dtype=torch.bool)).to(device)
-    sizes = torch.tensor([[h, w]] * batch, device=device)
+    inputs, sizes = timing_inputs(size, batch, device)
     stages = stage_modules(model)
 
     # Cost: one forward in fp32 (the count does not depend on precision), with the encoder's input shapes.
@@ -329,9 +335,7 @@ def bench_exported(model, size: tuple[int, int], batch: int = 1, precision: str 
     import onnxruntime
     model.check_precision(precision)
     h, w = size
-    g = torch.Generator().manual_seed(0)
-    inputs = Batch(torch.rand(batch, 3, h, w, generator=g), torch.zeros(batch, h, w, dtype=torch.bool))
-    sizes = torch.tensor([[h, w]] * batch)
+    inputs, sizes = timing_inputs(size, batch, torch.device("cpu"))
     result = {"weights": model.num_weights, "size": [h, w], "batch": batch, "precision": model.precision,
               "runtime": f"onnxruntime {onnxruntime.__version__} (CPU, {model.threads} threads)"}
     if runs <= 0:

@@ -44,8 +44,7 @@ class ExportedDetector(nn.Module):
     def __init__(self, model: nn.Module, top_k: int):
         super().__init__()
         self.model, self.top_k = model, top_k
-        c = model.config
-        self.register_buffer("category_ids", torch.tensor(c.category_ids or list(range(c.num_classes))))
+        self.register_buffer("category_ids", torch.tensor(model.category_ids))
 
     def forward(self, images: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """images stay fp32 in every precision: the model's own dtype starts inside the graph, and
@@ -179,11 +178,11 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
     sample = prepare(model, sample_images(size or sample_size(model), 2), size)
     args = tuple(torch.from_numpy(sample[k]) for k in INPUTS)
     batch = torch.export.Dim("batch", min=1, max=64)
-    dims = {0: batch}
+    dynamic = {"images": {0: batch}, "mask": {0: batch}, "sizes": {0: batch}}
     if size is None:  # the coarsest (stride 64) map must be wider than one cell
         height, width = torch.export.Dim("height", min=65, max=8192), torch.export.Dim("width", min=65, max=8192)
-        dims = {0: batch, 2: height, 3: width}
-    dynamic = {"images": dims, "mask": {k - 1 if k else 0: d for k, d in dims.items()}, "sizes": {0: batch}}
+        dynamic["images"].update({2: height, 3: width})
+        dynamic["mask"].update({1: height, 2: width})
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and other chatter of the exporter
@@ -217,8 +216,7 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
     c = model.config
     meta = {"sparsedet": __version__, "config": json.dumps(run_config.to_dict()), "top_k": str(wrapper.top_k),
             "precision": precision,
-            "classes": json.dumps(c.classes or [str(i) for i in range(c.num_classes)]),
-            "category_ids": json.dumps(c.category_ids or list(range(c.num_classes))),
+            "classes": json.dumps(model.classes), "category_ids": json.dumps(model.category_ids),
             "input_size": f"{size[0]}x{size[1]}" if size else "any", "eval_size": str(c.eval_size),
             "eval_max_size": str(c.eval_max_size),
             "preprocessing": "RGB in [0, 1]; resize so the short side is eval_size and the long side at most "
@@ -264,12 +262,7 @@ def compare(wrapper: ExportedDetector, path: Path, inputs: dict[str, np.ndarray]
     within 1e-3 and every box side within 0.5 px (fp16: 1e-2 and 2 px; matched, not position by
     position: detections a rounding apart in score may swap)."""
     box_tolerance, score_tolerance = TOLERANCES[precision]
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    got = session.run(OUTPUTS, inputs)
+    got = onnxruntime_session(path).run(OUTPUTS, inputs)
     with torch.no_grad():
         expected = [t.numpy() for t in wrapper(*(torch.from_numpy(inputs[k]) for k in INPUTS))]
     worst_box = worst_score = 0.0
@@ -287,6 +280,16 @@ def compare(wrapper: ExportedDetector, path: Path, inputs: dict[str, np.ndarray]
                 unmatched += 1
     return {"ok": unmatched == 0, "images": int(expected[0].shape[0]), "checked_per_image": min(top, expected[1].shape[1]),
             "unmatched": unmatched, "max_box_px": worst_box, "max_score": worst_score}
+
+
+def onnxruntime_session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session for the file, on ``threads`` (default PyTorch's count), without
+    the optimiser's notes about nodes it could not fuse."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def describe(report: dict) -> str:

@@ -15,8 +15,8 @@ from ..api import ImageLike, check_top_k, preprocess_images
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
-from ..models.heads import check_threshold
-from .export import OUTPUTS, inputs
+from ..models.heads import above_threshold, check_threshold
+from .export import OUTPUTS, inputs, onnxruntime_session
 
 
 class OnnxDetector:
@@ -28,15 +28,12 @@ class OnnxDetector:
         if not path.is_file():
             raise SparsedetError(f"ONNX file not found: {path}")
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError as e:
             raise SparsedetError(f"running an .onnx file needs onnxruntime: pip install 'sparsedet[export]' ({e})")
-        options = ort.SessionOptions()
         self.threads = threads or torch.get_num_threads()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3  # the optimiser's notes about nodes it could not fuse
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime_session(path, self.threads)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable files
             raise SparsedetError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -87,13 +84,8 @@ class OnnxDetector:
         k = min(top_k or self.config.top_k, self.exported_top_k)
         boxes, scores, labels = self.session.run(OUTPUTS, inputs(batch, sizes.cpu(), self.input_size))
         columns = np.vectorize(self._column.__getitem__, otypes=[np.int64])(labels) if labels.size else labels
-        results = []
-        for b in range(boxes.shape[0]):
-            keep = scores[b, :k] > threshold
-            results.append({"boxes": torch.from_numpy(boxes[b, :k][keep]),
-                            "scores": torch.from_numpy(scores[b, :k][keep]),
-                            "labels": torch.from_numpy(columns[b, :k][keep])})
-        return results
+        return above_threshold(torch.from_numpy(boxes[:, :k]), torch.from_numpy(scores[:, :k]),
+                               torch.from_numpy(columns[:, :k]), threshold)
 
     def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5, top_k: int | None = None,
                 batch_size: int = 4, precision: str = "fp32") -> list[dict[str, Tensor]]:

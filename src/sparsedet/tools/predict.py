@@ -41,7 +41,6 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
     if batch_size < 1:
         raise SparsedetError(f"--batch-size must be at least 1, got {batch_size}")
     out.mkdir(parents=True, exist_ok=True)
-    ids = model.config.category_ids or list(range(model.num_classes))
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
 
     def load(chunk: list[Path]) -> list:
@@ -62,7 +61,7 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
             dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision, batch_size=batch_size)
             for j, (path, image, det) in enumerate(zip(chunk, images, dets)):
                 entries += [{"file_name": str(path), **entry, "score": round(entry["score"], 5)}
-                            for entry in coco_results(c * batch_size + j, det, ids)]
+                            for entry in coco_results(c * batch_size + j, det, model.category_ids)]
                 drawings.append(pool.submit(draw, path, image, det))
             bar.update(len(chunk))
         drawn = [d.result() for d in drawings]
