@@ -10,7 +10,8 @@ from sparsedet.cli import main
 from sparsedet.data.coco import open_detection_dataset
 from sparsedet.data.transforms import build_transforms
 from sparsedet.engine.evaluator import evaluate
-from sparsedet.models.heads import postprocess
+from sparsedet.config import ModelConfig
+from sparsedet.models.postprocess import PostProcess
 
 SMALL = {"hidden_dim": 64, "ffn_dim": 64, "num_encoder_layers": 1, "num_decoder_layers": 1, "num_queries": 10,
          "dn_queries": 4, "eval_size": 64, "eval_max_size": 96, "backbone.width": 8}
@@ -21,7 +22,7 @@ def test_postprocess_clips_each_box_to_its_own_image():
     boxes = torch.tensor([[[0.9, 0.1, 0.5, 0.5], [0.5, 0.5, 0.2, 0.2]],
                           [[0.1, 0.9, 0.4, 0.6], [0.5, 0.5, 1.5, 1.5]]])
     sizes = torch.tensor([[100, 200], [50, 80]])  # (height, width)
-    out = postprocess(logits, boxes, sizes, top_k=2)
+    out = PostProcess(ModelConfig(num_classes=1)).detections(logits, boxes, sizes, top_k=2)
     expected = [{(130.0, 0.0, 200.0, 35.0), (80.0, 40.0, 120.0, 60.0)},
                 {(0.0, 30.0, 24.0, 50.0), (0.0, 0.0, 80.0, 50.0)}]
     for det, want in zip(out, expected):

@@ -136,8 +136,8 @@ def test_selection_loss_trains_the_scorer_and_unselected_tokens_keep_their_value
     out = model(batch, targets)
     terms = SetCriterion.for_model(cfg.model)(out, targets)
     assert torch.isfinite(terms["loss_select"]) and terms["loss_select"] > 0
-    with pytest.raises(ValueError, match="'mine' selects tokens, but the criterion has no selection loss"):
-        SetCriterion(3, cfg.model.loss, "mine")(out, targets)  # never another kind's loss by default
+    with pytest.raises(ValueError, match="selects tokens, but the criterion has no selection loss"):
+        SetCriterion(3, cfg.model.loss)(out, targets)  # never another kind's loss by default
     terms["loss_select"].backward()
     grads = [p.grad for p in model.encoder.scorer.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

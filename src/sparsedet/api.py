@@ -20,7 +20,7 @@ from .engine.device import resolve_device
 from .engine.precision import inference_precision, resolve_precision
 from .errors import SparsedetError
 from .models.detector import DetectionTransformer
-from .models.heads import check_threshold
+from .models.postprocess import check_threshold
 from .presets import get_preset
 
 # An image: a path, a PIL image, an RGB (H, W, 3) array (uint8 0..255 or float in [0, 1]; OpenCV's

@@ -342,7 +342,7 @@ def _dataset_name(path: str) -> str:
 def cmd_predict(args) -> int:
     from .api import load_detector
     from .tools.predict import collect_images, predict_to_folder
-    from .models.heads import check_threshold
+    from .models.postprocess import check_threshold
     check_threshold(args.threshold)
     model = load_detector(args.weights)
     files = collect_images(args.inputs)

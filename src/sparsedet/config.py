@@ -285,31 +285,28 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Co
     return config
 
 
-# Fields that only some encoder kinds (model.encoder.kind) or model kinds (model.kind) read: an
-# override of one of them elsewhere could not take effect, so it is refused.
+# Fields that only some model kinds (model.kind) read, or some encoder kinds (each encoder class
+# lists its ``config_fields``): an override of one of them elsewhere could not take effect, so it
+# is refused.
 ONLY_FOR = {
-    "model.encoder.keep_ratio": ("encoder.kind", ("sparse", "focus")),
-    "model.encoder.layer_ratios": ("encoder.kind", ("focus", "salience")),
-    "model.encoder.object_tokens": ("encoder.kind", ("focus", "salience")),
-    "model.encoder.label_ranges": ("encoder.kind", ("focus", "salience")),
-    "model.encoder.level_ratios": ("encoder.kind", ("salience",)),
-    "model.encoder.background_size": ("encoder.kind", ("salience",)),
-    "model.encoder.fusion": ("encoder.kind", ("salience",)),
-    "model.encoder.aux_heads": ("encoder.kind", ("sparse",)),
-    "model.decoder.smca": ("kind", ("sam",)),
-    "model.decoder.task_queries": ("kind", ("decoupled",)),
-    "model.decoder.split_cross_attention": ("kind", ("decoupled",)),
-    "model.decoder.task_points": ("kind", ("decoupled",)),
+    "model.decoder.smca": ("sam",),
+    "model.decoder.task_queries": ("decoupled",),
+    "model.decoder.split_cross_attention": ("decoupled",),
+    "model.decoder.task_points": ("decoupled",),
 }
 
 
 def _check_takes_effect(config: Config, key: str) -> None:
-    if key not in ONLY_FOR:
+    if key.startswith("model.encoder.") and key != "model.encoder.kind":
+        from .models.encoders import ENCODERS  # the encoder classes sit above the config
+
+        field_name = key.removeprefix("model.encoder.")
+        switch, current = "encoder.kind", config.model.encoder.kind
+        kinds = tuple(k for k, cls in ENCODERS.items() if field_name in getattr(cls, "config_fields", ()))
+    elif key in ONLY_FOR:
+        switch, current, kinds = "kind", config.model.kind, ONLY_FOR[key]
+    else:
         return
-    switch, kinds = ONLY_FOR[key]
-    current = config.model
-    for part in switch.split("."):
-        current = getattr(current, part)
     if current not in kinds:
         raise SparsedetError(f"{key} has no effect with model.{switch}={current!r}: only {' and '.join(kinds)} "
                              f"read it; leave it out, or choose a preset with a {'/'.join(kinds)} "

@@ -9,7 +9,6 @@ ground-truth boxes in the batch. Sparse encoders add ``loss_select``, their scor
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -18,26 +17,22 @@ from torch import Tensor
 
 from ..config import LossConfig, ModelConfig
 from ..ops.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
-from . import selection as sel
 from .focal import aligned_loss, sigmoid_focal_loss, varifocal_loss
 from .matcher import HungarianMatcher
-
-
-def _one_process(value: float, device: torch.device) -> float:
-    return value
+from .selection import SelectionSupervision, single_process
 
 
 class SetCriterion:
-    def __init__(self, num_classes: int, config: LossConfig, selection: str = "dense",
-                 label_ranges: list[list[float]] | None = None,
-                 mean_over_processes: Callable[[float, torch.device], float] = _one_process):
-        """selection: the encoder kind whose token scorer is supervised ("dense": none).
-        mean_over_processes: averages a loss normaliser (box and positive-token counts) over the
-        processes of a torchrun group; the trainer passes its distributed context's."""
+    def __init__(self, num_classes: int, config: LossConfig, selection_loss: SelectionSupervision | None = None,
+                 mean_over_processes: Callable[[float, torch.device], float] = single_process):
+        """selection_loss: the supervision of a token-sparse encoder's scorer (its class declares it:
+        ``supervision``); None for encoders that select nothing.
+        mean_over_processes: averages a loss normaliser (box counts) over the processes of a torchrun
+        group; the trainer passes its distributed context's."""
         if config.cls_loss not in ("focal", "varifocal", "aligned"):
             raise ValueError(f"unknown classification loss {config.cls_loss!r}; choose focal, varifocal or aligned")
         self.num_classes, self.cfg = num_classes, config
-        self.selection, self.label_ranges = selection, label_ranges
+        self.selection_loss = selection_loss
         self.mean_over_processes = mean_over_processes
         self.matcher = HungarianMatcher(config.match_cls, config.match_bbox, config.match_giou,
                                         config.focal_alpha, config.focal_gamma)
@@ -46,9 +41,14 @@ class SetCriterion:
 
     @classmethod
     def for_model(cls, config: ModelConfig,
-                  mean_over_processes: Callable[[float, torch.device], float] = _one_process) -> "SetCriterion":
-        return cls(config.num_classes, config.loss, config.encoder.kind, config.encoder.label_ranges,
-                   mean_over_processes)
+                  mean_over_processes: Callable[[float, torch.device], float] = single_process) -> "SetCriterion":
+        """The criterion of a model config, with the selection loss its encoder kind declares."""
+        from ..models.encoders import encoder_class  # models sit above losses; only the table is read
+
+        supervision = getattr(encoder_class(config.encoder.kind), "supervision", None)
+        selection_loss = (supervision(config.loss, config.encoder.label_ranges, mean_over_processes)
+                          if supervision is not None else None)
+        return cls(config.num_classes, config.loss, selection_loss, mean_over_processes)
 
     def __call__(self, outputs, targets: list[dict]) -> dict[str, Tensor]:
         """outputs: ``DetectorOutput``; targets: per image {"labels", "boxes" (normalised cxcywh)}.
@@ -78,35 +78,12 @@ class SetCriterion:
                 suffix = "_dn" if i == L - 1 else f"_dn_{i}"
                 terms = self._terms(dn.logits[i], dn.boxes[i], targets, match, norm)
                 losses.update({k + suffix: v for k, v in terms.items()})
-        if self.selection != "dense" and outputs.selection is not None:
-            losses["loss_select"] = self._selection_loss(outputs.selection, outputs.sampling, targets)
+        if outputs.selection is not None:
+            if self.selection_loss is None:
+                raise ValueError("the encoder selects tokens, but the criterion has no selection loss for it "
+                                 "(build it with SetCriterion.for_model, or give the encoder class a supervision)")
+            losses["loss_select"] = self.selection_loss(outputs.selection, outputs.sampling, targets)
         return losses
-
-    def _selection_loss(self, selection, sampling, targets: list[dict]) -> Tensor:
-        """The scorer's supervision: the decoder's attention map (sparse), per-level foreground
-        (focus) or scale-independent salience (salience)."""
-        logits, padding, shapes = selection.token_logits.float(), selection.padding, selection.shapes
-        if self.selection == "sparse":
-            if sampling is None:
-                raise ValueError("Sparse DETR's selection loss needs the decoder's sampling (train mode)")
-            locations, weights = sampling
-            dam = sel.decoder_attention_map(locations.float(), weights.float(), shapes)
-            target = sel.top_count_targets(dam, padding, selection.layers[0].counts)
-            return sel.attention_map_loss(logits.masked_fill(padding, logits.min()), target)
-        boxes = [_pixel_xyxy(t["boxes"], size) for t, size in zip(targets, selection.image_sizes)]
-        if self.selection == "focus":
-            H, W = selection.padded_size
-            strides = [2 ** round(math.log2(H / h)) for h, _ in shapes]
-            target = sel.foreground_targets(boxes, shapes, strides, self.label_ranges)
-            return sel.foreground_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma)
-        if self.selection != "salience":  # a new token-sparse encoder needs its supervision here
-            raise ValueError(f"encoder kind {self.selection!r} selects tokens, but the criterion has no selection "
-                             "loss for it (SetCriterion._selection_loss)")
-        target = sel.salience_targets(boxes, shapes, selection.padded_size, self.label_ranges)
-        # Normalised like the box terms: by the mean positive count over processes (the other two
-        # kinds average per image, which DDP's gradient mean keeps).
-        num_pos = self.mean_over_processes(float((target > 0).sum()), logits.device)
-        return sel.salience_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma, num_pos)
 
     def _terms(self, logits: Tensor, boxes: Tensor, targets: list[dict], match, num_boxes: float) -> dict[str, Tensor]:
         B, Q, C = logits.shape
@@ -142,12 +119,6 @@ class SetCriterion:
     def total(self, losses: dict[str, Tensor]) -> Tensor:
         """Weighted sum of all terms (each term's weight is that of its base name)."""
         return sum(self.weights[_base(k)] * v for k, v in losses.items())
-
-
-def _pixel_xyxy(boxes: Tensor, size: Tensor) -> Tensor:
-    """Normalised cxcywh of the unpadded image -> xyxy pixels; size: (height, width)."""
-    h, w = size.to(boxes.dtype).unbind()
-    return cxcywh_to_xyxy(boxes) * torch.stack([w, h, w, h])
 
 
 def _base(key: str) -> str:

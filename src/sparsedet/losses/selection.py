@@ -7,11 +7,21 @@ sits at the top-left).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import LossConfig
+from ..ops.boxes import cxcywh_to_xyxy
 from .focal import sigmoid_focal_loss
+
+if TYPE_CHECKING:  # the encoders name their supervision from here
+    from ..models.encoders.scoring import TokenSelection
 
 
 @torch.no_grad()
@@ -147,3 +157,69 @@ def salience_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: fl
     if num_pos is None:
         return loss.sum() / (target > 0).sum().clamp(min=1)
     return loss.sum() / max(num_pos, 1.0)
+
+
+def single_process(value: float, device: torch.device) -> float:
+    """The mean over a group of one process: the value itself."""
+    return value
+
+
+@dataclass
+class SelectionSupervision:
+    """A token scorer's supervision, as the encoder class that owns the scorer declares it
+    (``supervision``): called with the encoder's ``TokenSelection``, the decoder's sampling
+    (locations, weights; recorded in training when the encoder ``learns_from_decoder``) and the
+    targets ({"labels", "boxes": normalised cxcywh of the unpadded image}), it returns the
+    ``loss_select`` term. mean_over_processes averages a normaliser over a torchrun group."""
+
+    loss: LossConfig
+    label_ranges: list[list[float]]
+    mean_over_processes: Callable[[float, torch.device], float] = single_process
+
+    @staticmethod
+    def pixel_boxes(selection: TokenSelection, targets: list[dict]) -> list[Tensor]:
+        """Each image's boxes as xyxy pixels of the padded input (the unpadded image at its top-left)."""
+        out = []
+        for t, size in zip(targets, selection.image_sizes):
+            h, w = size.to(t["boxes"].dtype).unbind()
+            out.append(cxcywh_to_xyxy(t["boxes"]) * torch.stack([w, h, w, h]))
+        return out
+
+
+class AttentionMapSupervision(SelectionSupervision):
+    """Sparse DETR: the scorer predicts each image's top-count tokens of the decoder's attention map."""
+
+    def __call__(self, selection: TokenSelection, sampling: tuple[Tensor, Tensor] | None,
+                 targets: list[dict]) -> Tensor:
+        if sampling is None:
+            raise ValueError("Sparse DETR's selection loss needs the decoder's sampling (train mode)")
+        logits, padding = selection.token_logits.float(), selection.padding
+        locations, weights = sampling
+        dam = decoder_attention_map(locations.float(), weights.float(), selection.shapes)
+        target = top_count_targets(dam, padding, selection.layers[0].counts)
+        return attention_map_loss(logits.masked_fill(padding, logits.min()), target)
+
+
+class ForegroundSupervision(SelectionSupervision):
+    """Focus-DETR: per-level foreground labels of the boxes' sizes."""
+
+    def __call__(self, selection: TokenSelection, sampling: tuple[Tensor, Tensor] | None,
+                 targets: list[dict]) -> Tensor:
+        H, _ = selection.padded_size
+        strides = [2 ** round(math.log2(H / h)) for h, _ in selection.shapes]
+        target = foreground_targets(self.pixel_boxes(selection, targets), selection.shapes, strides, self.label_ranges)
+        return foreground_loss(selection.token_logits.float(), target, self.loss.focal_alpha, self.loss.focal_gamma)
+
+
+class SalienceSupervision(SelectionSupervision):
+    """Salience DETR: scale-independent salience of each token inside its level's boxes."""
+
+    def __call__(self, selection: TokenSelection, sampling: tuple[Tensor, Tensor] | None,
+                 targets: list[dict]) -> Tensor:
+        logits = selection.token_logits.float()
+        target = salience_targets(self.pixel_boxes(selection, targets), selection.shapes, selection.padded_size,
+                                  self.label_ranges)
+        # Normalised like the box terms: by the mean positive count over processes (the other two
+        # kinds average per image, which DDP's gradient mean keeps).
+        num_pos = self.mean_over_processes(float((target > 0).sum()), logits.device)
+        return salience_loss(logits, target, self.loss.focal_alpha, self.loss.focal_gamma, num_pos)

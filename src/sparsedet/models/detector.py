@@ -8,7 +8,6 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..data.batch import Batch
-from ..data.categories import unused_columns
 from ..errors import SparsedetError
 from ..nn.backbone import ResNet
 from ..nn.init import transformer_init
@@ -17,7 +16,8 @@ from .bases import BASES
 from .denoising import ContrastiveDenoising
 from .decoders import Decoder
 from .encoders import Encoder, build_encoder
-from .heads import DenoisingPredictions, PredictionHeads, Predictions, ProposalPredictions, postprocess
+from .heads import DenoisingPredictions, PredictionHeads, Predictions, ProposalPredictions
+from .postprocess import PostProcess
 from .encoders.scoring import TokenSelection
 from .queries import Queries
 
@@ -84,6 +84,7 @@ class DetectionTransformer(nn.Module):
         self.decoder = base.decoder(c)
         self.heads = PredictionHeads(c.hidden_dim, c.num_classes, c.num_decoder_layers, base.share_heads(c),
                                      initial_size_bias=base.size_bias(c))
+        self.postprocess = PostProcess(c)
         self.denoising = (ContrastiveDenoising(c.num_classes, c.hidden_dim, c.dn_queries, c.dn_label_noise,
                                                c.dn_box_noise, c.sigmoid_eps, c.dn_spare_label)
                           if base.denoising else None)
@@ -122,33 +123,17 @@ class DetectionTransformer(nn.Module):
         record = record_sampling or (self.training and getattr(self.encoder, "learns_from_decoder", False))
         decoded = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
                                record_sampling=record)
-        if selection is not None:
-            selection.padded_size = tuple(batch.images.shape[-2:])
-            selection.image_sizes = torch.stack([(~batch.mask[:, :, 0]).sum(1), (~batch.mask[:, 0, :]).sum(1)], -1)
         logits, boxes = self.heads(decoded, self.config.sigmoid_eps)
         dn_out = None
         if dn is not None:
             D = dn.num_queries
             dn_out = DenoisingPredictions(logits[:, :, :D], boxes[:, :, :D], dn)
             logits, boxes = logits[:, :, D:], boxes[:, :, D:]
-            # Keep label_enc in the graph even when no positive slot is used (DDP needs every parameter).
-            logits = logits + 0.0 * self.denoising.label_enc.weight[0, 0]
         aux = [Predictions(logits[i], boxes[i]) for i in range(len(logits) - 1)]
         return DetectorOutput(logits[-1], boxes[-1], aux, init.enc, dn_out, selection, encoded.aux, decoded.sampling)
 
     @torch.no_grad()
     def detect(self, batch: Batch, sizes: Tensor, threshold: float = 0.0, top_k: int | None = None) -> list[dict]:
         """Forward + post-processing. sizes: [B, 2] (height, width) to scale boxes to."""
-        logits, boxes = self.final_outputs(batch)
-        return postprocess(logits, boxes, sizes, top_k or self.config.top_k, threshold)
-
-    def final_outputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """Logits [B, Q, C] and boxes [B, Q, 4] ready for post-processing: in fp32 whatever the
-        forward ran in (bf16 pixel coordinates are off by up to 4 px at 1000 px), and columns that
-        name no category (COCO's 11 unused ids) at -inf, so they never become detections."""
         out = self(batch)
-        logits, boxes = out.logits.float(), out.boxes.float()
-        unused = unused_columns(self.config.classes)
-        if unused:
-            logits = logits.index_fill(-1, torch.tensor(unused, device=logits.device), float("-inf"))
-        return logits, boxes
+        return self.postprocess.detections(out.logits, out.boxes, sizes, top_k, threshold)

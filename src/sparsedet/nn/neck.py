@@ -16,7 +16,8 @@ class MultiLevel:
 
     tokens: [B, S, C]; padding: [B, S] True on padding; pos: [B, S, C] (sine + level embedding);
     shapes: per level (H, W) as Python ints; valid_ratios: [B, L, 2] as (w, h) fraction of the
-    padded map covered by the image.
+    padded map covered by the image; image_sizes: [B, 2] each image's unpadded (height, width)
+    and padded_size the batch's (height, width), in input pixels.
     """
 
     tokens: Tensor
@@ -24,6 +25,8 @@ class MultiLevel:
     pos: Tensor
     shapes: list[tuple[int, int]]
     valid_ratios: Tensor
+    image_sizes: Tensor | None = None
+    padded_size: tuple[int, int] | None = None
 
     @property
     def level_starts(self) -> list[int]:
@@ -82,5 +85,6 @@ class Neck(nn.Module):
             valid_h = (~pad[:, :, 0]).sum(1).float() / h
             valid_w = (~pad[:, 0, :]).sum(1).float() / w
             ratios.append(torch.stack([valid_w, valid_h], -1))
+        image_sizes = torch.stack([(~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)], -1)
         return MultiLevel(torch.cat(tokens, 1), torch.cat(pads, 1), torch.cat(poss, 1), shapes,
-                          torch.stack(ratios, 1))
+                          torch.stack(ratios, 1), image_sizes, tuple(mask.shape[-2:]))

@@ -29,7 +29,6 @@ from .. import __version__
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
-from ..models.heads import top_detections
 
 INPUTS, OUTPUTS = ["images", "mask", "sizes"], ["boxes", "scores", "labels"]
 # Agreement the export check asks of onnxruntime against PyTorch, per precision: (box px, score).
@@ -49,8 +48,8 @@ class ExportedDetector(nn.Module):
     def forward(self, images: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """images stay fp32 in every precision: the model's own dtype starts inside the graph, and
         the post-processing is fp32."""
-        logits, boxes = self.model.final_outputs(Batch(images.to(self.model.image_mean.dtype), mask))
-        xyxy, scores, labels = top_detections(logits.float(), boxes.float(), sizes, self.top_k)
+        out = self.model(Batch(images.to(self.model.image_mean.dtype), mask))
+        xyxy, scores, labels = self.model.postprocess(out.logits, out.boxes, sizes, self.top_k)
         return xyxy, scores, self.category_ids[labels]
 
 

@@ -15,7 +15,7 @@ from ..api import ImageLike, check_top_k, preprocess_images
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
-from ..models.heads import above_threshold, check_threshold
+from ..models.postprocess import above_threshold, check_threshold
 from .export import OUTPUTS, inputs, onnxruntime_session
 
 

@@ -18,7 +18,6 @@ from torch import Tensor
 from ..errors import SparsedetError
 from ..models.detector import DetectorOutput
 from ..models.encoders.scoring import token_levels, written
-from ..models.heads import postprocess
 from ..nn.attention import ProjectedAttention
 from .draw import PALETTE, draw_detections, grid
 
@@ -207,7 +206,7 @@ def visualize(model, image, out_dir: str | Path, query: int | None = None, layer
     picture, reads = decoder_reads(obs, query, layer)
     picture.save(out_dir / "decoder_query.png")
     size = torch.tensor([[obs.image.height, obs.image.width]])
-    det = postprocess(obs.out.logits, obs.out.boxes, size, c.top_k, threshold)[0]
+    det = model.postprocess.detections(obs.out.logits, obs.out.boxes, size, c.top_k, threshold)[0]
     draw_detections(obs.image, det, model.classes).save(out_dir / "detections.png")
 
     facts = {"image_size": [obs.image.height, obs.image.width], "padded_size": list(obs.padded_size),

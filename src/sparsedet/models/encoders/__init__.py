@@ -1,5 +1,11 @@
-"""Encoders by ``model.encoder.kind``: the one table from config name to class, and the contract
-every encoder keeps (``Encoder``)."""
+"""Encoders by ``model.encoder.kind``: the one table from config name to class
+(``register_encoder`` adds one), and the contract every encoder keeps (``Encoder``).
+
+An encoder class is built as ``cls.from_config(model_config)``. A token-sparse one also declares
+``supervision`` (its scorer's loss, from ``losses/selection.py``), ``config_fields`` (the
+``model.encoder.*`` fields it reads, so that overrides of the others are refused) and, where it
+needs more of the model than the chain gives, ``check(config)``.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
@@ -27,21 +33,28 @@ class Encoder(Protocol):
     def __call__(self, levels: MultiLevel, queries: TokenProjection) -> EncoderOutput: ...
 
 
-ENCODERS = {"dense": None, "global": GlobalEncoder, "sparse": SparseEncoder, "focus": FocusEncoder, "salience": SalienceEncoder}
+ENCODERS: dict[str, type[nn.Module]] = {"dense": DenseEncoder, "global": GlobalEncoder, "sparse": SparseEncoder,
+                                        "focus": FocusEncoder, "salience": SalienceEncoder}
+
+
+def register_encoder(kind: str):
+    """Class decorator: ``model.encoder.kind=KIND`` builds the decorated class."""
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if kind in ENCODERS and ENCODERS[kind] is not cls:
+            raise SparsedetError(f"encoder kind {kind!r} is already {ENCODERS[kind].__name__}")
+        ENCODERS[kind] = cls
+        return cls
+    return add
+
+
+def encoder_class(kind: str) -> type[nn.Module]:
+    if kind not in ENCODERS:
+        raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[kind]
 
 
 def build_encoder(c: ModelConfig) -> nn.Module:
-    kind = c.encoder.kind
-    if kind not in ENCODERS:
-        raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}")
-    if kind == "dense":
-        return DenseEncoder(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads,
-                            c.enc_points)
-    if kind == "global":
-        return GlobalEncoder(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads)
-    if kind in ("focus", "salience") and c.kind != "dino":
-        raise SparsedetError(f"encoder.kind={kind!r} needs the DINO base (kind='dino'): its object scores come "
-                             "from the mixed query selection's class head")
-    if kind == "sparse" and not c.two_stage:
-        raise SparsedetError("encoder.kind='sparse' scores tokens with the two-stage projection; set two_stage=true")
-    return ENCODERS[kind](c)
+    cls = encoder_class(c.encoder.kind)
+    if hasattr(cls, "check"):
+        cls.check(c)
+    return cls.from_config(c)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ...config import ModelConfig
 from ...nn.attention import MSDeformAttn
 from ...nn.neck import MultiLevel
 from ...nn.mlp import FeedForward
@@ -62,6 +63,10 @@ class DeformableEncoderLayer(FeedForward, nn.Module):
 
 
 class DenseEncoder(nn.Module):
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "DenseEncoder":
+        return cls(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.enc_points)
+
     def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float,
                  num_levels: int, num_heads: int, num_points: int):
         super().__init__()

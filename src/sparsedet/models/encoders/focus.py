@@ -10,12 +10,14 @@ from torch import Tensor, nn
 
 from ...config import ModelConfig
 from ...errors import SparsedetError
+from ...losses.selection import ForegroundSupervision
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows, top_k
 from .dense import DeformableEncoderLayer, EncoderOutput
-from .scoring import (LayerSelection, TokenScorer, TokenSelection, cascade, check_ratios, encoder_points, gather_points,
-                      mask_padding, scatter_tokens, top_down_scores, top_share, uniform_alpha)
+from .scoring import (LayerSelection, TokenScorer, TokenSelection, TokenSparseEncoder, cascade, check_ratios,
+                      encoder_points, gather_points, mask_padding, scatter_tokens, top_down_scores, top_share,
+                      uniform_alpha)
 
 
 class DualAttentionLayer(DeformableEncoderLayer):
@@ -37,7 +39,16 @@ class DualAttentionLayer(DeformableEncoderLayer):
         return super().forward(query, pos, reference, value, shapes, value_padding)
 
 
-class FocusEncoder(nn.Module):
+class FocusEncoder(TokenSparseEncoder):
+    supervision = ForegroundSupervision
+    config_fields = ("keep_ratio", "layer_ratios", "object_tokens", "label_ranges")
+
+    @classmethod
+    def check(cls, c: ModelConfig) -> None:
+        if c.kind != "dino":
+            raise SparsedetError(f"encoder.kind={c.encoder.kind!r} needs the DINO base (kind='dino'): its object "
+                                 "scores come from the mixed query selection's class head")
+
     def alpha_index(self, num_levels: int) -> list[int]:
         """Which modulation weight each level below the top uses: Focus counts from the top
         (alpha[0] modulates the second-coarsest level)."""
@@ -79,7 +90,7 @@ class FocusEncoder(nn.Module):
             query = layer(query, gather_rows(levels.pos, sel.indices), gather_points(points, sel.indices, len(shapes)),
                           tokens, shapes, padding, objectness, self.object_tokens)
             memory = scatter_tokens(memory, sel.indices, query, sel.counts)
-        selection = TokenSelection(logits, layers, shapes, padding)
+        selection = TokenSelection.of(logits, layers, levels)
         return EncoderOutput(self.finish(memory, selection, levels), selection)
 
     def finish(self, memory: Tensor, selection: TokenSelection, levels: MultiLevel) -> Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ...config import ModelConfig
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...nn.mlp import FeedForward
@@ -30,6 +31,10 @@ class GlobalEncoderLayer(FeedForward, nn.Module):
 class GlobalEncoder(nn.Module):
     """Every token attends to every token: cost grows with the square of the token count, so
     the methods built on it use the stride-32 map only."""
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "GlobalEncoder":
+        return cls(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads)
 
     def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float, num_heads: int):
         super().__init__()

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ...config import ModelConfig
 from ...errors import SparsedetError
+from ...losses.selection import SalienceSupervision
 from ...nn.fusion import CrossLevelFusion
 from ...nn.init import keep_own_init
 from ...nn.neck import MultiLevel
@@ -17,6 +18,9 @@ from .scoring import (LayerSelection, TokenSelection, cascade, check_ratios, top
 
 
 class SalienceEncoder(FocusEncoder):
+    supervision = SalienceSupervision
+    config_fields = ("layer_ratios", "object_tokens", "label_ranges", "level_ratios", "background_size", "fusion")
+
     def alpha_index(self, num_levels: int) -> list[int]:
         """Salience indexes the modulation weights by level (alpha[l] for level l)."""
         return list(range(num_levels - 1))

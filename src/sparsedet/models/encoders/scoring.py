@@ -13,9 +13,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import ModelConfig
 from ...errors import SparsedetError
+from ...losses.selection import SelectionSupervision
+from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows, top_k
 from .dense import encoder_reference_points
+
+
+class TokenSparseEncoder(nn.Module):
+    """What a token-sparse encoder declares besides its ``forward`` (``Encoder`` protocol):
+
+    supervision: its scorer's loss (``loss_select``); config_fields: the ``model.encoder.*``
+    fields it reads; learns_from_decoder: the loss needs the decoder's sampling (recorded in
+    training); check: refuses a model config it cannot be built into.
+    """
+
+    supervision: type[SelectionSupervision]
+    config_fields: tuple[str, ...] = ()
+    learns_from_decoder = False
+
+    @classmethod
+    def check(cls, c: ModelConfig) -> None:
+        """Nothing beyond the shared chain is needed by default."""
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "TokenSparseEncoder":
+        return cls(c)
 
 
 class TokenScorer(nn.Module):
@@ -140,8 +164,8 @@ class TokenSelection:
 
     token_logits: [B, S] scorer logits before padding is masked (the selection losses' input);
     layers: one ``LayerSelection`` per encoder layer; shapes: per level (H, W); padding: [B, S];
-    image_sizes: [B, 2] unpadded (height, width) and padded_size (height, width) in input pixels,
-    filled by the detector.
+    image_sizes: [B, 2] unpadded (height, width) and padded_size (height, width) in input pixels
+    (``MultiLevel``'s, see ``of``).
     """
 
     token_logits: Tensor
@@ -150,6 +174,11 @@ class TokenSelection:
     padding: Tensor
     image_sizes: Tensor | None = None
     padded_size: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, token_logits: Tensor, layers: list[LayerSelection], levels: MultiLevel) -> "TokenSelection":
+        """The selection made on ``levels``, with their shapes, padding and image sizes."""
+        return cls(token_logits, layers, levels.shapes, levels.padding, levels.image_sizes, levels.padded_size)
 
     def level_counts(self, layer: int) -> Tensor:
         """[B, L] tokens each image kept per level in ``layer``."""

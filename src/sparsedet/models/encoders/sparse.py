@@ -7,16 +7,25 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...config import ModelConfig
+from ...errors import SparsedetError
+from ...losses.selection import AttentionMapSupervision
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
 from ..heads import PredictionHeads, Predictions
 from .dense import DeformableEncoderLayer, EncoderOutput
-from .scoring import (LayerSelection, TokenScorer, TokenSelection, check_ratios, encoder_points, gather_points,
-                      scatter_tokens, top_share)
+from .scoring import (LayerSelection, TokenScorer, TokenSelection, TokenSparseEncoder, check_ratios, encoder_points,
+                      gather_points, scatter_tokens, top_share)
 
 
-class SparseEncoder(nn.Module):
+class SparseEncoder(TokenSparseEncoder):
+    supervision = AttentionMapSupervision
     learns_from_decoder = True  # its scorer's target is the decoder's attention map (DAM)
+    config_fields = ("keep_ratio", "aux_heads")
+
+    @classmethod
+    def check(cls, c: ModelConfig) -> None:
+        if not c.two_stage:
+            raise SparsedetError("encoder.kind='sparse' scores tokens with the two-stage projection; set two_stage=true")
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -53,6 +62,6 @@ class SparseEncoder(nn.Module):
             if self.training and self.aux_heads is not None and t < len(self.aux_heads.box_embed):
                 box = self.aux_heads.box_head(t)(query) + gather_rows(proposals, indices)
                 aux.append(Predictions(self.aux_heads.class_head(t)(query), box.sigmoid()))
-        selection = TokenSelection(logits, [selected] * len(self.layers), shapes, padding)
+        selection = TokenSelection.of(logits, [selected] * len(self.layers), levels)
         return EncoderOutput(memory, selection, aux)
 
