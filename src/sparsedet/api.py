@@ -192,15 +192,19 @@ def check_top_k(top_k: int | None) -> None:
         raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
 
 
-def load_detector(weights: str | Path, ema: bool = False):
-    """What ``--weights`` names: a run folder (a ``Detector``) or an exported ``.onnx`` file (an
-    ``OnnxDetector``, run in onnxruntime)."""
+def load_detector(weights: str | Path, ema: bool = False, device: str | None = None):
+    """What ``--weights`` names: a run folder (a ``Detector``, on ``device``: default cuda when
+    available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run in onnxruntime on
+    the CPU)."""
     if str(weights).lower().endswith(".onnx"):
         if ema:
             raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")
+        if device not in (None, "cpu"):
+            raise SparsedetError(f"an .onnx file runs in onnxruntime on the CPU; leave out --device {device}")
         from .tools.onnx_model import OnnxDetector
         return OnnxDetector(weights)
-    return Detector.from_pretrained(weights, ema=ema)
+    device = resolve_device(device or "auto", fix="--device cpu")
+    return Detector.from_pretrained(weights, map_location=device, ema=ema)
 
 
 def class_dependent_keys(config: Config) -> set[str]:
