@@ -146,7 +146,8 @@ class Detector(DetectionTransformer):
         forward pass.
 
         Returns per image {"boxes": [n, 4] xyxy in original pixels, clipped to the image, "scores": [n]
-        (both fp32 in any precision), "labels": [n] (column index into ``classes``)}, sorted by score.
+        (both fp32 in any precision), "labels": [n] (column index into ``classes``), "names": [n] (the
+        labels' class names, a list of str)}, sorted by score.
         """
         check_threshold(threshold)
         check_top_k(top_k)
@@ -164,7 +165,7 @@ class Detector(DetectionTransformer):
                     results += self.detect(batch.to(device), sizes.to(device), threshold, top_k)
         finally:
             self.train(was_training)
-        return results
+        return with_names(results, self.classes)
 
     def preprocess(self, images: list[ImageLike]) -> tuple[Batch, torch.Tensor, list[Image.Image]]:
         """Images -> (padded batch at the model's eval size, original (height, width) [B, 2], the
@@ -185,6 +186,13 @@ def preprocess_images(images: list[ImageLike], eval_size: int, eval_max_size: in
         sizes.append((im.height, im.width))
         resized_images.append(resized)
     return Batch.from_images(tensors), torch.tensor(sizes), resized_images
+
+
+def with_names(detections: list[dict], classes: list[str]) -> list[dict]:
+    """The detection dicts, each given "names": the class name of each of its "labels"."""
+    for det in detections:
+        det["names"] = [classes[label] for label in det["labels"].tolist()]
+    return detections
 
 
 def check_top_k(top_k: int | None) -> None:

@@ -124,18 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum score of the detections the confusion matrix counts (default 0.5)")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("predict", help="detect objects in images",
-                       description="Writes DIR/predictions.json (COCO results entries plus file_name; boxes in "
-                       "original pixels) and one drawn PNG per image.")
+    s = sub.add_parser("predict", help="detect objects in images, videos and streams",
+                       description="Writes DIR/predictions.json (COCO results entries plus file_name and "
+                       "category_name, and frame for a video; boxes in original pixels), one drawn PNG per image and "
+                       "one drawn DIR/NAME_pred.mp4 per video. Videos (.mp4, .mov, .avi, .mkv, .webm, ...), stream "
+                       "URLs (rtsp://..., http://...) and webcams (0, /dev/video0) are read frame by frame with "
+                       "PyAV (pip install 'sparsedet[video]'); Ctrl-C ends a live stream and keeps what was seen.")
     s.add_argument("--weights", required=True, help="run folder, or an .onnx file from `sparsedet export` (run "
                    "in onnxruntime)")
-    s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    s.add_argument("inputs", nargs="+", metavar="SOURCE", help="image, video, folder (searched recursively), "
+                   "stream URL or webcam index")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
     s.add_argument("--top-k", type=int, default=None, help="at most K detections per image")
-    s.add_argument("--batch-size", type=int, default=4, help="images per forward (default 4)")
+    s.add_argument("--batch-size", type=int, default=4, help="images or frames per forward (default 4)")
     s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    s.add_argument("--save-txt", action="store_true", help="also write YOLO labels DIR/labels/NAME.txt (a video: "
+                   "NAME_FRAME.txt): one line `class cx cy w h score` per detection, normalised to the image; "
+                   "class is the index among the model's classes")
+    s.add_argument("--max-frames", type=int, help="read at most this many frames of each video or stream")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("plot", help="draw a run's training curves (loss terms, lr, AP) as PNGs",
@@ -374,13 +382,16 @@ def _dataset_name(path: str) -> str:
 
 def cmd_predict(args) -> int:
     from .api import load_detector
-    from .tools.predict import collect_images, predict_to_folder
+    from .tools.predict import collect_inputs, predict_to_folder
     from .models.heads import check_threshold
     check_threshold(args.threshold)
     model = load_detector(args.weights, device=args.device)
-    files = collect_images(args.inputs)
-    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size)
-    print(f"wrote {Path(args.out) / 'predictions.json'} and {len(files)} drawn images")
+    files, videos = collect_inputs(args.inputs)
+    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size,
+                      videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
+    drawn = [f"{len(files)} drawn images"] * bool(files) + [f"{len(videos)} drawn videos"] * bool(videos)
+    print(f"wrote {Path(args.out) / 'predictions.json'}, {' and '.join(drawn)}"
+          + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else ""))
     return 0
 
 

@@ -72,17 +72,20 @@ def save_results(results: list[dict], path: str | Path) -> None:
     atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(results), encoding="utf-8"))
 
 
-def coco_results(image_id: int, det: dict, category_ids: list[int | None]) -> list[dict]:
+def coco_results(image_id: int, det: dict, category_ids: list[int | None],
+                 classes: list[str] | None = None) -> list[dict]:
     """One image's detections ("boxes" [n, 4] xyxy in original pixels, "scores" [n], "labels" [n]
     as column indices) as COCO results entries: bbox xywh rounded to 1/1000 pixel (far below what
-    changes an IoU decision; keeps results files small), the column's original category id. Columns
-    without a category (None) are dropped."""
+    changes an IoU decision; keeps results files small), the column's original category id and,
+    when ``classes`` (a name per column) is given, its ``"category_name"``. Columns without a
+    category (None) are dropped."""
     boxes = det["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     labels = [int(label) for label in det["labels"].detach().cpu().reshape(-1).tolist()]
     scores = det["scores"].detach().cpu().reshape(-1).tolist()
-    return [{"image_id": image_id, "category_id": category_ids[label], "bbox": [round(v, 3) for v in box],
-             "score": score}
+    return [{"image_id": image_id, "category_id": category_ids[label],
+             **({"category_name": classes[label]} if classes is not None else {}),
+             "bbox": [round(v, 3) for v in box], "score": score}
             for box, score, label in zip(xywh, scores, labels) if category_ids[label] is not None]
 
 
