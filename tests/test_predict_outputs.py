@@ -1,5 +1,6 @@
 """`sparsedet predict` outputs: class names, YOLO label files, videos and streams (PyAV), --device,
 and the options' help. The model is a tiny untrained one: these tests check formats, not accuracy."""
+import importlib.util
 import json
 import shutil
 import sys
@@ -108,18 +109,18 @@ def test_predict_reads_videos_and_streams_frame_by_frame(tiny_run, synth, tmp_pa
 
 
 def test_video_needs_pyav_and_bad_sources_get_clear_errors(tiny_run, tmp_path, capsys, monkeypatch):
-    clip = tmp_path / "clip.mp4"
-    _write_video(clip, frames=1)
     base = ["predict", "--weights", str(tiny_run), "--out", str(tmp_path / "o")]
     assert main([*base, str(tmp_path / "missing.mp4")]) == 2
     assert "image, video or folder not found" in capsys.readouterr().err
-    (tmp_path / "broken.mp4").write_bytes(b"not a video")
-    assert main([*base, str(tmp_path / "broken.mp4")]) == 2
-    assert "error: cannot open video" in capsys.readouterr().err
-    assert main([*base, str(clip), "--max-frames", "0"]) == 2
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    assert main([*base, str(broken), "--max-frames", "0"]) == 2
     assert "--max-frames must be at least 1, got 0" in capsys.readouterr().err
+    if importlib.util.find_spec("av") is not None:  # PyAV itself reports the unreadable file
+        assert main([*base, str(broken)]) == 2
+        assert "error: cannot open video" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "av", None)  # as if the [video] extra were not installed
-    assert main([*base, str(clip)]) == 2
+    assert main([*base, str(broken)]) == 2
     assert "reading and writing videos needs PyAV: pip install 'sparsedet[video]'" in capsys.readouterr().err
 
 
