@@ -20,6 +20,25 @@ def synth(tmp_path_factory) -> dict:
         return write_synthetic(root, n_train=8, n_val=4, size=128, seed=3)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """An untrained tiny DINO run folder for format tests. Its class table is indexed by category id,
+    as released COCO models' are: columns 0, 4 and 6 (named N/A) predict nothing; the others are the
+    synthetic dataset's categories 1, 2, 3, 5, 7."""
+    from sparsedet import Detector
+    from sparsedet.data.categories import UNUSED
+    from sparsedet.data.synthetic import CATEGORIES
+    names = dict(CATEGORIES)
+    torch.manual_seed(0)
+    model = Detector.from_preset("dino_tiny", classes=[names.get(i, UNUSED) for i in range(8)],
+                                 category_ids=list(range(8)), hidden_dim=64, ffn_dim=64, num_encoder_layers=1,
+                                 num_decoder_layers=1, num_queries=10, dn_queries=4, eval_size=64, eval_max_size=96,
+                                 **{"backbone.width": 8})
+    path = tmp_path_factory.mktemp("tiny") / "run"
+    model.save_pretrained(path)
+    return path
+
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 

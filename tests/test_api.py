@@ -54,7 +54,8 @@ def test_predict_in_bf16_gives_fp32_detections_and_leaves_the_model_as_it_was():
         assert det["boxes"].shape == (5, 4) and det["scores"].shape == det["labels"].shape == (5,)
     # Inference ran the backbone channels_last; afterwards the layout and the fp32 results are as before.
     assert channels_last == [True, True] and conv.is_contiguous()
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(after[k], before[k]) for k in ("boxes", "scores", "labels"))
+    assert after["names"] == before["names"] == [model.classes[i] for i in before["labels"].tolist()]
     with pytest.raises(SparsedetError, match="unknown precision 'fp8'; choose one of fp32, bf16, fp16"):
         model.predict(image, precision="fp8")
     with pytest.raises(SparsedetError, match="fp16 runs on CUDA only"):

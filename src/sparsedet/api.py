@@ -146,7 +146,8 @@ class Detector(DetectionTransformer):
         forward pass.
 
         Returns per image {"boxes": [n, 4] xyxy in original pixels, clipped to the image, "scores": [n]
-        (both fp32 in any precision), "labels": [n] (column index into ``classes``)}, sorted by score.
+        (both fp32 in any precision), "labels": [n] (column index into ``classes``), "names": [n] (the
+        labels' class names, a list of str)}, sorted by score.
         """
         check_threshold(threshold)
         check_top_k(top_k)
@@ -164,7 +165,7 @@ class Detector(DetectionTransformer):
                     results += self.detect(batch.to(device), sizes.to(device), threshold, top_k)
         finally:
             self.train(was_training)
-        return results
+        return with_names(results, self.classes)
 
     def preprocess(self, images: list[ImageLike]) -> tuple[Batch, torch.Tensor, list[Image.Image]]:
         """Images -> (padded batch at the model's eval size, original (height, width) [B, 2], the
@@ -187,20 +188,31 @@ def preprocess_images(images: list[ImageLike], eval_size: int, eval_max_size: in
     return Batch.from_images(tensors), torch.tensor(sizes), resized_images
 
 
+def with_names(detections: list[dict], classes: list[str]) -> list[dict]:
+    """The detection dicts, each given "names": the class name of each of its "labels"."""
+    for det in detections:
+        det["names"] = [classes[label] for label in det["labels"].tolist()]
+    return detections
+
+
 def check_top_k(top_k: int | None) -> None:
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
 
 
-def load_detector(weights: str | Path, ema: bool = False):
-    """What ``--weights`` names: a run folder (a ``Detector``) or an exported ``.onnx`` file (an
-    ``OnnxDetector``, run in onnxruntime)."""
+def load_detector(weights: str | Path, ema: bool = False, device: str | None = None):
+    """What ``--weights`` names: a run folder (a ``Detector``, on ``device``: default cuda when
+    available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run in onnxruntime on
+    the CPU)."""
     if str(weights).lower().endswith(".onnx"):
         if ema:
             raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")
+        if device not in (None, "cpu"):
+            raise SparsedetError(f"an .onnx file runs in onnxruntime on the CPU; leave out --device {device}")
         from .tools.onnx_model import OnnxDetector
         return OnnxDetector(weights)
-    return Detector.from_pretrained(weights, ema=ema)
+    device = resolve_device(device or "auto", fix="--device cpu")
+    return Detector.from_pretrained(weights, map_location=device, ema=ema)
 
 
 def class_dependent_keys(config: Config) -> set[str]:

@@ -13,6 +13,7 @@ from .tools.convert import SOURCES
 
 PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (autocast; fp16 on CUDA only); "
                   "boxes and scores come back in fp32")
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu; an .onnx file runs on the CPU)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "from `sparsedet export`, run in onnxruntime) or --results DET.json (a COCO results file). "
                        "Prints a table and writes DIR/metrics.json: by default RUN/eval/DATA/metrics.json (DATA: "
                        "the --val json's or yaml's dataset name, plus _ema with --ema; MODEL_eval/DATA beside an "
-                       ".onnx file), so the training metrics in RUN/metrics.json stay; --out RUN replaces those.")
+                       ".onnx file), so the training metrics in RUN/metrics.json stay; --out RUN replaces those. "
+                       "With --plots also pr_curve.png, pr_curve_iou50.png, confusion_matrix.png and "
+                       "confusion_matrix.json beside it (needs pip install 'sparsedet[viz]').")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="run folder or exported .onnx file")
     src.add_argument("--results", help="COCO results json")
@@ -111,22 +114,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground truth: COCO json, or YOLO data.yaml or its folder (its val split)")
     s.add_argument("--images", help="image root (default: the json's folder)")
     s.add_argument("--out", help="folder for metrics.json (default: RUN/eval/DATA, or . for --results)")
-    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--batch-size", type=int, default=4, help="images per forward (default 4)")
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    s.add_argument("--plots", action="store_true",
+                   help="also draw precision-recall curves (per class and over all classes; IoU 0.50:0.95 and 0.50) "
+                   "and a confusion matrix with a background row and column")
+    s.add_argument("--confusion-threshold", type=float, default=0.5, metavar="T",
+                   help="minimum score of the detections the confusion matrix counts (default 0.5)")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("predict", help="detect objects in images",
-                       description="Writes DIR/predictions.json (COCO results entries plus file_name; boxes in "
-                       "original pixels) and one drawn PNG per image.")
+    s = sub.add_parser("predict", help="detect objects in images, videos and streams",
+                       description="Writes DIR/predictions.json (COCO results entries plus file_name and "
+                       "category_name, and frame for a video; boxes in original pixels), one drawn PNG per image and "
+                       "one drawn DIR/NAME_pred.mp4 per video. Videos (.mp4, .mov, .avi, .mkv, .webm, ...), stream "
+                       "URLs (rtsp://..., http://...) and webcams (0, /dev/video0) are read frame by frame with "
+                       "PyAV (pip install 'sparsedet[video]'); Ctrl-C ends a live stream and keeps what was seen.")
     s.add_argument("--weights", required=True, help="run folder, or an .onnx file from `sparsedet export` (run "
                    "in onnxruntime)")
-    s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    s.add_argument("inputs", nargs="+", metavar="SOURCE", help="image, video, folder (searched recursively), "
+                   "stream URL or webcam index")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
     s.add_argument("--top-k", type=int, default=None, help="at most K detections per image")
-    s.add_argument("--batch-size", type=int, default=4, help="images per forward (default 4)")
+    s.add_argument("--batch-size", type=int, default=4, help="images or frames per forward (default 4)")
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    s.add_argument("--save-txt", action="store_true", help="also write YOLO labels DIR/labels/NAME.txt (a video: "
+                   "NAME_FRAME.txt): one line `class cx cy w h score` per detection, normalised to the image; "
+                   "class is the index among the model's classes")
+    s.add_argument("--max-frames", type=int, help="read at most this many frames of each video or stream")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("plot", help="draw a run's training curves (loss terms, lr, AP) as PNGs",
+                       description="Reads RUN/metrics.jsonl (written by `sparsedet train`) and writes loss.png "
+                       "(the total and each loss term over steps: final decoder layer solid, encoder and denoising "
+                       "parts dashed, earlier decoder layers thin grey), lr.png and, when the run was evaluated, "
+                       "ap.png (AP, AP50, AP75; EMA dashed) into RUN or --out. Needs pip install 'sparsedet[viz]'.")
+    s.add_argument("run", metavar="RUN", help="run folder")
+    s.add_argument("--out", help="folder for the PNGs (default: RUN)")
+    s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("convert", help="convert a released checkpoint into a run folder",
                        description="Sources: hf-deformable-detr, hf-conditional-detr (a folder written by Hugging "
@@ -302,22 +329,32 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .data.coco import open_detection_dataset
     from .engine.evaluator import evaluate_coco, format_metrics, load_results
+    if args.plots:
+        from .tools.plots import pyplot
+        pyplot()  # a missing matplotlib fails before the evaluation, not after it
     if args.results:
-        if args.precision != "fp32":
-            raise SparsedetError("--precision sets how --weights RUN runs; a --results file is already computed: "
+        given = [flag for flag, used in (("--precision", args.precision != "fp32"), ("--device", args.device))
+                 if used]
+        if given:
+            raise SparsedetError(f"{given[0]} sets how --weights RUN runs; a --results file is already computed: "
                                  "leave it out")
-        metrics = evaluate_coco(args.val_ann, load_results(args.results))
+        results = load_results(args.results)
+        metrics = evaluate_coco(args.val_ann, results)
         out = Path(args.out or ".")
+        gt = open_detection_dataset(args.val_ann, "val", args.images).coco if args.plots else None
     else:
         from .api import load_detector
-        from .data.coco import open_detection_dataset
         from .data.transforms import build_transforms
         from .engine.evaluator import evaluate
-        model = load_detector(args.weights, ema=args.ema)
+        if args.batch_size < 1:
+            raise SparsedetError(f"--batch-size must be at least 1, got {args.batch_size}")
+        model = load_detector(args.weights, ema=args.ema, device=args.device)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
-        metrics, _ = evaluate(model, dataset, args.batch_size, precision=args.precision)
+        metrics, results = evaluate(model, dataset, args.batch_size, precision=args.precision)
+        gt = dataset.coco
         name = _dataset_name(args.val_ann) + ("_ema" if args.ema else "")
         weights = Path(args.weights)
         beside = weights.parent / f"{weights.stem}_eval" if weights.is_file() else weights / "eval"
@@ -326,6 +363,10 @@ def cmd_eval(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'}")
+    if args.plots:
+        from .tools.plots import write_eval_plots
+        written = write_eval_plots(gt, results, out, args.confusion_threshold)
+        print(f"wrote {', '.join(p.name for p in written)} in {out}")
     return 0
 
 
@@ -341,13 +382,23 @@ def _dataset_name(path: str) -> str:
 
 def cmd_predict(args) -> int:
     from .api import load_detector
-    from .tools.predict import collect_images, predict_to_folder
     from .models.postprocess import check_threshold
+    from .tools.predict import collect_inputs, predict_to_folder
     check_threshold(args.threshold)
-    model = load_detector(args.weights)
-    files = collect_images(args.inputs)
-    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size)
-    print(f"wrote {Path(args.out) / 'predictions.json'} and {len(files)} drawn images")
+    model = load_detector(args.weights, device=args.device)
+    files, videos = collect_inputs(args.inputs)
+    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size,
+                      videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
+    drawn = [f"{len(files)} drawn images"] * bool(files) + [f"{len(videos)} drawn videos"] * bool(videos)
+    print(f"wrote {Path(args.out) / 'predictions.json'}, {' and '.join(drawn)}"
+          + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else ""))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .tools.plots import plot_training
+    written = plot_training(args.run, args.out)
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 

@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,17 +72,20 @@ def save_results(results: list[dict], path: str | Path) -> None:
     atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(results), encoding="utf-8"))
 
 
-def coco_results(image_id: int, det: dict, category_ids: list[int | None]) -> list[dict]:
+def coco_results(image_id: int, det: dict, category_ids: list[int | None],
+                 classes: list[str] | None = None) -> list[dict]:
     """One image's detections ("boxes" [n, 4] xyxy in original pixels, "scores" [n], "labels" [n]
     as column indices) as COCO results entries: bbox xywh rounded to 1/1000 pixel (far below what
-    changes an IoU decision; keeps results files small), the column's original category id. Columns
-    without a category (None) are dropped."""
+    changes an IoU decision; keeps results files small), the column's original category id and,
+    when ``classes`` (a name per column) is given, its ``"category_name"``. Columns without a
+    category (None) are dropped."""
     boxes = det["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     labels = [int(label) for label in det["labels"].detach().cpu().reshape(-1).tolist()]
     scores = det["scores"].detach().cpu().reshape(-1).tolist()
-    return [{"image_id": image_id, "category_id": category_ids[label], "bbox": [round(v, 3) for v in box],
-             "score": score}
+    return [{"image_id": image_id, "category_id": category_ids[label],
+             **({"category_name": classes[label]} if classes is not None else {}),
+             "bbox": [round(v, 3) for v in box], "score": score}
             for box, score, label in zip(xywh, scores, labels) if category_ids[label] is not None]
 
 
@@ -172,14 +176,9 @@ def _undefined_mean(values: np.ndarray) -> float:
     return float(defined.mean()) if defined.size else -1.0
 
 
-def evaluate_coco(
-    gt: dict | str | Path, detections: list[dict], *, per_class: bool = True, quiet: bool = True
-) -> dict:
-    """COCO box metrics of `detections` (results format, xywh pixels) against ground truth `gt`.
-
-    `gt` is a COCO dict or a path to one. Returns the 12 pycocotools ``stats`` under `STAT_NAMES`
-    and, when `per_class`, ``"per_class": {category name: AP@[.50:.95]}`` (-1 = no ground truth).
-    """
+def _accumulate(gt: dict | str | Path, detections: list[dict], quiet: bool = True) -> tuple[COCOeval_faster, dict]:
+    """The evaluated, accumulated and summarised COCOeval of ``detections`` against ``gt``, and the
+    private ground-truth copy it scored against."""
     data = _ground_truth(gt)
     image_ids = {img["id"]: img["id"] for img in data["images"]}
     category_ids = {cat["id"]: cat["id"] for cat in data["categories"]}
@@ -192,17 +191,72 @@ def evaluate_coco(
     evaluation.evaluate()
     evaluation.accumulate()
     evaluation.summarize()
+    return evaluation, data
 
+
+def evaluate_coco(
+    gt: dict | str | Path, detections: list[dict], *, per_class: bool = True, quiet: bool = True
+) -> dict:
+    """COCO box metrics of `detections` (results format, xywh pixels) against ground truth `gt`.
+
+    `gt` is a COCO dict or a path to one. Returns the 12 pycocotools ``stats`` under `STAT_NAMES`
+    and, when `per_class`, ``"per_class": {category name: AP@[.50:.95]}`` (-1 = no ground truth).
+    """
+    evaluation, data = _accumulate(gt, detections, quiet)
     metrics: dict = {name: float(v) for name, v in zip(STAT_NAMES, evaluation.stats[: len(STAT_NAMES)])}
     if per_class:
-        names = {cat["id"]: str(cat.get("name", cat["id"])) for cat in data["categories"]}
-        repeated = {name for name, n in Counter(names.values()).items() if n > 1}
         precision = np.asarray(evaluation.eval["precision"])  # [IoU, recall, class, area, maxDets]
-        metrics["per_class"] = {}
-        for k, cat_id in enumerate(evaluation.params.catIds):
-            name = f"{names[cat_id]} ({cat_id})" if names[cat_id] in repeated else names[cat_id]
-            metrics["per_class"][name] = _undefined_mean(precision[:, :, k, 0, -1])
+        names = _class_names(data, evaluation.params.catIds)
+        metrics["per_class"] = {name: _undefined_mean(precision[:, :, k, 0, -1]) for k, name in enumerate(names)}
     return metrics
+
+
+def _class_names(data: dict, category_ids: list[int]) -> list[str]:
+    """The category names in ``category_ids`` order; a name two categories share gets its id: "car (3)"."""
+    names = {cat["id"]: str(cat.get("name", cat["id"])) for cat in data["categories"]}
+    repeated = {name for name, n in Counter(names.values()).items() if n > 1}
+    return [f"{names[c]} ({c})" if names[c] in repeated else names[c] for c in category_ids]
+
+
+@dataclass
+class PrecisionRecall:
+    """Interpolated precision at COCO's 101 recall points, area "all", at most 100 detections per image.
+
+    ``recall`` [R]; ``precision`` [T, R, K] at ``iou_thresholds`` [T] (0.50, 0.55, ..., 0.95) for
+    ``classes`` [K] (category names in id order); -1 for a class without ground truth.
+    """
+
+    recall: np.ndarray
+    iou_thresholds: np.ndarray
+    precision: np.ndarray
+    classes: list[str]
+
+    def curves(self, iou: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(per-class precision [K, R], its mean over the classes with ground truth [R]) at the IoU
+        threshold ``iou`` (one of ``iou_thresholds``), or averaged over all of them when None, whose
+        mean over recall is AP@[.50:.95]. Classes without ground truth are NaN rows."""
+        if iou is None:
+            chosen = self.precision
+        else:
+            hits = np.flatnonzero(np.isclose(self.iou_thresholds, iou))
+            if not hits.size:
+                raise SparsedetError(f"IoU {iou} is not one of the evaluated thresholds "
+                                     f"{[round(float(t), 2) for t in self.iou_thresholds]}")
+            chosen = self.precision[hits[:1]]
+        defined = (chosen > -1).all(axis=(0, 1))  # [K]: the class has ground truth
+        per_class = np.full((chosen.shape[2], chosen.shape[1]), np.nan)
+        per_class[defined] = chosen[:, :, defined].mean(axis=0).T
+        overall = per_class[defined].mean(axis=0) if defined.any() else np.full(chosen.shape[1], np.nan)
+        return per_class, overall
+
+
+def precision_recall(gt: dict | str | Path, detections: list[dict]) -> PrecisionRecall:
+    """The precision-recall curves behind `evaluate_coco`'s AP (same ground truth, same detections)."""
+    evaluation, data = _accumulate(gt, detections)
+    params = evaluation.params
+    precision = np.asarray(evaluation.eval["precision"])[:, :, :, 0, -1]
+    return PrecisionRecall(np.asarray(params.recThrs, dtype=float), np.asarray(params.iouThrs, dtype=float),
+                           precision, _class_names(data, params.catIds))
 
 
 class Evaluator:

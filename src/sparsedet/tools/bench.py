@@ -413,20 +413,12 @@ def format_environment(env: dict) -> str:
 
 def plot_ap_vs_gflops(points: list[tuple[str, float, float]], out: str | Path) -> None:
     """AP against GFLOPs, one labelled point per (label, gflops, ap) (the papers' accuracy-cost figure)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SparsedetError("plotting needs matplotlib: pip install 'sparsedet[viz]'") from None
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    from .plots import pyplot, save_figure
+    fig, ax = pyplot().subplots(figsize=(5, 4), dpi=120)
     for label, gflops, ap in points:
         ax.scatter([gflops], [100 * ap], s=30)
         ax.annotate(label, (gflops, 100 * ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("GFLOPs")
     ax.set_ylabel("AP")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out)

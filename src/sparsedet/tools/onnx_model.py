@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api import ImageLike, check_top_k, preprocess_images
+from ..api import ImageLike, check_top_k, preprocess_images, with_names
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
@@ -100,4 +100,4 @@ class OnnxDetector:
         for start in range(0, len(images), batch_size):
             batch, sizes, _ = self.preprocess(images[start:start + batch_size])
             results += self.detect(batch, sizes, threshold, top_k)
-        return results
+        return with_names(results, self.classes)

@@ -1,46 +1,105 @@
-"""Detection on a list of image files: batched forwards, results as COCO entries in
-``predictions.json`` plus one drawn PNG per image (what ``sparsedet predict`` and the demo write)."""
+"""Detection on image files, videos and streams: batched forwards, results as COCO entries in
+``predictions.json``, one drawn PNG per image, one drawn video per video, and optionally YOLO label
+files (what ``sparsedet predict`` and the demo write)."""
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
 
+from ..data.categories import column_categories
 from ..data.coco import load_image
 from ..engine.evaluator import coco_results
 from ..errors import SparsedetError
 from .draw import draw_detections
+from .video import VIDEO_SUFFIXES, VideoReader, VideoWriter, is_stream, require_av, source_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-def collect_images(inputs: list[str]) -> list[Path]:
-    """Image files named by ``inputs``: files as given, folders searched recursively (sorted)."""
-    files = []
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """(image files, videos) named by ``inputs``: files as given (a video by its suffix, see
+    ``VIDEO_SUFFIXES``), folders searched recursively (sorted), stream URLs and webcams (``0``,
+    ``/dev/video0``) as videos."""
+    images, videos = [], []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
             if not found:
-                raise SparsedetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
-            files += found
+                raise SparsedetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+                                     f"({', '.join(sorted(VIDEO_SUFFIXES))}) in folder {path}")
+            images += [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+            videos += [str(p) for p in found if p.suffix.lower() in VIDEO_SUFFIXES]
+        elif path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+            videos.append(item)
         elif path.is_file():
-            files.append(path)
+            images.append(path)
+        elif is_stream(item):
+            videos.append(item)
         else:
-            raise SparsedetError(f"image or folder not found: {path}")
-    return files
+            raise SparsedetError(f"image, video or folder not found: {path}")
+    return images, videos
+
+
+class _Recorder:
+    """Turns one image's detections into predictions.json entries and, with ``save_txt``, a YOLO
+    label file ``out/labels/NAME.txt``: one line ``class cx cy w h score`` per detection, the centre
+    and size as fractions of the image width and height, ``class`` the detection's index among the
+    model's classes that predict a category (unused columns skipped). For a model trained on a YOLO
+    dataset whose ``names`` are a list, that is its class index (``data/yolo.py`` reads category ids
+    as class indices); for a COCO dataset, the index ``write_yolo`` gives the category. ``data/yolo.py``
+    reads such files (the score column is ignored)."""
+
+    def __init__(self, model, out: Path, save_txt: bool):
+        self.classes = model.classes
+        self.category_ids = column_categories(model.classes, model.category_ids)
+        used = [c for c, cid in enumerate(self.category_ids) if cid is not None]
+        self.yolo_class = {column: k for k, column in enumerate(used)}
+        self.labels = out / "labels" if save_txt else None
+        if self.labels is not None:
+            self.labels.mkdir(parents=True, exist_ok=True)
+        self.entries: list[dict] = []
+        self.images = 0  # images and frames recorded so far: the next one's image_id
+
+    def add(self, det: dict, size: tuple[int, int], name: str, where: dict) -> None:
+        """Record ``det`` (as ``predict`` returns it) of the next image, of (width, height) ``size``;
+        ``where`` leads each entry (``file_name``, for a video also ``frame``)."""
+        self.entries += [{**where, **entry, "score": round(entry["score"], 5)}
+                         for entry in coco_results(self.images, det, self.category_ids, self.classes)]
+        self.images += 1
+        if self.labels is not None:
+            width, height = size
+            lines = []
+            for (x1, y1, x2, y2), score, label in zip(det["boxes"].tolist(), det["scores"].tolist(),
+                                                      det["labels"].tolist()):
+                if label in self.yolo_class:
+                    box = ((x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height)
+                    lines.append(" ".join([str(self.yolo_class[label]), *(f"{v:.6f}" for v in box), f"{score:.5f}"]))
+            (self.labels / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
 
 
 def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top_k: int | None,
-                      precision: str = "fp32", batch_size: int = 4) -> list:
-    """Run ``model`` on files, ``batch_size`` images per forward; write predictions.json and one drawn
-    PNG per image. Two worker threads decode the next batch and draw and save the last one while the
-    model runs (image decoding and PNG encoding release the GIL). Returns the drawn pictures."""
+                      precision: str = "fp32", batch_size: int = 4, *, videos: list[str] = (),
+                      save_txt: bool = False, max_frames: int | None = None) -> list:
+    """Run ``model`` on image ``files`` and ``videos``, ``batch_size`` images or frames per forward;
+    write predictions.json, one drawn PNG per image, one drawn ``NAME_pred.mp4`` per video and, with
+    ``save_txt``, YOLO label files (see `_Recorder`). Entries of a video frame carry ``frame`` (from
+    0) beside ``file_name``; image ids count the images, then the frames. ``max_frames`` stops each
+    video there (a live stream also stops at Ctrl-C). Two worker threads decode the next batch of
+    images and draw and save the last one while the model runs (image decoding and PNG encoding
+    release the GIL). Returns the drawn pictures of the image files."""
     if batch_size < 1:
         raise SparsedetError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_frames is not None and max_frames < 1:
+        raise SparsedetError(f"--max-frames must be at least 1, got {max_frames}")
+    if videos:
+        require_av()
     out.mkdir(parents=True, exist_ok=True)
+    recorder = _Recorder(model, out, save_txt)
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
 
     def load(chunk: list[Path]) -> list:
@@ -51,7 +110,7 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
         picture.save(out / f"{path.stem}_pred.png")
         return picture
 
-    entries, drawings = [], []
+    drawings = []
     with ThreadPoolExecutor(2) as pool, tqdm(total=len(files), desc="predict", disable=len(files) < 4) as bar:
         loading = pool.submit(load, chunks[0]) if chunks else None
         for c, chunk in enumerate(chunks):
@@ -59,11 +118,39 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
             if c + 1 < len(chunks):
                 loading = pool.submit(load, chunks[c + 1])
             dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision, batch_size=batch_size)
-            for j, (path, image, det) in enumerate(zip(chunk, images, dets)):
-                entries += [{"file_name": str(path), **entry, "score": round(entry["score"], 5)}
-                            for entry in coco_results(c * batch_size + j, det, model.category_ids)]
+            for path, image, det in zip(chunk, images, dets):
+                recorder.add(det, image.size, path.stem, {"file_name": str(path)})
                 drawings.append(pool.submit(draw, path, image, det))
             bar.update(len(chunk))
         drawn = [d.result() for d in drawings]
-    (out / "predictions.json").write_text(json.dumps(entries, indent=1))
+    for video in videos:
+        _predict_video(model, video, out, recorder, dict(threshold=threshold, top_k=top_k, precision=precision,
+                                                         batch_size=batch_size), max_frames)
+    (out / "predictions.json").write_text(json.dumps(recorder.entries, indent=1))
     return drawn
+
+
+def _predict_video(model, source: str, out: Path, recorder: _Recorder, options: dict, max_frames: int | None
+                   ) -> None:
+    """Detect on every frame of ``source`` (``options`` go to ``model.predict``), record the frames'
+    detections and write the drawn frames into ``out/NAME_pred.mp4`` at the source's frame rate."""
+    name = source_name(source)
+    writer, frame = None, 0
+    with VideoReader(source) as reader, tqdm(desc=name, unit="frame", leave=False) as bar:
+        try:
+            frames = islice(reader, max_frames)
+            while batch := list(islice(frames, options["batch_size"])):
+                for image, det in zip(batch, model.predict(batch, **options)):
+                    recorder.add(det, image.size, f"{name}_{frame:06d}", {"file_name": source, "frame": frame})
+                    writer = writer or VideoWriter(out / f"{name}_pred.mp4", reader.fps)
+                    writer.write(draw_detections(image, det, model.classes))
+                    frame += 1
+                bar.update(len(batch))
+        except KeyboardInterrupt:  # how a webcam or live stream ends: keep what was seen
+            if not is_stream(source):
+                raise
+        finally:
+            if writer is not None:
+                writer.close()
+    if frame == 0:
+        raise SparsedetError(f"{source} holds no video frames")
