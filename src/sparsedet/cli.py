@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and prints the --resume command; the exit status is 130 (SIGINT) or 143 (SIGTERM). A second "
                        "signal quits at once without saving.")
     s.add_argument("--preset", help="model preset (see `sparsedet presets`)")
-    s.add_argument("--weights", help="fine-tune from this run folder (another class set is fine: class heads restart)")
+    s.add_argument("--weights", help="fine-tune from this run folder or zoo name (another class set is fine: class "
+                   "heads restart)")
     s.add_argument("--resume", metavar="RUN", help="continue this run exactly from its newest checkpoint; data and "
                    "settings come from RUN/config.json, overrides may change them (e.g. train.max_steps)")
     s.add_argument("--train", dest="train_ann", help="training data: COCO json, or YOLO data.yaml or its folder")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the --val json's or yaml's dataset name, plus _ema with --ema; MODEL_eval/DATA beside an "
                        ".onnx file), so the training metrics in RUN/metrics.json stay; --out RUN replaces those.")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="run folder or exported .onnx file")
+    src.add_argument("--weights", help="run folder, zoo name (`sparsedet zoo`) or exported .onnx file")
     src.add_argument("--results", help="COCO results json")
     s.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (ema.safetensors)")
     s.add_argument("--val", required=True, dest="val_ann",
@@ -118,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="detect objects in images",
                        description="Writes DIR/predictions.json (COCO results entries plus file_name; boxes in "
                        "original pixels) and one drawn PNG per image.")
-    s.add_argument("--weights", required=True, help="run folder, or an .onnx file from `sparsedet export` (run "
-                   "in onnxruntime)")
+    s.add_argument("--weights", required=True, help="run folder, zoo name (`sparsedet zoo`), or an .onnx file from "
+                   "`sparsedet export` (run in onnxruntime)")
     s.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
@@ -213,7 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("presets", help="list the model presets")
     s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("zoo", help="list the released checkpoints that --weights takes by name",
+                       description="Name, published COCO AP, converter source and released file of each official "
+                       "checkpoint. --weights NAME (eval, predict, train) and Detector.from_pretrained(NAME) download "
+                       "the file once into $SPARSEDET_HOME (default ~/.cache/sparsedet), check it, convert it once "
+                       "and load the converted run; later uses need no network. SPARSEDET_MIRROR=URL fetches "
+                       "URL/FILE instead.")
+    s.set_defaults(func=cmd_zoo)
     return p
+
+
+def cmd_zoo(args) -> int:
+    from .tools.zoo import format_zoo
+    print(format_zoo())
+    return 0
 
 
 def cmd_presets(args) -> int:
@@ -241,8 +256,10 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     from .engine.rng import seed_everything
     from .engine.trainer import make_datasets
     from .presets import get_preset
+    from .tools.zoo import resolve_run
     if bool(preset) == bool(weights):
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
+    weights = resolve_run(weights) if weights else weights
     config = load_config(weights) if weights else get_preset(preset)
     # A new run's data are the ones given now, never a fine-tuned run's old ones.
     apply_overrides(config, {f"data.{k}": data.get(k) or "" for k in ("train", "val", "images")})
@@ -314,6 +331,8 @@ def cmd_eval(args) -> int:
         from .data.coco import open_detection_dataset
         from .data.transforms import build_transforms
         from .engine.evaluator import evaluate
+        from .tools.zoo import resolve_run
+        args.weights = str(resolve_run(args.weights))  # a zoo name evaluates into its cached run folder
         model = load_detector(args.weights, ema=args.ema)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
@@ -362,8 +381,10 @@ def cmd_viz(args) -> int:
     from .config import parse_overrides
     from .tools.bench import load_model
     from .tools.viz import visualize
+    from .tools.zoo import resolve_run
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
+    args.target = str(resolve_run(args.target))
     model = load_model(args.target, parse_overrides(args.set))
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
@@ -379,6 +400,8 @@ def cmd_export(args) -> int:
     from .tools.export import describe
     if args.target.lower().endswith(".onnx"):
         raise SparsedetError(f"{args.target} is already an ONNX file; export takes a run folder or a preset")
+    from .tools.zoo import resolve_run
+    args.target = str(resolve_run(args.target))
     model = bench.load_model(args.target)
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the file computes an untrained model")
