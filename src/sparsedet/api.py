@@ -40,31 +40,40 @@ class Detector(DetectionTransformer):
     @classmethod
     def from_config(cls, config: Config, backbone_weights: bool = False) -> "Detector":
         """The model ``config`` describes. Nothing is read from disk, unless ``backbone_weights``:
-        then the ImageNet file that ``model.backbone.weights`` names is loaded into the backbone
-        (a training from scratch, ``from_preset``)."""
+        then the ImageNet file that ``model.backbone.weights`` names (a path, or ``imagenet`` /
+        ``imagenet-detectron2``: downloaded once into the cache) is loaded into the backbone (a
+        training from scratch)."""
         model = cls(config.model)
         model.run_config = config
-        if backbone_weights and config.model.backbone.weights:
-            model.backbone.load_weights(config.model.backbone.weights)
+        b = config.model.backbone
+        if backbone_weights and b.weights:
+            from .tools.imagenet import backbone_weights_path  # a name (imagenet) is downloaded once
+            model.backbone.load_weights(backbone_weights_path(b.weights, b.depth, b.width))
         return model
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "Detector":
-        """Build a randomly initialised model (its backbone from the ImageNet file that
-        ``backbone.weights`` names, if any); overrides are model config fields (``num_classes=5``,
-        ``backbone.depth=18``). Training and data settings (``train.*``, ``data.*``) belong to
+        """Build a randomly initialised model; overrides are model config fields (``num_classes=5``,
+        ``backbone.depth=18``). The backbone loads ImageNet weights when the overrides name them
+        (``**{"backbone.weights": "imagenet"}`` or a file); the R50 presets' default ``imagenet`` is
+        read by ``sparsedet train`` only. Training and data settings (``train.*``, ``data.*``) belong to
         ``sparsedet train`` or the Config given to a Trainer: here they are refused."""
         config = apply_overrides(get_preset(name), _model_overrides(overrides, "from_preset"))
         if config.model.classes:
             config.model.num_classes = len(config.model.classes)
-        return cls.from_config(config, backbone_weights=True)
+        named = any(k.removeprefix("model.") == "backbone.weights" for k in overrides)
+        return cls.from_config(config, backbone_weights=named)
 
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, map_location: str = "cpu", ema: bool = False,
                         **overrides: Any) -> "Detector":
         """Load a run folder written by ``save_pretrained``, ``sparsedet train`` or ``convert`` (its EMA
-        weights with ``ema=True``); overrides change what the weights do not fix (``encoder.keep_ratio=0.2``)."""
+        weights with ``ema=True``), or a released checkpoint by its zoo name (``dino_r50_12ep``:
+        downloaded and converted on first use, see ``sparsedet zoo``); overrides change what the
+        weights do not fix (``encoder.keep_ratio=0.2``)."""
+        from .tools.zoo import resolve_run
         device = resolve_device(map_location, fix="map_location='cpu'")
+        run_dir = resolve_run(run_dir)
         config, state = load_run(run_dir, ema=ema)
         apply_overrides(config, _model_overrides(overrides, "from_pretrained"))
         model = cls.from_config(config)  # the run's weights hold the backbone
@@ -201,9 +210,9 @@ def check_top_k(top_k: int | None) -> None:
 
 
 def load_detector(weights: str | Path, ema: bool = False, device: str | None = None):
-    """What ``--weights`` names: a run folder (a ``Detector``, on ``device``: default cuda when
-    available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run in onnxruntime on
-    the CPU)."""
+    """What ``--weights`` names: a run folder or a zoo name (a ``Detector``, on ``device``: default
+    cuda when available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run in
+    onnxruntime on the CPU)."""
     if str(weights).lower().endswith(".onnx"):
         if ema:
             raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and prints the --resume command; the exit status is 130 (SIGINT) or 143 (SIGTERM). A second "
                        "signal quits at once without saving.")
     s.add_argument("--preset", help="model preset (see `sparsedet presets`)")
-    s.add_argument("--weights", help="fine-tune from this run folder (another class set is fine: class heads restart)")
+    s.add_argument("--weights", help="fine-tune from this run folder or zoo name (another class set is fine: class "
+                   "heads restart)")
     s.add_argument("--resume", metavar="RUN", help="continue this run exactly from its newest checkpoint; data and "
                    "settings come from RUN/config.json, overrides may change them (e.g. train.max_steps)")
     s.add_argument("--train", dest="train_ann", help="training data: COCO json, or YOLO data.yaml or its folder")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "With --plots also pr_curve.png, pr_curve_iou50.png, confusion_matrix.png and "
                        "confusion_matrix.json beside it (needs pip install 'sparsedet[viz]').")
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="run folder or exported .onnx file")
+    src.add_argument("--weights", help="run folder, zoo name (`sparsedet zoo`) or exported .onnx file")
     src.add_argument("--results", help="COCO results json")
     s.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (ema.safetensors)")
     s.add_argument("--val", required=True, dest="val_ann",
@@ -130,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "one drawn DIR/NAME_pred.mp4 per video. Videos (.mp4, .mov, .avi, .mkv, .webm, ...), stream "
                        "URLs (rtsp://..., http://...) and webcams (0, /dev/video0) are read frame by frame with "
                        "PyAV (pip install 'sparsedet[video]'); Ctrl-C ends a live stream and keeps what was seen.")
-    s.add_argument("--weights", required=True, help="run folder, or an .onnx file from `sparsedet export` (run "
-                   "in onnxruntime)")
+    s.add_argument("--weights", required=True, help="run folder, zoo name (`sparsedet zoo`), or an .onnx file from "
+                   "`sparsedet export` (run in onnxruntime)")
     s.add_argument("inputs", nargs="+", metavar="SOURCE", help="image, video, folder (searched recursively), "
                    "stream URL or webcam index")
     s.add_argument("--out", required=True, help="output folder")
@@ -240,7 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("presets", help="list the model presets")
     s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("zoo", help="list the released checkpoints that --weights takes by name",
+                       description="Name, published COCO AP, converter source and released file of each official "
+                       "checkpoint. --weights NAME (eval, predict, train) and Detector.from_pretrained(NAME) download "
+                       "the file once into $SPARSEDET_HOME (default ~/.cache/sparsedet), check it, convert it once "
+                       "and load the converted run; later uses need no network. SPARSEDET_MIRROR=URL fetches "
+                       "URL/FILE instead.")
+    s.set_defaults(func=cmd_zoo)
     return p
+
+
+def cmd_zoo(args) -> int:
+    from .tools.zoo import format_zoo
+    print(format_zoo())
+    return 0
 
 
 def cmd_presets(args) -> int:
@@ -268,8 +283,10 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     from .engine.rng import seed_everything
     from .engine.trainer import make_datasets
     from .presets import get_preset
+    from .tools.zoo import resolve_run
     if bool(preset) == bool(weights):
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
+    weights = resolve_run(weights) if weights else weights
     config = load_config(weights) if weights else get_preset(preset)
     # A new run's data are the ones given now, never a fine-tuned run's old ones.
     apply_overrides(config, {f"data.{k}": data.get(k) or "" for k in ("train", "val", "images")})
@@ -348,8 +365,10 @@ def cmd_eval(args) -> int:
         from .api import load_detector
         from .data.transforms import build_transforms
         from .engine.evaluator import evaluate
+        from .tools.zoo import resolve_run
         if args.batch_size < 1:
             raise SparsedetError(f"--batch-size must be at least 1, got {args.batch_size}")
+        args.weights = str(resolve_run(args.weights))  # a zoo name evaluates into its cached run folder
         model = load_detector(args.weights, ema=args.ema, device=args.device)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
@@ -413,8 +432,10 @@ def cmd_viz(args) -> int:
     from .config import parse_overrides
     from .tools.bench import load_model
     from .tools.viz import visualize
+    from .tools.zoo import resolve_run
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
+    args.target = str(resolve_run(args.target))
     model = load_model(args.target, parse_overrides(args.set))
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
@@ -430,6 +451,8 @@ def cmd_export(args) -> int:
     from .tools.export import describe
     if args.target.lower().endswith(".onnx"):
         raise SparsedetError(f"{args.target} is already an ONNX file; export takes a run folder or a preset")
+    from .tools.zoo import resolve_run
+    args.target = str(resolve_run(args.target))
     model = bench.load_model(args.target)
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the file computes an untrained model")

@@ -21,7 +21,7 @@ TRAIN_PRECISIONS = PRECISIONS + ("auto",)
 class BackboneConfig:
     depth: int = 50
     width: int = 64                 # stem channels; 64 = the standard ResNet
-    weights: str | None = None      # ImageNet ResNet: torchvision .pth/.safetensors or detectron2 .pkl
+    weights: str | None = None      # ImageNet ResNet: torchvision .pth/.safetensors, detectron2 .pkl, or imagenet / imagenet-detectron2 (downloaded)
     frozen_stages: int = 1          # stem + layer1 frozen, as in DETR recipes
     norm: str = "frozen_bn"         # "frozen_bn" (pretrained) or "bn" (trainable, for training from scratch)
     return_layers: list[int] = field(default_factory=lambda: [2, 3, 4])

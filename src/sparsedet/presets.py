@@ -12,9 +12,15 @@ from .config import BackboneConfig, Config, DataConfig, EncoderConfig, LossConfi
 from .errors import SparsedetError
 
 
+def _imagenet(**fields) -> BackboneConfig:
+    """The R50 presets' backbone: torchvision's ImageNet ResNet-50, downloaded once when training
+    starts (``model.backbone.weights=PATH`` for a local file, ``=null`` for none)."""
+    return BackboneConfig(weights="imagenet", **fields)
+
+
 def deformable_detr_r50() -> Config:
     """Deformable DETR, single stage, 300 learned queries (44.5 AP in the paper, 50 epochs)."""
-    return Config(model=ModelConfig(kind="deformable"), train=TrainConfig(epochs=50, lr_drop=0.8))
+    return Config(model=ModelConfig(kind="deformable", backbone=_imagenet()), train=TrainConfig(epochs=50, lr_drop=0.8))
 
 
 def deformable_detr_r50_two_stage() -> Config:
@@ -28,7 +34,7 @@ def dino_r50() -> Config:
     """DINO 4-scale: 900 queries, contrastive denoising, mixed query selection,
     look-forward-twice (49.0 AP at 12 epochs)."""
     model = ModelConfig(
-        kind="dino", ffn_dim=2048, dropout=0.0, num_queries=900, two_stage=True, box_refine=True,
+        kind="dino", backbone=_imagenet(), ffn_dim=2048, dropout=0.0, num_queries=900, two_stage=True, box_refine=True,
         pos_temperature=20.0, pos_offset=0.0, sigmoid_eps=1e-3, dn_queries=100, top_k=300,
         loss=LossConfig(cls_weight=1.0))
     train = TrainConfig(lr=1e-4, lr_backbone=1e-5, lr_linear_proj_mult=1.0, epochs=12, lr_drop=11 / 12)
@@ -75,7 +81,7 @@ def conditional_detr_r50() -> Config:
     """Conditional DETR R50 (C5, 300 queries, 50 epochs: 41.0 AP): global-attention encoder,
     conditional cross-attention with fixed 2-D reference points."""
     model = ModelConfig(
-        kind="conditional", backbone=BackboneConfig(return_layers=[4]), num_levels=1,
+        kind="conditional", backbone=_imagenet(return_layers=[4]), num_levels=1,
         encoder=EncoderConfig(kind="global"), input_norm=False, ffn_dim=2048, pos_offset=0.0)
     train = TrainConfig(lr=1e-4, lr_backbone=1e-5, lr_linear_proj_mult=1.0, epochs=50, lr_drop=0.8)
     return Config(model=model, train=train)

@@ -42,21 +42,23 @@ SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio"}
 
 
 def load_model(target: str, overrides: dict | None = None):
-    """A run folder (its weights), a preset name (random weights: cost does not depend on them) or
-    an exported .onnx file (an ``OnnxDetector``)."""
+    """A run folder or zoo name (its weights), a preset name (random weights: cost does not depend
+    on them) or an exported .onnx file (an ``OnnxDetector``)."""
     from ..api import Detector, load_detector
     from ..presets import PRESETS
+    from .zoo import ZOO
     overrides = overrides or {}
     if target.lower().endswith(".onnx"):
         if overrides:
             raise SparsedetError(f"an .onnx file computes what it was exported with; leave out --set/--sweep "
                                  f"({', '.join(overrides)})")
         return load_detector(target)
-    if Path(target).is_dir():
+    if Path(target).is_dir() or target in ZOO:
         return Detector.from_pretrained(target, **overrides)
     if target in PRESETS:
         return Detector.from_preset(target, **overrides).eval()
-    raise SparsedetError(f"{target!r} is neither a run folder nor a preset name (see `sparsedet presets`)")
+    raise SparsedetError(f"{target!r} is neither a run folder nor a preset name (see `sparsedet presets`; "
+                         "`sparsedet zoo` lists the released checkpoints)")
 
 
 def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:

@@ -1,0 +1,131 @@
+"""The model zoo: the authors' released COCO checkpoints by name (``<preset>_<epochs>ep``).
+
+``pretrained_run(NAME)`` downloads a file once (``tools.download``: cache, mirror, resume, SHA-256),
+converts it once with its entry's overrides into ``$SPARSEDET_HOME/runs/NAME`` and returns that run
+folder; later calls read the folder and touch no network. URLs, file names and APs are the authors'
+(their READMEs); ``note`` says where an entry knows less.
+"""
+from __future__ import annotations
+
+import difflib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.checkpoint import CONFIG, WEIGHTS
+from ..errors import SparsedetError
+from .download import cache_root, fetch, forget, mirror_url
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released checkpoint: where it lives, what reads it, what it scored."""
+    name: str                         # <preset>_<variant>_<epochs>ep
+    source: str                       # converter, ``sparsedet convert --from SOURCE``
+    file: str                         # file name in the cache and under SPARSEDET_MIRROR
+    ap: float                         # published COCO val2017 box AP
+    url: str = ""                     # direct download
+    drive_id: str = ""                # Google Drive file id (gdown)
+    overrides: tuple[str, ...] = ()   # config values the file cannot tell
+    note: str = ""
+
+
+_DEFORMABLE = "official-deformable-detr"
+_SPARSE_URL = "https://arena.kakaocdn.net/brainrepo/sparse_detr/"
+_FOCUS_URL = "https://github.com/linxid/Focus-DETR-mindspore/releases/download/Focus-DETR/"
+_SALIENCE_URL = "https://github.com/xiuqhou/Salience-DETR/releases/download/v1.0.0/"
+_DINO_FOLDER = "https://drive.google.com/drive/folders/1qD5m1NmK0kjE5hh-G17XUX751WsEG-h_"
+_DINO_IDS = ("file id from third-party download scripts (the official README links only the Drive folder "
+             f"{_DINO_FOLDER})")
+_SAM_NAME = "our cache name: the README gives Drive links, not the file's own name"
+
+_RELEASES = [
+    Release("deformable_detr_r50_single_scale_50ep", _DEFORMABLE, "r50_deformable_detr_single_scale-checkpoint.pth",
+            39.4, drive_id="1WEjQ9_FgfI5sw5OZZ4ix-OKk-IJ_-SDU"),
+    Release("deformable_detr_r50_50ep", _DEFORMABLE, "r50_deformable_detr-checkpoint.pth", 44.5,
+            drive_id="1nDWZWHuRwtwGden77NLM9JoWe-YisJnA"),
+    Release("deformable_detr_r50_box_refine_50ep", _DEFORMABLE,
+            "r50_deformable_detr_plus_iterative_bbox_refinement-checkpoint.pth", 46.2,
+            drive_id="1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI"),
+    Release("deformable_detr_r50_two_stage_50ep", _DEFORMABLE,
+            "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage-checkpoint.pth", 46.9,
+            drive_id="15I03A7hNTpwuLNdfuEmW9_taZMNVssEp"),
+    Release("conditional_detr_r50_50ep", "official-conditional-detr", "ConditionalDETR_r50_epoch50.pth", 41.0,
+            url="https://github.com/DeppMeng/ConditionalDETR/releases/download/v1.0/ConditionalDETR_r50_epoch50.pth",
+            note="published AP evaluated at batch size 2 (eval --batch-size 2)"),
+    Release("dino_r50_12ep", "official-dino", "checkpoint0011_4scale.pth", 49.0,
+            drive_id="1eeAHgu-fzp28PGdIjeLe-pzGPMG2r2G_", note=_DINO_IDS),
+    Release("dino_r50_24ep", "official-dino", "checkpoint0023_4scale.pth", 50.4,
+            drive_id="1cJ6WWAYrYjK2xGpv_x1-EqKMeNNW5R0h", note=_DINO_IDS),
+    Release("dino_r50_36ep", "official-dino", "checkpoint0033_4scale.pth", 50.9,
+            note=f"no file id known: download it from the Drive folder {_DINO_FOLDER}"),
+    *[Release(f"sparse_detr_r50_rho0.{k}_50ep", "official-sparse-detr", f"sparse_detr_r50_{k}0.pth", ap,
+              url=f"{_SPARSE_URL}sparse_detr_r50_{k}0.pth")
+      for k, ap in zip(range(1, 6), (45.3, 45.6, 46.0, 46.2, 46.3))],
+    *[Release(f"sparse_detr_r50_scrl_rho0.{k}_50ep", "official-sparse-detr", f"sparse_detr_r50_scrl_{k}0.pth", ap,
+              url=f"{_SPARSE_URL}sparse_detr_r50_scrl_{k}0.pth", note="backbone initialised with SCRL")
+      for k, ap in zip(range(1, 6), (46.9, 47.2, 47.4, 47.7, 47.9))],
+    Release("focus_detr_r50_12ep", "official-focus-detr", "focus_detr_r50_4scale_12ep.zip", 48.8,
+            url=f"{_FOCUS_URL}focus_detr_r50_4scale_12ep.zip"),
+    *[Release(f"focus_detr_r50_{epochs}ep", "official-focus-detr", file, ap, url=_FOCUS_URL + file,
+              overrides=("pos_temperature=20", "pos_offset=0"),
+              note="DAB-DETR's position embedding, which nothing in the file records")
+      for epochs, file, ap in ((24, "focus_detr_r50_4scale_24ep.zip", 50.3),
+                               (36, "focus_detr_r50_4scale_36ep_v3.zip", 50.4))],
+    *[Release(f"salience_detr_r50_{epochs}ep", "official-salience-detr", file, ap, url=_SALIENCE_URL + file)
+      for epochs, file, ap in ((12, "salience_detr_resnet50_800_1333_coco_1x.pth", 50.0),
+                               (24, "salience_detr_resnet50_800_1333_coco_2x.pth", 51.2))],
+    *[Release(f"{preset}_{epochs}ep", "official-sam-detr", f"{preset}_{epochs}ep.pth", ap, drive_id=drive_id,
+              note=_SAM_NAME)
+      for preset, epochs, ap, drive_id in (("sam_detr_r50", 12, 33.1, "1RXGs50nXkYBlYKFjI8nzt2ZDfLEVsLJZ"),
+                                           ("sam_detr_r50", 50, 39.8, "11BZHGv2UAtqECX10MZ3VMS81RqGQM5Aq"),
+                                           ("sam_detr_smca_r50", 12, 36.0, "16ucFXgf0lrgzLArdmFzn3oOn3eGUrCU4"),
+                                           ("sam_detr_smca_r50", 50, 41.8, "1XHDkMsVB-zncVRsf21Z1-hPxJJCi7TGN"))],
+]
+ZOO: dict[str, Release] = {r.name: r for r in _RELEASES}
+
+
+def resolve_run(weights: str | Path) -> str | Path:
+    """What ``--weights`` / ``from_pretrained`` name: an existing path as it is, a zoo name as its
+    cached run folder (downloaded and converted on first use)."""
+    if Path(weights).exists() or str(weights) not in ZOO:
+        return weights
+    return pretrained_run(str(weights))
+
+
+def pretrained_run(name: str) -> Path:
+    """The run folder converted from the released checkpoint ``name`` (see ``ZOO``)."""
+    if name not in ZOO:
+        close = difflib.get_close_matches(name, ZOO, n=3)
+        raise SparsedetError(f"unknown zoo name {name!r}{'; did you mean ' + ', '.join(close) + '?' if close else ''} "
+                             "(`sparsedet zoo` lists them)")
+    release = ZOO[name]
+    run = cache_root() / "runs" / name
+    if (run / CONFIG).is_file() and (run / WEIGHTS).is_file():
+        return run
+    path = fetch(release.file, release.url, release.drive_id,
+                 fix=f"Download {release.file} yourself and put it at {cache_root() / 'downloads' / release.file} "
+                 f"(or run `sparsedet convert --from {release.source} FILE --out RUN "
+                 f"{' '.join(release.overrides)}`){'; ' + release.note if release.note else ''}")
+    partial = run.with_name(run.name + ".converting")
+    shutil.rmtree(partial, ignore_errors=True)
+    from .convert import convert_to_run
+    try:
+        convert_to_run(release.source, path, partial, list(release.overrides))
+    except SparsedetError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        forget(path)
+        origin = mirror_url(release.file) or release.url or f"Google Drive file {release.drive_id}"
+        raise SparsedetError(f"{name}: the downloaded {release.file} ({origin}) is not the released checkpoint, "
+                             f"so it was removed from the cache; run again to download it afresh ({e})") from None
+    shutil.rmtree(run, ignore_errors=True)
+    partial.rename(run)
+    return run
+
+
+def format_zoo() -> str:
+    """The table ``sparsedet zoo`` prints: name, published AP, converter source, file."""
+    rows = [(r.name, f"{r.ap:.1f}", r.source, r.file) for r in _RELEASES]
+    widths = [max(len(row[i]) for row in [("name", "AP", "source", "file"), *rows]) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in [("name", "AP", "source", "file"), *rows])
