@@ -192,6 +192,14 @@ PRESETS: dict[str, Callable[[], Config]] = {f.__name__: f for f in (
     conditional_detr_tiny, sam_detr_tiny, sam_detr_smca_tiny, decoupled_detr_tiny)}
 
 
+def register_preset(function: Callable[[], Config]) -> Callable[[], Config]:
+    """Decorator: the function's name becomes a preset (e.g. a new method's, next to its encoder)."""
+    if function.__name__ in PRESETS and PRESETS[function.__name__] is not function:
+        raise SparsedetError(f"preset {function.__name__!r} already exists")
+    PRESETS[function.__name__] = function
+    return function
+
+
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
         import difflib
