@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...errors import SparsedetError
 from ...nn.backbone import BLOCKS
-from .common import Rule, read_json
+from .common import Renamed, Rule, read_json
 
 BACKBONE = r"model\.backbone\.(?:conv_encoder\.)?model\."
 BN = r"(weight|bias|running_mean|running_var)"
@@ -110,3 +110,12 @@ def fuse_qkv(state: dict[str, Tensor], attention: str) -> dict[str, Tensor]:
         if all(p in out for p in parts):
             out[f"{prefix}.in_proj_{param}"] = torch.cat([out.pop(p) for p in parts], dim=0)
     return out
+
+
+def check_class_head(state: Renamed, num_classes: int) -> None:
+    """Refuse weights whose class head does not have one output per ``id2label`` entry of config.json
+    (a head that is missing altogether is reported with the rest of the layout)."""
+    head = state.get("heads.class_embed.0.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise SparsedetError(f"{state.source}: class head has {head.shape[0]} outputs but config.json id2label "
+                             f"names {num_classes} classes")
