@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
+from ...jsonfile import read_json_object
 from ...nn.backbone import BLOCKS
 
 SHOW = 10  # how many offending keys an error message lists
@@ -29,20 +29,6 @@ WB = r"(weight|bias)"  # the parameters of a linear or norm layer, as a regular-
 
 # Objects that official training scripts pickle next to the weights (e.g. ``args``).
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
-
-
-def read_json(path: str | Path) -> dict:
-    """Read a JSON object, raising one clear error for a missing or malformed file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SparsedetError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SparsedetError(f"could not read {path} as JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise SparsedetError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -118,7 +104,7 @@ def read_hf_weights(directory: str | Path) -> tuple[dict[str, Tensor], Path]:
         return read_state_dict(single), single
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json_object(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise SparsedetError(f"{index} has no 'weight_map'; re-save the model with save_pretrained")
         state: dict[str, Tensor] = {}

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
+from ...jsonfile import read_json_object
 from ...nn.backbone import BLOCKS
-from .common import Renamed, Rule, read_json
+from .common import Renamed, Rule
 
 BACKBONE = r"model\.backbone\.(?:conv_encoder\.)?model\."
 BN = r"(weight|bias|running_mean|running_var)"
@@ -83,7 +84,7 @@ def read_detr_config(hf_dir: str | Path, model_type: str, defaults: dict, hint: 
     """``hf_dir/config.json`` over transformers' defaults. Returns (config, its path, problems
     found so far, class names per logit column); the caller adds its own checks and raises."""
     path = Path(hf_dir) / "config.json"
-    raw = read_json(path)
+    raw = read_json_object(path, "Hugging Face config")
     if raw.get("model_type") != model_type:
         raise SparsedetError(f"{path}: model_type is {raw.get('model_type')!r}, not {model_type!r}. {hint}")
     cfg = {**defaults, **raw}
