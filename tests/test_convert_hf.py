@@ -17,6 +17,7 @@ from hf_parity import compare, padded_batch  # noqa: E402
 from released import hf_deformable_detr  # noqa: E402
 
 from sparsedet.errors import SparsedetError  # noqa: E402
+from sparsedet.tools.convert import convert  # noqa: E402
 from sparsedet.tools.convert.hf_deformable_detr import convert_hf_deformable_detr  # noqa: E402
 
 NUM_CLASSES, LAYERS, QUERIES = 5, 2, 100
@@ -128,8 +129,8 @@ def test_unknown_and_missing_keys_are_listed(hf_model, tmp_path):
     bad = tmp_path / "odd"
     _copy_config(directory, bad)
     save_file(state, bad / "model.safetensors")
-    with pytest.raises(SparsedetError) as err:
-        convert_hf_deformable_detr(bad)
+    with pytest.raises(SparsedetError) as err:  # the layout is checked against the model the config builds
+        convert("hf-deformable-detr", bad)
     message = str(err.value)
     assert "model.mask_head.weight" in message and "neck.level_embed" in message
     assert str(bad / "model.safetensors") in message

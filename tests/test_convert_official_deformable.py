@@ -78,6 +78,20 @@ def test_bad_files_fail_with_one_clear_message(tmp_path):
         convert("official-deformable-detr", save_deformable_detr(tmp_path, misshapen))
 
 
+def test_a_tensor_the_converter_reads_for_sizes_is_a_layout_error(tmp_path):
+    """The decoder FFN width is read from the file: without it the error lists what is missing
+    (with every unknown key), never a bare KeyError or StopIteration."""
+    ours = Detector.from_preset("deformable_detr_r50", **SMALL_DEFORMABLE).state_dict()
+    official = {k: v for k, v in deformable_detr_layout(ours, 2, False, False).items()
+                if not k.startswith("transformer.decoder.layers.0.linear1.")}
+    official["transformer.mask_head.weight"] = torch.zeros(1)
+    with pytest.raises(SparsedetError, match=r"checkpoint.pth: cannot convert\. unknown keys in the checkpoint "
+                                             r"\(1\): transformer.mask_head.weight; keys our model needs "
+                                             r"but the checkpoint lacks \(1\): decoder.layers.0.linear1.weight\. "
+                                             r"Expected an official Deformable DETR checkpoint"):
+        convert("official-deformable-detr", save_deformable_detr(tmp_path, official))
+
+
 def test_a_zip_of_one_checkpoint_is_read_as_released(tmp_path):
     import zipfile
     torch.manual_seed(0)

@@ -131,7 +131,7 @@ def test_unreadable_images_give_none_and_a_warning(tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [
-    (None, "annotation file not found"),
+    (None, "annotation file .* not found"),
     ('{"images": [],\n "annotations": [,]}', "line 2, column 18"),
     ('{"images": [], "annotations": []}', "'categories'"),
     ('{"images": [], "annotations": [], "categories": []}', "contains no images"),
@@ -143,6 +143,22 @@ def test_bad_json_errors(tmp_path, content, match):
     with pytest.raises(SparsedetError, match=match) as info:
         CocoDetection(path)
     assert str(path) in str(info.value)
+
+
+def test_json_encodings_and_undecodable_bytes(tmp_path):
+    path = write_dataset(tmp_path, [ann(5, 1, 3, [1, 1, 2, 2])])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a BOM, as some Windows editors save
+    assert CocoDetection(path).num_boxes == 1
+    path.write_bytes(path.read_bytes().replace(b"ten", b"t\xe9n"))  # Latin-1, not UTF-8
+    with pytest.raises(SparsedetError, match=r"ann\.json is not valid JSON text .*save it as UTF-8"):
+        CocoDetection(path)
+
+
+def test_a_bbox_that_is_not_four_numbers_names_the_annotation(tmp_path):
+    for bbox in ([1, 2, 3], "1 2 3 4", [1, 2, "3", 4]):
+        with pytest.raises(SparsedetError, match=r"annotation id 5 in .*ann\.json has bbox .*; a COCO bbox is four "
+                                                 r"numbers \[x, y, width, height\]"):
+            CocoDetection(write_dataset(tmp_path, [ann(5, 1, 3, bbox)]))
 
 
 def test_unknown_ids_name_the_annotation(tmp_path):

@@ -187,12 +187,26 @@ def test_missing_key_and_results_files(tmp_path):
     with pytest.raises(SparsedetError, match="ground-truth file .*missing.json not found"):
         evaluate_coco(tmp_path / "missing.json", [])
     del gt["annotations"][4]["bbox"]
-    with pytest.raises(SparsedetError, match="ground-truth annotation 5 is missing 'bbox'"):
+    with pytest.raises(SparsedetError, match="annotation id 5 in ground truth lacks 'bbox'"):
         evaluate_coco(gt, [])
+
+    gt, _ = random_case()
+    gt["annotations"][4]["image_id"] = 999
+    with pytest.raises(SparsedetError, match=r"annotation id 5 in ground truth refers to image id 999, which is not "
+                                             r"in 'images'"):
+        evaluate_coco(gt, [])
+    gt, _ = random_case()
+    gt["annotations"][4]["bbox"] = [1, 2, 3]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(SparsedetError, match=r"annotation id 5 in ground-truth file .*gt\.json has bbox \[1, 2, 3\]"):
+        evaluate_coco(tmp_path / "gt.json", [])
 
     _, detections = random_case()
     save_results(detections, tmp_path / "out" / "results.json")
     assert load_results(tmp_path / "out" / "results.json") == detections
+    bom = tmp_path / "bom.json"  # a BOM, as some Windows tools write
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "out" / "results.json").read_bytes())
+    assert load_results(bom) == detections
 
 
 def test_empty_detections_and_table():

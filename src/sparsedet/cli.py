@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import PRECISIONS
 from .errors import SparsedetError
+from .jsonfile import read_json_object
 from .tools.convert import SOURCES
 
 PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (autocast; fp16 on CUDA only); "
@@ -512,7 +513,7 @@ def cmd_bench(args) -> int:
             if not metrics.is_file():
                 raise SparsedetError(f"--plot needs run folders with metrics.json (from `sparsedet train` with "
                                      f"--val, or `sparsedet eval --out RUN`); {metrics} not found")
-            ap = json.loads(metrics.read_text()).get("AP")
+            ap = read_json_object(metrics, "metrics").get("AP")
             if ap is None:
                 raise SparsedetError(f"{metrics} has no AP entry")
             gflops = next(r["gflops"]["total"] for r in results if r["model"] == target)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SparsedetError
+from .jsonfile import read_json_object
 
 # Precision words: inference (predict, eval, bench) takes PRECISIONS; training also "auto" (bf16
 # where the hardware runs it natively, else fp32). engine.precision says what each one runs as.
@@ -188,13 +189,7 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        path = Path(path)
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise SparsedetError(f"config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise SparsedetError(f"malformed config {path}: {e}") from None
+        return cls.from_dict(read_json_object(path, "config"))
 
 
 # Renamed keys: old dotted key -> (new key in the same section, old value -> new value). The old

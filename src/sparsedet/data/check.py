@@ -10,7 +10,8 @@ from typing import Literal
 from PIL import Image
 
 from ..errors import SparsedetError
-from .coco import read_coco_json, size_mismatch
+from .coco import size_mismatch
+from .coco_json import is_box, read_coco_json
 from .yolo import (YAML_NAMES, coordinate_problem, find_yolo_yaml, is_polygon, label_folder, label_path,
                    parse_label_line, split_images, yolo_splits)
 
@@ -43,8 +44,7 @@ def _image_problem(path: Path, width: object = None, height: object = None) -> s
 
 def _bbox_problem(bbox: object, width: object, height: object) -> str | None:
     """What is wrong with a COCO [x, y, w, h] box in a (width x height) image, or None."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+    if not is_box(bbox) or not all(math.isfinite(v) for v in bbox):
         return f"bbox {bbox!r} is not four finite numbers [x, y, w, h]"
     x, y, w, h = bbox
     if w <= 0 or h <= 0:

@@ -7,7 +7,6 @@ the transformed image size. :func:`open_detection_dataset` also opens YOLO datas
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable
@@ -20,51 +19,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import SparsedetError
+from .coco_json import annotation_name, read_coco_json, validate_coco
 from .transforms import ToTensorAndNormaliseBoxes
 from .yolo import YAML_NAMES, find_yolo_yaml, label_folder, label_path, read_yolo
-
-REQUIRED_KEYS = ("images", "annotations", "categories")
-
-
-def read_coco_json(ann_file: str | Path) -> dict:
-    """Parse a COCO json and check its top-level shape; SparsedetError on any problem."""
-    path = Path(ann_file)
-    if not path.is_file():
-        raise SparsedetError(f"annotation file not found: {path}. Pass the path of an existing "
-                             "COCO-format .json file.")
-    try:
-        data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as err:
-        raise SparsedetError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column "
-                             f"{err.colno}. Fix the file there or export it again.") from None
-    except UnicodeDecodeError as err:
-        raise SparsedetError(f"{path} is not valid JSON text ({err.reason} at byte {err.start}). "
-                             "Save it as UTF-8.") from None
-    return check_coco_dict(data, path)
-
-
-def check_coco_dict(data: object, source: str | Path) -> dict:
-    """Return ``data`` if it has the COCO top-level lists, else raise naming ``source``."""
-    if not isinstance(data, dict):
-        raise SparsedetError(f"{source} holds a JSON {type(data).__name__}, not a COCO object with "
-                             "'images', 'annotations' and 'categories'.")
-    missing = [key for key in REQUIRED_KEYS if not isinstance(data.get(key), list)]
-    if missing:
-        raise SparsedetError(f"{source} lacks the list(s) {', '.join(repr(k) for k in missing)}. A COCO "
-                             "detection file needs top-level 'images', 'annotations' and 'categories' lists.")
-    return data
-
-
-def require(entry: object, keys: tuple[str, ...], what: str, path: str | Path) -> dict:
-    """Return ``entry`` if it is a dict holding ``keys``, else raise naming ``what`` in ``path``."""
-    if not isinstance(entry, dict):
-        raise SparsedetError(f"{what} in {path} is not a JSON object.")
-    missing = [key for key in keys if key not in entry]
-    if missing:
-        raise SparsedetError(f"{what} in {path} lacks {', '.join(repr(k) for k in missing)}; "
-                             f"add {'it' if len(missing) == 1 else 'them'} or remove the entry.")
-    return entry
-
 
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB (pixels as stored; no EXIF rotation). SparsedetError if unreadable."""
@@ -105,36 +62,31 @@ class CocoDetection(Dataset):
                 raise ValueError("CocoDetection needs images_root when given a parsed COCO dict")
             self.ann_file: Path | None = None
             path: str | Path = source if source is not None else "COCO dict"
-            self.coco = check_coco_dict(ann_file, path)
+            coco: object = ann_file
         else:
             self.ann_file = Path(ann_file)
             path = source if source is not None else self.ann_file
-            self.coco = read_coco_json(self.ann_file)
+            coco = read_coco_json(self.ann_file)
+        self.coco = validate_coco(coco, path, image_keys=("id", "file_name", "width", "height"),
+                                  category_keys=("id", "name"))
         self.source = str(path)
         self.images_root = Path(images_root) if images_root is not None else Path(ann_file).parent
         self.transforms = transforms if transforms is not None else ToTensorAndNormaliseBoxes()
         if not self.coco["images"]:
             raise SparsedetError(f"{path} contains no images; add entries to 'images' or pick "
                                  "another annotation file.")
-        categories = [require(c, ("id", "name"), f"category #{i}", path)
-                      for i, c in enumerate(self.coco["categories"])]
-        if not categories:
+        if not self.coco["categories"]:
             raise SparsedetError(f"{path} defines no categories; add entries to 'categories'.")
-        categories.sort(key=lambda c: c["id"])
+        categories = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.category_ids: list[int] = [c["id"] for c in categories]
         self.classes: list[str] = [str(c["name"]) for c in categories]
-        if len(set(self.category_ids)) != len(categories):
-            raise SparsedetError(f"{path} repeats a category id; each category needs its own id.")
         label_of = {cid: label for label, cid in enumerate(self.category_ids)}
 
-        self._images = [require(img, ("id", "file_name", "width", "height"), f"image #{i}", path)
-                        for i, img in enumerate(self.coco["images"])]
+        self._images = self.coco["images"]
         self.image_ids: list[int] = [img["id"] for img in self._images]
         # (height, width) per image as the annotations state it (aspect-ratio grouping reads it).
         self.image_sizes: list[tuple[int, int]] = [(img["height"], img["width"]) for img in self._images]
         index_of = {img_id: i for i, img_id in enumerate(self.image_ids)}
-        if len(index_of) != len(self.image_ids):
-            raise SparsedetError(f"{path} repeats an image id; each image needs its own id.")
 
         boxes: list[list[list[float]]] = [[] for _ in self._images]
         labels: list[list[int]] = [[] for _ in self._images]
@@ -142,16 +94,6 @@ class CocoDetection(Dataset):
         self.num_crowd = 0
         degenerate_example = None
         for i, ann in enumerate(self.coco["annotations"]):
-            ann = require(ann, ("image_id", "category_id", "bbox"), f"annotation #{i}", path)
-            ann_id = ann.get("id", f"#{i}")
-            if ann["image_id"] not in index_of:
-                raise SparsedetError(f"annotation id {ann_id} in {path} refers to image id "
-                                     f"{ann['image_id']}, which is not in 'images'. Add the image or "
-                                     "remove the annotation.")
-            if ann["category_id"] not in label_of:
-                raise SparsedetError(f"annotation id {ann_id} in {path} has category id "
-                                     f"{ann['category_id']}, which is not in 'categories' (known: "
-                                     f"{self.category_ids}). Add the category or fix the annotation.")
             if ann.get("iscrowd", 0):
                 self.num_crowd += 1  # crowd regions are ignored for training, as in DETR
                 continue
@@ -159,7 +101,7 @@ class CocoDetection(Dataset):
             box = clipped_xyxy(ann["bbox"], self._images[index]["width"], self._images[index]["height"])
             if box is None:
                 self.num_degenerate += 1
-                degenerate_example = ann_id if degenerate_example is None else degenerate_example
+                degenerate_example = degenerate_example or annotation_name(ann, i)
                 continue
             boxes[index].append(box)
             labels[index].append(label_of[ann["category_id"]])
@@ -167,7 +109,7 @@ class CocoDetection(Dataset):
         self._labels = [np.asarray(lab, dtype=np.int64) for lab in labels]
         if self.num_degenerate:
             warnings.warn(f"{path}: dropped {self.num_degenerate} degenerate box(es) (no area inside "
-                          f"the image, non-finite or malformed), e.g. annotation id {degenerate_example}. "
+                          f"the image, or non-finite), e.g. {degenerate_example}. "
                           "Run `sparsedet check-data` to list them.", stacklevel=2)
 
     def __len__(self) -> int:
@@ -264,11 +206,10 @@ def size_mismatch(path: str | Path, width: object, height: object, size: tuple[i
     return f"json says {width}x{height} (w x h) but {path} is {size[0]}x{size[1]}"
 
 
-def clipped_xyxy(bbox: object, width: float, height: float) -> list[float] | None:
-    """COCO ``[x, y, w, h]`` -> xyxy clipped to the image, or None if degenerate or malformed."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return None
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+def clipped_xyxy(bbox: list[float], width: float, height: float) -> list[float] | None:
+    """COCO ``[x, y, w, h]`` (four numbers: see ``coco_json.is_box``) -> xyxy clipped to the image,
+    or None if degenerate or non-finite."""
+    if not all(math.isfinite(v) for v in bbox):
         return None
     x, y, w, h = bbox
     x1, y1 = max(x, 0.0), max(y, 0.0)

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from ..errors import SparsedetError
+from .coco_json import read_coco_json, validate_coco
 
 IMAGE_SUFFIXES = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 YAML_NAMES = ("data.yaml", "data.yml")
@@ -256,27 +257,25 @@ def write_yolo(coco_json_path: str | Path, out_dir: str | Path) -> Path:
     """Export a COCO json (file names relative to its folder) as split ``<json stem>`` of a YOLO
     dataset in ``out_dir``: images copied to ``images/<split>/``, ``labels/<split>/*.txt`` with
     ``class cx cy w h`` normalised to [0, 1] (classes = categories in increasing id order), and
-    ``data.yaml`` merged with any existing one. Crowd and degenerate boxes are left out (one warning).
-    Returns the yaml path."""
-    from .coco import clipped_xyxy, read_coco_json, require  # coco.py imports this module's readers
+    ``data.yaml`` merged with any existing one. Crowd and degenerate boxes are left out (one warning);
+    a json whose entries do not fit together (``validate_coco``) is refused. Returns the yaml path."""
+    from .coco import clipped_xyxy  # coco.py imports this module's readers
 
     json_path, out_dir = Path(coco_json_path), Path(out_dir)
-    coco = read_coco_json(json_path)
+    coco = validate_coco(read_coco_json(json_path), json_path, image_keys=("id", "file_name"),
+                         category_keys=("id", "name"))
     split = json_path.stem
-    categories = sorted((require(c, ("id", "name"), f"category #{i}", json_path)
-                         for i, c in enumerate(coco["categories"])), key=lambda c: c["id"])
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
     names = [str(c["name"]) for c in categories]
     label_of = {c["id"]: i for i, c in enumerate(categories)}
     image_dir, label_dir = out_dir / "images" / split, out_dir / "labels" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    images = [require(img, ("id", "file_name"), f"image #{i}", json_path)
-              for i, img in enumerate(coco["images"])]
-    lines: dict[object, list[str]] = {img["id"]: [] for img in images}
+    lines: dict[object, list[str]] = {img["id"]: [] for img in coco["images"]}
     sizes: dict[object, tuple[int, int]] = {}
     targets: dict[object, Path] = {}
     stems: set[str] = set()
-    for img in images:
+    for img in coco["images"]:
         source = json_path.parent / img["file_name"]
         target = image_dir / Path(img["file_name"]).name
         if target.stem in stems:  # same base name from another folder: labels would clash
@@ -291,11 +290,9 @@ def write_yolo(coco_json_path: str | Path, out_dir: str | Path) -> Path:
         shutil.copyfile(source, target)
         targets[img["id"]] = target
     skipped = 0
-    for i, ann in enumerate(coco["annotations"]):
-        ann = require(ann, ("image_id", "category_id", "bbox"), f"annotation #{i}", json_path)
-        size = sizes.get(ann["image_id"])
-        known = size is not None and ann["category_id"] in label_of and not ann.get("iscrowd", 0)
-        box = clipped_xyxy(ann["bbox"], *size) if known else None
+    for ann in coco["annotations"]:
+        size = sizes[ann["image_id"]]
+        box = None if ann.get("iscrowd", 0) else clipped_xyxy(ann["bbox"], *size)
         if box is None:
             skipped += 1
             continue
@@ -306,7 +303,7 @@ def write_yolo(coco_json_path: str | Path, out_dir: str | Path) -> Path:
         text = "".join(line + "\n" for line in lines[image_id])
         (label_dir / target.name).with_suffix(".txt").write_text(text)
     if skipped:
-        warnings.warn(f"{json_path}: left out {skipped} crowd, degenerate or unmatched annotation(s) "
+        warnings.warn(f"{json_path}: left out {skipped} crowd or degenerate annotation(s) "
                       "in the YOLO export.", stacklevel=2)
 
     yaml_path = out_dir / "data.yaml"

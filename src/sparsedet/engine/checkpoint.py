@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import SparsedetError
+from ..jsonfile import read_json_object
 
 WEIGHTS, EMA_WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -91,10 +92,7 @@ def load_config(run_dir: str | Path) -> Config:
     for name in (WEIGHTS, CONFIG):
         if not (run_dir / name).is_file():
             raise SparsedetError(f"{run_dir} has no {name}; it is not a sparsedet run folder")
-    try:
-        raw = json.loads((run_dir / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise SparsedetError(f"malformed {run_dir / CONFIG}: {e}") from None
+    raw = read_json_object(run_dir / CONFIG, "run config")
     # preset and source travel on: a resumed or fine-tuned run still says where it started.
     return Config.from_dict({k: v for k, v in raw.items() if k in ("preset", "source", "model", "data", "train")})
 

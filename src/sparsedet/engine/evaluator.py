@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from ..data.batch import collate
 from ..data.categories import column_categories
+from ..data.coco_json import validate_coco
 from ..errors import SparsedetError
+from ..jsonfile import read_json
 from .checkpoint import atomic_write
 from .distributed import Context, gather_objects
 from .precision import inference_precision, resolve_precision
@@ -48,20 +50,9 @@ _RESULT_KEYS = ("image_id", "category_id", "bbox", "score")
 _RESULTS_HINT = 'each detection needs "image_id", "category_id", "bbox": [x, y, w, h] and "score"'
 
 
-def _read_json(path: str | Path, what: str) -> object:
-    path = Path(path)
-    if not path.is_file():
-        raise SparsedetError(f"{what} file {path} not found; check the path")
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SparsedetError(f"{what} file {path} is not valid JSON ({err}); re-export it") from None
-
-
 def load_results(path: str | Path) -> list[dict]:
     """Read a COCO results json (a list of detections, bbox xywh in pixels)."""
-    data = _read_json(path, "results")
+    data = read_json(path, "results")
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise SparsedetError(f"results file {path} must hold a JSON list of detections; {_RESULTS_HINT}")
     return data
@@ -91,16 +82,12 @@ def coco_results(image_id: int, det: dict, category_ids: list[int | None],
 
 def _ground_truth(gt: dict | str | Path) -> dict:
     """A private, evaluator-ready copy of the ground truth (the caller's dict is never touched)."""
-    data = _read_json(gt, "ground-truth") if isinstance(gt, (str, Path)) else gt
-    if not isinstance(data, dict) or any(not isinstance(data.get(k), list)
-                                         for k in ("images", "annotations", "categories")):
-        raise SparsedetError('ground truth must be a COCO dict with "images", "annotations" and "categories" lists')
+    if isinstance(gt, (str, Path)):
+        data = validate_coco(read_json(gt, "ground-truth"), f"ground-truth file {gt}")
+    else:
+        data = validate_coco(gt, "ground truth")
     data = {k: copy.deepcopy(data[k]) for k in ("images", "annotations", "categories")}
     for new_id, ann in enumerate(data["annotations"], start=1):
-        missing = [k for k in ("image_id", "category_id", "bbox") if k not in ann]
-        if missing:
-            raise SparsedetError(f"ground-truth annotation {ann.get('id', new_id - 1)!r} is missing "
-                                 f"{', '.join(map(repr, missing))}; fix the annotation file")
         # The evaluator uses annotation id 0 as "unmatched" and keys by id: renumber so that
         # 0-based or duplicated ids in a dataset cannot skew the matching.
         ann["id"] = new_id

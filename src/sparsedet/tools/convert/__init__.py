@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ...config import Config, apply_overrides
@@ -9,22 +11,42 @@ from ...data.categories import coco_class_table, raw_id_table
 from ...engine.checkpoint import save_run
 from ...errors import SparsedetError
 from ...presets import get_preset
-from .common import check_layout
+from .common import Renamed, check_layout
+from .hf_conditional_detr import convert_hf_conditional_detr
+from .hf_deformable_detr import convert_hf_deformable_detr
+from .official_conditional_detr import convert_official_conditional_detr
+from .official_deformable_detr import convert_official_deformable_detr
+from .official_dino import convert_official_dino
+from .official_focus_detr import convert_official_focus_detr
+from .official_salience_detr import convert_official_salience_detr
+from .official_sam_detr import convert_official_sam_detr
+from .official_sparse_detr import convert_official_sparse_detr
 
-# source name -> (module, function, base preset)
-SOURCES = {
-    "hf-deformable-detr": ("hf_deformable_detr", "convert_hf_deformable_detr", "deformable_detr_r50"),
-    "hf-conditional-detr": ("hf_conditional_detr", "convert_hf_conditional_detr", "conditional_detr_r50"),
-    "official-deformable-detr": ("official_deformable_detr", "convert_official_deformable_detr",
-                                 "deformable_detr_r50"),
-    "official-conditional-detr": ("official_conditional_detr", "convert_official_conditional_detr",
-                                  "conditional_detr_r50"),
-    "official-dino": ("official_dino", "convert_official_dino", "dino_r50"),
-    "official-sparse-detr": ("official_sparse_detr", "convert_official_sparse_detr", "sparse_detr_r50"),
-    "official-focus-detr": ("official_focus_detr", "convert_official_focus_detr", "focus_detr_r50"),
-    "official-salience-detr": ("official_salience_detr", "convert_official_salience_detr", "salience_detr_r50"),
-    "official-sam-detr": ("official_sam_detr", "convert_official_sam_detr", "sam_detr_r50"),
-}
+
+@dataclass(frozen=True)
+class Source:
+    """A released format ``sparsedet convert --from NAME`` reads.
+
+    read: path -> (state dict in our names, config overrides the file implies), applied over
+    the preset named ``preset``.
+    """
+
+    name: str
+    preset: str
+    read: Callable[[str | Path], tuple[Renamed, dict]]
+
+
+SOURCES: dict[str, Source] = {source.name: source for source in (
+    Source("hf-deformable-detr", "deformable_detr_r50", convert_hf_deformable_detr),
+    Source("hf-conditional-detr", "conditional_detr_r50", convert_hf_conditional_detr),
+    Source("official-deformable-detr", "deformable_detr_r50", convert_official_deformable_detr),
+    Source("official-conditional-detr", "conditional_detr_r50", convert_official_conditional_detr),
+    Source("official-dino", "dino_r50", convert_official_dino),
+    Source("official-sparse-detr", "sparse_detr_r50", convert_official_sparse_detr),
+    Source("official-focus-detr", "focus_detr_r50", convert_official_focus_detr),
+    Source("official-salience-detr", "salience_detr_r50", convert_official_salience_detr),
+    Source("official-sam-detr", "sam_detr_r50", convert_official_sam_detr),
+)}
 
 
 def convert(source: str, path: str | Path, overrides: dict | list[str] | None = None):
@@ -36,31 +58,28 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
     try:
-        model, state, config = _convert(source, path, overrides)
+        model, state, config = _convert(SOURCES[source], path, overrides)
     except SparsedetError as e:  # every message says which source the file was read as
         raise SparsedetError(f"convert --from {source}: {e}") from None
     model.load_state_dict(state, strict=False)
     return model.eval(), config
 
 
-def _convert(source: str, path: str | Path, overrides):
-    import importlib
+def _convert(source: Source, path: str | Path, overrides):
+    from ...api import Detector  # the whole model stack: only when converting, not for `sparsedet --help`
 
-    from ...api import Detector
-    module, function, preset = SOURCES[source]
-    state, found = getattr(importlib.import_module(f"{__name__}.{module}"), function)(path)
-    config: Config = get_preset(preset)
-    config.source = f"{source}: {Path(path).name}"
+    state, found = source.read(path)
+    config: Config = get_preset(source.preset)
+    config.source = f"{source.name}: {Path(path).name}"
     found = dict(found)
     config.model.classes, config.model.category_ids = _class_table(found, path)
     apply_overrides(config, found)
     apply_overrides(config, overrides or {})
     model = Detector.from_config(config)
     ours = model.state_dict()
-    check_layout(path, state, [k for k in ours if not k.endswith("num_batches_tracked")])
-    origin = getattr(state, "origin", {})  # the file's own names, where the converter kept them
-    misshapen = [f"{origin.get(k, k)} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
-                 if v.shape != ours[k].shape]
+    check_layout(state, [k for k in ours if not k.endswith("num_batches_tracked")])
+    misshapen = [f"{state.origin.get(k, k)} {tuple(v.shape)} (expected {tuple(ours[k].shape)})"
+                 for k, v in state.items() if v.shape != ours[k].shape]
     if misshapen:
         raise SparsedetError(f"{path}: shapes do not fit the model the file describes ({len(misshapen)} tensors): "
                              f"{', '.join(misshapen[:5])}")

@@ -2,15 +2,15 @@
 
 A converter reads a foreign checkpoint without unpickling arbitrary objects, folds
 duplicate (aliased) keys after checking they hold equal tensors, renames every key
-by an ordered table of regular expressions, and compares the result with the key
-layout our ``Detector`` expects. Anything left over or missing is reported in ONE
-``SparsedetError`` that names the file, so a wrong file fails early and clearly.
+by an ordered table of regular expressions and reads the architecture sizes from the
+renamed tensors. ``convert`` then compares the keys with the ``state_dict()`` of the
+``Detector`` those sizes build: keys no rule claimed, keys missing and keys foreign to
+it are reported in ONE ``SparsedetError`` that names the file (``check_layout``).
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -21,26 +21,14 @@ import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
+from ...jsonfile import read_json_object
 from ...nn.backbone import BLOCKS
 
 SHOW = 10  # how many offending keys an error message lists
+WB = r"(weight|bias)"  # the parameters of a linear or norm layer, as a regular-expression group
 
 # Objects that official training scripts pickle next to the weights (e.g. ``args``).
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
-
-
-def read_json(path: str | Path) -> dict:
-    """Read a JSON object, raising one clear error for a missing or malformed file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SparsedetError(f"{path} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SparsedetError(f"could not read {path} as JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise SparsedetError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -116,7 +104,7 @@ def read_hf_weights(directory: str | Path) -> tuple[dict[str, Tensor], Path]:
         return read_state_dict(single), single
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json_object(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise SparsedetError(f"{index} has no 'weight_map'; re-save the model with save_pretrained")
         state: dict[str, Tensor] = {}
@@ -182,38 +170,46 @@ class Rule:
 
 
 class Renamed(dict):
-    """A renamed state dict that remembers each key's name in the file (for error messages)."""
+    """A state dict in our names that remembers, for its error messages, the file it was read from
+    (``source``), each key's name in that file (``origin``), the file's keys no rule claimed
+    (``unknown``) and the converter's hint on what file it expects."""
 
-    def __init__(self):
+    def __init__(self, source: str | Path, hint: str = ""):
         super().__init__()
+        self.source, self.hint = source, hint
         self.origin: dict[str, str] = {}
+        self.unknown: list[str] = []
+
+    def __missing__(self, key: str) -> Tensor:
+        # A converter reads a key the file did not give: report the whole layout, not a KeyError.
+        raise _layout_error(self, {*self, key})
 
 
 def rename_keys(state: Mapping[str, Tensor], rules: Iterable[Rule], source: str | Path,
-                ignore: Iterable[str] = ()) -> tuple[Renamed, list[str]]:
+                ignore: Iterable[str] = (), hint: str = "") -> Renamed:
     """Rename every key by the first rule that gives it a name.
 
     ignore: regular expressions of keys that are dropped on purpose (e.g. ``num_batches_tracked``).
-    Returns (renamed state dict, keys nobody claimed). Two keys of ``source`` that get the
-    same name (the same tensor stored under two spellings) raise one error.
+    Keys nobody claimed are kept in ``unknown`` of the result, reported by :func:`check_layout`
+    together with what our model misses. Two keys of ``source`` that get the same name (the same
+    tensor stored under two spellings) raise one error.
     """
     rules = list(rules)
     ignored = [re.compile(p) for p in ignore]
-    out = Renamed()
-    unknown = []
+    out = Renamed(source, hint)
     for key, value in state.items():
         if any(p.fullmatch(key) for p in ignored):
             continue
         new = next((n for n in (r.apply(key) for r in rules) if n is not None), None)
         if new is None:
-            unknown.append(key)
+            out.unknown.append(key)
         elif new in out:
             raise SparsedetError(f"{source}: two keys give our {new!r} (the second is {key!r}); "
                                  "the checkpoint stores one tensor twice under different names")
         else:
             out[new] = value
             out.origin[new] = key
-    return out, unknown
+    return out
 
 
 def deformable_head_rules(num_decoder_layers: int, two_stage: bool) -> list[Rule]:
@@ -232,91 +228,57 @@ def deformable_head_rules(num_decoder_layers: int, two_stage: bool) -> list[Rule
             Rule(r"bbox_embed\.(\d+)\.(layers\.[0-2]\.(?:weight|bias))", lambda m: head("box", m))]
 
 
-def check_layout(source: str | Path, produced: Iterable[str], expected: Iterable[str],
-                 unknown: Iterable[str] = (), hint: str = "") -> None:
-    """Raise one error listing unknown source keys and keys missing from / foreign to our layout."""
-    produced, expected = set(produced), set(expected)
+def check_layout(state: Renamed, expected: Iterable[str]) -> None:
+    """Raise one error naming ``state.source`` that lists the file's unknown keys, the ``expected``
+    keys (our model's) it lacks and converted keys our model does not have, with the converter's hint."""
+    error = _layout_error(state, expected)
+    if error is not None:
+        raise error
+
+
+def _layout_error(state: Renamed, expected: Iterable[str]) -> SparsedetError | None:
+    produced, expected = set(state), set(expected)
     problems = []
-    for label, keys in (("unknown keys in the checkpoint", sorted(unknown)),
+    for label, keys in (("unknown keys in the checkpoint", sorted(state.unknown)),
                         ("keys our model needs but the checkpoint lacks", sorted(expected - produced)),
                         ("converted keys our model does not have", sorted(produced - expected))):
         if keys:
             more = f" (+{len(keys) - SHOW} more)" if len(keys) > SHOW else ""
             problems.append(f"{label} ({len(keys)}): {', '.join(keys[:SHOW])}{more}")
-    if problems:
-        raise SparsedetError(f"{source}: cannot convert. " + "; ".join(problems) + (f". {hint}" if hint else ""))
+    if not problems:
+        return None
+    hint = f". {state.hint}" if state.hint else ""
+    return SparsedetError(f"{state.source}: cannot convert. " + "; ".join(problems) + hint)
 
 
-def deformable_detr_keys(*, depth: int, num_levels: int, num_encoder_layers: int, num_decoder_layers: int,
-                         two_stage: bool, box_refine: bool, num_backbone_levels: int = 3) -> set[str]:
-    """State-dict keys of our Deformable DETR ``Detector`` (layout of /tmp/brief/keys.md).
-
-    The backbone is a torchvision-named ResNet (18/34/50/101); ``num_backbone_levels`` input
-    projections read C3..C5 and the rest are the extra stride-2 levels.
-    """
-    from ...nn.backbone import BLOCKS  # the one table of ResNet block counts
-
-    if depth not in BLOCKS:
-        raise SparsedetError(f"unsupported ResNet depth {depth}; choose one of {sorted(BLOCKS)}")
-    kind, counts = BLOCKS[depth]
-    bn = ("weight", "bias", "running_mean", "running_var")
-    wb = ("weight", "bias")
-    keys = {"backbone.conv1.weight", *(f"backbone.bn1.{p}" for p in bn)}
-    convs = 2 if kind == "basic" else 3
-    for stage, blocks in enumerate(counts, start=1):
-        for b in range(blocks):
-            prefix = f"backbone.layer{stage}.{b}"
-            for c in range(1, convs + 1):
-                keys |= {f"{prefix}.conv{c}.weight", *(f"{prefix}.bn{c}.{p}" for p in bn)}
-            if b == 0 and (kind == "bottleneck" or stage > 1):
-                keys |= {f"{prefix}.downsample.0.weight", *(f"{prefix}.downsample.1.{p}" for p in bn)}
-    keys.add("neck.level_embed")
-    keys |= {f"neck.input_proj.{lvl}.{m}.{p}" for lvl in range(num_levels) for m in (0, 1) for p in wb}
-    msda = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
-    for i in range(num_encoder_layers):
-        keys |= {f"encoder.layers.{i}.self_attn.{m}.{p}" for m in msda for p in wb}
-        keys |= {f"encoder.layers.{i}.{m}.{p}" for m in ("norm1", "linear1", "linear2", "norm2") for p in wb}
-    for i in range(num_decoder_layers):
-        prefix = f"decoder.layers.{i}"
-        keys |= {f"{prefix}.self_attn.in_proj_weight", f"{prefix}.self_attn.in_proj_bias",
-                 f"{prefix}.self_attn.out_proj.weight", f"{prefix}.self_attn.out_proj.bias"}
-        keys |= {f"{prefix}.cross_attn.{m}.{p}" for m in msda for p in wb}
-        keys |= {f"{prefix}.{m}.{p}" for m in ("norm1", "norm2", "norm3", "linear1", "linear2") for p in wb}
-    if two_stage:
-        keys |= {f"queries.{m}.{p}" for m in ("enc_output", "enc_output_norm", "pos_trans", "pos_trans_norm",
-                                               "class_head") for p in wb}
-        keys |= {f"queries.box_head.layers.{j}.{p}" for j in range(3) for p in wb}
-    else:
-        keys |= {"queries.query_embed.weight", "queries.reference_points.weight", "queries.reference_points.bias"}
-    for k in range(num_decoder_layers if box_refine else 1):
-        keys |= {f"heads.class_embed.{k}.{p}" for p in wb}
-        keys |= {f"heads.box_embed.{k}.layers.{j}.{p}" for j in range(3) for p in wb}
-    return keys
+def layer_count(keys: Iterable[str], prefix: str) -> int:
+    """How many numbered modules ``prefix<N>.`` the keys hold (1 + the largest N; 0 for none),
+    e.g. decoder layers under ``transformer.decoder.layers.``."""
+    return 1 + max((int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)), default=-1)
 
 
-def resnet_depth(state: dict[str, Tensor]) -> int:
+def resnet_depth(state: Mapping[str, Tensor]) -> int:
     """The ResNet depth whose block kind and stage-3 block count fit the converted backbone keys."""
     kind = "bottleneck" if any(k.startswith("backbone.") and ".conv3." in k for k in state) else "basic"
-    stage3 = 1 + max((int(k.split(".")[2]) for k in state if k.startswith("backbone.layer3.")), default=-1)
+    stage3 = layer_count(state, "backbone.layer3.")
     for depth, (block, counts) in BLOCKS.items():
         if (block, counts[2]) == (kind, stage3):
             return depth
     raise SparsedetError(f"backbone with {stage3} {kind} blocks in layer3 is not a ResNet-18/34/50/101")
 
 
-def sizes_from_state(state: dict[str, Tensor], heads: int = 8) -> dict:
+def sizes_from_state(state: Renamed, heads: int = 8) -> dict:
     """Config overrides for the architecture sizes a converted (our layout) state dict implies.
     The number of attention heads is not recoverable from shapes (heads x points); every released
     model of these families uses 8."""
-    def count(prefix: str) -> int:
-        return 1 + max((int(k.split(".")[2]) for k in state if k.startswith(prefix)), default=-1)
-
     num_classes, hidden = state["heads.class_embed.0.weight"].shape
+    # Conditional DETR keeps its decoder FFN in the cross-attention half of the layer.
+    cross = "decoder.layers.0.cross.linear1.weight"
+    ffn = cross if cross in state else "decoder.layers.0.linear1.weight"
     levels = state["neck.level_embed"].shape[0] if "neck.level_embed" in state else 1
-    enc_layers, dec_layers = count("encoder.layers."), count("decoder.layers.")
+    enc_layers, dec_layers = layer_count(state, "encoder.layers."), layer_count(state, "decoder.layers.")
     sizes = {"model.num_classes": num_classes, "model.hidden_dim": hidden, "model.num_heads": heads,
-             "model.ffn_dim": next(state[k].shape[0] for k in ("decoder.layers.0.linear1.weight",
-                                                                 "decoder.layers.0.cross.linear1.weight") if k in state),
+             "model.ffn_dim": state[ffn].shape[0],
              "model.num_levels": levels,
              "model.num_encoder_layers": enc_layers, "model.num_decoder_layers": dec_layers}
     # Deformable attention: points per head and level.

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from ...errors import SparsedetError
+from ...jsonfile import read_json_object
 from ...nn.backbone import BLOCKS
-from .common import Rule, read_json
+from .common import Renamed, Rule
 
 BACKBONE = r"model\.backbone\.(?:conv_encoder\.)?model\."
 BN = r"(weight|bias|running_mean|running_var)"
@@ -83,7 +84,7 @@ def read_detr_config(hf_dir: str | Path, model_type: str, defaults: dict, hint: 
     """``hf_dir/config.json`` over transformers' defaults. Returns (config, its path, problems
     found so far, class names per logit column); the caller adds its own checks and raises."""
     path = Path(hf_dir) / "config.json"
-    raw = read_json(path)
+    raw = read_json_object(path, "Hugging Face config")
     if raw.get("model_type") != model_type:
         raise SparsedetError(f"{path}: model_type is {raw.get('model_type')!r}, not {model_type!r}. {hint}")
     cfg = {**defaults, **raw}
@@ -110,3 +111,12 @@ def fuse_qkv(state: dict[str, Tensor], attention: str) -> dict[str, Tensor]:
         if all(p in out for p in parts):
             out[f"{prefix}.in_proj_{param}"] = torch.cat([out.pop(p) for p in parts], dim=0)
     return out
+
+
+def check_class_head(state: Renamed, num_classes: int) -> None:
+    """Refuse weights whose class head does not have one output per ``id2label`` entry of config.json
+    (a head that is missing altogether is reported with the rest of the layout)."""
+    head = state.get("heads.class_embed.0.weight")
+    if head is not None and head.shape[0] != num_classes:
+        raise SparsedetError(f"{state.source}: class head has {head.shape[0]} outputs but config.json id2label "
+                             f"names {num_classes} classes")

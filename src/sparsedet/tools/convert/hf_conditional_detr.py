@@ -22,13 +22,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor
-
 from ...errors import SparsedetError
-from .common import Rule, read_hf_weights, rename_keys
-from .hf_common import BACKBONE_RULES, backbone_depth, fuse_qkv, read_detr_config
+from .common import WB, Renamed, Rule, read_hf_weights, rename_keys
+from .hf_common import BACKBONE_RULES, backbone_depth, check_class_head, fuse_qkv, read_detr_config
 
-WB = r"(weight|bias)"
 HINT = "Expected a transformers ConditionalDetrForObjectDetection directory (config.json + model.safetensors)."
 ENC = r"model\.encoder\.layers\.(\d+)\."
 DEC = r"model\.decoder\.layers\.(\d+)\."
@@ -86,19 +83,15 @@ def read_config(hf_dir: str | Path) -> dict:
     }
 
 
-def convert_hf_conditional_detr(hf_dir: str | Path) -> tuple[dict[str, Tensor], dict]:
+def convert_hf_conditional_detr(hf_dir: str | Path) -> tuple[Renamed, dict]:
     """Returns (state dict in our layout, config overrides for the ``conditional_detr_r50`` preset).
-    Unknown keys fail here; missing ones when ``convert`` checks the layout of the built model."""
+    Unknown and missing keys fail when ``convert`` checks the layout against the built model."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise SparsedetError(f"{hf_dir} is not a directory. {HINT}")
     overrides = read_config(hf_dir)
     state, source = read_hf_weights(hf_dir)
-    out, unknown = rename_keys(fuse_qkv(state, ENC + r"self_attn"), RULES, source, ignore=[r".*\.num_batches_tracked"])
-    if unknown:
-        raise SparsedetError(f"{source}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
-    head = out.get("heads.class_embed.0.weight")
-    if head is not None and head.shape[0] != overrides["model.num_classes"]:
-        raise SparsedetError(f"{source}: class head has {head.shape[0]} outputs but config.json id2label "
-                             f"names {overrides['model.num_classes']} classes")
+    out = rename_keys(fuse_qkv(state, ENC + r"self_attn"), RULES, source, ignore=[r".*\.num_batches_tracked"],
+                      hint=HINT)
+    check_class_head(out, overrides["model.num_classes"])
     return out, overrides

@@ -64,14 +64,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor
-
 from ...errors import SparsedetError
-from .common import (Rule, check_layout, deformable_detr_keys, deformable_head_rules, fold_aliases,
-                     read_hf_weights, rename_keys)
-from .hf_common import BACKBONE_RULES, backbone_depth, fuse_qkv, read_detr_config
+from .common import WB, Renamed, Rule, deformable_head_rules, fold_aliases, read_hf_weights, rename_keys
+from .hf_common import BACKBONE_RULES, backbone_depth, check_class_head, fuse_qkv, read_detr_config
 
-WB = r"(weight|bias)"
 MSDA = r"(sampling_offsets|attention_weights|value_proj|output_proj)"
 FFN = {"fc1": "linear1", "fc2": "linear2"}
 HINT = "Expected a transformers DeformableDetrForObjectDetection directory (config.json + model.safetensors)."
@@ -144,12 +140,12 @@ def read_config(hf_dir: str | Path) -> dict:
     }
 
 
-def convert_hf_deformable_detr(hf_dir: str | Path) -> tuple[dict[str, Tensor], dict]:
+def convert_hf_deformable_detr(hf_dir: str | Path) -> tuple[Renamed, dict]:
     """Convert a transformers Deformable DETR directory.
 
     Returns (state dict in our ``Detector`` layout, config overrides from ``read_config``).
-    Raises one ``SparsedetError`` listing unknown / missing keys if the weights do not
-    match the config or are not a Deformable DETR detection model.
+    Keys no rule knows stay in the result's ``unknown``: ``convert`` reports them with the keys
+    the model built from the config misses, in one error.
     """
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -171,14 +167,6 @@ def convert_hf_deformable_detr(hf_dir: str | Path) -> tuple[dict[str, Tensor], d
         state = fold_aliases(state, {f"{kind}.{k}.": f"{kind}.0." for kind in ("class_embed", "bbox_embed")
                                      for k in range(1, layers)}, source)
     state = fuse_qkv(state, r"model\.decoder\.layers\.\d+\.self_attn")
-    out, unknown = rename_keys(state, _rules(layers, two_stage), source, ignore=[r".*\.num_batches_tracked"])
-    expected = deformable_detr_keys(
-        depth=overrides["model.backbone.depth"], num_levels=overrides["model.num_levels"],
-        num_encoder_layers=overrides["model.num_encoder_layers"], num_decoder_layers=layers,
-        two_stage=two_stage, box_refine=box_refine)
-    check_layout(source, out, expected, unknown, HINT)
-    head = out["heads.class_embed.0.weight"]
-    if head.shape[0] != overrides["model.num_classes"]:
-        raise SparsedetError(f"{source}: class head has {head.shape[0]} outputs but config.json id2label "
-                             f"names {overrides['model.num_classes']} classes")
+    out = rename_keys(state, _rules(layers, two_stage), source, ignore=[r".*\.num_batches_tracked"], hint=HINT)
+    check_class_head(out, overrides["model.num_classes"])
     return out, overrides

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor
-
 from ...errors import SparsedetError
-from .common import Rule, read_checkpoint, rename_keys, sizes_from_state
-from .official_dino import WB
+from .common import WB, Renamed, Rule, read_checkpoint, rename_keys, sizes_from_state
 
 HINT = ("Expected an official Conditional DETR checkpoint (Atten4Vis/ConditionalDETR, e.g. "
         "ConditionalDETR_r50_epoch50.pth).")
@@ -33,7 +30,7 @@ RULES = [
 ]
 
 
-def convert_official_conditional_detr(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+def convert_official_conditional_detr(path: str | Path) -> tuple[Renamed, dict]:
     """Returns (state dict in our layout, config overrides for the ``conditional_detr_r50`` preset)."""
     state, args = read_checkpoint(path)
     if "transformer.decoder.layers.0.ca_qpos_sine_proj.weight" not in state or "class_embed.weight" not in state:
@@ -43,12 +40,10 @@ def convert_official_conditional_detr(path: str | Path) -> tuple[dict[str, Tenso
         raise SparsedetError(f"{path} holds SAM-DETR's Semantics Aligner; use official-sam-detr. {HINT}")
     if args.get("dilation"):
         raise SparsedetError(f"{path} is a DC5 (dilated) model; our ResNet has no dilated stage yet. {HINT}")
-    out, unknown = rename_keys(state, RULES, path, ignore=[
+    out = rename_keys(state, RULES, path, hint=HINT, ignore=[
         r".*num_batches_tracked",
         r"transformer\.decoder\.layers\.([1-9]\d*)\.ca_qpos_proj\.(weight|bias)",  # built, never used
     ])
-    if unknown:
-        raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
     overrides = sizes_from_state(out, int(args.get("nheads", 8)))
     if "dropout" in args:
         overrides["model.dropout"] = float(args["dropout"])

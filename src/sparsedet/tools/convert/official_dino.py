@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor
-
 from ...errors import SparsedetError
-from .common import Rule, fold_aliases, read_state_dict, rename_keys, sizes_from_state
+from .common import WB, Renamed, Rule, fold_aliases, layer_count, read_state_dict, rename_keys, sizes_from_state
 
-WB = r"(weight|bias)"
 HINT = "Expected an official DINO checkpoint (IDEA-Research/DINO, e.g. checkpoint0011_4scale.pth)."
 RULES = [
     Rule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
@@ -33,17 +30,15 @@ RULES = [
 ]
 
 
-def convert_official_dino(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+def convert_official_dino(path: str | Path) -> tuple[Renamed, dict]:
     """Returns (state dict in our layout, config overrides for the ``dino_r50`` preset)."""
     state = read_state_dict(path)
     if "transformer.tgt_embed.weight" not in state or "label_enc.weight" not in state:
         raise SparsedetError(f"{path} has no transformer.tgt_embed / label_enc weights. {HINT}")
-    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("transformer.decoder.layers."))
+    layers = layer_count(state, "transformer.decoder.layers.")
     # The heads are shared: one module saved once per layer and again inside the decoder.
     aliases = {"transformer.decoder.class_embed.": "class_embed.", "transformer.decoder.bbox_embed.": "bbox_embed."}
     aliases.update({f"{kind}.{k}.": f"{kind}.0." for kind in ("class_embed", "bbox_embed") for k in range(1, layers)})
     state = fold_aliases(state, aliases, path)
-    out, unknown = rename_keys(state, RULES, path, ignore=[r".*num_batches_tracked"])
-    if unknown:
-        raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
+    out = rename_keys(state, RULES, path, ignore=[r".*num_batches_tracked"], hint=HINT)
     return out, sizes_from_state(out)

@@ -15,8 +15,7 @@ from torch import Tensor
 
 from ...data.categories import raw_id_table
 from ...errors import SparsedetError
-from .common import Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
-from .official_dino import WB
+from .common import WB, Renamed, Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
 
 HINT = "Expected an official Salience DETR checkpoint (xiuqhou/Salience-DETR, e.g. salience_detr_resnet50_800_1333_coco_1x.pth)."
 ENCODER_PARTS = {"pre_attention": "pre_attn", "pre_norm": "pre_norm", "self_attn": "self_attn", "norm1": "norm1",
@@ -47,15 +46,13 @@ DROPPED = [r"position_embedding\.dim_t[xy]", r"_classes_", r".*total_(ops|params
            r"transformer\.(level|layer)_filter_ratio"]
 
 
-def convert_official_salience_detr(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+def convert_official_salience_detr(path: str | Path) -> tuple[Renamed, dict]:
     """Returns (state dict in our layout, config overrides for the ``salience_detr_r50`` preset)."""
     state, _ = read_checkpoint(path)
     if "transformer.level_filter_ratio" not in state or "transformer.enc_mask_predictor.layer2.4.weight" not in state:
         raise SparsedetError(f"{path} has no salience filter (transformer.level_filter_ratio / enc_mask_predictor). {HINT}")
     state = fold_aliases(state, {"transformer.encoder.enhance_mcsp.": "transformer.encoder_class_head."}, path)
-    out, unknown = rename_keys(state, RULES, path, ignore=DROPPED)
-    if unknown:
-        raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
+    out = rename_keys(state, RULES, path, ignore=DROPPED, hint=HINT)
     for key in [k for k in out if k.startswith("neck.input_proj.") and k.endswith(".0.weight")]:
         out.setdefault(key[:-len("weight")] + "bias", torch.zeros(out[key].shape[0]))
     overrides = sizes_from_state(out)

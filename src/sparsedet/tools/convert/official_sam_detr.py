@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import Tensor
-
 from ...errors import SparsedetError
-from .common import Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
+from .common import WB, Renamed, Rule, fold_aliases, layer_count, read_checkpoint, rename_keys, sizes_from_state
 
-WB = r"(weight|bias)"
 HINT = "Expected an official SAM-DETR checkpoint (ZhangGongjie/SAM-DETR, single-scale R50 or R50 + SMCA)."
 RULES = [
     Rule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
@@ -29,7 +26,7 @@ RULES = [
 ]
 
 
-def convert_official_sam_detr(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+def convert_official_sam_detr(path: str | Path) -> tuple[Renamed, dict]:
     """Returns (state dict in our layout, config overrides for the ``sam_detr_r50`` preset)."""
     state, args = read_checkpoint(path)
     if "transformer.decoder.layers.0.point2.6.weight" not in state or "query_embed.weight" not in state:
@@ -39,11 +36,9 @@ def convert_official_sam_detr(path: str | Path) -> tuple[dict[str, Tensor], dict
         raise SparsedetError(f"{path} is a multi-scale SAM-DETR; only the single-scale models convert. {HINT}")
     if args.get("dilation"):
         raise SparsedetError(f"{path} is a DC5 (dilated) SAM-DETR; our ResNet has no dilated stage yet. {HINT}")
-    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("transformer.decoder.layers."))
+    layers = layer_count(state, "transformer.decoder.layers.")
     state = fold_aliases(state, {"transformer.decoder.bbox_embed.": "bbox_embed."}, path)
-    out, unknown = rename_keys(state, RULES, path, ignore=[r".*num_batches_tracked"])
-    if unknown:
-        raise SparsedetError(f"{path}: unknown keys ({len(unknown)}): {', '.join(sorted(unknown)[:10])}. {HINT}")
+    out = rename_keys(state, RULES, path, ignore=[r".*num_batches_tracked"], hint=HINT)
     heads = int(args.get("nheads", 8))
     overrides = sizes_from_state(out, heads)
     overrides["model.decoder.smca"] = out["decoder.layers.0.point2.6.weight"].shape[0] == 4 * heads

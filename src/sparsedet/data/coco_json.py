@@ -1,0 +1,91 @@
+"""The COCO detection json structure, checked in one place for everything that reads it: the
+dataset, the evaluator's ground truth and the YOLO export (``check-data`` lists problems instead of
+stopping at the first, with the same rules).
+
+A COCO dict holds ``images`` (``id``, ``file_name``, ``width``, ``height``), ``categories``
+(``id``, ``name``) and ``annotations`` (``image_id``, ``category_id``, ``bbox`` = [x, y, w, h] in
+pixels, optional ``id`` and ``iscrowd``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SparsedetError
+from ..jsonfile import read_json
+
+REQUIRED_KEYS = ("images", "annotations", "categories")
+ANNOTATION_KEYS = ("image_id", "category_id", "bbox")
+
+
+def read_coco_json(ann_file: str | Path) -> dict:
+    """Parse a COCO json and check its top-level shape; SparsedetError on any problem."""
+    return check_coco_dict(read_json(ann_file, "COCO annotation"), ann_file)
+
+
+def check_coco_dict(data: object, source: str | Path) -> dict:
+    """Return ``data`` if it has the COCO top-level lists, else raise naming ``source``."""
+    if not isinstance(data, dict):
+        raise SparsedetError(f"{source} holds a JSON {type(data).__name__}, not a COCO object with "
+                             "'images', 'annotations' and 'categories'.")
+    missing = [key for key in REQUIRED_KEYS if not isinstance(data.get(key), list)]
+    if missing:
+        raise SparsedetError(f"{source} lacks the list(s) {', '.join(repr(k) for k in missing)}. A COCO "
+                             "detection file needs top-level 'images', 'annotations' and 'categories' lists.")
+    return data
+
+
+def require(entry: object, keys: tuple[str, ...], what: str, path: str | Path) -> dict:
+    """Return ``entry`` if it is a dict holding ``keys``, else raise naming ``what`` in ``path``."""
+    if not isinstance(entry, dict):
+        raise SparsedetError(f"{what} in {path} is not a JSON object.")
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise SparsedetError(f"{what} in {path} lacks {', '.join(repr(k) for k in missing)}; "
+                             f"add {'it' if len(missing) == 1 else 'them'} or remove the entry.")
+    return entry
+
+
+def is_box(bbox: object) -> bool:
+    """Whether ``bbox`` has the form of a COCO box: four numbers (their values are not checked)."""
+    return isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+
+
+def annotation_name(ann: object, index: int) -> str:
+    """How messages name an annotation: by its id when it has one, else by its position."""
+    return f"annotation id {ann['id']}" if isinstance(ann, dict) and "id" in ann else f"annotation #{index}"
+
+
+def validate_coco(data: object, source: str | Path, image_keys: tuple[str, ...] = ("id",),
+                  category_keys: tuple[str, ...] = ("id",)) -> dict:
+    """Return ``data`` if it is a COCO dict whose entries fit together, else raise one error naming
+    ``source`` (a file, or e.g. "ground truth") and the entry.
+
+    Checked: the top-level lists; every category and image is an object with ``category_keys`` /
+    ``image_keys`` and its own id; every annotation is an object with ``image_id``, ``category_id``
+    and a ``bbox`` of four numbers, naming a listed image and category. Box values (degenerate,
+    non-finite, outside the image) are left to the reader: training drops such boxes, check-data
+    lists them.
+    """
+    data = check_coco_dict(data, source)
+    categories = [require(c, category_keys, f"category #{i}", source) for i, c in enumerate(data["categories"])]
+    category_ids = {c["id"] for c in categories}
+    if len(category_ids) != len(categories):
+        raise SparsedetError(f"{source} repeats a category id; each category needs its own id.")
+    images = [require(img, image_keys, f"image #{i}", source) for i, img in enumerate(data["images"])]
+    image_ids = {img["id"] for img in images}
+    if len(image_ids) != len(images):
+        raise SparsedetError(f"{source} repeats an image id; each image needs its own id.")
+    for i, ann in enumerate(data["annotations"]):
+        name = annotation_name(ann, i)
+        ann = require(ann, ANNOTATION_KEYS, name, source)
+        if ann["image_id"] not in image_ids:
+            raise SparsedetError(f"{name} in {source} refers to image id {ann['image_id']}, which is not in "
+                                 "'images'. Add the image or remove the annotation.")
+        if ann["category_id"] not in category_ids:
+            raise SparsedetError(f"{name} in {source} has category id {ann['category_id']}, which is not in "
+                                 f"'categories' (known: {sorted(category_ids)}). Add the category or fix the "
+                                 "annotation.")
+        if not is_box(ann["bbox"]):
+            raise SparsedetError(f"{name} in {source} has bbox {ann['bbox']!r}; a COCO bbox is four numbers "
+                                 "[x, y, width, height] in pixels. Fix or remove the annotation.")
+    return data
