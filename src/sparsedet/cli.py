@@ -17,8 +17,9 @@ PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu; an .onnx file runs on the CPU)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The verb's arguments, every key=value override in ``args.overrides`` wherever it stood."""
+    parser = parser or build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse gives a verb's key=value overrides to its first positional only when no option sits
     # between them (`convert --from S FILE --out RUN k=v`): collect the ones it left over.
@@ -27,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(argv, parser)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -196,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "then median/min/max per stage and whole), and prints the environment. Presets run with "
                        "random weights (cost does not depend on them). With --plot, draws each run's AP "
                        "(RUN/metrics.json) against its GFLOPs.")
-    s.add_argument("targets", nargs="+", metavar="PRESET_OR_RUN")
+    s.add_argument("targets", nargs="+", metavar="PRESET_OR_RUN", help="presets, run folders, zoo names or .onnx "
+                   "files, then any config overrides key.sub=value (e.g. encoder.keep_ratio=0.2)")
     s.add_argument("--size", action="append", metavar="HxW",
-                   help="input size, repeatable (default 800x1067: the mean resized COCO val2017 image, which the "
-                   "papers' GFLOPs correspond to)")
+                   help="input size, repeatable (default: each model's own, a 4:3 image resized as evaluation "
+                   "resizes it: 800x1067 for the R50 presets, the mean resized COCO val2017 image the papers' "
+                   "GFLOPs correspond to; 256x341 for the tiny ones)")
     s.add_argument("--batch", type=int, default=1, help="images per forward (default 1); GFLOPs are per image")
     s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     s.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision of the timed runs: fp32 "
@@ -209,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one row per value, e.g. keep_ratio=0.1,0.2,0.3")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
     s.add_argument("--json", help="also write the results to this file")
     s.add_argument("--plot", metavar="PNG", help="draw AP against GFLOPs of the given runs (needs [viz])")
-    s.set_defaults(func=cmd_bench)
+    s.set_defaults(func=cmd_bench, overrides=[])  # key=value after an option lands here (see main)
 
     s = sub.add_parser("viz", help="figures of kept tokens, decoder sampling and detections for one image",
                        description="Runs PRESET_OR_RUN on IMAGE and writes into --out: tokens_per_level.png (tokens "
@@ -226,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--query", type=int, help="decoder query to show (default: the highest-scoring one)")
     s.add_argument("--layer", type=int, default=-1, help="decoder layer to show (default: the last)")
     s.add_argument("--threshold", type=float, default=0.3, help="minimum score of drawn detections (default 0.3)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     s.set_defaults(func=cmd_viz)
 
     s = sub.add_parser("check-data", help="validate a COCO or YOLO dataset",
@@ -260,10 +270,32 @@ def cmd_zoo(args) -> int:
 
 
 def cmd_presets(args) -> int:
+    import textwrap
+
     from .presets import PRESETS
+    width = max(map(len, PRESETS)) + 2
     for name, fn in PRESETS.items():
-        print(f"{name:32s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        description = " ".join((fn.__doc__ or "").split())
+        lines = textwrap.wrap(description, 100 - width, break_on_hyphens=False) or [""]
+        print(f"{name:{width}s}{lines[0]}")
+        for line in lines[1:]:
+            print(" " * width + line)
     return 0
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Positional arguments -> (targets, key=value overrides); an existing path is a target even
+    when its name holds '='."""
+    overrides = [a for a in items if "=" in a and not Path(a).exists()]
+    return [a for a in items if a not in overrides], overrides
+
+
+def _deprecated_set(args) -> list[str]:
+    """``--set k=v`` (bench, viz), the old spelling of the positional overrides every verb takes."""
+    if args.set:
+        warnings.warn("--set is deprecated and will be removed; give overrides as positional key.sub=value, as "
+                      "in train and demo", FutureWarning)
+    return list(args.set)
 
 
 def cmd_synth(args) -> int:
@@ -431,13 +463,14 @@ def cmd_convert(args) -> int:
 
 def cmd_viz(args) -> int:
     from .config import parse_overrides
-    from .tools.bench import load_model
+    from .tools.bench import check_target, load_model
     from .tools.viz import visualize
     from .tools.zoo import resolve_run
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
+    check_target(args.target)
     args.target = str(resolve_run(args.target))
-    model = load_model(args.target, parse_overrides(args.set))
+    model = load_model(args.target, parse_overrides(args.overrides + _deprecated_set(args)))
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
@@ -453,6 +486,7 @@ def cmd_export(args) -> int:
     if args.target.lower().endswith(".onnx"):
         raise SparsedetError(f"{args.target} is already an ONNX file; export takes a run folder or a preset")
     from .tools.zoo import resolve_run
+    bench.check_target(args.target)
     args.target = str(resolve_run(args.target))
     model = bench.load_model(args.target)
     if not Path(args.target).is_dir():
@@ -477,8 +511,11 @@ def cmd_bench(args) -> int:
         args.precision = args.dtype
     from .engine.device import resolve_device
     device = resolve_device(args.device or "auto", fix="--device cpu")
-    sizes = [bench.parse_size(s) for s in (args.size or ["800x1067"])]
-    overrides = parse_overrides(args.set)
+    args.targets, positional = _split_overrides(args.targets + args.overrides)
+    for target in args.targets:
+        bench.check_target(target)
+    sizes = [bench.parse_size(s) for s in args.size or []]
+    overrides = parse_overrides(positional + _deprecated_set(args))
     key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
     if args.plot and key:
         raise SparsedetError("--plot draws trained runs as they are; leave out --sweep")
@@ -487,11 +524,12 @@ def cmd_bench(args) -> int:
     print(bench.CONVENTION)
     results = []
     for target in args.targets:
-        for size in sizes:
+        for size in sizes or [None]:
             rows = []
             for value in values:
                 chosen = {**overrides, **({key: value} if key else {})}
                 model = bench.load_model(target, chosen)
+                size = size or bench.default_size(model.config)
                 row = bench.bench_model(model, size, args.batch, device, args.precision, args.runs, args.warmup,
                                         True)
                 rows.append({"model": target, "overrides": chosen, **row})
@@ -536,8 +574,7 @@ def cmd_demo(args) -> int:
 
     from .data.synthetic import write_synthetic
     from .engine.trainer import Trainer
-    from .tools.draw import grid
-    from .tools.predict import predict_to_folder
+    from .tools.demo import show_predictions
     out = Path(args.out)
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts over each time
     t0 = time.perf_counter()
@@ -553,10 +590,7 @@ def cmd_demo(args) -> int:
     metrics = trainer.fit()
     (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
     print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")
-    val_images = sorted((out / "data" / "images" / "val").glob("*.png"))[:8]
-    drawn = predict_to_folder(model, val_images, out / "predictions", 0.3, None)
-    grid(drawn).save(out / "predictions.png")
-    print(f"[4/4] drew predictions on {len(drawn)} val images: {out / 'predictions.png'} "
+    print(f"[4/4] {show_predictions(model, Path(info['val']), Path(info['val']).parent, out)} "
           f"(total {time.perf_counter() - t0:.0f} s)")
     return 0
 

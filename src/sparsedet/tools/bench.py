@@ -47,18 +47,39 @@ def load_model(target: str, overrides: dict | None = None):
     from ..api import Detector, load_detector
     from ..presets import PRESETS
     from .zoo import ZOO
+    check_target(target)
     overrides = overrides or {}
     if target.lower().endswith(".onnx"):
         if overrides:
-            raise SparsedetError(f"an .onnx file computes what it was exported with; leave out --set/--sweep "
+            raise SparsedetError(f"an .onnx file computes what it was exported with; leave out the overrides "
                                  f"({', '.join(overrides)})")
         return load_detector(target)
     if Path(target).is_dir() or target in ZOO:
         return Detector.from_pretrained(target, **overrides)
-    if target in PRESETS:
-        return Detector.from_preset(target, **overrides).eval()
-    raise SparsedetError(f"{target!r} is neither a run folder nor a preset name (see `sparsedet presets`; "
+    assert target in PRESETS  # check_target
+    return Detector.from_preset(target, **overrides).eval()
+
+
+def check_target(target: str) -> None:
+    """Refuse, before any work, a target that is no run folder, .onnx file, preset or zoo name,
+    suggesting the closest preset and zoo names."""
+    import difflib
+
+    from ..presets import PRESETS
+    from .zoo import ZOO
+    if target.lower().endswith(".onnx") or Path(target).is_dir() or target in PRESETS or target in ZOO:
+        return
+    close = difflib.get_close_matches(target, [*PRESETS, *ZOO], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise SparsedetError(f"{target!r} is neither a run folder nor a preset name{hint} (see `sparsedet presets`; "
                          "`sparsedet zoo` lists the released checkpoints)")
+
+
+def default_size(config) -> tuple[int, int]:
+    """The model's own typical input: a 4:3 image resized as evaluation resizes it, short side
+    ``eval_size`` and long side 4/3 of it, at most ``eval_max_size`` (800x1067 for the R50 presets:
+    the mean resized COCO val2017 image, which the papers' GFLOPs correspond to)."""
+    return config.eval_size, min(round(config.eval_size * 4 / 3), config.eval_max_size)
 
 
 def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:

@@ -8,14 +8,16 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 
 def draw_detections(image: Image.Image, detections: dict, classes: list[str]) -> Image.Image:
-    """Boxes (xyxy pixels) with 'name score' labels, coloured by class."""
+    """Boxes (xyxy pixels) with 'name score' labels (just 'name' without "scores": ground truth),
+    coloured by class."""
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
-    for box, score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
-                                 detections["labels"].tolist()):
+    labels = detections["labels"].tolist()
+    scores = detections["scores"].tolist() if "scores" in detections else [None] * len(labels)
+    for box, score, label in zip(detections["boxes"].tolist(), scores, labels):
         colour = PALETTE[label % len(PALETTE)]
         draw.rectangle(box, outline=colour, width=2)
-        text = f"{classes[label] if label < len(classes) else label} {score:.2f}"
+        text = f"{classes[label] if label < len(classes) else label}" + ("" if score is None else f" {score:.2f}")
         x, y = box[0], max(0, box[1] - 11)
         draw.rectangle([x, y, x + 6 * len(text) + 2, y + 11], fill=colour)
         draw.text((x + 1, y), text, fill=(0, 0, 0))
