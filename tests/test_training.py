@@ -643,10 +643,11 @@ def test_no_progress_logs_plain_lines_evaluations_and_a_start_up_summary(synth, 
 
 
 def test_start_up_summary_explains_an_epoch_plan(synth, tmp_path):
-    from sparsedet.engine.trainer import Trainer, make_datasets
+    from sparsedet.data.datasets import make_datasets
+    from sparsedet.engine.trainer import Trainer
     config = apply_overrides(get_preset("dino_tiny"), [*TINY, f"data.train={synth['train']}", "train.max_steps=0",
                                                        "train.epochs=3", "train.minutes=5"])
-    train_set, _ = make_datasets(config)
+    config, train_set, _ = make_datasets(config)
     config.model.num_classes = len(train_set.classes)
     trainer = Trainer(Detector.from_config(config), config, train_set, None, tmp_path / "run", progress=False)
     summary = trainer.summary()

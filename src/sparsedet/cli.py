@@ -239,7 +239,7 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     from .config import apply_overrides
     from .engine.checkpoint import load_config
     from .engine.rng import seed_everything
-    from .engine.trainer import make_datasets
+    from .data.datasets import make_datasets
     from .presets import get_preset
     if bool(preset) == bool(weights):
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
@@ -247,7 +247,7 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     # A new run's data are the ones given now, never a fine-tuned run's old ones.
     apply_overrides(config, {f"data.{k}": data.get(k) or "" for k in ("train", "val", "images")})
     apply_overrides(config, overrides)
-    train_set, val_set = make_datasets(config)
+    config, train_set, val_set = make_datasets(config)
     m = config.model
     m.classes, m.category_ids, m.num_classes = train_set.classes, train_set.category_ids, len(train_set.classes)
     seed_everything(config.train.seed)  # the initial weights follow train.seed
@@ -258,7 +258,8 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
 def cmd_train(args) -> int:
     from .engine import distributed
     from .engine.interrupt import TrainingInterrupted
-    from .engine.trainer import Trainer, make_datasets, set_threads
+    from .data.datasets import make_datasets
+    from .engine.trainer import Trainer, set_threads
     data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
     if args.resume:
         from .api import Detector
@@ -270,7 +271,7 @@ def cmd_train(args) -> int:
         config = load_config(args.resume)
         apply_overrides(config, {f"data.{k}": v for k, v in data.items() if v is not None})
         apply_overrides(config, args.overrides)
-        train_set, val_set = make_datasets(config)
+        config, train_set, val_set = make_datasets(config)
         if train_set.category_ids != config.model.category_ids:
             raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
         model, out = Detector.from_config(config), args.resume  # the checkpoint holds the backbone

@@ -18,10 +18,8 @@ from tqdm import tqdm
 
 from ..config import Config, validate
 from ..data.batch import collate
-from ..data.coco import CocoDetection, open_detection_dataset
+from ..data.coco import CocoDetection
 from ..data.sampler import GroupedBatchSampler, SeededSamples, aspect_groups
-from ..data.transforms import build_transforms
-from ..data.yolo import yolo_splits
 from ..errors import SparsedetError
 from ..losses.criterion import SetCriterion
 from . import distributed
@@ -39,24 +37,6 @@ METRICS_LOG = "metrics.jsonl"
 def set_threads(n: int) -> None:
     if n > 0:
         torch.set_num_threads(n)
-
-
-def make_datasets(config: Config) -> tuple[CocoDetection, CocoDetection | None]:
-    """Training and validation sets from ``config.data.train`` / ``val`` (COCO json or YOLO yaml).
-    A YOLO dataset's own ``val`` split is used when ``data.val`` is empty."""
-    d, m = config.data, config.model
-    if not d.train:
-        raise SparsedetError("no training data: pass --train (a COCO json or a YOLO data.yaml)")
-    train_tf = build_transforms(True, d.train_scales, d.max_size, d.crop, d.crop_scales, d.crop_range)
-    eval_tf = build_transforms(False, [m.eval_size], m.eval_max_size)
-    images = d.images or None
-    if not d.val and "val" in yolo_splits(d.train):
-        d.val = d.train  # the yaml's own val split
-    train_set = open_detection_dataset(d.train, "train", images, train_tf)
-    val_set = open_detection_dataset(d.val, "val", images, eval_tf) if d.val else None
-    if val_set is not None and val_set.category_ids != train_set.category_ids:
-        raise SparsedetError(f"{d.val} and {d.train} have different categories; use one category table")
-    return train_set, val_set
 
 
 class Trainer:
