@@ -259,7 +259,7 @@ def cmd_train(args) -> int:
     from .engine import distributed
     from .engine.interrupt import TrainingInterrupted
     from .data.datasets import make_datasets
-    from .engine.trainer import Trainer, set_threads
+    from .engine.build import build_trainer, set_threads
     data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
     if args.resume:
         from .api import Detector
@@ -281,7 +281,7 @@ def cmd_train(args) -> int:
         config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides, data)
         out = args.out
     set_threads(config.train.threads)
-    trainer = Trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
+    trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
     try:
         if args.resume:
             path = trainer.resume()
@@ -461,7 +461,7 @@ def cmd_demo(args) -> int:
     import time
 
     from .data.synthetic import write_synthetic
-    from .engine.trainer import Trainer
+    from .engine.build import build_trainer
     from .tools.draw import grid
     from .tools.predict import predict_to_folder
     out = Path(args.out)
@@ -475,7 +475,7 @@ def cmd_demo(args) -> int:
     config, model, train_set, val_set = _prepare_training(args.preset, None, overrides,
                                                           {"train": info["train"], "val": info["val"]})
     print(f"[2/4] training {args.preset} for {args.minutes:g} min")
-    trainer = Trainer(model, config, train_set, val_set, out / "run", progress=True)
+    trainer = build_trainer(model, config, train_set, val_set, out / "run", progress=True)
     metrics = trainer.fit()
     (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
     print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")
