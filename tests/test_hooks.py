@@ -1,10 +1,14 @@
-"""The trainer's seams: hooks see the events in order, and the plan and the time budget stop
-training and say why."""
+"""The trainer's seams: hooks see the events in order, the plan and the time budget stop training
+and say why, and checkpoints keep the last step and the best."""
+import json
+import os
 import re
+import warnings
 
 import pytest
 
 from sparsedet.cli import _prepare_training
+from sparsedet.engine import hooks
 from sparsedet.engine.build import build_trainer
 from sparsedet.engine.checkpoint import load_train_state
 from sparsedet.engine.hooks import Hook
@@ -78,3 +82,39 @@ def test_the_epoch_plan_stops_training_and_says_why(synth, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopped")]
     assert len(lines) == 1 and re.fullmatch(r"stopped at step 2: 1 epoch done \(train\.epochs\) after \d+\.\d of 5 min",
                                             lines[0]), lines
+
+
+def test_checkpoints_keep_the_last_step_and_the_best(synth, tmp_path, monkeypatch):
+    """Evaluations after steps 1 and 2 and at the end (step 3) score AP 0.3, 0.1 and 0.5. By default
+    the newest step checkpoint and the best stay; a best at a saved step shares that step's files."""
+    aps = iter([0.3, 0.1, 0.5])
+    evaluate = hooks.evaluate
+
+    def scripted(model, dataset, *args):
+        metrics, results = evaluate(model, dataset, *args)
+        return {**metrics, "AP": next(aps)}, results
+
+    monkeypatch.setattr(hooks, "evaluate", scripted)
+
+    class Listing(Hook):  # after the Checkpoints hook: what each step left on disk
+        def __init__(self):
+            self.seen = []
+
+        def after_step(self, trainer):
+            self.seen.append(sorted(p.name for p in checkpoints.iterdir()))
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    trainer = _trainer(synth, tmp_path, ["train.max_steps=3", "train.eval_every=1"], val=True)
+    assert trainer.config.train.keep_checkpoints == 1  # the default
+    listing = Listing()
+    trainer.hooks.append(listing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit()
+    assert listing.seen[:2] == [["best_step_00000001", "step_00000001"], ["best_step_00000001", "step_00000002"]]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best_step_00000003", "step_00000003"]
+    best, last = checkpoints / "best_step_00000003", checkpoints / "step_00000003"
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in last.iterdir())
+    assert all(os.path.samefile(p, last / p.name) for p in best.iterdir())  # no second copy on disk
+    assert load_train_state(best)["best"] == {"AP": 0.5, "step": 3}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["AP"] == 0.5

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import atomic_write, prune_checkpoints, publish, save_checkpoint
+from .checkpoint import CHECKPOINTS, atomic_write, link_checkpoint, prune_checkpoints, publish, save_checkpoint
 from .evaluator import evaluate, format_metrics
 from .interrupt import StopSignals
 
@@ -173,8 +173,8 @@ class Evaluate(Hook):
 class Checkpoints(Hook):
     """Resumable checkpoints (``checkpoints/step_N``, whose weights become the run folder's) every
     ``every`` steps, or after each evaluation when ``every`` is 0, and at the end, also when a signal
-    stopped training; ``best_step_N`` when an evaluation is the best so far. The newest ``keep`` step
-    checkpoints and the newest best stay.
+    stopped training; ``best_step_N`` when an evaluation is the best so far (hard links to
+    ``step_N`` when that step has one). The newest ``keep`` step checkpoints and the newest best stay.
     Every process takes part (RNG states are gathered); process 0 writes."""
 
     def __init__(self, every: int, keep: int):
@@ -201,11 +201,15 @@ class Checkpoints(Hook):
         state = trainer.train_state()
         if trainer.ctx.is_main:
             name = f"{'best_' if best else ''}step_{trainer.step:08d}"
-            trainer.model.run_config = trainer.config
-            ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
-            checkpoint = save_checkpoint(trainer.out_dir, name, trainer.model.state_dict(), trainer.config, state, ema)
-            if not best:
-                publish(checkpoint, trainer.out_dir)
+            if best and self._saved_step == trainer.step:  # the step's own checkpoint: share its files
+                link_checkpoint(trainer.out_dir / CHECKPOINTS / f"step_{trainer.step:08d}", name)
+            else:
+                trainer.model.run_config = trainer.config
+                ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
+                checkpoint = save_checkpoint(trainer.out_dir, name, trainer.model.state_dict(), trainer.config,
+                                             state, ema)
+                if not best:
+                    publish(checkpoint, trainer.out_dir)
             prune_checkpoints(trainer.out_dir, self.keep)
         if not best:
             self._saved_step = trainer.step
