@@ -161,7 +161,7 @@ def test_overrides_may_follow_options_and_anything_else_is_refused(tmp_path, cap
 
 
 def test_training_stops_when_no_image_can_be_read(synth, tmp_path, capsys, monkeypatch):
-    import sparsedet.engine.trainer as trainer
+    import sparsedet.engine.build as build
     from sparsedet.data.batch import collate
     batches = []
 
@@ -170,7 +170,7 @@ def test_training_stops_when_no_image_can_be_read(synth, tmp_path, capsys, monke
         assert len(batches) <= 3, "training kept drawing batches in which no image can be read"
         return collate(samples, **kwargs)
 
-    monkeypatch.setattr(trainer, "collate", guarded)
+    monkeypatch.setattr(build, "collate", guarded)
     nowhere = tmp_path / "nowhere"  # a wrong --images root
     nowhere.mkdir()
     with pytest.warns(UserWarning, match="skipping image id"):

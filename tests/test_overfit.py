@@ -10,7 +10,7 @@ from sparsedet.data.synthetic import write_synthetic
 from sparsedet.data.transforms import build_transforms
 from sparsedet.engine.evaluator import evaluate
 from sparsedet.engine.rng import seed_everything
-from sparsedet.engine.trainer import Trainer
+from sparsedet.engine.build import build_trainer
 from sparsedet.ops.boxes import box_iou
 from sparsedet.presets import get_preset
 
@@ -37,9 +37,9 @@ def test_tiny_preset_overfits_four_images(preset, tmp_path):
     m.classes, m.category_ids, m.num_classes = train.classes, train.category_ids, len(train.classes)
     seed_everything(0)
     model = Detector.from_config(cfg)
-    trainer = Trainer(model, cfg, train, None, tmp_path / "run", progress=False)
+    trainer = build_trainer(model, cfg, train, None, tmp_path / "run", progress=False)
     trainer.fit()
-    losses = [h["loss"] for h in trainer.history if "loss" in h]
+    losses = [h["loss"] for h in trainer.log.history if "loss" in h]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.4 * first, losses
     metrics, _ = evaluate(model, train, batch_size=4, progress=False)

@@ -42,13 +42,13 @@ def _losses(run: Path) -> dict[int, tuple]:
 
 KILL_AT_STEP = """
 import os, signal
-from sparsedet.engine.trainer import Trainer
-_log_step = Trainer._log_step
-def _killing(self, sums, bar):
-    _log_step(self, sums, bar)
-    if self.step == {step}:
+from sparsedet.engine.hooks import LogSteps
+_log = LogSteps._log
+def _killing(self, trainer):
+    _log(self, trainer)
+    if trainer.step == {step}:
         os.kill(os.getpid(), signal.SIGKILL)
-Trainer._log_step = _killing
+LogSteps._log = _killing
 """
 
 
@@ -307,13 +307,13 @@ def test_bad_data_trains_through_with_counted_warnings(synth, tmp_path):
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in (5, 6)]  # two empty images
     ann = root / "train.json"
     ann.write_text(json.dumps(data))
-    from sparsedet.engine.trainer import Trainer
+    from sparsedet.engine.build import build_trainer
     cfg = apply_overrides(get_preset("dino_tiny"), TINY + ["train.max_steps=8", "train.log_every=1"])
     with pytest.warns(UserWarning) as record:
         from sparsedet.cli import _prepare_training
         cfg, model, train_set, _ = _prepare_training("dino_tiny", None, TINY + ["train.max_steps=8"],
                                                      {"train": str(ann)})
-        trainer = Trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
+        trainer = build_trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
         trainer.fit()
     messages = [str(w.message) for w in record]
     assert train_set.num_degenerate == 2 and any("dropped 2 degenerate" in m for m in messages)
@@ -324,11 +324,11 @@ def test_bad_data_trains_through_with_counted_warnings(synth, tmp_path):
 
 
 def test_nonfinite_losses_skip_steps_then_stop_keeping_the_checkpoint(synth, tmp_path, monkeypatch):
-    from sparsedet.engine.trainer import Trainer
+    from sparsedet.engine.build import build_trainer
     from sparsedet.cli import _prepare_training
     cfg, model, train_set, _ = _prepare_training("dino_tiny", None, TINY + [
         "train.max_steps=20", "train.checkpoint_every=2", "train.max_nonfinite=3"], {"train": synth["train"]})
-    trainer = Trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
+    trainer = build_trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
     total = trainer.criterion.total
     calls = []
 
@@ -408,17 +408,17 @@ def test_train_amp_is_a_deprecated_alias_of_train_precision(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(synth, tmp_path, precision):
     from sparsedet.cli import _prepare_training
-    from sparsedet.engine.trainer import Trainer
+    from sparsedet.engine.build import build_trainer
     cfg, model, train_set, _ = _prepare_training("dino_tiny", None, TINY + [f"train.precision={precision}",
                                                  "train.max_steps=3", "train.log_every=1"], {"train": synth["train"]})
-    trainer = Trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
+    trainer = build_trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no native bf16" where the CPU has none
         trainer.fit()
     assert trainer.autocast_dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert trainer.scaler.is_enabled() == (precision == "fp16")
-    assert all(math.isfinite(r["loss"]) for r in trainer.history)
+    assert all(math.isfinite(r["loss"]) for r in trainer.log.history)
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert len(changed) > 10
 
@@ -524,29 +524,29 @@ def test_seeded_samples_fix_the_augmentation_and_leave_random_alone():
 def test_data_loader_workers_do_not_change_the_run(synth, tmp_path):
     """Augmentation seeds belong to the samples, so worker processes see the same data as the main one."""
     from sparsedet.cli import _prepare_training
-    from sparsedet.engine.trainer import Trainer
+    from sparsedet.engine.build import build_trainer
     losses = []
     for workers in (0, 2):
         cfg, model, train_set, _ = _prepare_training("dino_tiny", None, TINY + [
             f"data.num_workers={workers}", "train.max_steps=3", "train.log_every=1"], {"train": synth["train"]})
-        trainer = Trainer(model, cfg, train_set, None, tmp_path / f"w{workers}", progress=False)
+        trainer = build_trainer(model, cfg, train_set, None, tmp_path / f"w{workers}", progress=False)
         trainer.fit()
-        losses.append([r["loss"] for r in trainer.history])
+        losses.append([r["loss"] for r in trainer.log.history])
     assert losses[0] == losses[1] and len(losses[0]) == 3
 
 
 def _signal_at(monkeypatch, step: int, *signums: int) -> None:
     """Send ``signums`` to this process right after step ``step`` is logged (needs train.log_every=1)."""
-    from sparsedet.engine.trainer import Trainer
-    log_step = Trainer._log_step
+    from sparsedet.engine.hooks import LogSteps
+    log = LogSteps._log
 
-    def signalling(self, sums, bar):
-        log_step(self, sums, bar)
-        if self.step == step:
+    def signalling(self, trainer):
+        log(self, trainer)
+        if trainer.step == step:
             for signum in signums:
                 os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(Trainer, "_log_step", signalling)
+    monkeypatch.setattr(LogSteps, "_log", signalling)
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(synth, tmp_path, capsys, monkeypatch):
@@ -643,12 +643,13 @@ def test_no_progress_logs_plain_lines_evaluations_and_a_start_up_summary(synth, 
 
 
 def test_start_up_summary_explains_an_epoch_plan(synth, tmp_path):
-    from sparsedet.engine.trainer import Trainer, make_datasets
+    from sparsedet.data.datasets import make_datasets
+    from sparsedet.engine.build import build_trainer
     config = apply_overrides(get_preset("dino_tiny"), [*TINY, f"data.train={synth['train']}", "train.max_steps=0",
                                                        "train.epochs=3", "train.minutes=5"])
-    train_set, _ = make_datasets(config)
+    config, train_set, _ = make_datasets(config)
     config.model.num_classes = len(train_set.classes)
-    trainer = Trainer(Detector.from_config(config), config, train_set, None, tmp_path / "run", progress=False)
+    trainer = build_trainer(Detector.from_config(config), config, train_set, None, tmp_path / "run", progress=False)
     summary = trainer.summary()
     assert "val      none: no evaluation" in summary
     assert ("plan     at most 12 steps = 3 epochs (train.epochs, train.max_steps=0) x 4 steps (8 images / 2 per "

@@ -314,7 +314,7 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     from .config import apply_overrides
     from .engine.checkpoint import load_config
     from .engine.rng import seed_everything
-    from .engine.trainer import make_datasets
+    from .data.datasets import make_datasets
     from .presets import get_preset
     from .tools.zoo import resolve_run
     if bool(preset) == bool(weights):
@@ -324,7 +324,7 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     # A new run's data are the ones given now, never a fine-tuned run's old ones.
     apply_overrides(config, {f"data.{k}": data.get(k) or "" for k in ("train", "val", "images")})
     apply_overrides(config, overrides)
-    train_set, val_set = make_datasets(config)
+    config, train_set, val_set = make_datasets(config)
     m = config.model
     m.classes, m.category_ids, m.num_classes = train_set.classes, train_set.category_ids, len(train_set.classes)
     seed_everything(config.train.seed)  # the initial weights follow train.seed
@@ -335,7 +335,8 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
 def cmd_train(args) -> int:
     from .engine import distributed
     from .engine.interrupt import TrainingInterrupted
-    from .engine.trainer import Trainer, make_datasets, set_threads
+    from .data.datasets import make_datasets
+    from .engine.build import build_trainer, set_threads
     data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
     if args.resume:
         from .api import Detector
@@ -347,7 +348,7 @@ def cmd_train(args) -> int:
         config = load_config(args.resume)
         apply_overrides(config, {f"data.{k}": v for k, v in data.items() if v is not None})
         apply_overrides(config, args.overrides)
-        train_set, val_set = make_datasets(config)
+        config, train_set, val_set = make_datasets(config)
         if train_set.category_ids != config.model.category_ids:
             raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
         model, out = Detector.from_config(config), args.resume  # the checkpoint holds the backbone
@@ -357,7 +358,7 @@ def cmd_train(args) -> int:
         config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides, data)
         out = args.out
     set_threads(config.train.threads)
-    trainer = Trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
+    trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
     try:
         if args.resume:
             path = trainer.resume()
@@ -573,7 +574,7 @@ def cmd_demo(args) -> int:
     import time
 
     from .data.synthetic import write_synthetic
-    from .engine.trainer import Trainer
+    from .engine.build import build_trainer
     from .tools.demo import show_predictions
     out = Path(args.out)
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts over each time
@@ -586,7 +587,7 @@ def cmd_demo(args) -> int:
     config, model, train_set, val_set = _prepare_training(args.preset, None, overrides,
                                                           {"train": info["train"], "val": info["val"]})
     print(f"[2/4] training {args.preset} for {args.minutes:g} min")
-    trainer = Trainer(model, config, train_set, val_set, out / "run", progress=True)
+    trainer = build_trainer(model, config, train_set, val_set, out / "run", progress=True)
     metrics = trainer.fit()
     (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
     print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")

@@ -152,7 +152,7 @@ class TrainConfig:
     minutes: float = 0.0               # wall-clock budget; 0 = none
     eval_every: int = 0                # steps; 0 = once per epoch, -1 = at the end only
     checkpoint_every: int = 0          # steps; 0 = at every evaluation and at the end
-    keep_checkpoints: int = 2          # newest step checkpoints kept in RUN/checkpoints (plus the best)
+    keep_checkpoints: int = 1          # newest step checkpoints kept in RUN/checkpoints (plus the best)
     log_every: int = 20
     max_nonfinite: int = 20            # non-finite losses in a row that stop the run
     seed: int = 42
@@ -308,8 +308,8 @@ def _check_takes_effect(config: Config, key: str) -> None:
                              f"{'encoder' if switch.startswith('encoder') else 'model'}")
 
 
-# Range checks: (field, test, what it must be). Every entry point (CLI overrides, the API, a
-# Trainer given a Config) runs them through ``validate``.
+# Range checks: (field, test, what it must be). Every entry point (CLI overrides, the API,
+# engine.build.build_trainer given a Config) runs them through ``validate``.
 _RULES = [
     ("train.lr", lambda v: v > 0, "a positive number, e.g. 0.0002"),
     ("train.lr_backbone", lambda v: v >= 0, "0 (frozen backbone) or more, e.g. 2e-05"),

@@ -4,7 +4,8 @@ A run folder holds ``model.safetensors`` + ``config.json`` (and ``ema.safetensor
 kept an EMA). Training adds ``checkpoints/step_NNNNNNNN/`` (the newest ``keep`` of them) and
 ``checkpoints/best_step_NNNNNNNN/``: each a run folder plus ``train_state.pt`` (optimiser, loss
 scaler, RNG states, step, data position), written into a temporary folder and renamed, so a
-crash at any moment leaves the previous checkpoint complete.
+crash at any moment leaves the previous checkpoint complete. A best checkpoint of a step that
+also has a step checkpoint shares its files (hard links), so it costs no second copy on disk.
 """
 from __future__ import annotations
 
@@ -113,13 +114,32 @@ def load_run(run_dir: str | Path, ema: bool = False) -> tuple[Config, dict[str, 
 def save_checkpoint(run_dir: str | Path, name: str, state_dict: dict[str, torch.Tensor], config: Config,
                     train_state: dict, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``run_dir/checkpoints/name`` whole or not at all: into a temporary folder, then renamed."""
-    root = Path(run_dir) / CHECKPOINTS
+
+    def fill(folder: Path) -> None:
+        save_run(folder, state_dict, config, ema_state=ema_state)
+        torch.save(train_state, folder / TRAIN_STATE)
+
+    return _write_folder(Path(run_dir) / CHECKPOINTS, name, fill)
+
+
+def link_checkpoint(checkpoint: Path, name: str) -> Path:
+    """Make ``name`` (a folder beside ``checkpoint``) hold ``checkpoint``'s files without a second
+    copy on disk: hard links where the file system has them, copies otherwise; whole or not at all."""
+
+    def fill(folder: Path) -> None:
+        for source in checkpoint.iterdir():
+            _link_or_copy(source, folder / source.name)
+
+    return _write_folder(checkpoint.parent, name, fill)
+
+
+def _write_folder(root: Path, name: str, fill) -> Path:
+    """``root/name`` as ``fill(folder)`` makes it, in a temporary folder renamed when complete."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     tmp = _fresh(root, f".{name}.", os.mkdir)
     try:
-        save_run(tmp, state_dict, config, ema_state=ema_state)
-        torch.save(train_state, tmp / TRAIN_STATE)
+        fill(tmp)
         if final.exists():  # the same step saved twice (e.g. the last step is also a checkpoint step)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -136,11 +156,15 @@ def publish(checkpoint: Path, run_dir: str | Path) -> None:
     for name in (WEIGHTS, EMA_WEIGHTS, CONFIG):
         source = checkpoint / name
         if source.is_file():
-            atomic_write(Path(run_dir) / name, lambda tmp, source=source: _link_or_copy(source, Path(tmp)))
+            atomic_write(Path(run_dir) / name, lambda tmp, source=source: _replace_with_link(source, Path(tmp)))
+
+
+def _replace_with_link(source: Path, target: Path) -> None:
+    target.unlink()
+    _link_or_copy(source, target)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    target.unlink()
     try:
         os.link(source, target)
     except OSError:

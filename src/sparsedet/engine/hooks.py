@@ -1,0 +1,248 @@
+"""What happens around the optimiser steps of a :class:`~sparsedet.engine.trainer.Trainer`: each
+hook gets the trainer at ``before_train``, ``after_step`` (after every optimiser step),
+``after_train`` (when the plan is done, the budget spent or a signal stopped training; not after
+an error) and ``close`` (always, last). Hooks run in list order; a hook that ends training calls
+``trainer.request_stop``. Every process runs every hook, so collectives stay in step."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import CHECKPOINTS, atomic_write, link_checkpoint, prune_checkpoints, publish, save_checkpoint
+from .evaluator import evaluate, format_metrics
+from .interrupt import StopSignals
+
+if TYPE_CHECKING:
+    from ..data.coco import CocoDetection
+    from .trainer import Trainer
+
+REFRESH_S = 1.0  # the progress bar's loss and steps/s describe at least this much training time
+
+
+class Hook:
+    """A no-op at every event; subclasses override the events they need."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        pass
+
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_train(self, trainer: Trainer) -> None:
+        pass
+
+    def close(self, trainer: Trainer) -> None:
+        pass
+
+
+class EMAUpdate(Hook):
+    """Moves the weight EMA (``trainer.ema``) towards the weights after each optimiser step."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        trainer.ema.update(trainer.model)
+
+
+class StepPlan(Hook):
+    """Stops training when ``trainer.plan`` is done: its steps taken or its time budget spent (the
+    longest training time of any process), with a line that says which."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._check(trainer, trainer.trained_seconds)  # a resumed run may have finished already
+
+    def after_step(self, trainer: Trainer) -> None:
+        budget = trainer.plan.budget_s
+        elapsed = distributed.max_over_ranks(trainer.trained_seconds, trainer.ctx, trainer.device) \
+            if budget else trainer.trained_seconds
+        self._check(trainer, elapsed)
+
+    def _check(self, trainer: Trainer, elapsed: float) -> None:
+        reason = trainer.plan.stop_reason(trainer.step, elapsed, trainer.config.train)
+        if reason is not None:
+            trainer.request_stop(reason)
+
+
+class LogSteps(Hook):
+    """Prints the run's summary, then logs steps: every ``train.log_every`` steps (and step 1) the loss
+    terms averaged over processes go to the run log, and, without a progress bar, to a plain line.
+    The progress bar counts steps up to the plan's total; its postfix (loss and steps/s of process 0,
+    lr, and the budget used and left) describes the last ``REFRESH_S`` s of training or more."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        trainer.log.say(trainer.summary())
+        self.bar = tqdm(total=trainer.plan.total_steps, initial=trainer.step, desc="train", unit="step",
+                        disable=not trainer.log.progress, dynamic_ncols=True, miniters=1, mininterval=0.5)
+        self._window = (trainer.step, trainer.trained_seconds, [])
+        self._shown = False  # the postfix, from the first step on
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.log.progress:
+            self._refresh(trainer)
+        self.bar.update(1)
+        every = trainer.config.train.log_every
+        if trainer.step % every == 0 or trainer.step == 1:
+            self._log(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.close(trainer)
+
+    def close(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _refresh(self, trainer: Trainer) -> None:
+        step0, seconds0, losses = self._window
+        losses.append(trainer.losses["loss"])
+        seconds = trainer.trained_seconds - seconds0
+        if seconds < REFRESH_S and self._shown:
+            return
+        lr = trainer.optimizer.param_groups[-1]["lr"]
+        rate = (trainer.step - step0) / max(seconds, 1e-6)
+        postfix = {"loss": f"{sum(losses) / len(losses):.3f}", "steps/s": f"{rate:.2f}",
+                   "lr": f"{lr:.1e}"}
+        minutes = trainer.config.train.minutes
+        if minutes:
+            used = trainer.trained_seconds / 60
+            postfix["budget"] = f"{used:.1f} min used, {max(minutes - used, 0.0):.1f} left"
+        self.bar.set_postfix(postfix, refresh=False)
+        self._window, self._shown = (trainer.step, trainer.trained_seconds, []), True
+
+    def _log(self, trainer: Trainer) -> None:
+        values = distributed.mean_over_ranks(trainer.losses, trainer.ctx, trainer.device)
+        lr = trainer.optimizer.param_groups[-1]["lr"]
+        if not trainer.ctx.is_main:
+            return
+        if not trainer.log.progress:
+            minutes, total = trainer.config.train.minutes, trainer.plan.total_steps
+            terms = "  ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in values.items())
+            trainer.log.say(f"step {trainer.step}" + ("" if minutes else f"/{total}") + f"  epoch {trainer.epoch}  "
+                            f"{terms}  lr {lr:.1e}  {trainer.trained_seconds:.0f}"
+                            + (f"/{minutes * 60:.0f}" if minutes else "") + " s")
+        trainer.log.write({"step": trainer.step, "epoch": trainer.epoch, "time_s": round(trainer.trained_seconds, 3),
+                           "lr": lr, **values})
+
+
+class Evaluate(Hook):
+    """Evaluates on ``val_set`` (and the EMA weights too) every ``train.eval_every`` steps and at the
+    end: the run log, ``metrics.json`` and a table for the user; ``trainer.metrics`` and, when the AP
+    is the best so far, ``trainer.best``. Every process takes part."""
+
+    def __init__(self, val_set: CocoDetection):
+        self.val_set = val_set
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.every = trainer.plan.eval_interval(trainer.config.train.eval_every)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.stop_reason is None and trainer.step % self.every == 0:
+            self.run(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if trainer.stop_signal is None:
+            self.run(trainer)
+
+    def run(self, trainer: Trainer) -> dict:
+        bs, ctx, ema = trainer.config.train.batch_size, trainer.ctx, trainer.ema
+        distributed.sync_buffers(trainer.model, ctx)
+        if ema is not None:
+            distributed.sync_buffers(ema.module, ctx)
+        metrics, _ = evaluate(trainer.model, self.val_set, bs, trainer.log.progress, ctx)
+        record = {"step": trainer.step, "time_s": round(trainer.trained_seconds, 3), "eval": _summary(metrics)}
+        if ema is not None:
+            ema_metrics, _ = evaluate(ema.module, self.val_set, bs, False, ctx)
+            metrics["ema"] = record["eval_ema"] = _summary(ema_metrics)
+        if ctx.is_main:
+            trainer.log.write(record)
+            payload = json.dumps({"step": trainer.step, **metrics}, indent=2)
+            atomic_write(trainer.out_dir / "metrics.json", lambda p: Path(p).write_text(payload))
+            trainer.log.say(format_metrics(metrics))
+        trainer.metrics, trainer.evaluated_step = metrics, trainer.step
+        if trainer.best is None or metrics["AP"] > trainer.best["AP"]:
+            trainer.best = {"AP": metrics["AP"], "step": trainer.step}
+        return metrics
+
+
+class Checkpoints(Hook):
+    """Resumable checkpoints (``checkpoints/step_N``, whose weights become the run folder's) every
+    ``every`` steps, or after each evaluation when ``every`` is 0, and at the end, also when a signal
+    stopped training; ``best_step_N`` when an evaluation is the best so far (hard links to
+    ``step_N`` when that step has one). The newest ``keep`` step checkpoints and the newest best stay.
+    Every process takes part (RNG states are gathered); process 0 writes."""
+
+    def __init__(self, every: int, keep: int):
+        self.every, self.keep = every, keep
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._saved_step: int | None = None  # the newest step checkpoint written by this run
+        self._best = trainer.best              # the best already saved
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.stop_reason is not None:
+            return  # after_train saves the last step
+        evaluated = trainer.evaluated_step == trainer.step
+        if trainer.step % self.every == 0 if self.every else evaluated:
+            self.save(trainer)
+        self._save_new_best(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if trainer.stop_signal is None or self._saved_step != trainer.step:
+            self.save(trainer)
+        self._save_new_best(trainer)
+
+    def save(self, trainer: Trainer, best: bool = False) -> None:
+        state = trainer.train_state()
+        if trainer.ctx.is_main:
+            name = f"{'best_' if best else ''}step_{trainer.step:08d}"
+            if best and self._saved_step == trainer.step:  # the step's own checkpoint: share its files
+                link_checkpoint(trainer.out_dir / CHECKPOINTS / f"step_{trainer.step:08d}", name)
+            else:
+                trainer.model.run_config = trainer.config
+                ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
+                checkpoint = save_checkpoint(trainer.out_dir, name, trainer.model.state_dict(), trainer.config,
+                                             state, ema)
+                if not best:
+                    publish(checkpoint, trainer.out_dir)
+            prune_checkpoints(trainer.out_dir, self.keep)
+        if not best:
+            self._saved_step = trainer.step
+        distributed.barrier(trainer.ctx)
+
+    def _save_new_best(self, trainer: Trainer) -> None:
+        if trainer.best is not self._best and trainer.best["step"] == trainer.step:
+            self.save(trainer, best=True)
+            self._best = trainer.best
+
+
+class StopOnSignal(Hook):
+    """SIGINT (Ctrl-C) or SIGTERM reaching any process stops training after the current step (and
+    the hooks before this one): ``after_train`` hooks save a resumable checkpoint, then the trainer
+    raises :class:`~sparsedet.engine.interrupt.TrainingInterrupted`. A second signal quits at once
+    (``KeyboardInterrupt``), saving nothing more."""
+
+    def __init__(self) -> None:
+        self._signals: StopSignals | None = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._signals = StopSignals(announce=trainer.ctx.is_main).__enter__()
+
+    def after_step(self, trainer: Trainer) -> None:
+        signum = self._signals.signum
+        if not distributed.all_agree(signum is None, trainer.ctx, trainer.device):
+            trainer.request_stop(f"stopped at step {trainer.step} by a signal", signum=signum or signal.SIGTERM)
+
+    def close(self, trainer: Trainer) -> None:
+        if self._signals is not None:
+            self._signals.__exit__(None, None, None)
+            self._signals = None
+
+
+def _summary(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("per_class", "ema")}

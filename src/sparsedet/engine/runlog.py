@@ -1,0 +1,78 @@
+"""A run's records and messages: ``metrics.jsonl``, TensorBoard scalars and lines for the user."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import atomic_write
+
+METRICS_LOG = "metrics.jsonl"
+
+
+class RunLog:
+    """What process 0 writes about a run in ``out_dir``: one JSON object per logged step and per
+    evaluation in ``metrics.jsonl`` (also kept in ``history``), their scalars in ``tensorboard/``
+    (with ``tensorboard`` and the package installed), and messages (:meth:`say`). Other processes
+    write nothing. ``progress``: messages go above a progress bar instead of plain flushed lines."""
+
+    def __init__(self, out_dir: str | Path, is_main: bool, progress: bool, tensorboard: bool):
+        self.path = Path(out_dir) / METRICS_LOG
+        self.is_main, self.progress, self.tensorboard = is_main, progress and is_main, tensorboard
+        self.history: list[dict] = []
+        self._writer = None
+        self._first_step = 1
+
+    def start(self, step: int, resumed: bool) -> None:
+        """Begin logging after ``step``: a new run starts a new log; a resumed one drops what was
+        logged after its checkpoint (and TensorBoard purges those steps)."""
+        self._first_step = step + 1
+        if not self.is_main:
+            return
+        if not resumed:
+            self.path.unlink(missing_ok=True)
+        elif self.path.is_file():
+            self.history = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= step]
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            atomic_write(self.path, lambda p: Path(p).write_text(text))
+
+    def write(self, record: dict) -> None:
+        """Append ``record`` (it has a ``step``) to the log; losses, lr and evaluations go to TensorBoard."""
+        if not self.is_main:
+            return
+        self.history.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            scalars = {k: v for k, v in record.items() if k.startswith("loss") or k == "lr"}
+            for prefix in ("eval", "eval_ema"):
+                scalars.update({f"{prefix}/{k}": v for k, v in record.get(prefix, {}).items()})
+            for k, v in scalars.items():
+                writer.add_scalar(k, v, record["step"])
+
+    def say(self, text: str) -> None:
+        """A message for the user: above the progress bar, or a plain flushed line (for nohup and
+        batch-scheduler logs)."""
+        if not self.is_main:
+            return
+        if self.progress:
+            tqdm.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _tensorboard(self):
+        if self._writer is None and self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the [tensorboard] extra is not installed
+                self.tensorboard = False
+                return None
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._first_step)
+        return self._writer

@@ -1,0 +1,120 @@
+"""The trainer's seams: hooks see the events in order, the plan and the time budget stop training
+and say why, and checkpoints keep the last step and the best."""
+import json
+import os
+import re
+import warnings
+
+import pytest
+
+from sparsedet.cli import _prepare_training
+from sparsedet.engine import hooks
+from sparsedet.engine.build import build_trainer
+from sparsedet.engine.checkpoint import load_train_state
+from sparsedet.engine.hooks import Hook
+from sparsedet.errors import SparsedetError
+from tiny import TINY
+
+
+def _trainer(synth, tmp_path, overrides: list[str], val: bool = False, progress: bool = False):
+    data = {"train": synth["train"], "val": synth["val"] if val else None}
+    config, model, train_set, val_set = _prepare_training("dino_tiny", None, TINY + overrides, data)
+    return build_trainer(model, config, train_set, val_set, tmp_path / "run", progress=progress)
+
+
+class Recorder(Hook):
+    """Writes down each event with the step the trainer was at."""
+
+    def __init__(self):
+        self.events = []
+
+    def before_train(self, trainer):
+        self.events.append(("before_train", trainer.step))
+
+    def after_step(self, trainer):
+        self.events.append(("after_step", trainer.step, sorted(trainer.losses)))
+
+    def after_train(self, trainer):
+        self.events.append(("after_train", trainer.step, trainer.stop_reason))
+
+    def close(self, trainer):
+        self.events.append(("close", trainer.step))
+
+
+def test_a_custom_hook_gets_every_event_in_order(synth, tmp_path):
+    trainer = _trainer(synth, tmp_path, ["train.max_steps=2"])
+    recorder = Recorder()
+    trainer.hooks.append(recorder)
+    trainer.fit()
+    terms = ["loss", "loss_bbox", "loss_cls", "loss_giou"]
+    assert recorder.events == [("before_train", 0), ("after_step", 1, terms), ("after_step", 2, terms),
+                               ("after_train", 2, "stopped at step 2: 2 steps done (train.max_steps)"), ("close", 2)]
+
+
+def test_close_follows_an_error_and_after_train_does_not(synth, tmp_path, monkeypatch):
+    trainer = _trainer(synth, tmp_path, ["train.max_steps=3", "train.max_nonfinite=1"])
+    recorder = Recorder()
+    trainer.hooks.append(recorder)
+    monkeypatch.setattr(trainer.criterion, "total", lambda terms: sum(terms.values()) * float("nan"))
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(SparsedetError, match="1 non-finite losses"):
+        trainer.fit()
+    assert recorder.events == [("before_train", 0), ("close", 0)]
+
+
+def test_the_time_budget_stops_training_and_says_why(synth, tmp_path, capsys):
+    trainer = _trainer(synth, tmp_path, ["train.max_steps=50", "train.minutes=0.000001"], progress=True)
+    trainer.fit()
+    assert trainer.step == 1  # any step takes longer than 60 microseconds
+    captured = capsys.readouterr()
+    assert "stopped at step 1 of 50: the 1e-06 min budget (train.minutes) ran out\n" in captured.out
+    bar = captured.err.split("\r")[-1]  # the bar's last state: steps of the plan, loss, steps/s, budget
+    assert bar.startswith("train:   2%|") and "| 1/50 [" in bar
+    assert "loss=" in bar and "steps/s=" in bar and re.search(r"budget=\d+\.\d min used, 0\.0 left", bar)
+    assert load_train_state(tmp_path / "run" / "checkpoints" / "step_00000001")["step"] == 1
+
+
+def test_the_epoch_plan_stops_training_and_says_why(synth, tmp_path, capsys):
+    # 8 images in batches of 4: 2 steps per epoch.
+    trainer = _trainer(synth, tmp_path, ["train.max_steps=0", "train.epochs=1", "train.batch_size=4",
+                                         "train.minutes=5"])
+    trainer.fit()
+    assert trainer.step == 2 and trainer.epoch == 0 and trainer.batch_in_epoch == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stopped")]
+    assert len(lines) == 1 and re.fullmatch(r"stopped at step 2: 1 epoch done \(train\.epochs\) after \d+\.\d of 5 min",
+                                            lines[0]), lines
+
+
+def test_checkpoints_keep_the_last_step_and_the_best(synth, tmp_path, monkeypatch):
+    """Evaluations after steps 1 and 2 and at the end (step 3) score AP 0.3, 0.1 and 0.5. By default
+    the newest step checkpoint and the best stay; a best at a saved step shares that step's files."""
+    aps = iter([0.3, 0.1, 0.5])
+    evaluate = hooks.evaluate
+
+    def scripted(model, dataset, *args):
+        metrics, results = evaluate(model, dataset, *args)
+        return {**metrics, "AP": next(aps)}, results
+
+    monkeypatch.setattr(hooks, "evaluate", scripted)
+
+    class Listing(Hook):  # after the Checkpoints hook: what each step left on disk
+        def __init__(self):
+            self.seen = []
+
+        def after_step(self, trainer):
+            self.seen.append(sorted(p.name for p in checkpoints.iterdir()))
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    trainer = _trainer(synth, tmp_path, ["train.max_steps=3", "train.eval_every=1"], val=True)
+    assert trainer.config.train.keep_checkpoints == 1  # the default
+    listing = Listing()
+    trainer.hooks.append(listing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit()
+    assert listing.seen[:2] == [["best_step_00000001", "step_00000001"], ["best_step_00000001", "step_00000002"]]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best_step_00000003", "step_00000003"]
+    best, last = checkpoints / "best_step_00000003", checkpoints / "step_00000003"
+    assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in last.iterdir())
+    assert all(os.path.samefile(p, last / p.name) for p in best.iterdir())  # no second copy on disk
+    assert load_train_state(best)["best"] == {"AP": 0.5, "step": 3}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["AP"] == 0.5
