@@ -69,7 +69,7 @@ class StepPlan(Hook):
 class LogSteps(Hook):
     """Prints the run's summary, then logs steps: every ``train.log_every`` steps (and step 1) the loss
     terms averaged over processes go to the run log, and, without a progress bar, to a plain line.
-    The progress bar counts steps up to the plan's total; its postfix (loss and steps/s of process 0,
+    The progress bar counts steps (up to the plan's total when there is no time budget); its postfix (loss and steps/s of process 0,
     lr, and the budget used and left) describes the last ``REFRESH_S`` s of training or more."""
 
     def __init__(self) -> None:
@@ -77,7 +77,9 @@ class LogSteps(Hook):
 
     def before_train(self, trainer: Trainer) -> None:
         trainer.log.say(trainer.summary())
-        self.bar = tqdm(total=trainer.plan.total_steps, initial=trainer.step, desc="train", unit="step",
+        # Under a time budget the last step is unknown: the bar counts steps, its postfix the budget.
+        total = None if trainer.plan.budget_s else trainer.plan.total_steps
+        self.bar = tqdm(total=total, initial=trainer.step, desc="train", unit=" steps",
                         disable=not trainer.log.progress, dynamic_ncols=True, miniters=1, mininterval=0.5)
         self._window = (trainer.step, trainer.trained_seconds, [])
         self._shown = False  # the postfix, from the first step on
