@@ -19,6 +19,7 @@ from .encoders import Encoder, build_encoder
 from .heads import DenoisingPredictions, PredictionHeads, Predictions, ProposalPredictions
 from .postprocess import PostProcess
 from .encoders.scoring import TokenSelection
+from .projection import TokenProjection
 from .queries import Queries
 
 
@@ -107,7 +108,7 @@ class DetectionTransformer(nn.Module):
         """batch: images [B, 3, H, W] in [0, 1] with padding mask; targets enable denoising in training;
         record_sampling: also return the deformable decoder's sampling (for figures)."""
         levels = self.features(batch)
-        encoded = self.encoder(levels, self.queries)
+        encoded = self.encoder(levels, self.queries if isinstance(self.queries, TokenProjection) else None)
         memory, selection = encoded.memory, encoded.selection
         init = self.queries(memory, levels)
         tgt, reference, attn_mask, dn = init.tgt, init.reference, None, None

@@ -6,7 +6,6 @@ for the two-stage kinds, the encoder-side predictions that get their own loss.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,24 +17,15 @@ from ..nn.mlp import MLP
 from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
 from ..ops.boxes import cell_nms_batch
-from ..ops.functional import gather_rows, top_k
-from .encoders.scoring import token_levels
+from ..ops.functional import gather_rows, token_levels, top_k
 from .heads import ProposalPredictions
+from .projection import TokenProjection
 
 
 class Queries(Protocol):
     """The encoder's memory and levels -> the decoder's first queries (``QueryInit``)."""
 
     def __call__(self, memory: Tensor, levels: MultiLevel) -> QueryInit: ...
-
-
-class TokenProjection(Protocol):
-    """What the token-sparse encoders borrow from the query module (``ProposalQueries``): the
-    two-stage token projection and class head, so that their scores and the proposals share them."""
-
-    class_head: nn.Module
-
-    def project(self, tokens: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]: ...
 
 
 @dataclass
@@ -47,34 +37,6 @@ class QueryInit:
     reference: Tensor
     query_pos: Tensor | None = None
     enc: ProposalPredictions | None = None
-
-
-def encoder_proposals(memory: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-    """One anchor per token: its cell centre in the valid image, size 0.05 * 2**level.
-
-    Returns (memory with padding/invalid tokens zeroed [B, S, C], proposals in logit space
-    [B, S, 4] with +inf where padded or too close to the border).
-    """
-    B = memory.shape[0]
-    proposals, start = [], 0
-    for lvl, (h, w) in enumerate(shapes):
-        pad = padding[:, start:start + h * w].view(B, h, w)
-        valid_h = (~pad[:, :, 0]).sum(1)
-        valid_w = (~pad[:, 0, :]).sum(1)
-        ys, xs = torch.meshgrid(torch.arange(h, device=memory.device, dtype=memory.dtype),
-                                torch.arange(w, device=memory.device, dtype=memory.dtype), indexing="ij")
-        grid = torch.stack([xs, ys], -1)[None] + 0.5
-        scale = torch.stack([valid_w, valid_h], -1).to(memory.dtype).view(B, 1, 1, 2)
-        centre = grid / scale
-        size = torch.full_like(centre, 0.05 * 2.0 ** lvl)
-        proposals.append(torch.cat([centre, size], -1).view(B, -1, 4))
-        start += h * w
-    props = torch.cat(proposals, 1)
-    valid = ((props > 0.01) & (props < 0.99)).all(-1, keepdim=True)
-    logits = torch.log(props / (1 - props))
-    invalid = padding[..., None] | ~valid
-    logits = logits.masked_fill(invalid, float("inf"))
-    return memory.masked_fill(invalid, 0.0), logits
 
 
 class LearnedQueries(nn.Module):
@@ -133,7 +95,7 @@ class BoxQueries(nn.Module):
         return QueryInit(memory.new_zeros(B, Q, self.dim), boxes)
 
 
-class ProposalQueries(nn.Module):
+class ProposalQueries(TokenProjection):
     """Two-stage query selection on the encoder memory.
 
     ``mode='two_stage'`` (Deformable DETR): rank by the first class channel, build query_pos and
@@ -145,8 +107,8 @@ class ProposalQueries(nn.Module):
     encoder loss is multi-class on the selected tokens. ``nms_iou > 0`` (Salience DETR) first drops
     candidates next to a better one on the same level (cell-grid NMS).
 
-    ``project`` and ``class_head`` are lent to the sparse encoders, which score tokens with the
-    same projection (weights shared as in the official models).
+    It is the model's ``TokenProjection``: the token-sparse encoders score tokens with the same
+    projection and class head (weights shared as in the official models).
     """
 
     def __init__(self, mode: str, num_queries: int, dim: int, num_classes: int, nms_iou: float = 0.0):
@@ -154,9 +116,7 @@ class ProposalQueries(nn.Module):
         if mode not in ("two_stage", "efficient", "mixed"):
             raise ValueError(f"unknown query selection mode {mode!r}")
         self.mode, self.num_queries, self.dim, self.nms_iou = mode, num_queries, dim, nms_iou
-        self.enc_output = nn.Linear(dim, dim)
-        self.enc_output_norm = nn.LayerNorm(dim)
-        self.class_head = nn.Linear(dim, num_classes)
+        self.add_token_projection(dim, num_classes)
         self.box_head = MLP(dim, dim, 4, 3, fp32=True)
         if mode == "two_stage":
             self.pos_trans = nn.Linear(2 * dim, 2 * dim)
@@ -166,16 +126,9 @@ class ProposalQueries(nn.Module):
             self.pos_trans_norm = nn.LayerNorm(dim)
         else:
             self.tgt_embed = nn.Embedding(num_queries, dim)
-        nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(self.box_head.layers[-1].weight)
         nn.init.zeros_(self.box_head.layers[-1].bias)
-        keep_own_init(self.class_head, self.box_head)
-
-    def project(self, tokens: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
-        """LayerNorm(Linear(tokens)) with padded and border tokens zeroed first, and each token's
-        proposal in logit space: ([B, S, C], [B, S, 4])."""
-        masked, proposals = encoder_proposals(tokens, padding, shapes)
-        return self.enc_output_norm(self.enc_output(masked)), proposals
+        keep_own_init(self.box_head)
 
     def select(self, logits: Tensor, k: int) -> Tensor:
         """Indices [B, k] of the tokens that become queries, ranked by raw logits: the first

@@ -31,3 +31,9 @@ def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     TopK uses this rule. Returns (values, indices), each [B, k]."""
     values, indices = x.sort(dim=1, descending=True, stable=True)
     return values[:, :k].contiguous(), indices[:, :k].contiguous()
+
+
+def token_levels(indices: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    """Level of each flat token index (levels flattened fine to coarse)."""
+    ends = torch.tensor([h * w for h, w in shapes], device=indices.device).cumsum(0)
+    return torch.bucketize(indices, ends, right=True)

@@ -17,8 +17,9 @@ from torch import Tensor
 
 from ..errors import SparsedetError
 from ..models.detector import DetectorOutput
-from ..models.encoders.scoring import token_levels, written
+from ..models.encoders.scoring import written
 from ..nn.attention import ProjectedAttention
+from ..ops.functional import token_levels
 from .draw import PALETTE, draw_detections, grid
 
 PANEL = 384  # pixel side of one panel in the tiled figures

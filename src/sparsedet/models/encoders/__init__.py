@@ -8,29 +8,28 @@ needs more of the model than the chain gives, ``check(config)``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from torch import nn
 
 from ...config import ModelConfig
 from ...errors import SparsedetError
 from ...nn.neck import MultiLevel
+from ..projection import TokenProjection
 from .dense import DenseEncoder, EncoderOutput
 from .focus import FocusEncoder
 from .global_attention import GlobalEncoder
 from .salience import SalienceEncoder
 from .sparse import SparseEncoder
 
-if TYPE_CHECKING:  # queries imports the encoders' scoring
-    from ..queries import TokenProjection
-
 
 class Encoder(Protocol):
     """The neck's levels -> the memory (and a token-sparse encoder's selection and auxiliary
-    predictions). ``queries`` lends its token projection and class head, which the token-sparse
-    encoders score tokens with; the others ignore it."""
+    predictions). ``projection``: the model's two-stage token projection and class head (None
+    without two-stage proposals), which the token-sparse encoders score tokens with; the others
+    ignore it."""
 
-    def __call__(self, levels: MultiLevel, queries: TokenProjection) -> EncoderOutput: ...
+    def __call__(self, levels: MultiLevel, projection: TokenProjection | None) -> EncoderOutput: ...
 
 
 ENCODERS: dict[str, type[nn.Module]] = {"dense": DenseEncoder, "global": GlobalEncoder, "sparse": SparseEncoder,

@@ -73,8 +73,8 @@ class DenseEncoder(nn.Module):
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim, ffn_dim, dropout, num_levels, num_heads, num_points) for _ in range(num_layers))
 
-    def forward(self, levels: MultiLevel, queries: nn.Module | None = None) -> EncoderOutput:
-        """Every token attends, every layer (``queries`` is unused; sparse encoders share its heads)."""
+    def forward(self, levels: MultiLevel, projection: nn.Module | None = None) -> EncoderOutput:
+        """Every token attends, every layer (``projection`` is unused: sparse encoders score with it)."""
         reference = encoder_reference_points(levels.shapes, levels.valid_ratios)
         x = levels.tokens
         for layer in self.layers:

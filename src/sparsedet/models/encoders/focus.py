@@ -14,6 +14,7 @@ from ...losses.selection import ForegroundSupervision
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows, top_k
+from ..projection import TokenProjection
 from .dense import DeformableEncoderLayer, EncoderOutput
 from .scoring import (LayerSelection, TokenScorer, TokenSelection, TokenSparseEncoder, cascade, check_ratios,
                       encoder_points, gather_points, mask_padding, scatter_tokens, top_down_scores, top_share,
@@ -74,10 +75,11 @@ class FocusEncoder(TokenSparseEncoder):
         top = top_share(ranking, levels.padding, self.keep_ratio, plus_one=True)
         return cascade(top.indices, top.scores, top.counts, self.layer_ratios)
 
-    def forward(self, levels: MultiLevel, queries: nn.Module) -> EncoderOutput:
-        """``queries`` lends its token projection and its class head (object scores)."""
+    def forward(self, levels: MultiLevel, projection: TokenProjection) -> EncoderOutput:
+        """``projection``: the token projection and class head (object scores) shared with the
+        mixed query selection."""
         tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
-        feats, _ = queries.project(tokens + levels.pos, padding, shapes)
+        feats, _ = projection.project(tokens + levels.pos, padding, shapes)
         level_logits = top_down_scores(self.scorer, feats, shapes, self.alpha, self.alpha_index(len(shapes)))
         logits = torch.cat(level_logits, 1)
         foreground = mask_padding(logits, padding)
@@ -86,7 +88,7 @@ class FocusEncoder(TokenSparseEncoder):
         memory = tokens
         for layer, sel in zip(self.layers, layers):
             query = gather_rows(memory, sel.indices)
-            objectness = queries.class_head(query).max(-1).values * foreground.gather(1, sel.indices)
+            objectness = projection.class_head(query).max(-1).values * foreground.gather(1, sel.indices)
             query = layer(query, gather_rows(levels.pos, sel.indices), gather_points(points, sel.indices, len(shapes)),
                           tokens, shapes, padding, objectness, self.object_tokens)
             memory = scatter_tokens(memory, sel.indices, query, sel.counts)

@@ -40,7 +40,7 @@ class GlobalEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(GlobalEncoderLayer(dim, ffn_dim, dropout, num_heads) for _ in range(num_layers))
 
-    def forward(self, levels: MultiLevel, queries=None) -> EncoderOutput:
+    def forward(self, levels: MultiLevel, projection: nn.Module | None = None) -> EncoderOutput:
         x = levels.tokens
         for layer in self.layers:
             x = layer(x, levels.pos, levels.padding)

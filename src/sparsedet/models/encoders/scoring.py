@@ -17,7 +17,7 @@ from ...config import ModelConfig
 from ...errors import SparsedetError
 from ...losses.selection import SelectionSupervision
 from ...nn.neck import MultiLevel
-from ...ops.functional import gather_rows, top_k
+from ...ops.functional import gather_rows, token_levels, top_k
 from .dense import encoder_reference_points
 
 
@@ -118,12 +118,6 @@ def top_share(logits: Tensor, padding: Tensor, ratio: float, plus_one: bool) -> 
 def written(indices: Tensor, counts: Tensor) -> Tensor:
     """[B, k] True on the entries of a selection that are written back (each image's first counts[i])."""
     return torch.arange(indices.shape[1], device=indices.device)[None] < counts[:, None]
-
-
-def token_levels(indices: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
-    """Level of each flat token index (levels flattened fine to coarse)."""
-    ends = torch.tensor([h * w for h, w in shapes], device=indices.device).cumsum(0)
-    return torch.bucketize(indices, ends, right=True)
 
 
 def scatter_tokens(memory: Tensor, indices: Tensor, values: Tensor, counts: Tensor) -> Tensor:

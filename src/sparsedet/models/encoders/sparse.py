@@ -12,6 +12,7 @@ from ...losses.selection import AttentionMapSupervision
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
 from ..heads import PredictionHeads, Predictions
+from ..projection import TokenProjection
 from .dense import DeformableEncoderLayer, EncoderOutput
 from .scoring import (LayerSelection, TokenScorer, TokenSelection, TokenSparseEncoder, check_ratios, encoder_points,
                       gather_points, scatter_tokens, top_share)
@@ -43,10 +44,10 @@ class SparseEncoder(TokenSparseEncoder):
         """Top floor(rho * valid) + 1 tokens of each image over all levels (one set for all layers)."""
         return top_share(logits, levels.padding, self.keep_ratio, plus_one=True)
 
-    def forward(self, levels: MultiLevel, queries: nn.Module) -> EncoderOutput:
-        """``queries`` lends its token projection (shared with the two-stage head)."""
+    def forward(self, levels: MultiLevel, projection: TokenProjection) -> EncoderOutput:
+        """``projection``: the token projection shared with the two-stage head."""
         tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
-        feats, proposals = queries.project(tokens + levels.pos, padding, shapes)
+        feats, proposals = projection.project(tokens + levels.pos, padding, shapes)
         logits = self.scorer(feats)
         selected = self.select(logits, levels)
         indices, counts = selected.indices, selected.counts
