@@ -111,6 +111,43 @@ def test_loads_an_official_imagenet_file_and_resizes_bias_tables(tmp_path):
         SwinTransformer("B", embed_dim=32, window=3).load_weights(tmp_path / "swin.pth")
 
 
+def test_imagenet_names_pick_the_official_release_file(tmp_path, monkeypatch):
+    from sparsedet.tools import imagenet
+    monkeypatch.setenv("SPARSEDET_HOME", str(tmp_path))
+    monkeypatch.delenv("SPARSEDET_MIRROR", raising=False)
+    cached = tmp_path / "downloads"
+    cached.mkdir()
+    for (variant, window, name), release_file in imagenet.SWIN_FILES.items():
+        file = release_file.split("/")[-1]
+        (cached / file).write_bytes(b"weights")  # in the cache: nothing is downloaded
+        assert imagenet.swin_weights_path(name, variant, window) == str(cached / file)
+        assert f"patch4_window{window}_{224 if window == 7 else 384}" in file and ("22k" in file) == (name != "imagenet")
+    assert imagenet.SWIN_FILES["T", 7, "imagenet"] == "v1.0.0/swin_tiny_patch4_window7_224.pth"
+    with pytest.raises(SparsedetError, match="no imagenet file for Swin-L with window 7"):
+        imagenet.swin_weights_path("imagenet", "L", 7)
+    with pytest.raises(SparsedetError, match="embed_dim 32: pass a file of that width"):
+        imagenet.swin_weights_path("imagenet", "T", 7, embed_dim=32)
+    # A path goes through the detector's builder into the backbone.
+    torch.manual_seed(0)
+    state = _imagenet_file(SwinTransformer("T", embed_dim=32, window=3), tmp_path / "swin.pth")
+    model = Detector.from_preset("dino_tiny", **{"backbone.kind": "swin", "backbone.embed_dim": 32,
+                                                 "backbone.window_size": 3, "backbone.weights": str(tmp_path / "swin.pth")})
+    key = "layers.2.blocks.5.mlp.fc1.weight"
+    assert torch.equal(model.backbone.state_dict()[key], state[key])
+
+
+def test_window_attention_and_swin_t_costs_are_counted():
+    from sparsedet.nn.swin import WindowAttention
+    from sparsedet.ops.flops import count_macs
+    attn = WindowAttention(64, 4, 2)  # 2 images x 3 windows of 16 tokens, 64 channels
+    n, c = 16, 64
+    assert count_macs(lambda: attn(torch.randn(2, 3, n, c)))["total"] == 2 * 3 * (4 * n * c * c + 2 * n * n * c)
+    with torch.device("meta"):  # shapes are all the counter needs
+        swin_t = SwinTransformer("T", return_layers=(4,), output_norms=False)
+        macs = count_macs(lambda: swin_t(torch.empty(1, 3, 224, 224)))["total"]
+    assert macs / 1e9 == pytest.approx(4.5, rel=0.01)  # the official Swin-T: 4.5 GFLOPs at 224 px
+
+
 def test_frozen_stages_and_stochastic_depth_follow_the_official_rules():
     with torch.device("meta"):
         swin = SwinTransformer("T", frozen_stages=1, drop_path=0.2)
