@@ -233,9 +233,16 @@ def test_swin_presets_build_with_four_levels(preset):
 
 
 def test_backbone_kind_defaults_to_resnet_and_refuses_fields_of_the_other_kind():
+    from sparsedet.config import Config
     from sparsedet.nn.backbone import ResNet
+    # A config.json from before backbone.kind: a ResNet with the keys it always had.
+    old = get_preset("dino_tiny").to_dict()
+    for key in ("kind", "variant", "embed_dim", "window_size", "drop_path", "output_norms"):
+        del old["model"]["backbone"][key]
     with torch.device("meta"):
-        assert isinstance(build_backbone(BackboneConfig()), ResNet)
+        backbone = build_backbone(Config.from_dict(old).model.backbone)
+        assert isinstance(backbone, ResNet)
+        assert list(backbone.state_dict()) == list(ResNet(18, 32, norm="bn", frozen_stages=-1).state_dict())
     with pytest.raises(SparsedetError, match="only the swin backbone reads it"):
         apply_overrides(get_preset("dino_r50"), {"backbone.window_size": 12})
     with pytest.raises(SparsedetError, match="only the resnet backbone reads it"):
