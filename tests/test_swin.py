@@ -82,7 +82,8 @@ def _imagenet_file(model: SwinTransformer, path: Path) -> dict:
     state = {k: v.clone() for k, v in model.state_dict().items() if not re.match(r"norm\d\.", k)}
     last = model.channels[-1]
     state.update({"norm.weight": torch.ones(last), "norm.bias": torch.zeros(last), "head.weight": torch.zeros(10, last),
-                  "head.bias": torch.zeros(10), "layers.0.blocks.0.attn.relative_position_index": torch.zeros(9, 9).long(),
+                  "head.bias": torch.zeros(10),
+                  "layers.0.blocks.0.attn.relative_position_index": torch.zeros(9, 9).long(),
                   "layers.0.blocks.1.attn_mask": torch.zeros(4, 9, 9)})
     torch.save({"model": state}, path)
     return state
@@ -121,7 +122,8 @@ def test_imagenet_names_pick_the_official_release_file(tmp_path, monkeypatch):
         file = release_file.split("/")[-1]
         (cached / file).write_bytes(b"weights")  # in the cache: nothing is downloaded
         assert imagenet.swin_weights_path(name, variant, window) == str(cached / file)
-        assert f"patch4_window{window}_{224 if window == 7 else 384}" in file and ("22k" in file) == (name != "imagenet")
+        assert f"patch4_window{window}_{224 if window == 7 else 384}" in file
+        assert ("22k" in file) == (name != "imagenet")
     assert imagenet.SWIN_FILES["T", 7, "imagenet"] == "v1.0.0/swin_tiny_patch4_window7_224.pth"
     with pytest.raises(SparsedetError, match="no imagenet file for Swin-L with window 7"):
         imagenet.swin_weights_path("imagenet", "L", 7)
@@ -130,8 +132,8 @@ def test_imagenet_names_pick_the_official_release_file(tmp_path, monkeypatch):
     # A path goes through the detector's builder into the backbone.
     torch.manual_seed(0)
     state = _imagenet_file(SwinTransformer("T", embed_dim=32, window=3), tmp_path / "swin.pth")
-    model = Detector.from_preset("dino_tiny", **{"backbone.kind": "swin", "backbone.embed_dim": 32,
-                                                 "backbone.window_size": 3, "backbone.weights": str(tmp_path / "swin.pth")})
+    swin = {"backbone.kind": "swin", "backbone.embed_dim": 32, "backbone.window_size": 3}
+    model = Detector.from_preset("dino_tiny", **swin, **{"backbone.weights": str(tmp_path / "swin.pth")})
     key = "layers.2.blocks.5.mlp.fc1.weight"
     assert torch.equal(model.backbone.state_dict()[key], state[key])
 
@@ -213,9 +215,10 @@ def test_parameter_counts_match_the_papers(preset):
     assert abs(count / 1e6 / PAPER_PARAMS_M[preset] - 1) < 0.02, count
 
 
-SWIN_PRESETS = {"deformable_detr_swin_t": ("T", 7, 1, [192, 384, 768]), "sparse_detr_swin_t": ("T", 7, 1, [192, 384, 768]),
-                "focus_detr_swin_t": ("T", 7, -1, [192, 384, 768]), "focus_detr_swin_b": ("B", 12, -1, [256, 512, 1024]),
-                "salience_detr_swin_l": ("L", 7, 1, [384, 768, 1536]), "dino_swin_t": ("T", 7, -1, [192, 384, 768]),
+T_CHANNELS = [192, 384, 768]
+SWIN_PRESETS = {"deformable_detr_swin_t": ("T", 7, 1, T_CHANNELS), "sparse_detr_swin_t": ("T", 7, 1, T_CHANNELS),
+                "focus_detr_swin_t": ("T", 7, -1, T_CHANNELS), "focus_detr_swin_b": ("B", 12, -1, [256, 512, 1024]),
+                "salience_detr_swin_l": ("L", 7, 1, [384, 768, 1536]), "dino_swin_t": ("T", 7, -1, T_CHANNELS),
                 "dino_swin_l": ("L", 12, -1, [384, 768, 1536])}
 
 

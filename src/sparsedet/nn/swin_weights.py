@@ -22,7 +22,8 @@ def read_swin_weights(path: str | Path) -> dict[str, Tensor]:
     ``.safetensors`` file, read without running pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise SparsedetError(f"backbone weights not found: {path}; pass an existing file as model.backbone.weights=PATH")
+        raise SparsedetError(f"backbone weights not found: {path}; pass an existing file as "
+                             "model.backbone.weights=PATH")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(str(path))
