@@ -41,14 +41,14 @@ class Detector(DetectionTransformer):
     def from_config(cls, config: Config, backbone_weights: bool = False) -> "Detector":
         """The model ``config`` describes. Nothing is read from disk, unless ``backbone_weights``:
         then the ImageNet file that ``model.backbone.weights`` names (a path, or ``imagenet`` /
-        ``imagenet-detectron2``: downloaded once into the cache) is loaded into the backbone (a
-        training from scratch)."""
+        ``imagenet-detectron2`` / Swin's ``imagenet-22k``: downloaded once into the cache) is loaded
+        into the backbone (a training from scratch)."""
         model = cls(config.model)
         model.run_config = config
         b = config.model.backbone
         if backbone_weights and b.weights:
-            from .tools.imagenet import backbone_weights_path  # a name (imagenet) is downloaded once
-            model.backbone.load_weights(backbone_weights_path(b.weights, b.depth, b.width))
+            from .tools.imagenet import backbone_file  # a name (imagenet) is downloaded once
+            model.backbone.load_weights(backbone_file(b))
         return model
 
     @classmethod

@@ -20,12 +20,25 @@ TRAIN_PRECISIONS = PRECISIONS + ("auto",)
 
 @dataclass
 class BackboneConfig:
+    """``kind`` picks the network (models/backbones.py): "resnet" (depth, width, norm) or "swin"
+    (variant, embed_dim, window_size, drop_path, output_norms). Stages count alike for both:
+    return_layers 2, 3, 4 are strides 8, 16, 32; frozen_stages k freezes the stem (Swin: patch
+    embedding) and stages 1..k."""
+
+    kind: str = "resnet"
     depth: int = 50
     width: int = 64                 # stem channels; 64 = the standard ResNet
-    weights: str | None = None      # ImageNet ResNet: torchvision .pth/.safetensors, detectron2 .pkl, or imagenet / imagenet-detectron2 (downloaded)
+    # ImageNet weights: a file (ResNet: torchvision .pth/.safetensors, detectron2 .pkl; Swin: the official
+    # .pth), or a name downloaded once: imagenet, imagenet-detectron2 (ResNet-50), imagenet-22k (Swin)
+    weights: str | None = None
     frozen_stages: int = 1          # stem + layer1 frozen, as in DETR recipes
     norm: str = "frozen_bn"         # "frozen_bn" (pretrained) or "bn" (trainable, for training from scratch)
     return_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    variant: str = "T"              # Swin-T, S, B or L: blocks per stage and channels
+    embed_dim: int = 0              # Swin patch-embedding channels; 0 = the variant's (96, 96, 128, 192)
+    window_size: int = 7            # Swin attention window: 7 (224-px ImageNet weights) or 12 (384-px)
+    drop_path: float = 0.2          # Swin stochastic depth of the last block (linear from 0)
+    output_norms: bool = True       # Swin: LayerNorm on each returned stage (Salience DETR's has none)
 
 
 @dataclass
@@ -291,7 +304,17 @@ ONLY_FOR = {
 }
 
 
+# Backbone fields each backbone kind reads; an override of another kind's field is refused.
+BACKBONE_FIELDS = {"resnet": ("depth", "width", "norm"),
+                   "swin": ("variant", "embed_dim", "window_size", "drop_path", "output_norms")}
+
+
 def _check_takes_effect(config: Config, key: str) -> None:
+    field_name = key.removeprefix("model.backbone.")
+    owner = [kind for kind, names in BACKBONE_FIELDS.items() if field_name in names]
+    if key.startswith("model.backbone.") and owner and config.model.backbone.kind not in owner:
+        raise SparsedetError(f"{key} has no effect with model.backbone.kind={config.model.backbone.kind!r}: only "
+                             f"the {owner[0]} backbone reads it; set model.backbone.kind={owner[0]} or leave it out")
     if key.startswith("model.encoder.") and key != "model.encoder.kind":
         from .models.encoders import ENCODERS  # the encoder classes sit above the config
 

@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..data.batch import Batch
 from ..errors import SparsedetError
-from ..nn.backbone import ResNet
 from ..nn.init import transformer_init
 from ..nn.neck import MultiLevel, Neck
+from .backbones import build_backbone
 from .bases import BASES
 from .denoising import ContrastiveDenoising
 from .decoders import Decoder
@@ -76,8 +76,7 @@ class DetectionTransformer(nn.Module):
         self.config = c = config
         base = BASES[c.kind]
         self.refine_boxes = base.refine(c)
-        b = c.backbone
-        self.backbone = ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm)  # weights: Detector
+        self.backbone = build_backbone(c.backbone)  # weights: Detector.from_config
         self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset,
                          norm=c.input_norm, level_embed=not base.single_level)
         self.encoder = build_encoder(c)
