@@ -79,7 +79,9 @@ class LogSteps(Hook):
         trainer.log.say(trainer.summary())
         # Under a time budget the last step is unknown: the bar counts steps, its postfix the budget.
         total = None if trainer.plan.budget_s else trainer.plan.total_steps
-        self.bar = tqdm(total=total, initial=trainer.step, desc="train", unit=" steps",
+        count_only = "{desc}: {n_fmt} steps [{elapsed}{postfix}]"  # the postfix has the rate
+        self.bar = tqdm(total=total, initial=trainer.step, desc="train", unit="step",
+                        bar_format=count_only if total is None else None,
                         disable=not trainer.log.progress, dynamic_ncols=True, miniters=1, mininterval=0.5)
         self._window = (trainer.step, trainer.trained_seconds, [])
         self._shown = False  # the postfix, from the first step on
