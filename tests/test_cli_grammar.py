@@ -53,3 +53,9 @@ def test_presets_prints_whole_descriptions(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name, fn in PRESETS.items():
         assert f"{name} {' '.join(fn.__doc__.split())}" in text
+
+
+def test_a_mistyped_zoo_name_gets_did_you_mean(tmp_path, capsys):
+    assert main(["predict", "--weights", "dino_r50_12epp", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "'dino_r50_12epp' is neither a run folder nor a zoo name; did you mean dino_r50_12ep" in \
+        capsys.readouterr().err

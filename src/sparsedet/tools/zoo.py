@@ -88,9 +88,16 @@ ZOO: dict[str, Release] = {r.name: r for r in _RELEASES}
 def resolve_run(weights: str | Path) -> str | Path:
     """What ``--weights`` / ``from_pretrained`` name: an existing path as it is, a zoo name as its
     cached run folder (downloaded and converted on first use)."""
-    if Path(weights).exists() or str(weights) not in ZOO:
+    if Path(weights).exists():
         return weights
-    return pretrained_run(str(weights))
+    name = str(weights)
+    if name not in ZOO:
+        close = difflib.get_close_matches(name, ZOO, n=3)
+        if close and not name.lower().endswith(".onnx"):  # a mistyped name rather than a missing folder
+            raise SparsedetError(f"{name!r} is neither a run folder nor a zoo name; did you mean "
+                                 f"{', '.join(close)}? (`sparsedet zoo` lists them)")
+        return weights
+    return pretrained_run(name)
 
 
 def pretrained_run(name: str) -> Path:
