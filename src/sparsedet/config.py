@@ -26,6 +26,7 @@ class BackboneConfig:
     frozen_stages: int = 1          # stem + layer1 frozen, as in DETR recipes
     norm: str = "frozen_bn"         # "frozen_bn" (pretrained) or "bn" (trainable, for training from scratch)
     return_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    dilation: bool = False          # DC5: layer4 at stride 16, dilated 3x3 convolutions (bottleneck depths)
 
 
 @dataclass

@@ -76,7 +76,8 @@ class DetectionTransformer(nn.Module):
         base = BASES[c.kind]
         self.refine_boxes = base.refine(c)
         b = c.backbone
-        self.backbone = ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm)  # weights: Detector
+        # Pretrained weights are loaded by Detector.
+        self.backbone = ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm, b.dilation)
         self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset,
                          norm=c.input_norm, level_embed=not base.single_level)
         self.encoder = build_encoder(c)
