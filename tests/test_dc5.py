@@ -79,6 +79,24 @@ def test_official_conditional_detr_dc5_converts_bit_exactly_with_the_dilation_on
     assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
 
 
+def test_zoo_dc5_releases_convert_dilated_even_from_a_file_without_args(tmp_path):
+    from sparsedet.tools.zoo import ZOO
+
+    dc5 = {name: r for name, r in ZOO.items() if "_dc5_" in name}
+    assert sorted(dc5) == ["conditional_detr_dc5_r50_50ep", "sam_detr_dc5_r50_12ep", "sam_detr_dc5_r50_50ep",
+                           "sam_detr_smca_dc5_r50_12ep", "sam_detr_smca_dc5_r50_50ep"]
+    torch.manual_seed(0)
+    path = tmp_path / "bare.pth"  # the weights alone: nothing in the file tells DC5
+    torch.save({"model": conditional_detr_layout(Detector.from_preset("conditional_detr_dc5_r50", **SMALL).state_dict())},
+               path)
+    for release in dc5.values():
+        assert release.source in ("official-conditional-detr", "official-sam-detr")
+        assert "backbone.dilation=true" in release.overrides
+    _, config = convert("official-conditional-detr", path, [*dc5["conditional_detr_dc5_r50_50ep"].overrides,
+                                                             "backbone.width=8"])
+    assert config.model.backbone.dilation
+
+
 @pytest.mark.parametrize("preset", ["sam_detr_dc5_r50", "sam_detr_smca_dc5_r50"])
 def test_official_sam_detr_dc5_converts_bit_exactly_with_the_dilation_on(tmp_path, preset):
     torch.manual_seed(0)
