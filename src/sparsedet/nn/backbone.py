@@ -156,7 +156,6 @@ class ResNet(nn.Module):
             self.channels.append(cin)
             stride *= step
             strides.append(stride)
-        self.dilation = dilation
         self.return_layers = tuple(return_layers)
         self.out_channels = [self.channels[i - 1] for i in self.return_layers]
         self.out_strides = [strides[i - 1] for i in self.return_layers]
