@@ -5,6 +5,7 @@ official layouts recorded in ../shared/fixtures; Deformable DETR and Conditional
 random model renamed to the official code's names; Hugging Face folders come from transformers.
 """
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -82,10 +83,36 @@ def conditional_detr_layout(ours: dict) -> dict:
     return out
 
 
-def save_conditional_detr(tmp_path: Path, state: dict) -> Path:
+def save_conditional_detr(tmp_path: Path, state: dict, dilation: bool = False) -> Path:
     path = tmp_path / "ConditionalDETR_r18.pth"
-    torch.save({"model": state, "epoch": 49, "args": argparse.Namespace(nheads=8, dropout=0.1, dilation=False,
+    torch.save({"model": state, "epoch": 49, "args": argparse.Namespace(nheads=8, dropout=0.1, dilation=dilation,
                                                                          num_queries=30)}, path)
+    return path
+
+
+def sam_detr_layout(ours: dict) -> dict:
+    """Our single-scale SAM-DETR state dict in ZhangGongjie/SAM-DETR's names (models/fast_detr.py,
+    transformer_decoder.py), with the box heads saved a second time under the decoder."""
+    out = {}
+    for key, value in ours.items():
+        for mine, theirs in (("backbone.", "backbone.0.body."), ("neck.input_proj.", "input_proj."),
+                             ("queries.query_embed.", "query_embed."), ("encoder.", "transformer.encoder."),
+                             ("decoder.", "transformer.decoder."), ("heads.class_embed.", "class_embed."),
+                             ("heads.box_embed.", "bbox_embed.")):
+            if key.startswith(mine):
+                out[theirs + key[len(mine):]] = value.clone()
+                break
+        else:
+            raise AssertionError(f"no official name for {key}")
+    out.update({"transformer.decoder." + k: v for k, v in out.items() if k.startswith("bbox_embed.")})
+    return out
+
+
+def save_sam_detr(tmp_path: Path, state: dict, dilation: bool, smca: bool) -> Path:
+    """A SAM-DETR training checkpoint with the arguments main.py pickles (those the converter reads)."""
+    path = tmp_path / "checkpoint.pth"
+    args = argparse.Namespace(nheads=8, dropout=0.1, dilation=dilation, smca=smca, multiscale=False, epochs=50)
+    torch.save({"model": state, "epoch": 49, "args": args}, path)
     return path
 
 
@@ -133,6 +160,38 @@ def hf_conditional_detr(directory: Path, depth: int, layers: int, queries: int, 
         backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, encoder_layers=layers,
         decoder_layers=layers, num_queries=queries, **_labels(num_classes))
     return _saved(ConditionalDetrForObjectDetection(config).eval(), directory)
+
+
+def hf_conditional_detr_dc5(directory: Path, layers: int, queries: int, num_classes: int = 5):
+    """A random transformers Conditional DETR-DC5 (ResNet-50) without timm, saved as transformers saves
+    one with ``dilation=True``: a timm backbone (torchvision names) at ``output_stride`` 16.
+
+    transformers dilates only timm backbones, and timm is not a dependency here, so the model is built
+    with transformers' own ResNet and its last stage is dilated in place as timm and torchvision do
+    it: the first block keeps stride 1 (3x3 and shortcut), the later blocks' 3x3 convolutions dilate
+    by 2. (Against a real timm backbone the converted model matches to 4e-7; see docs/dc5.md.)"""
+    from safetensors.torch import load_file, save_file
+
+    from sparsedet.tools.convert.hf_common import BACKBONE_RULES
+
+    model = hf_conditional_detr(directory, 50, layers, queries, num_classes)
+    stage = model.model.backbone.model.encoder.stages[3]
+    stage.layers[0].layer[1].convolution.stride = (1, 1)
+    stage.layers[0].shortcut.convolution.stride = (1, 1)
+    for layer in stage.layers[1:]:
+        layer.layer[1].convolution.dilation = layer.layer[1].convolution.padding = (2, 2)
+    config = json.loads((directory / "config.json").read_text())
+    config["dilation"] = True
+    config["backbone_config"] = {"model_type": "timm_backbone", "backbone": "resnet50", "features_only": True,
+                                 "num_channels": 3, "out_indices": [1, 2, 3, 4], "output_stride": 16,
+                                 "use_pretrained_backbone": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    timm_names = {}
+    for key, value in load_file(directory / "model.safetensors").items():
+        ours = next((n for n in (rule.apply(key) for rule in BACKBONE_RULES) if n is not None), None)
+        timm_names["model.backbone.conv_encoder.model." + ours[len("backbone."):] if ours else key] = value
+    save_file(timm_names, directory / "model.safetensors")
+    return model
 
 
 def official_fixture_file(name: str, official, shared_dir: Path, tmp_path: Path):

@@ -15,6 +15,7 @@ def test_official_layout_converts_to_the_same_weights(tmp_path):
     converted, config = convert("official-conditional-detr", save_conditional_detr(tmp_path, conditional_detr_layout(ours)))
     m = config.model
     assert (m.num_queries, m.num_decoder_layers, m.num_encoder_layers, m.ffn_dim, m.backbone.depth) == (30, 3, 2, 64, 18)
+    assert m.backbone.dilation is False  # args.dilation of a C5 file
     got = converted.state_dict()
     assert got.keys() == ours.keys() and all(torch.equal(got[k], ours[k]) for k in ours)
 

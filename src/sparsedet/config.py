@@ -20,7 +20,7 @@ TRAIN_PRECISIONS = PRECISIONS + ("auto",)
 
 @dataclass
 class BackboneConfig:
-    """``kind`` picks the network (models/backbones.py): "resnet" (depth, width, norm) or "swin"
+    """``kind`` picks the network (models/backbones.py): "resnet" (depth, width, norm, dilation) or "swin"
     (variant, embed_dim, window_size, drop_path, output_norms). Stages count alike for both:
     return_layers 2, 3, 4 are strides 8, 16, 32; frozen_stages k freezes the stem (Swin: patch
     embedding) and stages 1..k."""
@@ -34,6 +34,7 @@ class BackboneConfig:
     frozen_stages: int = 1          # stem + layer1 frozen, as in DETR recipes
     norm: str = "frozen_bn"         # "frozen_bn" (pretrained) or "bn" (trainable, for training from scratch)
     return_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    dilation: bool = False          # DC5: layer4 at stride 16, dilated 3x3 convolutions (bottleneck depths)
     variant: str = "T"              # Swin-T, S, B or L: blocks per stage and channels
     embed_dim: int = 0              # Swin patch-embedding channels; 0 = the variant's (96, 96, 128, 192)
     window_size: int = 7            # Swin attention window: 7 (224-px ImageNet weights) or 12 (384-px)
@@ -305,7 +306,7 @@ ONLY_FOR = {
 
 
 # Backbone fields each backbone kind reads; an override of another kind's field is refused.
-BACKBONE_FIELDS = {"resnet": ("depth", "width", "norm"),
+BACKBONE_FIELDS = {"resnet": ("depth", "width", "norm", "dilation"),
                    "swin": ("variant", "embed_dim", "window_size", "drop_path", "output_norms")}
 
 

@@ -27,7 +27,7 @@ class Backbone(Protocol):
 
 
 def _resnet(b: BackboneConfig) -> nn.Module:
-    return ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm)
+    return ResNet(b.depth, b.width, b.return_layers, b.frozen_stages, b.norm, b.dilation)
 
 
 def _swin(b: BackboneConfig) -> nn.Module:

@@ -2,7 +2,9 @@
 
 Batch norm is frozen (``FrozenBatchNorm2d``: statistics and affine parameters are
 buffers), as in every DETR recipe. ``width`` scales the channel counts for tiny
-CPU models; at the standard width 64 a torchvision ImageNet file loads as is.
+CPU models; at the standard width 64 a torchvision ImageNet file loads as is. ``dilation``
+builds DC5: layer4 keeps stride 16 with dilated convolutions, torchvision's
+``replace_stride_with_dilation=[False, False, True]`` (same parameters, so the same files load).
 """
 from __future__ import annotations
 
@@ -58,15 +60,17 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 
 
-def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False)
+def _conv(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation, bias=False)
 
 
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, norm):
+    def __init__(self, cin: int, planes: int, stride: int, norm, dilation: int = 1):
         super().__init__()
+        if dilation != 1:  # as torchvision: DC5 is defined for the bottleneck ResNets only
+            raise SparsedetError("a dilated (DC5) stage needs bottleneck blocks: ResNet-50 or -101, not -18/-34")
         self.conv1, self.bn1 = _conv(cin, planes, 3, stride), norm(planes)
         self.conv2, self.bn2 = _conv(planes, planes, 3), norm(planes)
         self.downsample = _downsample(cin, planes, stride, norm)
@@ -80,10 +84,10 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, norm):
+    def __init__(self, cin: int, planes: int, stride: int, norm, dilation: int = 1):
         super().__init__()
         self.conv1, self.bn1 = _conv(cin, planes, 1), norm(planes)
-        self.conv2, self.bn2 = _conv(planes, planes, 3, stride), norm(planes)
+        self.conv2, self.bn2 = _conv(planes, planes, 3, stride, dilation), norm(planes)
         self.conv3, self.bn3 = _conv(planes, planes * 4, 1), norm(planes * 4)
         self.downsample = _downsample(cin, planes * 4, stride, norm)
 
@@ -114,10 +118,13 @@ class ResNet(nn.Module):
         frozen_stages: stem and stages up to this index get no gradient (1 = stem + layer1,
             the DETR default; -1 trains everything).
         norm: ``frozen_bn`` for pretrained weights, ``bn`` (trainable) when training from scratch.
+        dilation: DC5, layer4 at stride 16: its first block keeps stride 1 (3x3 and shortcut) with
+            dilation 1, the later blocks' 3x3 convolutions dilate by 2 (torchvision's and timm's
+            ``replace_stride_with_dilation`` / ``output_stride=16``). Bottleneck depths only.
     """
 
     def __init__(self, depth: int = 50, width: int = 64, return_layers=(2, 3, 4), frozen_stages: int = 1,
-                 norm: str = "frozen_bn"):
+                 norm: str = "frozen_bn", dilation: bool = False):
         super().__init__()
         if depth not in BLOCKS:
             raise SparsedetError(f"unknown ResNet depth {depth}; choose one of {sorted(BLOCKS)}")
@@ -130,19 +137,28 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = make_norm(width)
         cin = width
-        self.channels = []
+        if dilation and max(return_layers) < 4:
+            raise SparsedetError(f"dilation (DC5) changes layer4, which return_layers {list(return_layers)} "
+                                 "does not build; return layer 4 or drop the dilation")
+        self.channels, strides = [], []
+        stride = 4  # after the stem
         # Stages after the last returned one are not built (a stride-16 model has no layer4).
         for i, n in enumerate(counts[:max(return_layers)]):
             planes = width * 2 ** i
+            dilate = dilation and i == 3
+            step = 1 if i == 0 or dilate else 2
             blocks = []
             for j in range(n):
-                blocks.append(block(cin, planes, 2 if (j == 0 and i > 0) else 1, make_norm))
+                # A dilated stage's first block still sees the undilated input grid: dilation 1 there.
+                blocks.append(block(cin, planes, step if j == 0 else 1, make_norm, 2 if dilate and j > 0 else 1))
                 cin = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.channels.append(cin)
+            stride *= step
+            strides.append(stride)
         self.return_layers = tuple(return_layers)
         self.out_channels = [self.channels[i - 1] for i in self.return_layers]
-        self.out_strides = [2 ** (i + 1) for i in self.return_layers]
+        self.out_strides = [strides[i - 1] for i in self.return_layers]
         for name, p in self.named_parameters():
             stage = 0 if not name.startswith("layer") else int(name[5])
             if stage <= frozen_stages:

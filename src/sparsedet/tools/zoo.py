@@ -38,6 +38,8 @@ _DINO_FOLDER = "https://drive.google.com/drive/folders/1qD5m1NmK0kjE5hh-G17XUX75
 _DINO_IDS = ("file id from third-party download scripts (the official README links only the Drive folder "
              f"{_DINO_FOLDER})")
 _SAM_NAME = "our cache name: the README gives Drive links, not the file's own name"
+# A DC5 file has a C5 file's keys; its pickled args say dilation, and the override holds even without them.
+_DC5 = ("backbone.dilation=true",)
 
 _RELEASES = [
     Release("deformable_detr_r50_single_scale_50ep", _DEFORMABLE, "r50_deformable_detr_single_scale-checkpoint.pth",
@@ -53,6 +55,9 @@ _RELEASES = [
     Release("conditional_detr_r50_50ep", "official-conditional-detr", "ConditionalDETR_r50_epoch50.pth", 41.0,
             url="https://github.com/DeppMeng/ConditionalDETR/releases/download/v1.0/ConditionalDETR_r50_epoch50.pth",
             note="published AP evaluated at batch size 2 (eval --batch-size 2)"),
+    Release("conditional_detr_dc5_r50_50ep", "official-conditional-detr", "ConditionalDETR_r50dc5_epoch50.pth", 43.7,
+            url="https://github.com/DeppMeng/ConditionalDETR/releases/download/v1.0/ConditionalDETR_r50dc5_epoch50.pth",
+            overrides=_DC5, note="published AP evaluated at batch size 1 (eval --batch-size 1)"),
     Release("dino_r50_12ep", "official-dino", "checkpoint0011_4scale.pth", 49.0,
             drive_id="1eeAHgu-fzp28PGdIjeLe-pzGPMG2r2G_", note=_DINO_IDS),
     Release("dino_r50_24ep", "official-dino", "checkpoint0023_4scale.pth", 50.4,
@@ -76,11 +81,15 @@ _RELEASES = [
       for epochs, file, ap in ((12, "salience_detr_resnet50_800_1333_coco_1x.pth", 50.0),
                                (24, "salience_detr_resnet50_800_1333_coco_2x.pth", 51.2))],
     *[Release(f"{preset}_{epochs}ep", "official-sam-detr", f"{preset}_{epochs}ep.pth", ap, drive_id=drive_id,
-              note=_SAM_NAME)
+              overrides=_DC5 if "_dc5_" in preset else (), note=_SAM_NAME)
       for preset, epochs, ap, drive_id in (("sam_detr_r50", 12, 33.1, "1RXGs50nXkYBlYKFjI8nzt2ZDfLEVsLJZ"),
                                            ("sam_detr_r50", 50, 39.8, "11BZHGv2UAtqECX10MZ3VMS81RqGQM5Aq"),
                                            ("sam_detr_smca_r50", 12, 36.0, "16ucFXgf0lrgzLArdmFzn3oOn3eGUrCU4"),
-                                           ("sam_detr_smca_r50", 50, 41.8, "1XHDkMsVB-zncVRsf21Z1-hPxJJCi7TGN"))],
+                                           ("sam_detr_smca_r50", 50, 41.8, "1XHDkMsVB-zncVRsf21Z1-hPxJJCi7TGN"),
+                                           ("sam_detr_dc5_r50", 12, 38.3, "18kZUCGLIQKerzcIlh_Hh87V3wUkrTwEu"),
+                                           ("sam_detr_dc5_r50", 50, 43.3, "1XYLr3yhqmmT3RWIJ_4SN1S-bO4BtWgcX"),
+                                           ("sam_detr_smca_dc5_r50", 12, 40.6, "1gDfRo1DEv43d6DUMF1n_Lzv2lkRv0huE"),
+                                           ("sam_detr_smca_dc5_r50", 50, 45.0, "1q_iWQOZl1zXtaVD4vI4V9piwj2tkE8ek"))],
 ]
 ZOO: dict[str, Release] = {r.name: r for r in _RELEASES}
 

@@ -267,6 +267,13 @@ def resnet_depth(state: Mapping[str, Tensor]) -> int:
     raise SparsedetError(f"backbone with {stage3} {kind} blocks in layer3 is not a ResNet-18/34/50/101")
 
 
+def dilation_from_args(args: dict) -> dict:
+    """``model.backbone.dilation`` from a checkpoint's pickled training arguments: a DC5 file has
+    exactly the keys and shapes of a C5 one, and only ``args.dilation`` tells them apart. Nothing
+    when the file has no arguments (then pass ``model.backbone.dilation=true`` for a DC5 model)."""
+    return {"model.backbone.dilation": bool(args["dilation"])} if "dilation" in args else {}
+
+
 def sizes_from_state(state: Renamed, heads: int = 8) -> dict:
     """Config overrides for the architecture sizes a converted (our layout) state dict implies.
     The number of attention heads is not recoverable from shapes (heads x points); every released

@@ -1,9 +1,10 @@
 """What transformers' DETR checkpoints share: config.json checks, fused q/k/v projections, ResNet
-key names (transformers' own ResNet or timm's, which are torchvision's) and the ResNet depth a
-config describes."""
+key names (transformers' own ResNet or timm's, which are torchvision's) and the ResNet depth and
+dilation a config describes."""
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,9 +40,14 @@ BACKBONE_RULES = [
 ]
 
 
-def backbone_depth(cfg: dict, source: Path, stages: list[int]) -> int:
+def backbone_depth(cfg: dict, source: Path, stages: list[int], last_only: bool = False) -> int:
     """ResNet depth from the backbone part of a transformers DETR config (transformers or timm
-    ResNet); ``stages``: the ResNet stages the model must return (2..4 = C3..C5)."""
+    ResNet); ``stages``: the ResNet stages the model reads (2..4 = C3..C5); ``last_only``: the
+    model reads the last returned map alone (Conditional DETR), so earlier ones may be returned too.
+    Any dilation is left to ``backbone_dilation``."""
+    def fits(returned: list, want: list) -> bool:
+        return returned[-len(want):] == want if last_only else returned == want
+
     bb = cfg.get("backbone_config") or {}
     if bb.get("model_type") == "resnet":
         counts = list(bb.get("depths", []))
@@ -60,7 +66,7 @@ def backbone_depth(cfg: dict, source: Path, stages: list[int]) -> int:
         if bb.get("hidden_act", "relu") != "relu":
             problems.append(f"hidden_act {bb.get('hidden_act')!r} (need 'relu')")
         want = [f"stage{i}" for i in stages]
-        if list(bb.get("out_features") or want) != want:
+        if not fits(list(bb.get("out_features") or want), want):
             problems.append(f"out_features {bb.get('out_features')} (need {want})")
         if problems:
             raise SparsedetError(f"{source}: unsupported backbone: {'; '.join(problems)}")
@@ -73,10 +79,25 @@ def backbone_depth(cfg: dict, source: Path, stages: list[int]) -> int:
     match = re.fullmatch(r"resnet(\d+)", str(name))
     if match is None or int(match[1]) not in BLOCKS:
         raise SparsedetError(f"{source}: unsupported backbone {name!r}; a ResNet-{sorted(BLOCKS)} is needed")
-    out_indices = list(bb.get("out_indices") or stages)
-    if out_indices != stages or cfg.get("dilation") or bb.get("output_stride") not in (None, 32):
-        raise SparsedetError(f"{source}: backbone must return stages {stages} without dilation (out_indices {stages})")
+    if not fits(list(bb.get("out_indices") or stages), stages) or bb.get("output_stride") not in (None, 16, 32):
+        raise SparsedetError(f"{source}: backbone must return stages {stages} (out_indices {stages}) at output "
+                             f"stride 32, or 16 (DC5); got out_indices {bb.get('out_indices')}, output_stride "
+                             f"{bb.get('output_stride')}")
     return int(match[1])
+
+
+def backbone_dilation(cfg: dict, source: Path) -> bool:
+    """Whether transformers builds the config's last ResNet stage dilated (DC5). Only a timm backbone
+    dilates: ``output_stride`` 16 in ``backbone_config`` (transformers 5 writes it), or ``dilation``
+    when there is no ``backbone_config`` (transformers 4 files; transformers 5 reads them the same way).
+    transformers' own ResNet ignores ``dilation``, so such a model converts undilated, as it runs."""
+    bb = cfg.get("backbone_config") or {}
+    if bb.get("model_type") == "resnet":
+        if cfg.get("dilation"):
+            warnings.warn(f"{source}: dilation is set, but transformers' own ResNet backbone ignores it (only timm "
+                          "backbones dilate), so the model runs undilated and converts undilated", stacklevel=2)
+        return False
+    return bb.get("output_stride") == 16 if bb else bool(cfg.get("dilation"))
 
 
 def read_detr_config(hf_dir: str | Path, model_type: str, defaults: dict, hint: str

@@ -1,7 +1,9 @@
 """Convert a Hugging Face ``ConditionalDetrForObjectDetection`` directory to our layout.
 
 Read from transformers 5.23 (``models/conditional_detr``). What matters numerically:
-* Backbone returns C5 only (stride 32); ``input_projection`` is a plain 1x1 conv (no GroupNorm).
+* The model reads the backbone's last map, C5 (stride 32), or DC5 (stride 16) when transformers
+  dilates a timm backbone (``dilation``, ``output_stride`` 16: ``backbone_dilation``);
+  ``input_projection`` is a plain 1x1 conv (no GroupNorm).
 * Position: sine, normalize=True, scale 2*pi, NO half-pixel offset (``cumsum / (last + 1e-6)``),
   temperature 10000, [y, x] channel order; no level embedding. Same as the official model.
 * Encoder: post-norm DETR layers, q = k = x + pos, v = x; HF's separate q/k/v projections are
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from ...errors import SparsedetError
 from .common import WB, Renamed, Rule, read_hf_weights, rename_keys
-from .hf_common import BACKBONE_RULES, backbone_depth, check_class_head, fuse_qkv, read_detr_config
+from .hf_common import (BACKBONE_RULES, backbone_depth, backbone_dilation, check_class_head, fuse_qkv,
+                        read_detr_config)
 
 HINT = "Expected a transformers ConditionalDetrForObjectDetection directory (config.json + model.safetensors)."
 ENC = r"model\.encoder\.layers\.(\d+)\."
@@ -78,7 +81,8 @@ def read_config(hf_dir: str | Path) -> dict:
         "model.num_classes": len(classes), "model.hidden_dim": cfg["d_model"], "model.ffn_dim": cfg["encoder_ffn_dim"],
         "model.num_heads": cfg["encoder_attention_heads"], "model.num_encoder_layers": cfg["encoder_layers"],
         "model.num_decoder_layers": cfg["decoder_layers"], "model.num_queries": cfg["num_queries"],
-        "model.dropout": float(cfg["dropout"]), "model.backbone.depth": backbone_depth(cfg, path, [4]),
+        "model.dropout": float(cfg["dropout"]), "model.backbone.depth": backbone_depth(cfg, path, [4], last_only=True),
+        "model.backbone.dilation": backbone_dilation(cfg, path),
         "classes": classes, "category_ids": list(range(len(classes))),
     }
 

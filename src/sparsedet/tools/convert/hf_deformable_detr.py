@@ -66,7 +66,8 @@ from pathlib import Path
 
 from ...errors import SparsedetError
 from .common import WB, Renamed, Rule, deformable_head_rules, fold_aliases, read_hf_weights, rename_keys
-from .hf_common import BACKBONE_RULES, backbone_depth, check_class_head, fuse_qkv, read_detr_config
+from .hf_common import (BACKBONE_RULES, backbone_depth, backbone_dilation, check_class_head, fuse_qkv,
+                        read_detr_config)
 
 MSDA = r"(sampling_offsets|attention_weights|value_proj|output_proj)"
 FFN = {"fc1": "linear1", "fc2": "linear2"}
@@ -119,6 +120,8 @@ def read_config(hf_dir: str | Path) -> dict:
     two_stage, box_refine = bool(cfg["two_stage"]), bool(cfg["with_box_refine"])
     if two_stage and not box_refine:
         problems.append("two_stage without with_box_refine")
+    if backbone_dilation(cfg, path):
+        problems.append("a dilated (DC5) backbone (only Conditional DETR converts DC5)")
     if problems:
         raise SparsedetError(f"{path}: unsupported Deformable DETR config: {'; '.join(problems)}")
     return {

@@ -5,17 +5,18 @@ with ``weights_only=True``. One class head and one box head serve every decoder 
 projection is a bare 1x1 convolution. Every decoder layer carries ``ca_qpos_proj`` but only the first
 uses it (later layers take the content query alone), so the unused copies are dropped. Our decoder
 layer keeps the official names, with the cross-attention half (``ca_*``, ``cross_attn``, FFN,
-``norm2``/``norm3``) in a ``cross`` submodule. DC5 (dilated) models do not convert.
+``norm2``/``norm3``) in a ``cross`` submodule. DC5 (dilated) files have the same keys as C5 ones;
+the pickled ``args.dilation`` tells them apart (``dilation_from_args``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from ...errors import SparsedetError
-from .common import WB, Renamed, Rule, read_checkpoint, rename_keys, sizes_from_state
+from .common import WB, Renamed, Rule, dilation_from_args, read_checkpoint, rename_keys, sizes_from_state
 
 HINT = ("Expected an official Conditional DETR checkpoint (Atten4Vis/ConditionalDETR, e.g. "
-        "ConditionalDETR_r50_epoch50.pth).")
+        "ConditionalDETR_r50_epoch50.pth or ConditionalDETR_r50dc5_epoch50.pth).")
 CROSS = r"(ca_\w+|cross_attn\.out_proj|norm2|norm3|linear1|linear2)"
 RULES = [
     Rule(r"backbone\.0\.body\.(.+)", r"backbone.\1"),
@@ -38,13 +39,11 @@ def convert_official_conditional_detr(path: str | Path) -> tuple[Renamed, dict]:
                              f"ca_qpos_sine_proj) or single class head (class_embed). {HINT}")
     if "transformer.decoder.layers.0.point2.6.weight" in state:
         raise SparsedetError(f"{path} holds SAM-DETR's Semantics Aligner; use official-sam-detr. {HINT}")
-    if args.get("dilation"):
-        raise SparsedetError(f"{path} is a DC5 (dilated) model; our ResNet has no dilated stage yet. {HINT}")
     out = rename_keys(state, RULES, path, hint=HINT, ignore=[
         r".*num_batches_tracked",
         r"transformer\.decoder\.layers\.([1-9]\d*)\.ca_qpos_proj\.(weight|bias)",  # built, never used
     ])
-    overrides = sizes_from_state(out, int(args.get("nheads", 8)))
+    overrides = sizes_from_state(out, int(args.get("nheads", 8))) | dilation_from_args(args)
     if "dropout" in args:
         overrides["model.dropout"] = float(args["dropout"])
     return out, overrides
