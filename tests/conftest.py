@@ -10,6 +10,17 @@ from sparsedet.data.synthetic import write_synthetic
 # Two cores: one thread per xdist worker (scripts/test.sh runs two), both threads otherwise.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
+# The longest tests (tens of seconds each) start first, so that the two workers end together
+# instead of one finishing a long test alone at the end.
+LONG_FIRST = ("test_overfit.py", "test_export.py", "test_training.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+    items.sort(key=rank)  # stable: the order within each group stays
+
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> dict:
