@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "and a confusion matrix with a background row and column")
     s.add_argument("--confusion-threshold", type=float, default=0.5, metavar="T",
                    help="minimum score of the detections the confusion matrix counts (default 0.5)")
+    s.add_argument("--corr", action="store_true",
+                   help="also Corr, per encoder layer and its mean: the share of the decoder's attention map (Sparse "
+                   "DETR's DAM) on the tokens the encoder kept, per image, averaged over images (1 for dense "
+                   "encoders; an error for the single-level kinds, which have no sampling points); written to "
+                   "metrics.json as \"corr\"")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="detect objects in images, videos and streams",
@@ -386,8 +391,8 @@ def cmd_eval(args) -> int:
         from .tools.plots import pyplot
         pyplot()  # a missing matplotlib fails before the evaluation, not after it
     if args.results:
-        given = [flag for flag, used in (("--precision", args.precision != "fp32"), ("--device", args.device))
-                 if used]
+        given = [flag for flag, used in (("--precision", args.precision != "fp32"), ("--device", args.device),
+                                         ("--corr", args.corr)) if used]
         if given:
             raise SparsedetError(f"{given[0]} sets how --weights RUN runs; a --results file is already computed: "
                                  "leave it out")
@@ -406,13 +411,16 @@ def cmd_eval(args) -> int:
         model = load_detector(args.weights, ema=args.ema, device=args.device)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
-        metrics, results = evaluate(model, dataset, args.batch_size, precision=args.precision)
+        metrics, results = evaluate(model, dataset, args.batch_size, precision=args.precision, corr=args.corr)
         gt = dataset.coco
         name = _dataset_name(args.val_ann) + ("_ema" if args.ema else "")
         weights = Path(args.weights)
         beside = weights.parent / f"{weights.stem}_eval" if weights.is_file() else weights / "eval"
         out = Path(args.out) if args.out else beside / name
     print(format_metrics(metrics))
+    if "corr" in metrics:
+        from .engine.corr import format_corr
+        print(format_corr(metrics["corr"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'}")
