@@ -2,8 +2,10 @@
 for dense and sparse models, through `eval --corr`, and refused where it is undefined."""
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from sparsedet.api import Detector
 from sparsedet.cli import main
@@ -13,6 +15,7 @@ from sparsedet.engine.corr import CorrTracker, output_corr
 from sparsedet.engine.evaluator import evaluate
 from sparsedet.models.detector import DetectorOutput
 from sparsedet.models.encoders.scoring import LayerSelection, TokenSelection
+from sparsedet.tools.viz import PANEL, visualize
 
 SMALL = {"hidden_dim": 64, "ffn_dim": 64, "num_decoder_layers": 2, "num_queries": 20, "dn_queries": 4,
          "eval_size": 96, "eval_max_size": 128, "backbone.width": 8}
@@ -99,3 +102,30 @@ def test_corr_is_refused_where_undefined(synth, tmp_path, capsys):
     assert main(["eval", "--results", str(det), "--val", synth["val"], "--corr"]) == 2
     assert "--corr" in capsys.readouterr().err
 
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corr") / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["sparse_detr_tiny", "deformable_detr_tiny", "conditional_detr_tiny"])
+def test_viz_draws_the_attention_map_and_the_image_corr(preset, image_path, tmp_path, synth):
+    """viz.json's Corr is eval's for the same image; dense encoders' computed Corr is 1; Sparse DETR
+    updates one set in every layer, so its layers agree; the single-level decoders draw no map and
+    say null."""
+    model = _model(preset, synth).eval()
+    facts = visualize(model, image_path, tmp_path)
+    if preset == "conditional_detr_tiny":
+        assert facts["corr"] is None and not (tmp_path / "dam.png").exists()
+        return
+    assert Image.open(tmp_path / "dam.png").size == (PANEL * model.config.num_levels, PANEL)
+    batch, _, _ = model.preprocess([image_path])
+    with torch.no_grad():
+        expected = output_corr(model(batch, record_sampling=True), 3)[0]
+    torch.testing.assert_close(torch.tensor(facts["corr"]["per_layer"]), expected, atol=1e-5, rtol=0)
+    if preset == "deformable_detr_tiny":
+        assert facts["corr"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    else:
+        assert 0 < facts["corr"]["mean"] < 1 and facts["corr"]["per_layer"] == [facts["corr"]["mean"]] * 3

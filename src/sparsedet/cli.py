@@ -233,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the first encoder layer updates, one panel per feature level, drawn at their strides), "
                        "tokens_per_layer.png (one panel per encoder layer), decoder_query.png (sampling points and "
                        "attention weights of one query, or its cross-attention map for the single-level decoders), "
-                       "detections.png and viz.json (what was drawn). Dense encoders show every token.")
+                       "dam.png (the decoder attention map of all queries per level, kept tokens of the first "
+                       "encoder layer outlined; deformable decoders only), detections.png and viz.json (what was "
+                       "drawn, and \"corr\": the image's share of decoder attention on the kept tokens per encoder "
+                       "layer, null for the single-level decoders). Dense encoders show every token.")
     s.add_argument("target", metavar="PRESET_OR_RUN")
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--out", required=True, help="output folder")
@@ -483,9 +486,12 @@ def cmd_viz(args) -> int:
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
+    corr = facts["corr"]
+    figures = "tokens_per_level,tokens_per_layer,decoder_query," + ("dam," if corr else "") + "detections"
     print(f"query {facts['decoder']['query']}, decoder layer {facts['decoder']['layer']}; tokens updated per "
-          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections; wrote {args.out}/"
-          "{tokens_per_level,tokens_per_layer,decoder_query,detections}.png and viz.json")
+          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections; Corr "
+          f"{'n/a (no sampling points)' if corr is None else format(corr['mean'], '.3f')}; wrote {args.out}/"
+          f"{{{figures}}}.png and viz.json")
     return 0
 
 
