@@ -15,6 +15,7 @@ from sparsedet.engine.corr import CorrTracker, output_corr
 from sparsedet.engine.evaluator import evaluate
 from sparsedet.models.detector import DetectorOutput
 from sparsedet.models.encoders.scoring import LayerSelection, TokenSelection
+from sparsedet.tools.bench import plot_ap_vs_gflops
 from sparsedet.tools.viz import PANEL, visualize
 
 SMALL = {"hidden_dim": 64, "ffn_dim": 64, "num_decoder_layers": 2, "num_queries": 20, "dn_queries": 4,
@@ -129,3 +130,12 @@ def test_viz_draws_the_attention_map_and_the_image_corr(preset, image_path, tmp_
         assert facts["corr"]["mean"] == pytest.approx(1.0, abs=1e-5)
     else:
         assert 0 < facts["corr"]["mean"] < 1 and facts["corr"]["per_layer"] == [facts["corr"]["mean"]] * 3
+
+
+def test_bench_plot_draws_corr_beside_ap(tmp_path):
+    """A run whose metrics.json has Corr adds the per-layer panel; without any, one panel as before."""
+    corr = {"mean": 0.4, "per_layer": [0.5, 0.4, 0.3], "images": 4}
+    plot_ap_vs_gflops([("dense", 2.0, 0.25, None)], tmp_path / "ap.png")
+    assert Image.open(tmp_path / "ap.png").size == (600, 480)
+    plot_ap_vs_gflops([("dense", 2.0, 0.25, None), ("sparse", 1.0, 0.2, corr)], tmp_path / "ap.png")
+    assert Image.open(tmp_path / "ap.png").size == (1080, 480)

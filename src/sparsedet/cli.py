@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one row per value, e.g. keep_ratio=0.1,0.2,0.3")
     s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
     s.add_argument("--json", help="also write the results to this file")
-    s.add_argument("--plot", metavar="PNG", help="draw AP against GFLOPs of the given runs (needs [viz])")
+    s.add_argument("--plot", metavar="PNG", help="draw AP against GFLOPs of the given runs, and Corr per encoder "
+                   "layer beside it for runs whose metrics.json has one (`sparsedet eval --corr --out RUN`); "
+                   "needs [viz]")
     s.set_defaults(func=cmd_bench, overrides=[])  # key=value after an option lands here (see main)
 
     s = sub.add_parser("viz", help="figures of kept tokens, decoder sampling and detections for one image",
@@ -566,11 +568,11 @@ def cmd_bench(args) -> int:
             if not metrics.is_file():
                 raise SparsedetError(f"--plot needs run folders with metrics.json (from `sparsedet train` with "
                                      f"--val, or `sparsedet eval --out RUN`); {metrics} not found")
-            ap = read_json_object(metrics, "metrics").get("AP")
-            if ap is None:
+            recorded = read_json_object(metrics, "metrics")
+            if recorded.get("AP") is None:
                 raise SparsedetError(f"{metrics} has no AP entry")
             gflops = next(r["gflops"]["total"] for r in results if r["model"] == target)
-            points.append((Path(target).name, gflops, ap))
+            points.append((Path(target).name, gflops, recorded["AP"], recorded.get("corr")))
         bench.plot_ap_vs_gflops(points, args.plot)
         print(f"wrote {args.plot}")
     return 0
