@@ -55,7 +55,9 @@ def test_corr_by_hand():
     # Image 0: valid mass 1.3 - 0.2 = 1.1; layer 0 keeps 6, 0, 1 (0.6), layer 1 keeps 6 (0.3).
     # Image 1: valid mass 3.9; both layers write back token 7 only (1.2); 3 and 4 are past its count.
     expected = [[6 / 11, 3 / 11], [4 / 13, 4 / 13]]
-    torch.testing.assert_close(output_corr(out, 2), torch.tensor(expected), atol=1e-6, rtol=0)
+    corr, kept = output_corr(out, 2)
+    torch.testing.assert_close(corr, torch.tensor(expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(kept, torch.tensor([[3 / 6, 1 / 6], [1 / 8, 1 / 8]]))  # of 6 and 8 valid tokens
 
     tracker = CorrTracker(2)
     tracker.update([10, 11], out)
@@ -63,6 +65,7 @@ def test_corr_by_hand():
     # The mean over images of per-image ratios, not the pooled ratio ((0.6 + 1.2) / (1.1 + 3.9) = 0.36).
     assert result["per_layer"] == pytest.approx([(6 / 11 + 4 / 13) / 2, (3 / 11 + 4 / 13) / 2], abs=1e-6)
     assert result["mean"] == pytest.approx((6 / 11 + 3 / 11 + 8 / 13) / 4, abs=1e-6) and result["images"] == 2
+    assert result["kept_per_layer"] == pytest.approx([(1 / 2 + 1 / 8) / 2, (1 / 6 + 1 / 8) / 2])
     tracker.update([10], DetectorOutput(out.logits[:1], out.boxes[:1], selection=TokenSelection(
         torch.zeros(1, 8), [LayerSelection(torch.tensor([[6]]), torch.zeros(1, 1), torch.tensor([1]))] * 2, shapes,
         padding[:1]), sampling=(loc[:1], w[:1])))
@@ -72,7 +75,7 @@ def test_corr_by_hand():
 def test_dense_encoder_corr_is_one(synth):
     model = _model("deformable_detr_tiny", synth)
     metrics, _ = evaluate(model, _val(model, synth), batch_size=4, progress=False, corr=True)
-    assert metrics["corr"] == {"mean": 1.0, "per_layer": [1.0] * 3, "images": 4}
+    assert metrics["corr"] == {"mean": 1.0, "per_layer": [1.0] * 3, "kept_per_layer": [1.0] * 3, "images": 4}
 
 
 def test_sparse_corr_in_eval_and_metrics_json(synth, tmp_path, capsys):
@@ -87,6 +90,8 @@ def test_sparse_corr_in_eval_and_metrics_json(synth, tmp_path, capsys):
     assert len(per_layer) == 3 and metrics["corr"]["images"] == 4 and 0 <= metrics["AP"] <= 1
     assert all(0 < v <= 1 for v in per_layer) and per_layer[0] >= per_layer[1] >= per_layer[2]
     assert per_layer[2] < 1  # a fifth of the first layer's tokens cannot hold all the attention
+    kept = metrics["corr"]["kept_per_layer"]
+    assert 0 < kept[2] < kept[1] < kept[0] < 1
     assert metrics["corr"]["mean"] == pytest.approx(sum(per_layer) / 3)
 
 
@@ -124,7 +129,7 @@ def test_viz_draws_the_attention_map_and_the_image_corr(preset, image_path, tmp_
     assert Image.open(tmp_path / "dam.png").size == (PANEL * model.config.num_levels, PANEL)
     batch, _, _ = model.preprocess([image_path])
     with torch.no_grad():
-        expected = output_corr(model(batch, record_sampling=True), 3)[0]
+        expected = output_corr(model(batch, record_sampling=True), 3)[0][0]
     torch.testing.assert_close(torch.tensor(facts["corr"]["per_layer"]), expected, atol=1e-5, rtol=0)
     if preset == "deformable_detr_tiny":
         assert facts["corr"]["mean"] == pytest.approx(1.0, abs=1e-5)

@@ -10,7 +10,9 @@ every deformable decoder sampling point's attention weight splatted bilinearly o
 token grid, summed over decoder layers, queries, heads and points. "Kept" is the entries layer t
 writes back (``LayerSelection.counts``); valid tokens are the non-padding ones. A dataset's
 Corr_t is the **mean over images of the per-image ratios** (Sparse DETR logs the per-image ratio's
-mean over each batch); ``mean`` is then the mean over encoder layers.
+mean over each batch); ``mean`` is then the mean over encoder layers. Beside it, ``kept_per_layer``
+is the mean share of valid tokens each layer kept: the Corr a scorer blind to the decoder would get
+on average, so Corr well above it means the scorer keeps what the decoder reads.
 
 A dense encoder keeps every valid token, so its numerator is its denominator: Corr = 1. Models that
 cross-attend densely to one level (conditional, sam, decoupled) have no sampling points to build a
@@ -52,16 +54,20 @@ def corr_ratio(dam: Tensor, kept: Tensor, padding: Tensor) -> Tensor:
     return torch.where(total > 0, hit / total.clamp(min=torch.finfo(total.dtype).tiny), torch.nan)
 
 
-def output_corr(out: DetectorOutput, num_encoder_layers: int) -> Tensor:
-    """[B, T] Corr of each image and encoder layer of a forward run with ``record_sampling=True``."""
+def output_corr(out: DetectorOutput, num_encoder_layers: int) -> tuple[Tensor, Tensor]:
+    """(Corr, kept share of the valid tokens), each [B, T], of every image and encoder layer of a
+    forward run with ``record_sampling=True``."""
     if out.selection is None:  # dense: every valid token kept, numerator = denominator
-        return torch.ones(out.logits.shape[0], num_encoder_layers)
+        ones = torch.ones(out.logits.shape[0], num_encoder_layers)
+        return ones, ones
     if out.sampling is None:
         raise SparsedetError("Corr needs the decoder's sampling: run the model with record_sampling=True")
     locations, weights = out.sampling
     selection = out.selection
     dam = decoder_attention_map(locations.float(), weights.float(), selection.shapes)
-    return corr_ratio(dam, kept_masks(selection), selection.padding).T.cpu()
+    kept = kept_masks(selection)
+    share = kept.sum(-1) / (~selection.padding).sum(-1).clamp(min=1)
+    return corr_ratio(dam, kept, selection.padding).T.cpu(), share.T.float().cpu()
 
 
 def check_corr(model) -> None:
@@ -78,12 +84,12 @@ def check_corr(model) -> None:
 
 
 class CorrTracker:
-    """Per-image Corr over an evaluation pass. An image seen twice (a distributed sampler's
-    padding) counts once: the last wins."""
+    """Per-image Corr and kept share over an evaluation pass. An image seen twice (a distributed
+    sampler's padding) counts once: the last wins."""
 
     def __init__(self, num_encoder_layers: int):
         self.num_layers = num_encoder_layers
-        self.per_image: dict[int, list[float]] = {}
+        self.per_image: dict[int, tuple[list[float], list[float]]] = {}
 
     @classmethod
     def for_model(cls, model) -> "CorrTracker":
@@ -92,8 +98,9 @@ class CorrTracker:
 
     def update(self, image_ids: list[int], out: DetectorOutput) -> None:
         """Record the Corr of each image of a forward run with ``record_sampling=True``."""
-        for image_id, row in zip(image_ids, output_corr(out, self.num_layers).tolist()):
-            self.per_image[int(image_id)] = row
+        corr, kept = output_corr(out, self.num_layers)
+        for image_id, c, k in zip(image_ids, corr.tolist(), kept.tolist()):
+            self.per_image[int(image_id)] = (c, k)
 
     def detect(self, model, batch, sizes: Tensor, image_ids: list[int]) -> list[dict]:
         """``model.detect`` that also records each image's Corr."""
@@ -101,18 +108,19 @@ class CorrTracker:
         self.update(image_ids, out)
         return model.postprocess.detections(out.logits, out.boxes, sizes)
 
-    def merge(self, parts: list[dict[int, list[float]]]) -> None:
+    def merge(self, parts: list[dict[int, tuple[list[float], list[float]]]]) -> None:
         """Add the ``per_image`` values other processes collected."""
         for part in parts:
             self.per_image.update(part)
 
     def result(self) -> dict:
-        """{"mean": mean over layers, "per_layer": [T] means over images, "images": images seen};
-        a layer no image defines is None."""
+        """{"mean": mean over layers, "per_layer": [T] means over images, "kept_per_layer": [T] mean
+        kept share of the valid tokens, "images": images seen}; a layer no image defines is None."""
         rows = list(self.per_image.values())
-        per_layer = [mean_defined([row[t] for row in rows]) for t in range(self.num_layers)]
+        per_layer = [mean_defined([c[t] for c, _ in rows]) for t in range(self.num_layers)]
+        kept = [mean_defined([k[t] for _, k in rows]) for t in range(self.num_layers)]
         defined = [v for v in per_layer if v is not None]
-        return {"mean": mean_defined(defined), "per_layer": per_layer, "images": len(rows)}
+        return {"mean": mean_defined(defined), "per_layer": per_layer, "kept_per_layer": kept, "images": len(rows)}
 
 
 def mean_defined(values: list[float]) -> float | None:
@@ -127,5 +135,6 @@ def format_corr(corr: dict) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     layers = " ".join(show(v) for v in corr["per_layer"])
+    kept = " ".join(show(v) for v in corr.get("kept_per_layer", []))
     return (f"Corr    {show(corr['mean'])}  decoder attention on kept tokens, mean over {corr['images']} images; "
-            f"per encoder layer: {layers}")
+            f"per encoder layer: {layers} (kept share of tokens: {kept})")
