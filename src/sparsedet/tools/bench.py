@@ -454,6 +454,7 @@ def plot_ap_vs_gflops(points: list[tuple[str, float, float, dict | None]], out: 
         ax = axes[0, 1]
         for label, corr in with_corr:
             ax.plot(range(len(corr["per_layer"])), corr["per_layer"], marker="o", label=label)
+        ax.set_xticks(range(max(len(corr["per_layer"]) for _, corr in with_corr)))
         ax.set_xlabel("encoder layer")
         ax.set_ylabel("Corr (decoder attention on kept tokens)")
         ax.set_ylim(0, 1.05)
