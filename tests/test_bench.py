@@ -65,7 +65,8 @@ def test_cli_json_sweep_and_plot(tmp_path, capsys):
         torch.manual_seed(0)
         run = tmp_path / preset
         Detector.from_preset(preset, num_classes=3).save_pretrained(run)
-        (run / "metrics.json").write_text(json.dumps({"AP": 0.2 + 0.1 * i}))
+        corr = {"corr": {"mean": 0.5, "per_layer": [0.6, 0.5, 0.4], "images": 4}} if i == 0 else {}
+        (run / "metrics.json").write_text(json.dumps({"AP": 0.2 + 0.1 * i, **corr}))
         runs.append(str(run))
     out = tmp_path / "bench.json"
     assert main(["bench", *runs, "--size", "96x128", "--runs", "0", "--json", str(out),
@@ -75,7 +76,7 @@ def test_cli_json_sweep_and_plot(tmp_path, capsys):
     sparse, dense = report["results"]
     assert sparse["gflops"]["encoder"] < dense["gflops"]["encoder"]
     assert sparse["params"] > 0 and len(sparse["encoder_tokens_per_layer"]) == 3
-    assert Image.open(tmp_path / "ap.png").size[0] > 0
+    assert Image.open(tmp_path / "ap.png").size == (1080, 480)  # the sparse run's Corr adds a panel
 
     out = tmp_path / "sweep.json"
     assert main(["bench", runs[0], "--size", "96x128", "--runs", "1", "--warmup", "0",

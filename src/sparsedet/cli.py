@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "and a confusion matrix with a background row and column")
     s.add_argument("--confusion-threshold", type=float, default=0.5, metavar="T",
                    help="minimum score of the detections the confusion matrix counts (default 0.5)")
+    s.add_argument("--corr", action="store_true",
+                   help="also Corr, per encoder layer and its mean: the share of the decoder's attention map (Sparse "
+                   "DETR's DAM) on the tokens the encoder kept, per image, averaged over images (1 for dense "
+                   "encoders; an error for the single-level kinds, which have no sampling points); written to "
+                   "metrics.json as \"corr\"")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("predict", help="detect objects in images, videos and streams",
@@ -220,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one row per value, e.g. keep_ratio=0.1,0.2,0.3")
     s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
     s.add_argument("--json", help="also write the results to this file")
-    s.add_argument("--plot", metavar="PNG", help="draw AP against GFLOPs of the given runs (needs [viz])")
+    s.add_argument("--plot", metavar="PNG", help="draw AP against GFLOPs of the given runs, and Corr per encoder "
+                   "layer beside it for runs whose metrics.json has one (`sparsedet eval --corr --out RUN`); "
+                   "needs [viz]")
     s.set_defaults(func=cmd_bench, overrides=[])  # key=value after an option lands here (see main)
 
     s = sub.add_parser("viz", help="figures of kept tokens, decoder sampling and detections for one image",
@@ -228,7 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the first encoder layer updates, one panel per feature level, drawn at their strides), "
                        "tokens_per_layer.png (one panel per encoder layer), decoder_query.png (sampling points and "
                        "attention weights of one query, or its cross-attention map for the single-level decoders), "
-                       "detections.png and viz.json (what was drawn). Dense encoders show every token.")
+                       "dam.png (the decoder attention map of all queries per level, kept tokens of the first "
+                       "encoder layer outlined; deformable decoders only), detections.png and viz.json (what was "
+                       "drawn, and \"corr\": the image's share of decoder attention on the kept tokens per encoder "
+                       "layer, null for the single-level decoders). Dense encoders show every token.")
     s.add_argument("target", metavar="PRESET_OR_RUN")
     s.add_argument("image", metavar="IMAGE")
     s.add_argument("--out", required=True, help="output folder")
@@ -386,8 +396,8 @@ def cmd_eval(args) -> int:
         from .tools.plots import pyplot
         pyplot()  # a missing matplotlib fails before the evaluation, not after it
     if args.results:
-        given = [flag for flag, used in (("--precision", args.precision != "fp32"), ("--device", args.device))
-                 if used]
+        given = [flag for flag, used in (("--precision", args.precision != "fp32"), ("--device", args.device),
+                                         ("--corr", args.corr)) if used]
         if given:
             raise SparsedetError(f"{given[0]} sets how --weights RUN runs; a --results file is already computed: "
                                  "leave it out")
@@ -406,13 +416,16 @@ def cmd_eval(args) -> int:
         model = load_detector(args.weights, ema=args.ema, device=args.device)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
-        metrics, results = evaluate(model, dataset, args.batch_size, precision=args.precision)
+        metrics, results = evaluate(model, dataset, args.batch_size, precision=args.precision, corr=args.corr)
         gt = dataset.coco
         name = _dataset_name(args.val_ann) + ("_ema" if args.ema else "")
         weights = Path(args.weights)
         beside = weights.parent / f"{weights.stem}_eval" if weights.is_file() else weights / "eval"
         out = Path(args.out) if args.out else beside / name
     print(format_metrics(metrics))
+    if "corr" in metrics:
+        from .engine.corr import format_corr
+        print(format_corr(metrics["corr"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'}")
@@ -475,9 +488,12 @@ def cmd_viz(args) -> int:
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
+    corr = facts["corr"]
+    figures = "tokens_per_level,tokens_per_layer,decoder_query," + ("dam," if corr else "") + "detections"
     print(f"query {facts['decoder']['query']}, decoder layer {facts['decoder']['layer']}; tokens updated per "
-          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections; wrote {args.out}/"
-          "{tokens_per_level,tokens_per_layer,decoder_query,detections}.png and viz.json")
+          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections; Corr "
+          f"{'n/a (no sampling points)' if corr is None else format(corr['mean'], '.3f')}; wrote {args.out}/"
+          f"{{{figures}}}.png and viz.json")
     return 0
 
 
@@ -552,11 +568,11 @@ def cmd_bench(args) -> int:
             if not metrics.is_file():
                 raise SparsedetError(f"--plot needs run folders with metrics.json (from `sparsedet train` with "
                                      f"--val, or `sparsedet eval --out RUN`); {metrics} not found")
-            ap = read_json_object(metrics, "metrics").get("AP")
-            if ap is None:
+            recorded = read_json_object(metrics, "metrics")
+            if recorded.get("AP") is None:
                 raise SparsedetError(f"{metrics} has no AP entry")
             gflops = next(r["gflops"]["total"] for r in results if r["model"] == target)
-            points.append((Path(target).name, gflops, ap))
+            points.append((Path(target).name, gflops, recorded["AP"], recorded.get("corr")))
         bench.plot_ap_vs_gflops(points, args.plot)
         print(f"wrote {args.plot}")
     return 0

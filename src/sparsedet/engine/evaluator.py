@@ -28,6 +28,7 @@ from ..data.coco_json import validate_coco
 from ..errors import SparsedetError
 from ..jsonfile import read_json
 from .checkpoint import atomic_write
+from .corr import CorrTracker
 from .distributed import Context, gather_objects
 from .precision import inference_precision, resolve_precision
 
@@ -301,17 +302,19 @@ class Evaluator:
 
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
-             ctx: Context = Context(), precision: str = "fp32") -> tuple[dict, list[dict]]:
+             ctx: Context = Context(), precision: str = "fp32", corr: bool = False) -> tuple[dict, list[dict]]:
     """COCO metrics of ``model`` on ``dataset`` (a ``CocoDetection``; boxes rescaled to each file's
     original size) and the detections in the COCO results format, the model run in ``precision``
     ("fp32", "bf16" or "fp16" on CUDA). Under torchrun every process evaluates its share of the
     images and every process gets the metrics of all of them. ``model`` may also be an
-    ``OnnxDetector`` (an exported file, fp32 only)."""
+    ``OnnxDetector`` (an exported file, fp32 only). ``corr``: also ``metrics["corr"]``, the share of the
+    decoder's attention on the tokens the encoder kept (``engine.corr``; PyTorch multi-level models)."""
     in_torch = isinstance(model, torch.nn.Module)
     device = next(model.parameters()).device if in_torch else torch.device("cpu")
     dtype = resolve_precision(precision, device)
     if not in_torch:
         model.check_precision(precision)
+    tracker = CorrTracker.for_model(model) if corr else None  # an undefined Corr fails before the pass
     was_training = in_torch and model.training
     if in_torch:
         model.eval()
@@ -324,13 +327,20 @@ def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
             if batch is None:
                 continue
             sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            dets = model.detect(batch.to(device), sizes)
-            evaluator.update([t["image_id"] for t in targets], [{k: v.cpu() for k, v in d.items()} for d in dets])
+            ids = [t["image_id"] for t in targets]
+            dets = (tracker.detect(model, batch.to(device), sizes, ids) if tracker is not None else
+                    model.detect(batch.to(device), sizes))
+            evaluator.update(ids, [{k: v.cpu() for k, v in d.items()} for d in dets])
     if in_torch:
         model.train(was_training)
     if ctx.distributed:
         evaluator.merge(gather_objects(evaluator.per_image, ctx))
-    return evaluator.compute(), evaluator.results()
+        if tracker is not None:
+            tracker.merge(gather_objects(tracker.per_image, ctx))
+    metrics = evaluator.compute()
+    if tracker is not None:
+        metrics["corr"] = tracker.result()
+    return metrics, evaluator.results()
 
 
 def format_metrics(metrics: dict) -> str:

@@ -434,14 +434,30 @@ def format_environment(env: dict) -> str:
     return "environment: " + ", ".join(f"{k} {v}" for k, v in env.items())
 
 
-def plot_ap_vs_gflops(points: list[tuple[str, float, float]], out: str | Path) -> None:
-    """AP against GFLOPs, one labelled point per (label, gflops, ap) (the papers' accuracy-cost figure)."""
+def plot_ap_vs_gflops(points: list[tuple[str, float, float, dict | None]], out: str | Path) -> None:
+    """AP against GFLOPs, one labelled point per (label, gflops, ap, corr) (the papers' accuracy-cost
+    figure). ``corr`` is a run's ``metrics.json`` "corr" ({"mean", "per_layer"}) or None: where any run
+    has one, the labels carry its mean and a second panel draws Corr per encoder layer."""
     from .plots import pyplot, save_figure
-    fig, ax = pyplot().subplots(figsize=(5, 4), dpi=120)
-    for label, gflops, ap in points:
+    with_corr = [(label, corr) for label, _, _, corr in points if corr and corr.get("mean") is not None]
+    fig, axes = pyplot().subplots(1, 1 + bool(with_corr), figsize=(5 + 4 * bool(with_corr), 4), dpi=120,
+                                  squeeze=False)
+    ax = axes[0, 0]
+    for label, gflops, ap, corr in points:
+        text = label if (label, corr) not in with_corr else f"{label} (Corr {corr['mean']:.2f})"
         ax.scatter([gflops], [100 * ap], s=30)
-        ax.annotate(label, (gflops, 100 * ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(text, (gflops, 100 * ap), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("GFLOPs")
     ax.set_ylabel("AP")
     ax.grid(alpha=0.3)
+    if with_corr:
+        ax = axes[0, 1]
+        for label, corr in with_corr:
+            ax.plot(range(len(corr["per_layer"])), corr["per_layer"], marker="o", label=label)
+        ax.set_xticks(range(max(len(corr["per_layer"]) for _, corr in with_corr)))
+        ax.set_xlabel("encoder layer")
+        ax.set_ylabel("Corr (decoder attention on kept tokens)")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     save_figure(fig, out)

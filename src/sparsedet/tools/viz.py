@@ -1,6 +1,7 @@
 """Figures of what a model looked at (``sparsedet viz``): the tokens its encoder updated, per feature
-level and per encoder layer (Focus-DETR figs. 6, 9, 10), where the decoder read for one query, and
-the final detections.
+level and per encoder layer (Focus-DETR figs. 6, 9, 10), where the decoder read for one query, the
+decoder attention map (Sparse DETR's DAM) beside the kept tokens with the image's Corr, and the final
+detections.
 
 Every drawn token comes from the model's own ``TokenSelection`` (or, for a dense encoder, from the
 valid tokens it updates): nothing is re-scored here.
@@ -8,6 +9,7 @@ valid tokens it updates): nothing is re-scored here.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ..engine.corr import corr_ratio, mean_defined
 from ..errors import SparsedetError
+from ..losses.selection import decoder_attention_map
 from ..models.detector import DetectorOutput
 from ..models.encoders.scoring import written
 from ..nn.attention import ProjectedAttention
@@ -23,6 +27,7 @@ from ..ops.functional import token_levels
 from .draw import PALETTE, draw_detections, grid
 
 PANEL = 384  # pixel side of one panel in the tiled figures
+KEPT = (0, 255, 255)  # outline of kept tokens over the red attention heat map
 
 
 @dataclass
@@ -173,13 +178,7 @@ def decoder_reads(obs: Observation, query: int, layer: int) -> tuple[Image.Image
         facts["points"] = points
     elif obs.cross_attention:
         weights = obs.cross_attention[layer][:, query].mean(0)  # [S]
-        h, w = obs.shapes[0]
-        heat = weights.view(1, 1, h, w)
-        heat = torch.nn.functional.interpolate(heat, size=(ph, pw), mode="nearest")[0, 0, :image.height, :image.width]
-        alpha = (255 * 0.8 * heat / heat.max().clamp(min=1e-12)).byte().numpy()
-        red = Image.new("RGBA", image.size, (255, 0, 0, 0))
-        red.putalpha(Image.fromarray(alpha))
-        image = Image.alpha_composite(image.convert("RGBA"), red).convert("RGB")
+        image = _heat(image, weights.view(obs.shapes[0]), obs.padded_size)
         facts["attention_peak_token"] = int(weights.argmax())
     boxes = out.aux[layer].boxes if layer < len(out.aux) else out.boxes
     cx, cy, bw, bh = (boxes[0, query] * torch.tensor([obs.image.width, obs.image.height] * 2)).tolist()
@@ -188,10 +187,56 @@ def decoder_reads(obs: Observation, query: int, layer: int) -> tuple[Image.Image
     return _caption(image, f"decoder layer {layer}, query {query}"), facts
 
 
+def _heat(image: Image.Image, values: Tensor, padded_size: tuple[int, int]) -> Image.Image:
+    """``values`` [h, w] on a grid over the padded input, drawn as red (opaque at the maximum) on ``image``."""
+    heat = torch.nn.functional.interpolate(values.float()[None, None], size=padded_size, mode="nearest")[0, 0]
+    heat = heat[:image.height, :image.width]
+    alpha = (255 * 0.8 * heat / heat.max().clamp(min=1e-12)).byte().numpy()
+    red = Image.new("RGBA", image.size, (255, 0, 0, 0))
+    red.putalpha(Image.fromarray(alpha))
+    return Image.alpha_composite(image.convert("RGBA"), red).convert("RGB")
+
+
+def attention_map(obs: Observation) -> Tensor | None:
+    """The image's decoder attention map [S] (every decoder layer, query, head and point splatted on
+    the tokens), or None for a decoder without sampling points."""
+    if obs.out.sampling is None:
+        return None
+    locations, weights = obs.out.sampling
+    return decoder_attention_map(locations[:1].float(), weights[:1].float(), obs.shapes)[0].cpu()
+
+
+def image_corr(obs: Observation, dam: Tensor, num_layers: int) -> list[float]:
+    """Corr of each encoder layer on this image: the DAM's share on the tokens it updated."""
+    kept = torch.zeros(num_layers, 1, dam.shape[0], dtype=torch.bool)
+    for layer in range(num_layers):
+        kept[layer, 0, updated_tokens(obs, layer)] = True
+    return corr_ratio(dam[None], kept, obs.padding[None])[:, 0].tolist()
+
+
+def attention_per_level(obs: Observation, dam: Tensor, layer: int = 0) -> list[Image.Image]:
+    """One panel per level: the DAM as a heat map (each level scaled to its own maximum) with the
+    tokens encoder ``layer`` updated outlined."""
+    cells = token_cells(updated_tokens(obs, layer), obs.shapes)
+    valid = dam.masked_fill(obs.padding, 0.0)
+    total = float(valid.sum()) or 1.0
+    panels = []
+    for lvl, (values, shape) in enumerate(zip(valid.split([h * w for h, w in obs.shapes]), obs.shapes)):
+        panel = _heat(obs.image.convert("RGB"), values.view(shape), obs.padded_size)
+        draw = ImageDraw.Draw(panel)
+        for box in cell_boxes(cells[lvl], shape, obs.padded_size):
+            draw.rectangle(box, outline=KEPT, width=1)
+        share = float(values.sum()) / total
+        panels.append(_caption(panel, f"level {lvl}: {share:.0%} of the attention, {len(cells[lvl])} kept"))
+    return panels
+
+
 def visualize(model, image, out_dir: str | Path, query: int | None = None, layer: int = -1,
               threshold: float = 0.3) -> dict:
-    """Write tokens_per_level.png, tokens_per_layer.png, decoder_query.png, detections.png and
-    viz.json (what was drawn) into ``out_dir``; returns the json's content."""
+    """Write tokens_per_level.png, tokens_per_layer.png, decoder_query.png, dam.png (deformable
+    decoders only), detections.png and viz.json (what was drawn; "corr": this image's Corr per
+    encoder layer and its mean, None without sampling points) into ``out_dir``; returns the json's
+    content."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     obs = observe(model, image)
@@ -206,6 +251,11 @@ def visualize(model, image, out_dir: str | Path, query: int | None = None, layer
     grid(tokens_per_layer(obs, c.num_encoder_layers), columns=3, cell=PANEL).save(out_dir / "tokens_per_layer.png")
     picture, reads = decoder_reads(obs, query, layer)
     picture.save(out_dir / "decoder_query.png")
+    dam, corr = attention_map(obs), None
+    if dam is not None:
+        grid(attention_per_level(obs, dam), columns=len(obs.shapes), cell=PANEL).save(out_dir / "dam.png")
+        per_layer = image_corr(obs, dam, c.num_encoder_layers)
+        corr = {"mean": mean_defined(per_layer), "per_layer": [None if math.isnan(v) else v for v in per_layer]}
     size = torch.tensor([[obs.image.height, obs.image.width]])
     det = model.postprocess.detections(obs.out.logits, obs.out.boxes, size, c.top_k, threshold)[0]
     draw_detections(obs.image, det, model.classes).save(out_dir / "detections.png")
@@ -214,6 +264,6 @@ def visualize(model, image, out_dir: str | Path, query: int | None = None, layer
              "levels": [list(s) for s in obs.shapes], "strides": _strides(obs),
              "tokens_per_level_layer0": [len(b) for b in drawn], "token_boxes_layer0": drawn,
              "tokens_per_layer": [len(updated_tokens(obs, t)) for t in range(c.num_encoder_layers)],
-             "decoder": reads, "detections": len(det["scores"])}
+             "decoder": reads, "detections": len(det["scores"]), "corr": corr}
     (out_dir / "viz.json").write_text(json.dumps(facts))
     return facts
