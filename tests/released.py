@@ -205,7 +205,9 @@ def official_swin(swin: SwinTransformer, prefix: str, torchvision: bool = False)
         if key.endswith("relative_position_bias_table"):
             index = relative_position_index(swin.window)
             at = key.replace("relative_position_bias_table", "relative_position_index")
-            out[prefix + (_torchvision_swin_name(at) if torchvision else at)] = index.flatten() if torchvision else index
+            if torchvision:
+                at, index = _torchvision_swin_name(at), index.flatten()
+            out[prefix + at] = index
     return out
 
 

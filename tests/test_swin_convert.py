@@ -34,7 +34,8 @@ def swin_file(source: str, official, shared_dir, tmp_path, drop: str = ""):
     input projections resized from ResNet-50's channels to the Swin's: (path, swin, projections)."""
     name, prefix, torchvision, norms = CASES[source]
     swin = tiny_swin(norms)
-    backbone = {k: v for k, v in official_swin(swin, prefix, torchvision).items() if not drop or not k.startswith(prefix + drop)}
+    backbone = {k: v for k, v in official_swin(swin, prefix, torchvision).items()
+                if not drop or not k.startswith(prefix + drop)}
     widths = dict(zip((512, 1024, 2048), swin.out_channels))
     fixture = official(name)
     projections = {k: torch.randn(v.shape[0], widths[v.shape[1]], *v.shape[2:]) for k, v in fixture[0].items()

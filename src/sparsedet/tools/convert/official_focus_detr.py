@@ -75,5 +75,6 @@ def convert_official_focus_detr(path: str | Path) -> tuple[Renamed, dict]:
     state = fold_aliases(state, aliases, path)
     rules = RULES + [Rule(r"class_embed\.(\d+)\.(" + WB + ")", _head("class", layers)),
                      Rule(r"bbox_embed\.(\d+)\.(layers\.[0-2]\." + WB + ")", _head("box", layers))]
-    out = rename_keys(state, rules, path, ignore=[r".*num_batches_tracked", r".*total_(ops|params)", *SWIN_BUFFERS], hint=HINT)
+    out = rename_keys(state, rules, path, ignore=[r".*num_batches_tracked", r".*total_(ops|params)", *SWIN_BUFFERS],
+                      hint=HINT)
     return out, sizes_from_state(out)

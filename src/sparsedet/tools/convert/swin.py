@@ -54,7 +54,8 @@ def swin_overrides(state: Mapping[str, Tensor], source: object = "checkpoint") -
     window from the bias table ((2w-1)^2 rows), returned stages from the neck's 1x1 input
     projections (their input channels), output norms from ``norm{i}`` keys."""
     embed = state["backbone.patch_embed.proj.weight"].shape[0]
-    depths = tuple(layer_count(state, f"backbone.layers.{i}.blocks.") for i in range(layer_count(state, "backbone.layers.")))
+    stages = layer_count(state, "backbone.layers.")
+    depths = tuple(layer_count(state, f"backbone.layers.{i}.blocks.") for i in range(stages))
     fits = [v for v, (dim, counts) in VARIANTS.items() if counts[:len(depths)] == depths]
     if not fits:
         raise SparsedetError(f"{source}: a Swin backbone with {list(depths)} blocks per stage is none of Swin-"
