@@ -82,3 +82,16 @@ def test_five_scale_returns_every_stage():
     assert swin_overrides(state) == {"model.backbone.kind": "swin", "model.backbone.variant": "S",
                                      "model.backbone.window_size": 3, "model.backbone.return_layers": [1, 2, 3, 4],
                                      "model.backbone.output_norms": True, "model.backbone.embed_dim": 16}
+
+
+def test_converted_swin_run_reloads_as_it_was_converted(official, shared_dir, tmp_path):
+    """The run folder records the Swin fields (here without output norms), so it rebuilds the same model."""
+    from sparsedet import Detector
+    from sparsedet.tools.convert import convert_to_run
+
+    path, swin, _ = swin_file("official-salience-detr", official, shared_dir, tmp_path)
+    convert_to_run("official-salience-detr", path, tmp_path / "run")
+    model = Detector.from_pretrained(tmp_path / "run")
+    got, expected = model.backbone.state_dict(), swin.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not model.config.backbone.output_norms and model.config.backbone.window_size == 3
