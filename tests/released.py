@@ -13,6 +13,7 @@ from conftest import detectron2_names
 
 from sparsedet.data.categories import COCO_CATEGORIES
 from sparsedet.nn.backbone import ResNet
+from sparsedet.nn.swin import SwinTransformer, relative_position_index
 
 SMALL_DEFORMABLE = {"backbone.depth": 18, "num_encoder_layers": 2, "num_decoder_layers": 2, "ffn_dim": 64,
                     "num_queries": 30, "num_classes": 91}
@@ -194,33 +195,67 @@ def hf_conditional_detr_dc5(directory: Path, layers: int, queries: int, num_clas
     return model
 
 
-def official_fixture_file(name: str, official, shared_dir: Path, tmp_path: Path):
-    """The fixture's official state dict with a ResNet-50 (the fixture leaves it out) saved in the
-    source's released container: (path, inputs, expected outputs, manifest)."""
+def official_swin(swin: SwinTransformer, prefix: str, torchvision: bool = False) -> dict:
+    """Our Swin's state dict under ``prefix`` in the official detection Swin's names, with the
+    ``relative_position_index`` buffers it saves, or in torchvision's (``features.{k}``, the index
+    flattened), as Salience DETR saves its Swin."""
+    out = {}
+    for key, value in swin.state_dict().items():
+        out[prefix + (_torchvision_swin_name(key) if torchvision else key)] = value.clone()
+        if key.endswith("relative_position_bias_table"):
+            index = relative_position_index(swin.window)
+            at = key.replace("relative_position_bias_table", "relative_position_index")
+            if torchvision:
+                at, index = _torchvision_swin_name(at), index.flatten()
+            out[prefix + at] = index
+    return out
+
+
+def _torchvision_swin_name(key: str) -> str:
+    """torchvision's name of one of our Swin keys: features.0 = (conv, permute, norm), stage i's blocks
+    at features.{2i+1} (MLP as a Sequential: fc1 = 0, fc2 = 3), its patch merging at features.{2i+2}."""
+    parts = key.split(".")
+    if parts[0] == "patch_embed":
+        return f"features.0.{ {'proj': 0, 'norm': 2}[parts[1]]}.{parts[2]}"
+    stage, rest = int(parts[1]), ".".join(parts[3:])
+    if parts[2] == "downsample":
+        return f"features.{2 * stage + 2}.{rest}"
+    return f"features.{2 * stage + 1}.{rest.replace('mlp.fc1', 'mlp.0').replace('mlp.fc2', 'mlp.3')}"
+
+
+def fixture_resnet(name: str) -> dict:
+    """A torchvision ResNet-50 (random weights) under the names the source's checkpoints give it."""
+    if name in ("sam_detr", "sam_detr_smca"):  # single scale: C5 only
+        return {f"backbone.0.body.{k}": v for k, v in ResNet(50, return_layers=[4]).state_dict().items()}
+    r50 = ResNet(50).state_dict()
+    if name == "focus_detr":  # detectron2 ResNet names
+        return {f"backbone.{k}": v for k, v in detectron2_names(r50).items()}
+    return {f"{'backbone.' if name == 'salience_detr' else 'backbone.0.body.'}{k}": v for k, v in r50.items()}
+
+
+def official_fixture_file(name: str, official, shared_dir: Path, tmp_path: Path, backbone: dict | None = None):
+    """The fixture's official state dict with a backbone (the fixture leaves it out) saved in the
+    source's released container: (path, inputs, expected outputs, manifest). backbone: the file's
+    backbone keys, with any fixture keys to replace (the input projections of other channels); a
+    ResNet-50 when None."""
     state, inputs, expected, manifest = official(name)
-    torchvision_r50 = {k: v for k, v in ResNet(50).state_dict().items()}
+    state.update(fixture_resnet(name) if backbone is None else backbone)
     if name == "dino":
-        state.update({f"backbone.0.body.{k}": v for k, v in torchvision_r50.items()})
         path, packed = tmp_path / "checkpoint0011_4scale.pth", {"model": state, "epoch": 11}
     elif name == "sparse_detr":
-        state.update({f"backbone.0.body.{k}": v for k, v in torchvision_r50.items()})
         c = manifest["config"]
         args = argparse.Namespace(rho=c["rho"], num_queries=c["num_queries"], nheads=c["nheads"], dropout=c["dropout"])
         path, packed = tmp_path / "sparse_detr_r50_30.pth", {"model": state, "epoch": 49, "args": args}
-    elif name == "focus_detr":  # a detectron2 checkpoint with detectron2 ResNet names
-        state.update({f"backbone.{k}": v for k, v in detectron2_names(torchvision_r50).items()})
+    elif name == "focus_detr":  # a detectron2 checkpoint
         path, packed = tmp_path / "focus_detr_r50_4scale_12ep.pth", {"model": state, "iteration": 89999}
     elif name == "salience_detr":  # a flat state dict, with buffers and the class names the trainer adds
         from safetensors.torch import load_file
         state.update(load_file(str(shared_dir / "fixtures" / "official" / "salience_detr" / "buffers.safetensors")))
-        state.update({f"backbone.{k}": v for k, v in torchvision_r50.items()})
         # The trainer stores the training set's names per category id as character codes, -1 after each.
         names = [dict(COCO_CATEGORIES).get(i, "none") for i in range(91)]
         state["_classes_"] = torch.tensor([c for n in names for c in [*map(ord, n), -1]])
         path, packed = tmp_path / "salience_detr_resnet50_800_1333_coco_1x.pth", state
     elif name in ("sam_detr", "sam_detr_smca"):
-        c5 = ResNet(50, return_layers=[4]).state_dict()
-        state.update({f"backbone.0.body.{k}": v for k, v in c5.items()})
         path, packed = tmp_path / "checkpoint.pth", {"model": state, "epoch": 49}
     else:
         raise ValueError(name)

@@ -40,6 +40,11 @@ _DINO_IDS = ("file id from third-party download scripts (the official README lin
 _SAM_NAME = "our cache name: the README gives Drive links, not the file's own name"
 # A DC5 file has a C5 file's keys; its pickled args say dilation, and the override holds even without them.
 _DC5 = ("backbone.dilation=true",)
+_DINO_SWIN = (f"download it from the Drive folder {_DINO_FOLDER}: the README gives neither the file's name nor "
+              "its id; the name is the folder's as third-party scripts cite it (36 epochs: the folder's other "
+              "Swin file of that scale)")
+_FOCUS_SWIN = ("the Swin configs are not in the released code: the position embedding is taken to be the "
+               "12-epoch R50 model's, unverified")
 
 _RELEASES = [
     Release("deformable_detr_r50_single_scale_50ep", _DEFORMABLE, "r50_deformable_detr_single_scale-checkpoint.pth",
@@ -64,12 +69,20 @@ _RELEASES = [
             drive_id="1cJ6WWAYrYjK2xGpv_x1-EqKMeNNW5R0h", note=_DINO_IDS),
     Release("dino_r50_36ep", "official-dino", "checkpoint0033_4scale.pth", 50.9,
             note=f"no file id known: download it from the Drive folder {_DINO_FOLDER}"),
+    *[Release(name, "official-dino", file, ap, note=_DINO_SWIN)
+      for name, file, ap in (("dino_swin_l_12ep", "checkpoint0011_4scale_swin.pth", 56.8),
+                             ("dino_swin_l_36ep", "checkpoint0029_4scale_swin.pth", 58.0),
+                             ("dino_swin_l_5scale_12ep", "checkpoint0011_5scale_swin.pth", 57.3),
+                             ("dino_swin_l_5scale_36ep", "checkpoint0027_5scale_swin.pth", 58.5))],
     *[Release(f"sparse_detr_r50_rho0.{k}_50ep", "official-sparse-detr", f"sparse_detr_r50_{k}0.pth", ap,
               url=f"{_SPARSE_URL}sparse_detr_r50_{k}0.pth")
       for k, ap in zip(range(1, 6), (45.3, 45.6, 46.0, 46.2, 46.3))],
     *[Release(f"sparse_detr_r50_scrl_rho0.{k}_50ep", "official-sparse-detr", f"sparse_detr_r50_scrl_{k}0.pth", ap,
               url=f"{_SPARSE_URL}sparse_detr_r50_scrl_{k}0.pth", note="backbone initialised with SCRL")
       for k, ap in zip(range(1, 6), (46.9, 47.2, 47.4, 47.7, 47.9))],
+    *[Release(f"sparse_detr_swin_t_rho0.{k}_50ep", "official-sparse-detr", f"sparse_detr_swint_{k}0.pth", ap,
+              url=f"{_SPARSE_URL}sparse_detr_swint_{k}0.pth")
+      for k, ap in zip(range(1, 6), (48.2, 48.8, 49.1, 49.2, 49.3))],
     Release("focus_detr_r50_12ep", "official-focus-detr", "focus_detr_r50_4scale_12ep.zip", 48.8,
             url=f"{_FOCUS_URL}focus_detr_r50_4scale_12ep.zip"),
     *[Release(f"focus_detr_r50_{epochs}ep", "official-focus-detr", file, ap, url=_FOCUS_URL + file,
@@ -77,6 +90,12 @@ _RELEASES = [
               note="DAB-DETR's position embedding, which nothing in the file records")
       for epochs, file, ap in ((24, "focus_detr_r50_4scale_24ep.zip", 50.3),
                                (36, "focus_detr_r50_4scale_36ep_v3.zip", 50.4))],
+    *[Release(name, "official-focus-detr", file, ap, url=_FOCUS_URL + file, note=_FOCUS_SWIN)
+      for name, file, ap in (("focus_detr_swin_t_12ep", "focus_detr_swin_tiny_224_4scale_12ep.zip", 50.0),
+                             ("focus_detr_swin_t_24ep", "focus_detr_swin_tiny_224_4scale_24ep.zip", 51.2),
+                             ("focus_detr_swin_b_36ep", "focus_detr_swin_base_384_4scale_22k_36ep.pth", 56.2))],
+    Release("salience_detr_swin_l_12ep", "official-salience-detr", "salience_detr_swin_l_800_1333_coco_1x.pth", 56.5,
+            url=_SALIENCE_URL + "salience_detr_swin_l_800_1333_coco_1x.pth"),
     *[Release(f"salience_detr_r50_{epochs}ep", "official-salience-detr", file, ap, url=_SALIENCE_URL + file)
       for epochs, file, ap in ((12, "salience_detr_resnet50_800_1333_coco_1x.pth", 50.0),
                                (24, "salience_detr_resnet50_800_1333_coco_2x.pth", 51.2))],

@@ -297,5 +297,13 @@ def sizes_from_state(state: Renamed, heads: int = 8) -> dict:
         if key in state:
             sizes["model.num_queries"] = state[key].shape[0]
     if any(k.startswith("backbone.") for k in state):
-        sizes["model.backbone.depth"] = resnet_depth(state)
+        sizes.update(backbone_sizes(state))
     return sizes
+
+
+def backbone_sizes(state: Renamed) -> dict:
+    """``model.backbone`` overrides for the converted backbone keys: a Swin's (kind, variant, window,
+    stages, norms) or a ResNet's depth."""
+    from .swin import is_swin, swin_overrides  # swin.py builds on this module's helpers
+
+    return swin_overrides(state, state.source) if is_swin(state) else {"model.backbone.depth": resnet_depth(state)}

@@ -1,7 +1,8 @@
 """Convert an official Focus-DETR checkpoint (huawei-noah Focus-DETR / detrex ``projects/focus_detr``).
 
 Released files are detectron2 checkpoints ``{"model": state_dict, ...}`` (most inside a .zip,
-read as is). The backbone uses detectron2 ResNet names, mapped to torchvision's here. The
+read as is). The backbone uses detectron2 ResNet names, mapped to torchvision's here, or
+detectron2's Swin, which has the official names. The
 two-stage class head is also saved as ``enhance_MCSP`` (once per encoder layer) and the decoder
 heads again under ``transformer.decoder.*``: those copies are checked equal and dropped. Heads
 are 80-way in detectron2's contiguous COCO order.
@@ -13,6 +14,7 @@ from pathlib import Path
 from ...errors import SparsedetError
 from ...nn.resnet_weights import detectron2_name
 from .common import WB, Renamed, Rule, fold_aliases, layer_count, read_checkpoint, rename_keys, sizes_from_state
+from .swin import SWIN_BUFFERS, SWIN_KEYS
 
 HINT = "Expected an official Focus-DETR checkpoint (e.g. focus_detr_r50_4scale_12ep.zip as released, or the .pth inside)."
 
@@ -43,6 +45,7 @@ def _head(kind: str, num_decoder_layers: int):
 LAYER = r"\.(\d+)\.(attentions\.0\.attn|attentions\.1|ffns\.0\.layers\.0\.0|ffns\.0\.layers\.1|norms\.\d|norm2)(\..+)"
 RULES = [
     Rule(r"backbone\.((stem|res\d)\..+)", lambda m: (name := detectron2_name(m.group(1))) and f"backbone.{name}"),
+    Rule(r"backbone\." + SWIN_KEYS, r"backbone.\1"),  # detectron2's Swin has the official names
     Rule(r"neck\.convs\.(\d)\.conv\." + WB, r"neck.input_proj.\1.0.\2"),
     Rule(r"neck\.convs\.(\d)\.norm\." + WB, r"neck.input_proj.\1.1.\2"),
     Rule(r"neck\.extra_convs\.0\.conv\." + WB, r"neck.input_proj.3.0.\1"),
@@ -72,5 +75,6 @@ def convert_official_focus_detr(path: str | Path) -> tuple[Renamed, dict]:
     state = fold_aliases(state, aliases, path)
     rules = RULES + [Rule(r"class_embed\.(\d+)\.(" + WB + ")", _head("class", layers)),
                      Rule(r"bbox_embed\.(\d+)\.(layers\.[0-2]\." + WB + ")", _head("box", layers))]
-    out = rename_keys(state, rules, path, ignore=[r".*num_batches_tracked", r".*total_(ops|params)"], hint=HINT)
+    out = rename_keys(state, rules, path, ignore=[r".*num_batches_tracked", r".*total_(ops|params)", *SWIN_BUFFERS],
+                      hint=HINT)
     return out, sizes_from_state(out)

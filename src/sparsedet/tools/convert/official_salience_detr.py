@@ -4,7 +4,8 @@ Released files are flat state dicts (saved through accelerate). The filter ratio
 become config (``encoder.level_ratios``, ``encoder.layer_ratios``); ``enhance_mcsp`` is a second
 name of the two-stage class head and is checked equal and dropped, as are the sine-embedding
 buffers; ``_classes_`` (the training set's names per category id) becomes the class table. The
-neck's convolutions have no bias: ours get zeros.
+neck's convolutions have no bias: ours get zeros. The Swin-L file holds torchvision's Swin
+(``features.{k}``, no output norms), renamed by ``swin.torchvision_swin_name``.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from torch import Tensor
 from ...data.categories import raw_id_table
 from ...errors import SparsedetError
 from .common import WB, Renamed, Rule, fold_aliases, read_checkpoint, rename_keys, sizes_from_state
+from .swin import SWIN_BUFFERS, torchvision_swin_name
 
 HINT = "Expected an official Salience DETR checkpoint (xiuqhou/Salience-DETR, e.g. salience_detr_resnet50_800_1333_coco_1x.pth)."
 ENCODER_PARTS = {"pre_attention": "pre_attn", "pre_norm": "pre_norm", "self_attn": "self_attn", "norm1": "norm1",
                  "linear1": "linear1", "linear2": "linear2", "norm2": "norm2"}
 RULES = [
     Rule(r"backbone\.((conv1|bn1|layer\d)\..+)", r"backbone.\1"),
+    # Swin: torchvision's, as a feature extractor in nn.Sequential(extractor, PostProcess()).
+    Rule(r"backbone\.(?:0\.)?features\.(.+)", lambda m: torchvision_swin_name(m.group(1))),
     Rule(r"neck\.convs\.(\d)\.([01])\." + WB, r"neck.input_proj.\1.\2.\3"),
     Rule(r"transformer\.level_embeds", "neck.level_embed"),
     Rule(r"transformer\.alpha", "encoder.alpha"),
@@ -43,7 +47,7 @@ RULES = [
     Rule(r"denoising_generator\.label_encoder\.weight", "denoising.label_enc.weight"),
 ]
 DROPPED = [r"position_embedding\.dim_t[xy]", r"_classes_", r".*total_(ops|params)", r".*num_batches_tracked",
-           r"transformer\.(level|layer)_filter_ratio"]
+           r"transformer\.(level|layer)_filter_ratio", *SWIN_BUFFERS]
 
 
 def convert_official_salience_detr(path: str | Path) -> tuple[Renamed, dict]:

@@ -4,7 +4,8 @@ The file is ``{"model": state_dict, "optimizer", "lr_scheduler", "epoch", "args"
 with ``weights_only=True``. The 12 head pairs are one list: 0..L-1 decoder layers, L the two-stage
 head, L+1.. the encoder auxiliary heads; the copies saved again under ``transformer.decoder.*`` and
 ``transformer.encoder.*`` are checked equal and dropped, as are thop's ``total_ops/total_params``
-buffers. The keep ratio and query count come from ``args`` (``rho``, ``num_queries``).
+buffers. The keep ratio and query count come from ``args`` (``rho``, ``num_queries``). Swin-T files
+(``sparse_detr_swint_{10..50}.pth``) hold the official Swin under ``backbone.0.body.`` too.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from ...errors import SparsedetError
 from .common import WB, Renamed, Rule, fold_aliases, layer_count, read_checkpoint, rename_keys, sizes_from_state
+from .swin import SWIN_BUFFERS
 
 HINT = "Expected an official Sparse DETR checkpoint (kakaobrain/sparse-detr, e.g. sparse_detr_r50_30.pth)."
 
@@ -53,7 +55,7 @@ def convert_official_sparse_detr(path: str | Path) -> tuple[Renamed, dict]:
                     for kind in ("class_embed", "bbox_embed") for i in range(enc_layers - 1)})
     state = fold_aliases(state, aliases, path)
     out = rename_keys(state, RULES + _head_rules(layers), path,
-                      ignore=[r".*num_batches_tracked", r".*total_(ops|params)"], hint=HINT)
+                      ignore=[r".*num_batches_tracked", r".*total_(ops|params)", *SWIN_BUFFERS], hint=HINT)
     if "rho" not in args:
         warnings.warn(f"{path} carries no training args; assuming the preset's keep ratio and 300 queries")
     overrides = sizes_from_state(out, args.get("nheads", 8))
