@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SparsedetError
+from .weights_file import read_backbone_file, require_tensors
 
 # What a detectron2 ``.pkl`` may reference: numpy's array reconstruction and containers.
 _NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
@@ -62,23 +63,7 @@ def _read_pickle(path: Path) -> dict:
 
 def read_resnet_weights(path: str | Path) -> dict[str, Tensor]:
     """A ResNet state dict in torchvision names (``fc.*`` included when the file has it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SparsedetError(f"backbone weights not found: {path}; pass an existing file as model.backbone.weights=PATH")
-    if path.suffix == ".pkl":
-        state = _read_pickle(path)
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
-            raise SparsedetError(f"could not read backbone weights {path}: {e}") from None
-        if isinstance(state, dict):
-            state = state.get("state_dict", state.get("model", state))
-    if not isinstance(state, dict):
-        raise SparsedetError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    state = read_backbone_file(path, _read_pickle)
     if any(re.fullmatch(r"(res\d_\d+_branch\w+|conv1)_w", str(k)) for k in state):
         raise SparsedetError(
             f"{path} is a Caffe2 (MSRA) ResNet: it strides in the 1x1 convolutions and expects BGR 0-255 "
@@ -89,6 +74,4 @@ def read_resnet_weights(path: str | Path) -> dict[str, Tensor]:
         key = str(key).removeprefix("module.").removeprefix("backbone.").removeprefix("body.")
         key = detectron2_name(key) or key
         out[key] = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
-    if not all(isinstance(v, Tensor) for v in out.values()):
-        raise SparsedetError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return out
+    return require_tensors(out, path)

@@ -6,11 +6,11 @@ import math
 import re
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import SparsedetError
+from .weights_file import read_backbone_file, require_tensors
 
 # Not ours: the classifier and its final norm, and buffers the official code saves but we derive.
 _SKIP = re.compile(r"(head|norm)\.\w+|.*\.(relative_position_index|attn_mask)")
@@ -20,22 +20,7 @@ _TABLE = "relative_position_bias_table"
 def read_swin_weights(path: str | Path) -> dict[str, Tensor]:
     """The state dict in an official ``.pth`` (``model``/``state_dict`` entry or flat) or a
     ``.safetensors`` file, read without running pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise SparsedetError(f"backbone weights not found: {path}; pass an existing file as "
-                             "model.backbone.weights=PATH")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
-            raise SparsedetError(f"could not read backbone weights {path}: {e}") from None
-        if isinstance(state, dict):
-            state = state.get("model", state.get("state_dict", state))
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise SparsedetError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    state = require_tensors(read_backbone_file(path), path)
     return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
