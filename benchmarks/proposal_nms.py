@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from sparsedet.models.encoders.scoring import token_levels
+from sparsedet.ops.functional import token_levels
 from sparsedet.models.queries import ProposalQueries
 from sparsedet.ops.boxes import batched_nms
 

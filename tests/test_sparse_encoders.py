@@ -166,3 +166,15 @@ def test_selection_loss_trains_the_scorer_and_unselected_tokens_keep_their_value
         assert len(encoded.aux) == len(model.encoder.layers) - 1
         assert {k for k in terms if "_enc_" in k} == {f"loss_{t}_enc_{i}" for t in ("cls", "bbox", "giou")
                                                      for i in range(len(encoded.aux))}
+
+
+def test_top_share_width_stays_within_the_tokens():
+    """keep_ratio 1 with Sparse/Focus's +1 asks for one token more than an unpadded image has, and a
+    small level's quota can floor to 0: the width is clamped to [1, tokens], the counts say what is written."""
+    from sparsedet.models.encoders.scoring import top_share
+    logits = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    padding = torch.zeros(1, 4, dtype=torch.bool)
+    every = top_share(logits, padding, 1.0, plus_one=True)
+    assert every.indices.tolist() == [[1, 2, 3, 0]] and every.counts.tolist() == [5]
+    none = top_share(logits, padding, 0.2, plus_one=False)
+    assert none.indices.tolist() == [[1]] and none.counts.tolist() == [0]

@@ -55,10 +55,11 @@ class StepPlan(Hook):
         self._check(trainer, trainer.trained_seconds)  # a resumed run may have finished already
 
     def after_step(self, trainer: Trainer) -> None:
-        budget = trainer.plan.budget_s
-        elapsed = distributed.max_over_ranks(trainer.trained_seconds, trainer.ctx, trainer.device) \
-            if budget else trainer.trained_seconds
-        self._check(trainer, elapsed)
+        if trainer.plan.budget_s:
+            # Every process takes the longest clock, so that the budget-driven lr schedule and the
+            # stop agree across processes.
+            trainer.trained_seconds = distributed.max_over_ranks(trainer.trained_seconds, trainer.ctx, trainer.device)
+        self._check(trainer, trainer.trained_seconds)
 
     def _check(self, trainer: Trainer, elapsed: float) -> None:
         reason = trainer.plan.stop_reason(trainer.step, elapsed, trainer.config.train)
@@ -202,10 +203,11 @@ class Checkpoints(Hook):
         self._save_new_best(trainer)
 
     def save(self, trainer: Trainer, best: bool = False) -> None:
-        state = trainer.train_state()
+        link = best and self._saved_step == trainer.step  # the step's own checkpoint: share its files
+        state = None if link else trainer.train_state()  # every process takes part (RNG states gathered)
         if trainer.ctx.is_main:
             name = f"{'best_' if best else ''}step_{trainer.step:08d}"
-            if best and self._saved_step == trainer.step:  # the step's own checkpoint: share its files
+            if link:
                 link_checkpoint(trainer.out_dir / CHECKPOINTS / f"step_{trainer.step:08d}", name)
             else:
                 trainer.model.run_config = trainer.config

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..config import LossConfig
 from ..ops.boxes import cxcywh_to_xyxy
+from ..ops.functional import top_k
 from .focal import sigmoid_focal_loss
 
 if TYPE_CHECKING:  # the encoders name their supervision from here
@@ -57,7 +58,7 @@ def top_count_targets(scores: Tensor, padding: Tensor, counts: Tensor) -> Tensor
     """1.0 on each image's ``counts[i]`` highest-scoring non-padding tokens, 0 elsewhere: [B, S]."""
     ranked = scores.masked_fill(padding, scores.min() - 1)
     k = min(int(counts.max()), scores.shape[1])
-    top = ranked.topk(k, dim=1).indices
+    top = top_k(ranked, k)[1]  # ties to the lower index, whatever the CPU
     chosen = torch.arange(k, device=scores.device)[None] < counts[:, None]
     return torch.zeros_like(scores).scatter(1, top, chosen.to(scores.dtype))
 

@@ -60,7 +60,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.long, device=boxes.device)
-    order = scores.argsort(descending=True)
+    order = scores.argsort(descending=True, stable=True)
     iou = box_iou(boxes[order], boxes[order])
     n = order.numel()
     keep = torch.ones(n, dtype=torch.bool, device=boxes.device)

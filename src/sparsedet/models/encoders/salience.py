@@ -49,7 +49,7 @@ class SalienceEncoder(FocusEncoder):
             scores.append(top.scores)
             indices.append(top.indices + start)
             counts = counts + top.counts
-        scores, order = torch.cat(scores, 1).sort(dim=1, descending=True)
+        scores, order = torch.cat(scores, 1).sort(dim=1, descending=True, stable=True)
         indices = torch.cat(indices, 1).gather(1, order)
         return cascade(indices, scores, counts, self.layer_ratios)
 

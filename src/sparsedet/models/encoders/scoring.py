@@ -110,8 +110,10 @@ def top_share(logits: Tensor, padding: Tensor, ratio: float, plus_one: bool) -> 
     """Each image's best floor(ratio * valid) (+ 1) tokens of ``logits`` [B, n], padding masked to
     the minimum, at the batch-wide width of the largest count."""
     counts = keep_counts((~padding).sum(1), ratio, plus_one)
-    # The batch's width is the largest count.
-    scores, indices = top_k(mask_padding(logits, padding), size_value(counts.max(), logits.shape[1]))
+    # The batch's width is the largest count, at least one token and at most all (keep_ratio 1 with
+    # the +1 asks for one more than there are; a small level's quota can floor to 0).
+    width = size_value(counts.max().clamp(1, logits.shape[1]), logits.shape[1])
+    scores, indices = top_k(mask_padding(logits, padding), width)
     return LayerSelection(indices, scores, counts)
 
 
