@@ -59,3 +59,11 @@ def test_a_mistyped_zoo_name_gets_did_you_mean(tmp_path, capsys):
     assert main(["predict", "--weights", "dino_r50_12epp", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "'dino_r50_12epp' is neither a run folder nor a zoo name; did you mean dino_r50_12ep" in \
         capsys.readouterr().err
+
+
+def test_viz_refuses_an_onnx_file(tmp_path, capsys):
+    image = tmp_path / "photo.png"
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(image)
+    assert main(["viz", str(tmp_path / "m.onnx"), str(image), "--out", str(tmp_path / "o")]) == 2
+    assert "is an ONNX file, which keeps no tokens or sampling points to draw" in capsys.readouterr().err

@@ -253,6 +253,9 @@ def cmd_viz(args) -> int:
     from .tools.zoo import resolve_run
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
+    if args.target.lower().endswith(".onnx"):
+        raise SparsedetError(f"{args.target} is an ONNX file, which keeps no tokens or sampling points to draw; "
+                             "viz takes a run folder, a zoo name or a preset")
     check_target(args.target)
     args.target = str(resolve_run(args.target))
     model = load_model(args.target, parse_overrides(args.overrides + _deprecated_set(args)))

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="dino_tiny", help="model preset (default dino_tiny)")
     s.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_overrides(s)
     s.set_defaults(command="demo")
 
     s = sub.add_parser("synth", help="write a deterministic synthetic COCO (or YOLO) dataset",
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run folder to write (with --resume: RUN)")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bars: plain log lines every train.log_every steps (for nohup and batch logs)")
-    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_overrides(s)
     s.set_defaults(command="train")
 
     s = sub.add_parser("eval", help="COCO AP of a run folder, an exported .onnx file or a results file",
@@ -87,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ground truth: COCO json, or YOLO data.yaml or its folder (its val split)")
     s.add_argument("--images", help="image root (default: the json's folder)")
     s.add_argument("--out", help="folder for metrics.json (default: RUN/eval/DATA, or . for --results)")
-    s.add_argument("--batch-size", type=int, default=4, help="images per forward (default 4)")
-    s.add_argument("--device", help=DEVICE_HELP)
-    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    add_runtime_options(s, "images per forward (default 4)")
     s.add_argument("--plots", action="store_true",
                    help="also draw precision-recall curves (per class and over all classes; IoU 0.50:0.95 and 0.50) "
                    "and a confusion matrix with a background row and column")
@@ -115,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
     s.add_argument("--top-k", type=int, default=None, help="at most K detections per image")
-    s.add_argument("--batch-size", type=int, default=4, help="images or frames per forward (default 4)")
-    s.add_argument("--device", help=DEVICE_HELP)
-    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    add_runtime_options(s, "images or frames per forward (default 4)")
     s.add_argument("--save-txt", action="store_true", help="also write YOLO labels DIR/labels/NAME.txt (a video: "
                    "NAME_FRAME.txt): one line `class cx cy w h score` per detection, normalised to the image; "
                    "class is the index among the model's classes")
@@ -179,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "resizes it: 800x1067 for the R50 presets, the mean resized COCO val2017 image the papers' "
                    "GFLOPs correspond to; 256x341 for the tiny ones)")
     s.add_argument("--batch", type=int, default=1, help="images per forward (default 1); GFLOPs are per image")
-    s.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision of the timed runs: fp32 "
                    "(default), bf16 or fp16 (autocast; fp16 on CUDA only); each row says what ran")
     s.add_argument("--dtype", choices=PRECISIONS, help=argparse.SUPPRESS)  # deprecated spelling of --precision
@@ -210,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", type=int, default=-1, help="decoder layer to show (default: the last)")
     s.add_argument("--threshold", type=float, default=0.3, help="minimum score of drawn detections (default 0.3)")
     s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
-    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    add_overrides(s)
     s.set_defaults(command="viz")
 
     s = sub.add_parser("check-data", help="validate a COCO or YOLO dataset",
@@ -235,3 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "URL/FILE instead.")
     s.set_defaults(command="zoo")
     return p
+
+
+def add_runtime_options(s: argparse.ArgumentParser, batch_help: str) -> None:
+    """--batch-size, --device and --precision, as every verb that runs a model for its outputs has them."""
+    s.add_argument("--batch-size", type=int, default=4, help=batch_help)
+    s.add_argument("--device", help=DEVICE_HELP)
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+
+
+def add_overrides(s: argparse.ArgumentParser) -> None:
+    """Positional key.sub=value config overrides (``cli.parse_args`` also collects those after options)."""
+    s.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

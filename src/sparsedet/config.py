@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SparsedetError
+from .errors import SparsedetError, close_names
 from .jsonfile import read_json_object
 
 # Precision words: inference (predict, eval, bench) takes PRECISIONS; training also "auto" (bf16
@@ -237,7 +236,7 @@ def _build(cls, d: dict, prefix: str):
 
 
 def _unknown(key: str, known: list[str]):
-    close = difflib.get_close_matches(key, known, n=3)
+    close = close_names(key, known)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
     raise SparsedetError(f"unknown config key {key!r}{hint}")
 

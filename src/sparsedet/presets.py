@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .config import BackboneConfig, Config, DataConfig, EncoderConfig, LossConfig, ModelConfig, TrainConfig
-from .errors import SparsedetError
+from .errors import SparsedetError, close_names
 
 
 def _imagenet(**fields) -> BackboneConfig:
@@ -295,8 +295,7 @@ def register_preset(function: Callable[[], Config]) -> Callable[[], Config]:
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
-        import difflib
-        close = difflib.get_close_matches(name, PRESETS, n=3)
+        close = close_names(name, PRESETS)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise SparsedetError(f"unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}")
     config = PRESETS[name]()

@@ -30,7 +30,7 @@ from .. import __version__
 from ..data.batch import Batch
 from ..engine.device import resolve_device
 from ..engine.precision import NAMES, inference_precision, resolve_precision
-from ..errors import SparsedetError
+from ..errors import SparsedetError, close_names
 from ..ops import deform_attn
 from ..ops.flops import OTHER, count_macs, hook_stages
 
@@ -63,13 +63,11 @@ def load_model(target: str, overrides: dict | None = None):
 def check_target(target: str) -> None:
     """Refuse, before any work, a target that is no run folder, .onnx file, preset or zoo name,
     suggesting the closest preset and zoo names."""
-    import difflib
-
     from ..presets import PRESETS
     from .zoo import ZOO
     if target.lower().endswith(".onnx") or Path(target).is_dir() or target in PRESETS or target in ZOO:
         return
-    close = difflib.get_close_matches(target, [*PRESETS, *ZOO], n=3)
+    close = close_names(target, [*PRESETS, *ZOO])
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise SparsedetError(f"{target!r} is neither a run folder nor a preset name{hint} (see `sparsedet presets`; "
                          "`sparsedet zoo` lists the released checkpoints)")

@@ -7,13 +7,12 @@ folder; later calls read the folder and touch no network. URLs, file names and A
 """
 from __future__ import annotations
 
-import difflib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.checkpoint import CONFIG, WEIGHTS
-from ..errors import SparsedetError
+from ..errors import SparsedetError, close_names
 from .download import cache_root, fetch, forget, mirror_url
 
 
@@ -120,7 +119,7 @@ def resolve_run(weights: str | Path) -> str | Path:
         return weights
     name = str(weights)
     if name not in ZOO:
-        close = difflib.get_close_matches(name, ZOO, n=3)
+        close = close_names(name, ZOO)
         if close and not name.lower().endswith(".onnx"):  # a mistyped name rather than a missing folder
             raise SparsedetError(f"{name!r} is neither a run folder nor a zoo name; did you mean "
                                  f"{', '.join(close)}? (`sparsedet zoo` lists them)")
@@ -131,7 +130,7 @@ def resolve_run(weights: str | Path) -> str | Path:
 def pretrained_run(name: str) -> Path:
     """The run folder converted from the released checkpoint ``name`` (see ``ZOO``)."""
     if name not in ZOO:
-        close = difflib.get_close_matches(name, ZOO, n=3)
+        close = close_names(name, ZOO)
         raise SparsedetError(f"unknown zoo name {name!r}{'; did you mean ' + ', '.join(close) + '?' if close else ''} "
                              "(`sparsedet zoo` lists them)")
     release = ZOO[name]
