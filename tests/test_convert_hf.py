@@ -175,7 +175,8 @@ def _our_model(preset: str, converted):
     from sparsedet import Detector
 
     sd, overrides = converted
-    model = Detector.from_preset(preset, **overrides).eval()
+    # As `convert` builds it: the official handling of a padded batch.
+    model = Detector.from_preset(preset, **overrides, mask_padding=False).eval()
     model.load_state_dict(sd)
     return model
 

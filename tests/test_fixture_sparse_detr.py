@@ -6,7 +6,8 @@ from released import official_fixture_file
 from ties import follow_fixture
 
 from sparsedet.data.batch import Batch
-from sparsedet.models.encoders.scoring import LayerSelection, mask_padding
+from sparsedet.models.encoders.scoring import LayerSelection
+from sparsedet.ops.padding import rank_padding_last
 from sparsedet.tools.convert import convert
 
 
@@ -39,7 +40,7 @@ def test_official_sparse_detr_fixture_matches(official, shared_dir, tmp_path, or
     official_order = expected["backbone_mask_prediction"].sort(dim=1, descending=True, stable=True).indices
 
     def follow(logits, levels):
-        ranking = lambda scores: mask_padding(scores, levels.padding)  # noqa: E731
+        ranking = lambda scores: rank_padding_last(scores, levels.padding)  # noqa: E731
         picks = follow_fixture(lambda scores: select(scores, levels).indices,
                                lambda scores, ours: official_order[:, :ours.shape[1]], ranking)(logits)
         return LayerSelection(picks, ranking(logits).gather(1, picks), select(logits, levels).counts)
@@ -58,7 +59,8 @@ def test_official_sparse_detr_fixture_matches(official, shared_dir, tmp_path, or
 
     assert out.selection.layers[0].counts.tolist() == expected["sparse_token_nums"].tolist()
     # The official model returns its scores with padding set to the batch minimum.
-    close(mask_padding(out.selection.token_logits, out.selection.padding), "backbone_mask_prediction")
+    logits = out.selection.token_logits
+    close(logits.masked_fill(out.selection.padding, logits.min()), "backbone_mask_prediction")
     assert len(out.enc_aux) == 5
     for i, aux in enumerate(out.enc_aux):
         close(aux.logits, f"enc_aux.{i}.pred_logits")

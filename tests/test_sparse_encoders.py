@@ -6,7 +6,8 @@ from sparsedet.config import apply_overrides
 from sparsedet.data.batch import Batch
 from sparsedet.losses.criterion import SetCriterion
 from sparsedet.models.detector import DetectionTransformer
-from sparsedet.models.encoders.scoring import TokenScorer, mask_padding, scatter_tokens, top_down_scores
+from sparsedet.models.encoders.scoring import TokenScorer, scatter_tokens, top_down_scores
+from sparsedet.ops.padding import rank_padding_last
 from sparsedet.nn.neck import MultiLevel
 from sparsedet.presets import get_preset
 
@@ -63,7 +64,7 @@ def test_padding_is_never_selected(preset):
     # Padding gets the best raw scores: masking must still rank it last.
     logits = [torch.rand(2, h * w) + 10 * m.flatten(1) for m, (h, w) in zip(pad_maps, shapes)]
     enc = _encoder(preset)
-    flat = mask_padding(torch.cat(logits, 1), padding)
+    flat = rank_padding_last(torch.cat(logits, 1), padding)
     layers = [enc.select(flat, levels)] if preset.startswith("sparse") else enc.select(logits, flat, levels)
     for sel in layers:
         written = torch.arange(sel.indices.shape[1])[None] < sel.counts[:, None]

@@ -14,6 +14,7 @@ from PIL import Image
 from .config import Config, apply_overrides
 from .data.batch import Batch
 from .data.coco import load_image
+from .data.sampler import shape_batches
 from .data.transforms import resize
 from .engine.checkpoint import load_run, save_run
 from .engine.device import resolve_device
@@ -166,12 +167,11 @@ class Detector(DetectionTransformer):
         self.eval()
         device = next(self.parameters()).device
         dtype = resolve_precision(precision, device)
-        results = []
         try:
             with inference_precision(self, dtype):
-                for start in range(0, len(images), batch_size):
-                    batch, sizes, _ = self.preprocess(images[start:start + batch_size])
-                    results += self.detect(batch.to(device), sizes.to(device), threshold, top_k)
+                results = predict_in_shape_batches(
+                    images, batch_size, self.preprocess,
+                    lambda batch, sizes: self.detect(batch.to(device), sizes.to(device), threshold, top_k))
         finally:
             self.train(was_training)
         return with_names(results, self.classes)
@@ -180,6 +180,19 @@ class Detector(DetectionTransformer):
         """Images -> (padded batch at the model's eval size, original (height, width) [B, 2], the
         resized images the batch holds)."""
         return preprocess_images(images, self.config.eval_size, self.config.eval_max_size)
+
+
+def predict_in_shape_batches(images: list[ImageLike], batch_size: int, preprocess, detect) -> list[dict]:
+    """``detect(batch, sizes)`` over ``images`` in batches of like shapes (less padding to compute;
+    the detections do not depend on it), returned in the images' order. ``preprocess`` as
+    ``Detector.preprocess``."""
+    pictures = [_to_pil(image) for image in images]
+    results: list[dict] = [{}] * len(pictures)
+    for indices in shape_batches([(p.height, p.width) for p in pictures], range(len(pictures)), batch_size):
+        batch, sizes, _ = preprocess([pictures[i] for i in indices])
+        for i, detections in zip(indices, detect(batch, sizes)):
+            results[i] = detections
+    return results
 
 
 def preprocess_images(images: list[ImageLike], eval_size: int, eval_max_size: int

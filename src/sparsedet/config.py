@@ -104,6 +104,10 @@ class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     input_norm: bool = True         # GroupNorm after the input projections (Conditional DETR: none)
+    # Keep a batch's padding out of each image's features (ResNet stages, the neck's GroupNorm and
+    # level masks), so detections do not depend on batch-mates; converted checkpoints set false,
+    # computing as the official code does on a padded batch.
+    mask_padding: bool = True
     enc_points: int = 4
     dec_points: int = 4
     dropout: float = 0.1

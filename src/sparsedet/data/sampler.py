@@ -99,3 +99,10 @@ class SeededSamples(Dataset):
             return self.dataset[index]
         finally:
             random.setstate(state)
+
+
+def shape_batches(sizes: Sequence[tuple[int, int]], indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """``indices`` in batches of at most ``batch_size`` whose images, of (height, width) ``sizes[i]``,
+    have like shapes: sorted by aspect ratio, then area (then index), so a batch pads little."""
+    order = sorted(indices, key=lambda i: (sizes[i][1] / sizes[i][0], sizes[i][0] * sizes[i][1], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]

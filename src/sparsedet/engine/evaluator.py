@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..data.batch import collate
 from ..data.categories import column_categories
+from ..data.sampler import shape_batches
 from ..data.coco_json import validate_coco
 from ..errors import SparsedetError
 from ..jsonfile import read_json
@@ -320,8 +321,12 @@ def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
         model.eval()
     m = model.config
     evaluator = Evaluator(dataset.coco, column_categories(m.classes, m.category_ids) or dataset.category_ids)
-    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
-    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    shard = range(ctx.rank, len(dataset), ctx.world_size)
+    # Batches of like shapes: less padding to compute (the results do not depend on it).
+    sizes = getattr(dataset, "image_sizes", None)
+    batches = (shape_batches(sizes, shard, batch_size) if sizes is not None else
+               [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)])
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     with inference_precision(model, dtype) if in_torch else nullcontext():
         for batch, targets, _ in tqdm(loader, desc="eval", disable=not (progress and ctx.is_main), leave=False):
             if batch is None:

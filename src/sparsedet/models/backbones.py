@@ -16,12 +16,13 @@ from ..nn.swin import SwinTransformer
 
 class Backbone(Protocol):
     """images [B, 3, H, W] (normalised, padding zeroed) -> one [B, C_i, ceil(H/s_i), ceil(W/s_i)]
-    map per returned stage, with ``out_channels`` C_i and ``out_strides`` s_i."""
+    map per returned stage, with ``out_channels`` C_i and ``out_strides`` s_i. ``padding`` [B, H, W]
+    (True on padding), where given, keeps the padded cells from reaching the image's (ResNet)."""
 
     out_channels: list[int]
     out_strides: list[int]
 
-    def __call__(self, x: Tensor) -> list[Tensor]: ...
+    def __call__(self, x: Tensor, padding: Tensor | None = None) -> list[Tensor]: ...
 
     def load_weights(self, path: str | Path) -> None: ...
 

@@ -78,7 +78,8 @@ class DetectionTransformer(nn.Module):
         self.refine_boxes = base.refine(c)
         self.backbone = build_backbone(c.backbone)  # weights: Detector.from_config
         self.neck = Neck(self.backbone.out_channels, c.hidden_dim, c.num_levels, c.pos_temperature, c.pos_offset,
-                         norm=c.input_norm, level_embed=not base.single_level)
+                         norm=c.input_norm, level_embed=not base.single_level,
+                         in_strides=self.backbone.out_strides, mask_padding=c.mask_padding)
         self.encoder = build_encoder(c)
         self.queries = base.queries(c)
         self.decoder = base.decoder(c)
@@ -100,7 +101,7 @@ class DetectionTransformer(nn.Module):
         """Normalise, backbone, neck: the encoder's input."""
         x = (batch.images - self.image_mean) / self.image_std
         x = x.masked_fill(batch.mask[:, None], 0.0)
-        return self.neck(self.backbone(x), batch.mask)
+        return self.neck(self.backbone(x, batch.mask if self.config.mask_padding else None), batch.mask)
 
     def forward(self, batch: Batch, targets: list[dict] | None = None, record_sampling: bool = False
                 ) -> DetectorOutput:

@@ -18,6 +18,7 @@ from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
 from ..ops.boxes import cell_nms_batch
 from ..ops.functional import gather_rows, token_levels, top_k
+from ..ops.padding import rank_padding_last
 from .heads import ProposalPredictions
 from .projection import TokenProjection
 
@@ -130,21 +131,23 @@ class ProposalQueries(TokenProjection):
         nn.init.zeros_(self.box_head.layers[-1].bias)
         keep_own_init(self.box_head)
 
-    def select(self, logits: Tensor, k: int) -> Tensor:
+    def select(self, logits: Tensor, k: int, padding: Tensor | None = None) -> Tensor:
         """Indices [B, k] of the tokens that become queries, ranked by raw logits: the first
-        class channel (two-stage) or the best class."""
+        class channel (two-stage) or the best class; ``padding`` [B, S], where given, ranks last
+        (the official code ranks it by its logits, which depend on the batch)."""
         scores = logits[..., 0] if self.mode == "two_stage" else logits.max(-1).values
-        return top_k(scores, k)[1]
+        return top_k(scores if padding is None else rank_padding_last(scores, padding), k)[1]
 
     def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
         B = memory.shape[0]
         feats, proposals = self.project(memory, levels.padding, levels.shapes)
         logits = self.class_head(feats)
         boxes_unact = self.box_head(feats) + proposals
+        padding = levels.padding if levels.per_image else None
         if self.nms_iou > 0:
-            top = self.select_distinct(logits, levels.shapes)
+            top = self.select_distinct(logits, levels.shapes, padding)
         else:
-            top = self.select(logits, min(self.num_queries, logits.shape[1]))
+            top = self.select(logits, min(self.num_queries, logits.shape[1]), padding)
         if self.mode != "mixed":
             ref_unact = gather_rows(boxes_unact, top).detach()
             pos = self.pos_trans_norm(self.pos_trans(
@@ -161,14 +164,17 @@ class ProposalQueries(TokenProjection):
         return QueryInit(tgt, ref_unact.detach().sigmoid(), None, enc)
 
     @torch.no_grad()
-    def select_distinct(self, logits: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+    def select_distinct(self, logits: Tensor, shapes: list[tuple[int, int]], padding: Tensor | None = None
+                        ) -> Tensor:
         """Salience DETR's redundancy removal: of the best 4 x num_queries tokens, suppress those
         whose 3x3-cell box on their own level overlaps a better one by IoU > ``nms_iou`` (direct
         neighbours at 0.3; diagonal ones survive). Returns [B, num_queries]: survivors by score,
         then, where an image has too few, its best suppressed tokens (the official code instead
-        truncates every image to the smallest survivor count)."""
+        truncates every image to the smallest survivor count). ``padding`` as in ``select``."""
         S = logits.shape[1]
-        cand = top_k(logits.max(-1).values, min(4 * self.num_queries, S))[1]  # best first
+        scores = logits.max(-1).values
+        cand = top_k(scores if padding is None else rank_padding_last(scores, padding),
+                     min(4 * self.num_queries, S))[1]  # best first
         starts = torch.tensor([0] + [h * w for h, w in shapes], device=logits.device).cumsum(0)
         widths = torch.tensor([w for _, w in shapes], device=logits.device)
         level = token_levels(cand, shapes)

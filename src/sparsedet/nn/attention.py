@@ -2,6 +2,7 @@
 on already projected queries, keys and values (Conditional DETR, SAM-DETR)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -112,6 +113,28 @@ class SelfAttention(nn.MultiheadAttention):
         kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
         with torch.autocast("cpu", enabled=False):
             return super().forward(query.float(), key.float(), value.float(), **kwargs)
+
+    def with_key_padding(self, query: Tensor, key: Tensor, value: Tensor, key_padding: Tensor) -> Tensor:
+        """``forward(...)[0]`` with ``key_padding`` [B, k] (True: not attended to), written out with
+        the same weights: ``nn.MultiheadAttention``'s own mask checks guard on the sequence length,
+        which an ONNX export of a data-dependent number of tokens cannot. Each query must keep a key."""
+        cpu_fp32 = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        with torch.autocast("cpu", enabled=False) if cpu_fp32 else contextlib.nullcontext():
+            dtype = torch.float32 if cpu_fp32 else query.dtype
+            B, L, C = query.shape
+            H = self.num_heads
+            w_q, w_k, w_v = self.in_proj_weight.to(dtype).chunk(3)
+            b_q, b_k, b_v = self.in_proj_bias.to(dtype).chunk(3)
+
+            def heads(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+                return F.linear(x.to(dtype), w, b).view(B, -1, H, C // H).transpose(1, 2)
+
+            q, k, v = heads(query, w_q, b_q), heads(key, w_k, b_k), heads(value, w_v, b_v)
+            scores = (q @ k.transpose(-1, -2)) * (C // H) ** -0.5
+            weights = scores.masked_fill(key_padding[:, None, None, :], float("-inf")).softmax(-1)
+            weights = F.dropout(weights, self.dropout, self.training)
+            out = (weights @ v).transpose(1, 2).reshape(B, L, C)
+            return F.linear(out, self.out_proj.weight.to(dtype), self.out_proj.bias.to(dtype))
 
 
 class ProjectedAttention(nn.Module):

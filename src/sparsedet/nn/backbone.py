@@ -8,6 +8,8 @@ builds DC5: layer4 keeps stride 16 with dilated convolutions, torchvision's
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import SparsedetError
+from ..ops.padding import padding_zeroer
 from .resnet_weights import read_resnet_weights
 
 BLOCKS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
@@ -60,6 +63,10 @@ def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
 
 
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
 def _conv(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation, bias=False)
 
@@ -75,9 +82,10 @@ class BasicBlock(nn.Module):
         self.conv2, self.bn2 = _conv(planes, planes, 3), norm(planes)
         self.downsample = _downsample(cin, planes, stride, norm)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, zero_out: Callable[[Tensor], Tensor] = _same) -> Tensor:
+        """x: padding zeroed; zero_out zeroes padding at the output's stride (``ops.padding``)."""
         out = F.relu(conv_norm(self.conv1, self.bn1, x))
-        out = conv_norm(self.conv2, self.bn2, out)
+        out = conv_norm(self.conv2, self.bn2, zero_out(out))
         return F.relu(out + _shortcut(self.downsample, x))
 
 
@@ -91,9 +99,10 @@ class Bottleneck(nn.Module):
         self.conv3, self.bn3 = _conv(planes, planes * 4, 1), norm(planes * 4)
         self.downsample = _downsample(cin, planes * 4, stride, norm)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, zero_in: Callable[[Tensor], Tensor] = _same) -> Tensor:
+        """x: padding zeroed; zero_in zeroes padding at the input's stride (``ops.padding``)."""
         out = F.relu(conv_norm(self.conv1, self.bn1, x))
-        out = F.relu(conv_norm(self.conv2, self.bn2, out))
+        out = F.relu(conv_norm(self.conv2, self.bn2, zero_in(out)))
         out = conv_norm(self.conv3, self.bn3, out)
         return F.relu(out + _shortcut(self.downsample, x))
 
@@ -140,7 +149,7 @@ class ResNet(nn.Module):
         if dilation and max(return_layers) < 4:
             raise SparsedetError(f"dilation (DC5) changes layer4, which return_layers {list(return_layers)} "
                                  "does not build; return layer 4 or drop the dilation")
-        self.channels, strides = [], []
+        self.channels, strides, self.block_strides = [], [], []
         stride = 4  # after the stem
         # Stages after the last returned one are not built (a stride-16 model has no layer4).
         for i, n in enumerate(counts[:max(return_layers)]):
@@ -154,6 +163,7 @@ class ResNet(nn.Module):
                 cin = planes * block.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             self.channels.append(cin)
+            self.block_strides += [(stride, stride * step)] + [(stride * step,) * 2] * (n - 1)
             stride *= step
             strides.append(stride)
         self.return_layers = tuple(return_layers)
@@ -170,13 +180,22 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        x = F.max_pool2d(F.relu(conv_norm(self.conv1, self.bn1, x)), 3, stride=2, padding=1)
-        outs = []
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> list[Tensor]:
+        """x: [B, 3, H, W] (padding zeroed) -> the returned stages' maps. padding: [B, H, W] (True on
+        padding) to zero the padded cells before every spatial convolution, so that each image's
+        maps are those it has alone (``ops.padding``); None computes as the official code."""
+        zero = padding_zeroer(padding)
+        x = F.relu(conv_norm(self.conv1, self.bn1, x))
+        x = F.max_pool2d(zero(x, 2), 3, stride=2, padding=1)  # after ReLU, a zero never wins the max
+        outs, blocks = [], iter(self.block_strides)
         for i in range(1, len(self.channels) + 1):
-            x = getattr(self, f"layer{i}")(x)
+            for block in getattr(self, f"layer{i}"):
+                stride_in, stride_out = next(blocks)
+                x = zero(x, stride_in)
+                side = partial(zero, stride=stride_out if isinstance(block, BasicBlock) else stride_in)
+                x = block(x, side)
             if i in self.return_layers:
-                outs.append(x)
+                outs.append(zero(x, stride_out))
         return outs
 
     def load_weights(self, path: str | Path) -> None:

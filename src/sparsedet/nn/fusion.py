@@ -21,6 +21,12 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
     return nn.Sequential(*layers)
 
 
+def _zeroed(x: Tensor, keep: Tensor | None) -> Tensor:
+    """x with the padded cells zeroed where ``keep`` is given, as a 3x3 convolution of an image
+    alone reads its edge."""
+    return x if keep is None else x * keep.to(x.dtype)
+
+
 class _ContextGate(nn.Module):
     """GCNet-style gate: features pooled with a softmax over positions of a 1-channel logit map,
     a bottleneck MLP (reduction 16, no biases) gives one sigmoid per channel that scales the input."""
@@ -34,9 +40,13 @@ class _ContextGate(nn.Module):
         # Overwritten by CrossLevelFusion's init; kept so a seed draws the official random stream.
         nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """keep: [B, 1, H, W] 1 on content cells: the pooling's softmax runs over those only."""
         B, C, H, W = x.shape
-        weights = self.conv_mask(x).view(B, H * W, 1).softmax(1)
+        logits = self.conv_mask(x)
+        if keep is not None:
+            logits = logits.masked_fill(keep == 0, float("-inf"))
+        weights = logits.view(B, H * W, 1).softmax(1)
         context = torch.bmm(x.reshape(B, C, H * W), weights.to(x.dtype)).view(B, C, 1, 1)
         return self.se_module(context) * x
 
@@ -51,8 +61,9 @@ class _RepBlock(nn.Module):
         self.conv2 = _conv_bn(channels, channels, 1, groups=groups, act=False)
         self.se_module = _ContextGate(channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.se_module(F.silu(self.conv1(x) + self.conv2(x), inplace=True)) + x
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        y = _zeroed(x, keep)
+        return self.se_module(F.silu(self.conv1(y) + self.conv2(y), inplace=True), keep) + x
 
 
 class _CSPStage(nn.Module):
@@ -67,8 +78,11 @@ class _CSPStage(nn.Module):
         self.bottlenecks = nn.Sequential(*(_RepBlock(hidden, groups) for _ in range(num_blocks)))
         self.conv3 = _conv_bn(hidden, cout, 1) if hidden != cout else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        y = self.conv1(x)
+        for block in self.bottlenecks:
+            y = block(y, keep)
+        return self.conv3(y + self.conv2(x))
 
 
 class CrossLevelFusion(nn.Module):
@@ -104,7 +118,11 @@ class CrossLevelFusion(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, maps: list[Tensor]) -> list[Tensor]:
+    def forward(self, maps: list[Tensor], keeps: list[Tensor] | None = None) -> list[Tensor]:
+        """maps fine to coarse; keeps: per level [B, 1, h, w], 1 on each image's content cells, so
+        that the 3x3 convolutions and the context gates never read a batch's padding (None: as
+        the official code, over the padded maps)."""
+        keeps = keeps or [None] * len(maps)
         if len(maps) != len(self.lateral_convs) + 1:
             raise ValueError(f"expected {len(self.lateral_convs) + 1} maps, got {len(maps)}")
         skips = list(maps)  # what the bottom-up path concatenates at each level
@@ -113,9 +131,9 @@ class CrossLevelFusion(nn.Module):
             running = self.lateral_convs[lvl - 1](running)
             skips[lvl] = running
             up = F.interpolate(running, size=maps[lvl - 1].shape[-2:], mode="nearest")
-            running = self.layer_blocks[lvl - 1](torch.cat([up, maps[lvl - 1]], 1))
+            running = self.layer_blocks[lvl - 1](torch.cat([up, maps[lvl - 1]], 1), keeps[lvl - 1])
         outs = [running]
         for lvl in range(1, len(maps)):
-            down = self.downsample_blocks[lvl - 1](outs[-1])
-            outs.append(self.pan_blocks[lvl - 1](torch.cat([down, skips[lvl]], 1)))
+            down = self.downsample_blocks[lvl - 1](_zeroed(outs[-1], keeps[lvl - 1]))
+            outs.append(self.pan_blocks[lvl - 1](torch.cat([down, skips[lvl]], 1), keeps[lvl]))
         return outs

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.padding import content_cells, has_padding, image_sizes
 from .position import SineMapEmbedding
 
 
@@ -17,7 +18,9 @@ class MultiLevel:
     tokens: [B, S, C]; padding: [B, S] True on padding; pos: [B, S, C] (sine + level embedding);
     shapes: per level (H, W) as Python ints; valid_ratios: [B, L, 2] as (w, h) fraction of the
     padded map covered by the image; image_sizes: [B, 2] each image's unpadded (height, width)
-    and padded_size the batch's (height, width), in input pixels.
+    and padded_size the batch's (height, width), in input pixels. per_image: the neck kept the
+    batch's padding out of each image's levels (``model.mask_padding``), and the stages after it
+    do too: every image computes what it computes alone.
     """
 
     tokens: Tensor
@@ -27,6 +30,7 @@ class MultiLevel:
     valid_ratios: Tensor
     image_sizes: Tensor | None = None
     padded_size: tuple[int, int] | None = None
+    per_image: bool = False
 
     @property
     def level_starts(self) -> list[int]:
@@ -42,13 +46,19 @@ class Neck(nn.Module):
 
     norm: GroupNorm after the 1x1 projections (Conditional DETR has none; SAM-DETR's 12-epoch
     checkpoints have it). level_embed: a learned vector per level added to the position
-    (multi-level models); single-level DETRs have none.
+    (multi-level models); single-level DETRs have none. in_strides: the backbone maps' strides.
+    mask_padding: each level's padding is the cells an image has alone (``ops.padding``), left out
+    of the GroupNorm statistics and zeroed before the extra levels' convolutions; False computes
+    as the official code (padding resized to each level, GroupNorm over the whole padded map).
     """
 
     def __init__(self, in_channels: list[int], dim: int, num_levels: int,
                  pos_temperature: float = 10000.0, pos_offset: float = -0.5, norm: bool = True,
-                 level_embed: bool = True):
+                 level_embed: bool = True, in_strides: list[int] | None = None, mask_padding: bool = False):
         super().__init__()
+        strides = list(in_strides or [2 ** (i + 3) for i in range(len(in_channels))])[:num_levels]
+        self.strides = strides + [strides[-1] * 2 ** (i + 1) for i in range(num_levels - len(strides))]
+        self.mask_padding = mask_padding
         projs = [nn.Sequential(nn.Conv2d(c, dim, 1), *([nn.GroupNorm(32, dim)] if norm else []))
                  for c in in_channels[:num_levels]]
         cin = in_channels[-1]
@@ -67,15 +77,25 @@ class Neck(nn.Module):
 
     def forward(self, features: list[Tensor], mask: Tensor) -> MultiLevel:
         """features: backbone maps fine to coarse; mask: [B, H, W] image padding (True = pad)."""
-        maps = [self.input_proj[i](f) for i, f in enumerate(features[:self.num_backbone_levels])]
-        last = features[-1]
-        for proj in self.input_proj[self.num_backbone_levels:]:
-            last = proj(last)
-            maps.append(last)
+        sizes = image_sizes(mask)
+        masked = self.mask_padding and has_padding(mask)
+        maps, last = [], features[-1]
+        for lvl, proj in enumerate(self.input_proj):
+            if lvl < self.num_backbone_levels:
+                out = proj[0](features[lvl])
+            else:  # the extra levels' 3x3 convolutions read the previous level's padding
+                cells = content_cells(sizes, self.strides[lvl - 1], last.shape[-2:])
+                out = proj[0](last * cells[:, None].to(last.dtype) if masked else last)
+            if len(proj) > 1:
+                out = (_masked_group_norm(proj[1], out, content_cells(sizes, self.strides[lvl], out.shape[-2:]))
+                       if masked else proj[1](out))
+            maps.append(out)
+            last = out if lvl >= self.num_backbone_levels else last
         tokens, pads, poss, shapes, ratios = [], [], [], [], []
         for lvl, m in enumerate(maps):
             h, w = m.shape[-2:]
-            pad = F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0]
+            pad = (~content_cells(sizes, self.strides[lvl], (h, w)) if self.mask_padding
+                   else F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0])
             pos = self.position(pad).to(m.dtype)
             tokens.append(m.flatten(2).transpose(1, 2))
             pads.append(pad.flatten(1))
@@ -85,6 +105,18 @@ class Neck(nn.Module):
             valid_h = (~pad[:, :, 0]).sum(1).float() / h
             valid_w = (~pad[:, 0, :]).sum(1).float() / w
             ratios.append(torch.stack([valid_w, valid_h], -1))
-        image_sizes = torch.stack([(~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)], -1)
         return MultiLevel(torch.cat(tokens, 1), torch.cat(pads, 1), torch.cat(poss, 1), shapes,
-                          torch.stack(ratios, 1), image_sizes, tuple(mask.shape[-2:]))
+                          torch.stack(ratios, 1), sizes, tuple(mask.shape[-2:]), self.mask_padding)
+
+
+def _masked_group_norm(norm: nn.GroupNorm, x: Tensor, cells: Tensor) -> Tensor:
+    """``norm(x)`` with each image's statistics over its content ``cells`` [B, h, w] only (in fp32);
+    the padded cells' outputs are left for the level's padding mask to hide."""
+    B, C, h, w = x.shape
+    groups = x.float().reshape(B, norm.num_groups, -1, h * w)
+    keep = cells.reshape(B, 1, 1, h * w).to(groups.dtype)
+    count = keep.sum(-1, keepdim=True) * groups.shape[2]
+    mean = (groups * keep).sum((2, 3), keepdim=True) / count
+    var = ((groups - mean).square() * keep).sum((2, 3), keepdim=True) / count
+    out = ((groups - mean) * torch.rsqrt(var + norm.eps)).reshape(B, C, h, w)
+    return (out * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)).to(x.dtype)

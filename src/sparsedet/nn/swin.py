@@ -257,8 +257,10 @@ class SwinTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: [B, 3, H, W] -> one [B, C_i, ceil(H/s_i), ceil(W/s_i)] map per returned stage."""
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> list[Tensor]:
+        """x: [B, 3, H, W] -> one [B, C_i, ceil(H/s_i), ceil(W/s_i)] map per returned stage. padding
+        is not masked: windows attend over a batch's padding as in the official code, so a Swin
+        model's detections can change with its batch-mates (the neck still masks them)."""
         x = self.patch_embed(x)
         outs = []
         for i, stage in enumerate(self.layers, start=1):

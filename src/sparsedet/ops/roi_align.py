@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 
-def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int, sampling_ratio: int) -> Tensor:
+def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int, sampling_ratio: int,
+                  bound: Tensor | None = None) -> Tensor:
     """Interpolation matrix along one axis: [N, bins, size] (rows sum to the mean weight of
-    the bin's samples). start/length: [N] in pixels (after the half-pixel shift)."""
+    the bin's samples). start/length: [N] in pixels (after the half-pixel shift). bound: [N]
+    each box's map extent along the axis where it is less than ``size`` (a padded batch)."""
     if sampling_ratio > 0:
         count = torch.full_like(start, float(sampling_ratio))
         most = sampling_ratio
@@ -29,14 +31,16 @@ def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int, sampling_
     sub = torch.arange(most, device=start.device, dtype=start.dtype)
     pos = (start[:, None, None] + torch.arange(bins, device=start.device, dtype=start.dtype)[None, :, None] * step[:, None, None]
            + (sub[None, None, :] + 0.5) * (step / count.clamp(min=1))[:, None, None])  # [N, bins, most]
-    used = (sub[None, None, :] < count[:, None, None]) & (pos >= -1.0) & (pos <= size)
+    extent = bound.to(start.dtype)[:, None, None] if bound is not None else size
+    last = extent - 1 if bound is not None else torch.full_like(pos, size - 1)
+    used = (sub[None, None, :] < count[:, None, None]) & (pos >= -1.0) & (pos <= extent)
     pos = pos.clamp(min=0)
     low = pos.floor()
-    at_edge = low >= size - 1
-    low = torch.where(at_edge, torch.full_like(low, size - 1), low)
+    at_edge = low >= last
+    low = torch.where(at_edge, last, low)
     pos = torch.where(at_edge, low, pos)
     frac = pos - low
-    high = (low + 1).clamp(max=size - 1)
+    high = torch.minimum(low + 1, last)
     weight = used.to(start.dtype) / count.clamp(min=1)[:, None, None]
     cells = torch.arange(size, device=start.device, dtype=start.dtype)
     matrix = ((weight * (1 - frac))[..., None] * (cells == low[..., None])
@@ -45,13 +49,15 @@ def _axis_weights(start: Tensor, length: Tensor, bins: int, size: int, sampling_
 
 
 def roi_align(features: Tensor, boxes: Tensor, output_size: tuple[int, int] = (7, 7),
-              sampling_ratio: int = -1) -> Tensor:
+              sampling_ratio: int = -1, extents: Tensor | None = None) -> Tensor:
     """
     Args:
         features: [B, C, H, W].
         boxes: [B, N, 4] (x1, y1, x2, y2) in pixels of the feature map (pixel i covers [i, i + 1)).
         output_size: (out_h, out_w) bins.
         sampling_ratio: samples per bin along each axis; <= 0 adapts it to the box size.
+        extents: [B, 2] each image's (height, width) of content cells in a padded batch: its
+            samples treat that as the map's edge, as the image alone would (None: [H, W]).
     Returns:
         [B, N, C, out_h, out_w]. Differentiable in ``features`` (and, through the weights, in
         ``boxes``; torchvision gives boxes no gradient, so callers detach them to match).
@@ -60,7 +66,8 @@ def roi_align(features: Tensor, boxes: Tensor, output_size: tuple[int, int] = (7
     H, W = features.shape[-2:]
     out_h, out_w = output_size
     x1, y1, x2, y2 = (boxes.reshape(-1, 4) - 0.5).unbind(-1)
-    ay = _axis_weights(y1, y2 - y1, out_h, H, sampling_ratio).view(B, N, out_h, H)
-    ax = _axis_weights(x1, x2 - x1, out_w, W, sampling_ratio).view(B, N, out_w, W)
+    bound_y, bound_x = (None, None) if extents is None else extents.repeat_interleave(N, 0).unbind(-1)
+    ay = _axis_weights(y1, y2 - y1, out_h, H, sampling_ratio, bound_y).view(B, N, out_h, H)
+    ax = _axis_weights(x1, x2 - x1, out_w, W, sampling_ratio, bound_x).view(B, N, out_w, W)
     rows = torch.einsum("bnih,bchw->bnciw", ay.to(features.dtype), features)
     return torch.einsum("bnciw,bnjw->bncij", rows, ax.to(features.dtype))

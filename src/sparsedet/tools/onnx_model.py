@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api import ImageLike, check_top_k, preprocess_images, with_names
+from ..api import ImageLike, check_top_k, predict_in_shape_batches, preprocess_images, with_names
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
@@ -96,8 +96,6 @@ class OnnxDetector:
         self.check_precision(precision)
         if not isinstance(images, (list, tuple)):
             images = [images]
-        results = []
-        for start in range(0, len(images), batch_size):
-            batch, sizes, _ = self.preprocess(images[start:start + batch_size])
-            results += self.detect(batch, sizes, threshold, top_k)
+        results = predict_in_shape_batches(images, batch_size, self.preprocess,
+                                           lambda batch, sizes: self.detect(batch, sizes, threshold, top_k))
         return with_names(results, self.classes)

@@ -82,7 +82,7 @@ class DecoupledDecoder(nn.Module):
         references: each layer's input boxes."""
         tasks = list(self.query_scale)
         if self.points is not None:
-            rois = box_features(memory, levels.shapes[0], levels.valid_ratios[:, 0], reference)
+            rois = box_features(memory, levels, reference)
             made = [self.points[t](rois) for t in tasks]
             streams, offsets = [m[0] for m in made], [m[1].mean(2, keepdim=True) for m in made]
         else:

@@ -84,7 +84,10 @@ class DeformableDecoder(nn.Module):
             ref_input = reference[:, :, None] * scale[:, None]
             pos = query_pos
             if self.ref_point_head is not None:
-                pos = self.ref_point_head(sine_embed_coords(ref_input[:, :, 0], self.dim // 2, 10000.0, "yxwh"))
+                # The official code embeds the reference in the padded map's coordinates, which
+                # moves each query's position with its batch-mates' sizes (levels.per_image: not).
+                embedded = reference if levels.per_image else ref_input[:, :, 0]
+                pos = self.ref_point_head(sine_embed_coords(embedded, self.dim // 2, 10000.0, "yxwh"))
             tgt, sampled = layer(tgt, pos, ref_input, memory, levels.shapes, levels.padding, attn_mask, record_sampling)
             sampling.append(sampled)
             pred_refs.append(prev_undetached if self.look_forward_twice else reference)

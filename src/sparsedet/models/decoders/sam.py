@@ -30,15 +30,17 @@ def point_predictor(dim: int, outputs: int) -> tuple[nn.Sequential, nn.Sequentia
     return point1, point2
 
 
-def box_features(memory: Tensor, shape: tuple[int, int], valid_ratio: Tensor, boxes: Tensor) -> Tensor:
-    """RoIAlign (7x7, aligned) of the memory inside each box. memory: [B, H*W, C] (one level);
-    valid_ratio: [B, 2] (w, h); boxes: [B, Q, 4] cxcywh of the valid image (no gradient, as
-    torchvision's). Returns [B, Q, C, 7, 7]."""
+def box_features(memory: Tensor, levels: MultiLevel, boxes: Tensor) -> Tensor:
+    """RoIAlign (7x7, aligned) of the memory inside each box. memory: [B, H*W, C] (the one level
+    of ``levels``); boxes: [B, Q, 4] cxcywh of the valid image (no gradient, as torchvision's).
+    Where ``levels.per_image``, samples past an image's edge read its edge, as it would alone,
+    not its batch's padding. Returns [B, Q, C, 7, 7]."""
     B, _, C = memory.shape
-    H, W = shape
+    H, W = levels.shapes[0]
     fmap = memory.transpose(1, 2).reshape(B, C, H, W)
-    scale = (valid_ratio * torch.tensor([W, H], dtype=valid_ratio.dtype, device=valid_ratio.device)).repeat(1, 2)
-    return roi_align(fmap, cxcywh_to_xyxy(boxes.detach()) * scale[:, None], (ROI, ROI))
+    valid = levels.valid_ratios[:, 0] * torch.tensor([W, H], dtype=memory.dtype, device=memory.device)  # (w, h)
+    extents = valid.round().flip(-1) if levels.per_image else None
+    return roi_align(fmap, cxcywh_to_xyxy(boxes.detach()) * valid.repeat(1, 2)[:, None], (ROI, ROI), extents=extents)
 
 
 def salient_points(rois: Tensor, point1: nn.Module, point2: nn.Module, num_points: int
@@ -102,7 +104,7 @@ class SamDecoderLayer(FeedForward, QueryPositionSelfAttention):
         with torch.no_grad():
             centre_pos = sine_embed_coords(boxes[..., :2], C // 2, 10000.0, "yxwh")
         tgt = self.self_attend(tgt, centre_pos)
-        offsets, content, extra = salient_points(box_features(memory, shape, ratio, boxes), self.point1, self.point2, M)
+        offsets, content, extra = salient_points(box_features(memory, levels, boxes), self.point1, self.point2, M)
         points = point_positions(boxes, offsets)
         with torch.no_grad():
             point_pos = sine_embed_coords(points, C // 2, 10000.0, "yxwh")

@@ -14,11 +14,12 @@ from ...losses.selection import ForegroundSupervision
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows, top_k
+from ...ops.padding import rank_padding_last
 from ..projection import TokenProjection
 from .dense import DeformableEncoderLayer, EncoderOutput
 from .scoring import (LayerSelection, TokenScorer, TokenSelection, TokenSparseEncoder, cascade, check_ratios,
-                      encoder_points, gather_points, mask_padding, scatter_tokens, top_down_scores, top_share,
-                      uniform_alpha)
+                      encoder_points, gather_points, scatter_tokens, top_down_scores, top_share,
+                      uniform_alpha, written)
 
 
 class DualAttentionLayer(DeformableEncoderLayer):
@@ -31,11 +32,20 @@ class DualAttentionLayer(DeformableEncoderLayer):
         self.pre_norm = nn.LayerNorm(dim)
 
     def forward(self, query: Tensor, pos: Tensor, reference: Tensor, value: Tensor, shapes: list[tuple[int, int]],
-                value_padding: Tensor, object_scores: Tensor, num_objects: int) -> Tensor:
+                value_padding: Tensor, object_scores: Tensor, num_objects: int, unused: Tensor | None = None
+                ) -> Tensor:
+        """unused: [B, k] True on entries that only fill the batch's width: ranked last among the
+        objects and masked as keys (None: every entry takes part, as the official code)."""
+        if unused is not None:
+            object_scores = object_scores.masked_fill(unused, float("-inf"))
         top = top_k(object_scores, min(num_objects, query.shape[1]))[1]
         objects, objects_pos = gather_rows(query, top), gather_rows(pos, top)
         q = objects + objects_pos
-        objects = self.pre_norm(objects + self.dropout(self.pre_attn(q, q, objects, need_weights=False)[0]))
+        if unused is None:
+            attended = self.pre_attn(q, q, objects, need_weights=False)[0]
+        else:  # the best object of each image is one of its own, so every query keeps a key
+            attended = self.pre_attn.with_key_padding(q, q, objects, unused.gather(1, top))
+        objects = self.pre_norm(objects + self.dropout(attended))
         query = query.scatter(1, top[..., None].expand(-1, -1, query.shape[-1]), objects.to(query.dtype))
         return super().forward(query, pos, reference, value, shapes, value_padding)
 
@@ -73,24 +83,27 @@ class FocusEncoder(TokenSparseEncoder):
         """Global top-k of floor(rho * valid) + 1 tokens of the padding-masked ``ranking`` [B, S],
         then nested prefixes per layer."""
         top = top_share(ranking, levels.padding, self.keep_ratio, plus_one=True)
-        return cascade(top.indices, top.scores, top.counts, self.layer_ratios)
+        return cascade(top.indices, top.scores, top.counts, self.layer_ratios, per_image=levels.per_image)
 
     def forward(self, levels: MultiLevel, projection: TokenProjection) -> EncoderOutput:
         """``projection``: the token projection and class head (object scores) shared with the
         mixed query selection."""
         tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
         feats, _ = projection.project(tokens + levels.pos, padding, shapes)
-        level_logits = top_down_scores(self.scorer, feats, shapes, self.alpha, self.alpha_index(len(shapes)))
+        level_logits = top_down_scores(self.scorer, feats, shapes, self.alpha, self.alpha_index(len(shapes)),
+                                       padding if levels.per_image else None)
         logits = torch.cat(level_logits, 1)
-        foreground = mask_padding(logits, padding)
+        foreground = rank_padding_last(logits, padding)
         layers = self.select(level_logits, foreground, levels)
         points = encoder_points(shapes, levels.valid_ratios)
         memory = tokens
         for layer, sel in zip(self.layers, layers):
             query = gather_rows(memory, sel.indices)
             objectness = projection.class_head(query).max(-1).values * foreground.gather(1, sel.indices)
+            # Entries past an image's count fill the batch's width: never among its objects.
+            unused = ~written(sel.indices, sel.counts) if levels.per_image else None
             query = layer(query, gather_rows(levels.pos, sel.indices), gather_points(points, sel.indices, len(shapes)),
-                          tokens, shapes, padding, objectness, self.object_tokens)
+                          tokens, shapes, padding, objectness, self.object_tokens, unused)
             memory = scatter_tokens(memory, sel.indices, query, sel.counts)
         selection = TokenSelection.of(logits, layers, levels)
         return EncoderOutput(self.finish(memory, selection, levels), selection)

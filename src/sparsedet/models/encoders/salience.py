@@ -13,8 +13,9 @@ from ...losses.selection import SalienceSupervision
 from ...nn.fusion import CrossLevelFusion
 from ...nn.init import keep_own_init
 from ...nn.neck import MultiLevel
+from ...ops.padding import has_padding
 from .focus import FocusEncoder
-from .scoring import (LayerSelection, TokenSelection, cascade, check_ratios, top_share)
+from .scoring import LayerSelection, TokenSelection, cascade, check_ratios, top_share, written
 
 
 class SalienceEncoder(FocusEncoder):
@@ -46,12 +47,14 @@ class SalienceEncoder(FocusEncoder):
         for lvl, (start, logits) in enumerate(zip(levels.level_starts, level_logits)):
             top = top_share(logits, levels.padding[:, start:start + logits.shape[1]], self.level_ratios[lvl],
                             plus_one=False)
+            if levels.per_image:  # entries past an image's quota (the batch's width) sort last
+                top.scores = top.scores.masked_fill(~written(top.indices, top.counts), float("-inf"))
             scores.append(top.scores)
             indices.append(top.indices + start)
             counts = counts + top.counts
         scores, order = torch.cat(scores, 1).sort(dim=1, descending=True, stable=True)
         indices = torch.cat(indices, 1).gather(1, order)
-        return cascade(indices, scores, counts, self.layer_ratios)
+        return cascade(indices, scores, counts, self.layer_ratios, per_image=levels.per_image)
 
     def finish(self, memory: Tensor, selection: TokenSelection, levels: MultiLevel) -> Tensor:
         """Background embedding on every valid token the last layer did not select; then fusion."""
@@ -64,11 +67,16 @@ class SalienceEncoder(FocusEncoder):
         background = torch.cat([torch.cat([self.background_cols.weight[:w][None].expand(h, -1, -1),
                                            self.background_rows.weight[:h][:, None].expand(-1, w, -1)], -1).view(h * w, C)
                                 for h, w in levels.shapes])
-        last = selection.layers[-1].indices
-        keep = (~levels.padding).to(memory.dtype).scatter(1, last, 0.0)
+        last = selection.layers[-1]
+        # Only the tokens the last layer wrote (the official code: its whole batch-wide width).
+        updated = written(last.indices, last.counts).to(memory.dtype) if levels.per_image else 1.0
+        keep = (~levels.padding).to(memory.dtype).scatter(1, last.indices, 1.0 - updated)
         memory = memory + background[None].to(memory.dtype) * keep[..., None]
         if self.fusion is None:
             return memory
-        maps = [m.transpose(1, 2).reshape(B, C, h, w)
-                for m, (h, w) in zip(memory.split([h * w for h, w in levels.shapes], 1), levels.shapes)]
-        return torch.cat([m.flatten(2).transpose(1, 2) for m in self.fusion(maps)], 1)
+        sizes = [h * w for h, w in levels.shapes]
+        maps = [m.transpose(1, 2).reshape(B, C, h, w) for m, (h, w) in zip(memory.split(sizes, 1), levels.shapes)]
+        keeps = None
+        if levels.per_image and has_padding(levels.padding):
+            keeps = [(~p).view(B, 1, h, w) for p, (h, w) in zip(levels.padding.split(sizes, 1), levels.shapes)]
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in self.fusion(maps, keeps)], 1)

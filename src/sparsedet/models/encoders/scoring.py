@@ -18,6 +18,7 @@ from ...errors import SparsedetError
 from ...losses.selection import SelectionSupervision
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows, token_levels, top_k
+from ...ops.padding import rank_padding_last
 from .dense import encoder_reference_points
 
 
@@ -45,8 +46,9 @@ class TokenSparseEncoder(nn.Module):
 class TokenScorer(nn.Module):
     """Per-token objectness logit (Sparse DETR's ``MaskPredictor``; child names kept for loading).
 
-    Half of the hidden features are replaced by their mean over the tokens given (padding
-    included), so every token's score also sees a summary of its image.
+    Half of the hidden features are replaced by their mean over the tokens given, so every
+    token's score also sees a summary of its image: over its own tokens where ``padding`` is
+    given, over the padded batch's row (the official code) where it is None.
     """
 
     def __init__(self, dim: int):
@@ -55,39 +57,69 @@ class TokenScorer(nn.Module):
         self.layer2 = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
                                     nn.Linear(dim // 4, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [B, n, C] -> logits [B, n]."""
+    def forward(self, x: Tensor, padding: Tensor | None = None) -> Tensor:
+        """x: [B, n, C], padding: [B, n] True on padding or None -> logits [B, n]."""
         z = self.layer1(x)
         local, summary = z.chunk(2, dim=-1)
-        summary = summary.mean(1, keepdim=True).expand_as(summary)
+        if padding is None:
+            summary = summary.mean(1, keepdim=True)
+        else:
+            keep = (~padding)[..., None].to(summary.dtype)
+            summary = (summary * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
+        summary = summary.expand_as(local)
         return self.layer2(torch.cat([local, summary], -1)).squeeze(-1)
 
 
 def top_down_scores(scorer: TokenScorer, feats: Tensor, shapes: list[tuple[int, int]], alpha: Tensor,
-                    alpha_index: list[int]) -> list[Tensor]:
+                    alpha_index: list[int], padding: Tensor | None = None) -> list[Tensor]:
     """Score levels coarse to fine; each finer level's features are modulated by the upsampled
     logits of the level above: x + alpha[alpha_index[l]] * x * up(s_{l+1}).
 
-    feats: [B, S, C] flattened fine to coarse. Returns per-level logits [B, H_l * W_l], fine to coarse.
+    feats: [B, S, C] flattened fine to coarse. padding: [B, S] to score and upsample each image
+    within its own cells (None: over the padded maps, as the official code). Returns per-level
+    logits [B, H_l * W_l], fine to coarse.
     """
     B = feats.shape[0]
-    parts = list(feats.split([h * w for h, w in shapes], 1))
+    sizes = [h * w for h, w in shapes]
+    parts = list(feats.split(sizes, 1))
+    pads = list(padding.split(sizes, 1)) if padding is not None else [None] * len(shapes)
     scores: list[Tensor] = [feats.new_empty(0)] * len(shapes)
     above = None
     for lvl in range(len(shapes) - 1, -1, -1):
         x = parts[lvl]
         if above is not None:
             h, w = shapes[lvl]
-            up = F.interpolate(above, size=(h, w), mode="bilinear", align_corners=True).view(B, h * w, 1)
-            x = x + x * up * alpha[alpha_index[lvl]]
-        scores[lvl] = scorer(x)
+            if padding is None:
+                up = F.interpolate(above, size=(h, w), mode="bilinear", align_corners=True)
+            else:
+                up = upsample_within_images(above, content_size(pads[lvl + 1], shapes[lvl + 1]),
+                                            content_size(pads[lvl], shapes[lvl]), (h, w))
+            x = x + x * up.view(B, h * w, 1) * alpha[alpha_index[lvl]]
+        scores[lvl] = scorer(x, pads[lvl])
         above = scores[lvl].view(B, 1, *shapes[lvl])
     return scores
 
 
-def mask_padding(scores: Tensor, padding: Tensor) -> Tensor:
-    """Padding tokens get the smallest score of the tensor, so they rank last."""
-    return scores.masked_fill(padding, scores.min())
+def content_size(padding: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A level's flat padding [B, h * w] -> [B, 2] each image's (rows, columns) of content."""
+    pad = padding.view(-1, *shape)
+    return torch.stack([(~pad[:, :, 0]).sum(1), (~pad[:, 0, :]).sum(1)], -1)
+
+
+def upsample_within_images(x: Tensor, size_in: Tensor, size_out: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Bilinear, corner-aligned upsampling of each image's content cells alone: x [B, C, H, W]
+    whose image i fills its top-left ``size_in[i]`` (rows, columns) -> [B, C, h, w] whose top-left
+    ``size_out[i]`` cells are what ``F.interpolate(align_corners=True)`` gives for the image alone."""
+    H, W = x.shape[-2:]
+
+    def axis(n: int, n_in: Tensor, n_out: Tensor, extent: int) -> Tensor:
+        # Output cell j reads input position j * (n_in - 1) / (n_out - 1), in grid_sample's [-1, 1].
+        step = (n_in - 1).float() / (n_out - 1).clamp(min=1).float()
+        return torch.arange(n, device=x.device, dtype=torch.float32)[None] * step[:, None] / max(extent - 1, 1) * 2 - 1
+
+    ys, xs = axis(shape[0], size_in[:, 0], size_out[:, 0], H), axis(shape[1], size_in[:, 1], size_out[:, 1], W)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), -1)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", align_corners=True)
 
 
 def keep_counts(valid: Tensor, ratio: float, plus_one: bool) -> Tensor:
@@ -113,7 +145,7 @@ def top_share(logits: Tensor, padding: Tensor, ratio: float, plus_one: bool) -> 
     # The batch's width is the largest count, at least one token and at most all (keep_ratio 1 with
     # the +1 asks for one more than there are; a small level's quota can floor to 0).
     width = size_value(counts.max().clamp(1, logits.shape[1]), logits.shape[1])
-    scores, indices = top_k(mask_padding(logits, padding), width)
+    scores, indices = top_k(rank_padding_last(logits, padding), width)
     return LayerSelection(indices, scores, counts)
 
 
@@ -140,17 +172,20 @@ class LayerSelection:
     counts: Tensor
 
 
-def cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float]) -> list[LayerSelection]:
-    """Layer t keeps the first floor(k * ratios[t]) of the score-sorted selection (nested sets);
-    image i writes back at most its own count. The product is taken in float32 like the official
-    code, so the floors agree."""
+def cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float],
+            per_image: bool = False) -> list[LayerSelection]:
+    """Layer t keeps the first floor(k * ratios[t]) of the score-sorted selection (nested sets) of
+    the batch's width k; image i writes back at most its own count (the official code), or, with
+    ``per_image``, the first floor(counts[i] * ratios[t]): what it keeps alone. The products are
+    taken in float32 like the official code, so the floors agree."""
     k = indices.shape[1]
     out = []
     for r in ratios:
+        ratio = torch.tensor(r, dtype=torch.float32)
         # A tensor product, so that a symbolic width (export) stays a value of the graph.
-        k_t = size_value((torch.full((), k, dtype=torch.float32) * torch.tensor(r, dtype=torch.float32)).long()
-                         .clamp(min=1), k)
-        out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], counts.clamp(max=k_t)))
+        k_t = size_value((torch.full((), k, dtype=torch.float32) * ratio).long().clamp(min=1), k)
+        kept = (counts.float() * ratio).long().clamp(min=1).minimum(counts) if per_image else counts
+        out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], kept.clamp(max=k_t)))
     return out
 
 

@@ -48,7 +48,7 @@ class SparseEncoder(TokenSparseEncoder):
         """``projection``: the token projection shared with the two-stage head."""
         tokens, padding, shapes = levels.tokens, levels.padding, levels.shapes
         feats, proposals = projection.project(tokens + levels.pos, padding, shapes)
-        logits = self.scorer(feats)
+        logits = self.scorer(feats, padding if levels.per_image else None)
         selected = self.select(logits, levels)
         indices, counts = selected.indices, selected.counts
 

@@ -71,6 +71,7 @@ def _convert(source: Source, path: str | Path, overrides):
     state, found = source.read(path)
     config: Config = get_preset(source.preset)
     config.source = f"{source.name}: {Path(path).name}"
+    config.model.mask_padding = False  # the official code's features on a padded batch (parity)
     found = dict(found)
     config.model.classes, config.model.category_ids = _class_table(found, path)
     apply_overrides(config, found)
