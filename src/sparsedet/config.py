@@ -235,10 +235,28 @@ def _build(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _unknown(key: str, known: list[str]):
-    close = close_names(key, known)
+def _unknown(key: str, known: list[str], close: list[str] | None = None):
+    close = close_names(key, known) if close is None else close
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
     raise SparsedetError(f"unknown config key {key!r}{hint}")
+
+
+def _similar_keys(obj: Any, parts: list[str], prefix: str = "") -> list[str]:
+    """Existing dotted keys that look like ``parts``, matched one part at a time: the section first,
+    then the field within it, so ``trian.minutes`` finds ``train.minutes`` (matching the whole
+    string at once would weigh a long field name over the short misspelt section)."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    head, rest = parts[0], parts[1:]
+    found = []
+    for name in [head] if head in names else close_names(head, names):
+        child = getattr(obj, name)
+        if not rest:
+            found.append(prefix + name)
+        elif dataclasses.is_dataclass(child):
+            found += _similar_keys(child, rest, f"{prefix}{name}.")
+    if not prefix and head not in ("model", "data", "train"):
+        found += _similar_keys(obj.model, parts, "model.")  # model fields may omit "model."
+    return found[:3]
 
 
 def parse_value(text: str) -> Any:
@@ -282,7 +300,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Co
             if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
                 fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else []
                 known = [".".join(parts[:i] + [f.name]) for f in fields]
-                _unknown(".".join(parts), known)
+                _unknown(key, known, _similar_keys(config, key.split(".")))
             if i == len(parts) - 1:
                 setattr(obj, part, _coerce(getattr(obj, part), value, ".".join(parts)))
             else:
