@@ -139,8 +139,8 @@ def pretrained_run(name: str) -> Path:
         return run
     path = fetch(release.file, release.url, release.drive_id,
                  fix=f"Download {release.file} yourself and put it at {cache_root() / 'downloads' / release.file} "
-                 f"(or run `sparsedet convert --from {release.source} FILE --out RUN "
-                 f"{' '.join(release.overrides)}`){'; ' + release.note if release.note else ''}")
+                 f"(or run `{' '.join(['sparsedet convert --from', release.source, 'FILE --out RUN', *release.overrides])}`)"
+                 f"{'; ' + release.note if release.note else ''}")
     partial = run.with_name(run.name + ".converting")
     shutil.rmtree(partial, ignore_errors=True)
     from .convert import convert_to_run
