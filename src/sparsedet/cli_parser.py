@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "degenerate or out-of-bounds boxes, duplicate ids, unknown category ids and images without "
                        "annotations; for a YOLO dataset (every split): label lines with an unknown class index or "
                        "coordinates outside [0, 1], and images without a label file (counted). A train or val split "
-                       "without a single box is an error. Exit 0 when clean, 1 on errors.")
+                       "without a single box is an error. A problem met more than once is summarised with at most 5 "
+                       "examples; the dataset's images, boxes and classes are counted. Exit 0 when clean, 1 on errors.")
     s.add_argument("--ann", required=True, metavar="DATA",
                    help="COCO json, or YOLO data.yaml or its folder (all its splits are checked)")
     s.add_argument("--images", help="COCO image root (default: the json's folder)")
