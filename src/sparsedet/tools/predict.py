@@ -136,7 +136,9 @@ def _predict_video(model, source: str, out: Path, recorder: _Recorder, options: 
     detections and write the drawn frames into ``out/NAME_pred.mp4`` at the source's frame rate."""
     name = source_name(source)
     writer, frame = None, 0
-    with VideoReader(source) as reader, tqdm(desc=name, unit="frame", leave=False) as bar:
+    # The bar's total: the frames the container states or --max-frames, the fewer (none: a count alone).
+    with VideoReader(source) as reader, tqdm(desc=name, unit="frame", leave=False,
+                                             total=min((n for n in (reader.frames, max_frames) if n), default=None)) as bar:
         try:
             frames = islice(reader, max_frames)
             while batch := list(islice(frames, options["batch_size"])):
