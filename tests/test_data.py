@@ -281,7 +281,8 @@ def test_check_dataset_summarises_a_repeated_problem(tmp_path):
     path = write_dataset(tmp_path, [ann(i, i, 3, [1, 1, 5, 5]) for i in range(1, 9)], images=images)
     lines = format_report(check_dataset(path)).splitlines()
     assert lines[0] == "error: 8 image files not found, e.g."
-    assert lines[1:6] == [f"  image id {i} (gone{i}.png): file {tmp_path / f'gone{i}.png'} not found" for i in range(1, 6)]
+    assert lines[1:6] == [f"  image id {i} (gone{i}.png): file {tmp_path / f'gone{i}.png'} not found"
+                          for i in range(1, 6)]
     assert lines[6:] == ["  ... and 3 more", "8 images, 8 boxes, 2 classes; 8 error(s), 0 warning(s)"]
 
 
@@ -332,9 +333,37 @@ def test_a_size_mismatch_is_marked_in_the_words_of_check_data(tmp_path):
     assert [p.message for p in check_dataset(path).problems if p.severity == "error"] == [mismatch]
 
 
+def test_images_in_an_images_folder_beside_the_json_are_found(tmp_path):
+    """supervision's COCO export: ``annotations.json`` with the files in ``images/`` beside it."""
+    (tmp_path / "images").mkdir()
+    path = write_dataset(tmp_path / "images", [ann(1, 1, 3, [1, 1, 5, 5]), ann(2, 2, 10, [2, 2, 5, 5])])
+    path = path.rename(tmp_path / "annotations.json")
+    ds = CocoDetection(path)
+    assert ds.images_root == tmp_path / "images" and ds[0] is not None
+    assert check_dataset(path).problems == []
+
+
+def test_images_elsewhere_are_named_in_the_error(tmp_path):
+    """A json in annotations/ with its images in a folder beside it (COCO's own layout)."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    path = write_dataset(tmp_path / "val", [ann(1, 1, 3, [1, 1, 5, 5])]).rename(tmp_path / "annotations" / "ann.json")
+    with pytest.raises(SparsedetError, match=f"under {tmp_path / 'annotations'}: .*; a.png is in {tmp_path / 'val'}: "
+                                             f"pass --images {tmp_path / 'val'}"):
+        CocoDetection(path).require_readable()
+    errors = [p.message for p in check_dataset(path).problems if p.severity == "error"]
+    assert errors[-1] == (f"{path}: no image file is under {tmp_path / 'annotations'}; a.png is in "
+                          f"{tmp_path / 'val'}: pass --images {tmp_path / 'val'}")
+
+
 def test_require_readable_names_the_image_root(tmp_path):
-    path = write_dataset(tmp_path, [ann(1, 1, 3, [1, 1, 5, 5])])
+    folder = tmp_path / "data"  # the search for the images also looks beside the json's folder
+    folder.mkdir()
+    path = write_dataset(folder, [ann(1, 1, 3, [1, 1, 5, 5])])
     CocoDetection(path).require_readable()
     with pytest.raises(SparsedetError, match=rf"no image of .*ann\.json can be read under .*elsewhere: all 2 "
-                                             r"failed .* as --images"):
+                                             rf"failed .*; a.png is in {folder}: pass --images {folder}\.$"):
+        CocoDetection(path, tmp_path / "elsewhere").require_readable()
+    (folder / "a.png").unlink()  # found nowhere: the error says what --images is
+    with pytest.raises(SparsedetError, match=r"pass the folder its file_name entries are relative to as --images"):
         CocoDetection(path, tmp_path / "elsewhere").require_readable()

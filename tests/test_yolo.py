@@ -231,7 +231,8 @@ def test_check_data_summarises_repeated_problems_and_counts_a_clean_dataset(tmp_
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("error: 7 label lines of a class not in 'names' (labels use 3 classes: 0, 1, 2; "
                         "'names' lists 2), e.g.")
-    assert lines[1] == f"  {tmp_path / 'labels' / 'train' / '0.txt'} line 3: class 2 is not a class index in 'names' (0..1)"
+    label = tmp_path / "labels" / "train" / "0.txt"
+    assert lines[1] == f"  {label} line 3: class 2 is not a class index in 'names' (0..1)"
     assert lines[6:] == ["  ... and 2 more", "7 images, 14 boxes, 2 classes; 7 error(s), 0 warning(s)"]
 
     (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat, dog, bird]\n")

@@ -184,8 +184,8 @@ def test_without_network_the_error_says_what_failed_and_how_to_pass_a_file(tmp_p
     with pytest.raises(SparsedetError, match=r"\(.*\); the 1.5 MiB received are kept and the next try resumes them\. "):
         imagenet.backbone_weights_path("imagenet-detectron2", 50, 64)
     monkeypatch.delenv("SPARSEDET_MIRROR")
-    with pytest.raises(SparsedetError, match="no download link is known for checkpoint0033_4scale.pth. Download .*put it "
-                                             "at .*downloads/checkpoint0033_4scale.pth \\(or run `sparsedet convert "
+    with pytest.raises(SparsedetError, match="no download link is known for checkpoint0033_4scale.pth. Download .*put "
+                                             "it at .*downloads/checkpoint0033_4scale.pth \\(or run `sparsedet convert "
                                              "--from official-dino FILE --out RUN`\\).*drive.google.com/drive/folders.*"
                                              "; or set SPARSEDET_MIRROR=URL to fetch URL/checkpoint0033_4scale.pth"):
         Detector.from_pretrained("dino_r50_36ep")

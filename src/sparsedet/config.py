@@ -134,7 +134,7 @@ class DataConfig:
     # and kept in the run's config.json so that `--resume RUN` needs nothing else.
     train: str = ""
     val: str = ""
-    images: str = ""                   # COCO image root; "" = each json's folder
+    images: str = ""                   # COCO image root; "" = each json's folder (or its images/)
     train_scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     crop: bool = True

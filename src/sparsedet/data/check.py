@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..errors import SparsedetError
 from .coco import size_mismatch
-from .coco_json import is_box, read_coco_json
+from .coco_json import default_image_root, find_image_root, is_box, read_coco_json
 from .yolo import (YAML_NAMES, coordinate_problem, find_yolo_yaml, is_polygon, label_folder, label_path,
                    parse_label_line, split_images, yolo_splits)
 
@@ -102,7 +102,7 @@ def check_dataset(ann_file: str | Path, images_root: str | Path | None = None) -
                              "or a YOLO dataset yaml (or its folder).")
     path = Path(ann_file)
     data = read_coco_json(path)
-    root = Path(images_root) if images_root is not None else path.parent
+    root = Path(images_root) if images_root is not None else default_image_root(path, data)
     problems: list[Problem] = []
 
     def error(message: str, kind: str = "") -> None:
@@ -132,6 +132,12 @@ def check_dataset(ann_file: str | Path, images_root: str | Path | None = None) -
         found = _image_problem(root / img["file_name"], img.get("width"), img.get("height"))
         if found:
             error(f"{where}: {found[1]}", found[0])
+
+    first = next(iter(images.values()), None)
+    if first is not None and not any((root / img["file_name"]).is_file() for img in images.values()):
+        found = find_image_root(path, first["file_name"])
+        if found is not None:
+            error(f"{path}: no image file is under {root}; {first['file_name']} is in {found}: pass --images {found}")
 
     annotated: set[object] = set()
     seen_ids: set[object] = set()
