@@ -59,7 +59,7 @@ class LossConfig:
 
 @dataclass
 class EncoderConfig:
-    """Which tokens the encoder updates (specs/encoders.md). ``kind``: "dense" (every token, every
+    """Which tokens the encoder updates (the papers: docs/methods.md). ``kind``: "dense" (every token, every
     layer), "sparse" (Sparse DETR), "focus" (Focus-DETR) or "salience" (Salience DETR)."""
 
     kind: str = "dense"
@@ -78,7 +78,7 @@ class EncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    """Switches of the query-side methods (specs/decoders.md §2-3)."""
+    """Switches of the query-side methods, SAM-DETR and SD-DETR (the papers: docs/methods.md)."""
 
     smca: bool = False              # SAM-DETR: Gaussian-like spatial prior around each head's salient point
     task_queries: bool = True       # SD-DETR: content queries from each task's salient points (else learned)
