@@ -10,7 +10,7 @@ from sparsedet.models.encoders.scoring import TokenScorer, mask_padding, scatter
 from sparsedet.nn.neck import MultiLevel
 from sparsedet.presets import get_preset
 
-# One unpadded 800x1216 image through R50 strides 8..64 (specs/encoders.md §1.5).
+# One unpadded 800x1216 image through R50 strides 8..64.
 WORKED_SHAPES = [(100, 152), (50, 76), (25, 38), (13, 19)]
 
 
