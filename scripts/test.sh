@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The test command: set-up (idempotent) then the whole suite.
+# The test command: set-up (idempotent, with the test extras) then the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh dev
 # Two workers (SPARSEDET_TEST_WORKERS), one thread each (tests/conftest.py): half the suite is
 # single-threaded Python (ONNX export, symbolic tracing), so two processes keep both cores busy.
 .venv/bin/python -m pytest -n "${SPARSEDET_TEST_WORKERS:-2}" --dist worksteal "$@"

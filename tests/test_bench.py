@@ -8,7 +8,7 @@ from PIL import Image
 
 from sparsedet.api import Detector
 from sparsedet.cli import main
-from sparsedet.tools.bench import STAGES, bench_model, load_model
+from sparsedet.tools.bench import STAGES, bench_model, format_result, load_model, noise_warnings
 
 
 def test_latency_split_covers_the_whole_run():
@@ -23,6 +23,28 @@ def test_latency_split_covers_the_whole_run():
     assert lat["encoder"]["median"] > 0 and lat["backbone"]["median"] > 0
     assert r["gflops"]["total"] == pytest.approx(sum(r["gflops"][s] for s in STAGES))
     assert r["memory_peak"]["mib"] > 0 and r["runs"] == 3
+
+
+def _ms(median, low, high):
+    return {"median": median, "min": low, "max": high}
+
+
+def test_noisy_timings_are_flagged_by_spread_and_by_stages_that_do_not_add_up():
+    steady = {"backbone": _ms(40, 38, 45), "encoder": _ms(50, 48, 60), "heads": _ms(0.2, 0.05, 0.9),
+              "total": _ms(91, 88, 99)}
+    assert noise_warnings(steady) == []  # a tiny stage's jitter (0.05 to 0.9 ms) is not judged
+    spread = {**steady, "encoder": _ms(50, 30, 66)}
+    assert noise_warnings(spread) == ["encoder: slowest run 2.2x the fastest"]
+    assert noise_warnings({"total": _ms(100, 45, 85)}) == []  # an exported file: the total alone
+    assert noise_warnings({"total": _ms(100, 40, 120)}) == ["total: slowest run 3.0x the fastest"]
+    apart = {**steady, "total": _ms(130, 125, 140)}  # stages add up to 90.2 ms
+    assert noise_warnings(apart) == ["stage medians add up to 90.2 ms, 31% off the total 130.0 ms (tolerance 25%)"]
+    row = {"params": 1, "size": [8, 8], "batch": 1, "precision": "fp32", "encoder_tokens": 4,
+           "encoder_tokens_per_layer": [4], "gflops": {name: 0.0 for name in (*STAGES, "total")},
+           "latency_ms": {name: _ms(1, 1, 1) for name in (*STAGES, "total")}, "runs": 3, "warmup": 1,
+           "memory_peak": {"mib": 1, "kind": "k"}, "noisy": noise_warnings(apart)}
+    assert format_result("m", row).splitlines()[-1].endswith("): the machine may be busy; close other work or "
+                                                              "raise --runs")
 
 
 def test_cpu_peak_memory_is_each_runs_own():

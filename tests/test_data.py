@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from sparsedet.data.batch import Batch, collate
-from sparsedet.data.check import check_dataset, format_problems
+from sparsedet.data.check import check_dataset, format_report
 from sparsedet.data.coco import CocoDetection, load_image, open_detection_dataset
 from sparsedet.data.synthetic import write_synthetic
 from sparsedet.data.transforms import (RandomHorizontalFlip, RandomSizeCrop, build_transforms, crop_region,
@@ -60,7 +60,7 @@ def test_synthetic_is_deterministic_and_valid(tmp_path):
         assert a["iscrowd"] == 0 and 0 < a["area"] <= w * h
     for img in data["images"]:
         assert Image.open(tmp_path / "a" / img["file_name"]).size == (img["width"], img["height"])
-    assert check_dataset(first["train"]) == [] and check_dataset(first["val"]) == []
+    assert check_dataset(first["train"]).problems == [] and check_dataset(first["val"]).problems == []
 
     ds = CocoDetection(first["train"])
     assert ds.category_ids == [1, 2, 3, 5, 7] and ds.classes == first["classes"]
@@ -254,7 +254,8 @@ def test_check_dataset_finds_planted_problems(tmp_path):
         ann(5, 42, 3, [1, 1, 5, 5]),  # unknown image
         ann(6, 3, 3, [1, 1, 5, 5]), ann(7, 4, 3, [1, 1, 5, 5]), ann(8, 5, 3, [1, 1, 5, 5]),
     ], images=images)
-    problems = check_dataset(path)
+    report = check_dataset(path)
+    problems = report.problems
     errors = [p.message for p in problems if p.severity == "error"]
     warnings_ = [p.message for p in problems if p.severity == "warning"]
     expected = ["annotation id 1 (image id 1, a.png): duplicate annotation id",
@@ -268,11 +269,21 @@ def test_check_dataset_finds_planted_problems(tmp_path):
         assert sum(m.startswith(start) for m in errors) == 1, (start, errors)
     assert len(errors) == len(expected)
     assert warnings_ == ["image id 2 (b.png): no annotations"]
-    report = format_problems(problems, limit=3)
-    assert report.splitlines()[0].startswith("error: ") and "... and 6 more" in report
-    assert report.endswith("8 error(s), 1 warning(s)")
+    text = format_report(report, limit=3)  # each problem of its own kind: one line each
+    assert text.splitlines()[0].startswith("error: ") and "... and 6 more kinds of problem" in text
+    assert text.endswith("5 images, 5 boxes, 2 classes; 8 error(s), 1 warning(s)")
     with pytest.raises(SparsedetError, match="not found"):
         check_dataset(tmp_path / "nope.json")
+
+
+def test_check_dataset_summarises_a_repeated_problem(tmp_path):
+    images = [{"id": i, "file_name": f"gone{i}.png", "width": 40, "height": 20} for i in range(1, 9)]
+    path = write_dataset(tmp_path, [ann(i, i, 3, [1, 1, 5, 5]) for i in range(1, 9)], images=images)
+    lines = format_report(check_dataset(path)).splitlines()
+    assert lines[0] == "error: 8 image files not found, e.g."
+    assert lines[1:6] == [f"  image id {i} (gone{i}.png): file {tmp_path / f'gone{i}.png'} not found"
+                          for i in range(1, 6)]
+    assert lines[6:] == ["  ... and 3 more", "8 images, 8 boxes, 2 classes; 8 error(s), 0 warning(s)"]
 
 
 def test_no_stray_warnings_on_clean_data(tmp_path):
@@ -291,7 +302,7 @@ def test_check_dataset_decodes_a_truncated_jpeg(tmp_path):
     images = [{"id": 1, "file_name": "whole.jpg", "width": 48, "height": 32},
               {"id": 2, "file_name": "cut.jpg", "width": 48, "height": 32}]
     path = write_dataset(tmp_path, [ann(1, 1, 3, [1, 1, 5, 5]), ann(2, 2, 3, [1, 1, 5, 5])], images=images)
-    problems = check_dataset(path)
+    problems = check_dataset(path).problems
     assert len(problems) == 1 and problems[0].severity == "error", problems
     assert problems[0].message.startswith(f"image id 2 (cut.jpg): cannot read {tmp_path / 'cut.jpg'}")
     assert "truncated" in problems[0].message
@@ -303,7 +314,7 @@ def test_a_coco_file_without_boxes_is_an_error(tmp_path):
     with pytest.raises(SparsedetError, match=r"ann\.json has no boxes: its 'annotations' list is empty\. "
                                              r"Training on it would learn only background"):
         open_detection_dataset(path, "train")
-    problems = check_dataset(path)  # one error, not a warning per image
+    problems = check_dataset(path).problems  # one error, not a warning per image
     assert [(p.severity, p.message.split(";")[0]) for p in problems] == [
         ("error", f"{path}: no boxes ('annotations' is empty)")]
     with pytest.raises(SparsedetError, match=r"its 1 annotation\(s\) are all crowd regions or degenerate"):
@@ -319,12 +330,40 @@ def test_a_size_mismatch_is_marked_in_the_words_of_check_data(tmp_path):
     mismatch = ds[0][1]["size_mismatch"]
     assert mismatch == f"image id 1 (a.png): json says 50x20 (w x h) but {tmp_path / 'a.png'} is 40x20"
     assert len(ds[0][1]["boxes"]) == 0 and "size_mismatch" not in ds[1][1]  # the box lay outside the file
-    assert [p.message for p in check_dataset(path) if p.severity == "error"] == [mismatch]
+    assert [p.message for p in check_dataset(path).problems if p.severity == "error"] == [mismatch]
+
+
+def test_images_in_an_images_folder_beside_the_json_are_found(tmp_path):
+    """supervision's COCO export: ``annotations.json`` with the files in ``images/`` beside it."""
+    (tmp_path / "images").mkdir()
+    path = write_dataset(tmp_path / "images", [ann(1, 1, 3, [1, 1, 5, 5]), ann(2, 2, 10, [2, 2, 5, 5])])
+    path = path.rename(tmp_path / "annotations.json")
+    ds = CocoDetection(path)
+    assert ds.images_root == tmp_path / "images" and ds[0] is not None
+    assert check_dataset(path).problems == []
+
+
+def test_images_elsewhere_are_named_in_the_error(tmp_path):
+    """A json in annotations/ with its images in a folder beside it (COCO's own layout)."""
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val").mkdir()
+    path = write_dataset(tmp_path / "val", [ann(1, 1, 3, [1, 1, 5, 5])]).rename(tmp_path / "annotations" / "ann.json")
+    with pytest.raises(SparsedetError, match=f"under {tmp_path / 'annotations'}: .*; a.png is in {tmp_path / 'val'}: "
+                                             f"pass --images {tmp_path / 'val'}"):
+        CocoDetection(path).require_readable()
+    errors = [p.message for p in check_dataset(path).problems if p.severity == "error"]
+    assert errors[-1] == (f"{path}: no image file is under {tmp_path / 'annotations'}; a.png is in "
+                          f"{tmp_path / 'val'}: pass --images {tmp_path / 'val'}")
 
 
 def test_require_readable_names_the_image_root(tmp_path):
-    path = write_dataset(tmp_path, [ann(1, 1, 3, [1, 1, 5, 5])])
+    folder = tmp_path / "data"  # the search for the images also looks beside the json's folder
+    folder.mkdir()
+    path = write_dataset(folder, [ann(1, 1, 3, [1, 1, 5, 5])])
     CocoDetection(path).require_readable()
     with pytest.raises(SparsedetError, match=rf"no image of .*ann\.json can be read under .*elsewhere: all 2 "
-                                             r"failed .* as --images"):
+                                             rf"failed .*; a.png is in {folder}: pass --images {folder}\.$"):
+        CocoDetection(path, tmp_path / "elsewhere").require_readable()
+    (folder / "a.png").unlink()  # found nowhere: the error says what --images is
+    with pytest.raises(SparsedetError, match=r"pass the folder its file_name entries are relative to as --images"):
         CocoDetection(path, tmp_path / "elsewhere").require_readable()

@@ -61,7 +61,7 @@ def test_cost_goes_to_the_innermost_stage():
     assert macs == {"inner": 3 * 16, "outer": 3 * 8, "total": 3 * 24}
 
 
-# specs/performance.md §2-3: the papers' GFLOPs at 800x1067, the mean resized COCO val image.
+# The papers' GFLOPs at 800x1067, the mean resized COCO val image (docs/results.md).
 PAPER_GFLOPS = {"deformable_detr_r50": 173.0, "deformable_detr_r50_two_stage": 177.3, "sparse_detr_r50": 105.4}
 
 

@@ -149,6 +149,14 @@ def test_config_round_trip_and_overrides(tmp_path):
     assert Config.load(tmp_path / "c.json") == cfg
     with pytest.raises(SparsedetError, match="did you mean train.max_steps"):
         apply_overrides(cfg, ["train.max_step=3"])
+    # A misspelt section is matched first, then the field within it (whole-key matching picked
+    # model.enc_points for this one); a key without "model." still finds model fields.
+    with pytest.raises(SparsedetError, match=r"'trian.minutes'; did you mean train.minutes\?"):
+        apply_overrides(cfg, ["trian.minutes=1"])
+    with pytest.raises(SparsedetError, match="did you mean model.encoder.keep_ratio"):
+        apply_overrides(cfg, ["encodr.keep_ratio=0.2"])
+    with pytest.raises(SparsedetError, match="did you mean model.hidden_dim"):
+        apply_overrides(cfg, ["hiden_dim=3"])
     with pytest.raises(SparsedetError, match="key.sub=value"):
         apply_overrides(cfg, ["train.max_steps"])
     with pytest.raises(SparsedetError, match="expects true or false"):

@@ -86,7 +86,9 @@ def test_predict_reads_videos_and_streams_frame_by_frame(tiny_run, synth, tmp_pa
     out = tmp_path / "pred"
     assert main(["predict", "--weights", str(tiny_run), str(image), str(clip), "--out", str(out), "--threshold", "0",
                  "--top-k", "3", "--batch-size", "2", "--save-txt"]) == 0
-    assert "1 drawn images and 1 drawn videos" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "1 drawn images and 1 drawn videos" in captured.out
+    assert "clip: 100%" in captured.err and "5/5" in captured.err  # the container states the frame count
     entries = json.loads((out / "predictions.json").read_text())
     frames = [e for e in entries if e["file_name"] == str(clip)]
     assert [e["frame"] for e in frames] == [f for f in range(5) for _ in range(3)]
@@ -105,6 +107,7 @@ def test_predict_reads_videos_and_streams_frame_by_frame(tiny_run, synth, tmp_pa
                  "--top-k", "3", "--max-frames", "2"]) == 0
     entries = json.loads((tmp_path / "url" / "predictions.json").read_text())
     assert {e["frame"] for e in entries} == {0, 1} and {e["file_name"] for e in entries} == {url}
+    assert "2/2" in capsys.readouterr().err  # --max-frames bounds the total
     assert len(list((tmp_path / "url").glob("*clip_mp4_pred.mp4"))) == 1
 
 

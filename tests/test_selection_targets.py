@@ -1,4 +1,4 @@
-"""Token-selection targets and losses against hand-computed cases (specs/encoders.md §2.5, §3.4, §4.5)."""
+"""Token-selection targets and losses against hand-computed cases (Sparse DETR, Focus-DETR, Salience DETR)."""
 import math
 
 import torch

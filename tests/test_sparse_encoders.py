@@ -11,7 +11,7 @@ from sparsedet.ops.padding import rank_padding_last
 from sparsedet.nn.neck import MultiLevel
 from sparsedet.presets import get_preset
 
-# One unpadded 800x1216 image through R50 strides 8..64 (specs/encoders.md §1.5).
+# One unpadded 800x1216 image through R50 strides 8..64.
 WORKED_SHAPES = [(100, 152), (50, 76), (25, 38), (13, 19)]
 
 

@@ -178,7 +178,7 @@ def test_check_data_reports_yolo_problems(tmp_path, capsys):
     write_split(tmp_path, "val", {"e.png": "1 0.5 0.5 0.5 0.5\n"})
     (tmp_path / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [cat, dog]\n")
     a = tmp_path / "labels" / "train" / "a.txt"
-    problems = check_dataset(tmp_path)
+    problems = check_dataset(tmp_path).problems
     errors = [p.message for p in problems if p.severity == "error"]
     assert errors[:4] == [
         f"{a} line 2: w=1.4 is outside [0, 1] (coordinates are fractions of the image width and height)",
@@ -195,7 +195,7 @@ def test_check_data_reports_yolo_problems(tmp_path, capsys):
     assert "w=1.4 is outside [0, 1]" in capsys.readouterr().out
     (tmp_path / "labels" / "val" / "e.txt").unlink()  # val without a single box: an error
     assert f"(val): no boxes: none of its 1 images has a label file in {tmp_path / 'labels' / 'val'}" in \
-        [p.message for p in check_dataset(tmp_path) if p.severity == "error"][-1]
+        [p.message for p in check_dataset(tmp_path).problems if p.severity == "error"][-1]
 
 
 def test_training_reads_of_yolo_labels_name_their_problems(tmp_path):
@@ -217,6 +217,24 @@ def test_training_reads_of_yolo_labels_name_their_problems(tmp_path):
         with pytest.raises(SparsedetError, match=f"has no boxes: none of its 3 images has a label file in "
                                                  f"{labels}".replace(".", r"\.")):
             open_detection_dataset(tmp_path, "train")
-    assert [p.message for p in check_dataset(tmp_path) if "no boxes" in p.message] == [
+    assert [p.message for p in check_dataset(tmp_path).problems if "no boxes" in p.message] == [
         f"{tmp_path / 'data.yaml'} (train): no boxes: none of its 3 images has a label file in {labels} (is the "
         "labels folder misnamed or elsewhere?)"]
+
+
+def test_check_data_summarises_repeated_problems_and_counts_a_clean_dataset(tmp_path, capsys):
+    # Seven lines of class 2 where 'names' lists two classes: one summary line and five examples.
+    write_split(tmp_path, "train", {f"{i}.png": f"0 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 0.2\n2 0.5 0.5 0.1 0.1\n"
+                                    for i in range(7)})
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat, dog]\n")
+    assert main(["check-data", "--ann", str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("error: 7 label lines of a class not in 'names' (labels use 3 classes: 0, 1, 2; "
+                        "'names' lists 2), e.g.")
+    label = tmp_path / "labels" / "train" / "0.txt"
+    assert lines[1] == f"  {label} line 3: class 2 is not a class index in 'names' (0..1)"
+    assert lines[6:] == ["  ... and 2 more", "7 images, 14 boxes, 2 classes; 7 error(s), 0 warning(s)"]
+
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames: [cat, dog, bird]\n")
+    assert main(["check-data", "--ann", str(tmp_path / "data.yaml")]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'data.yaml'}: no problems found: 7 images, 21 boxes, 3 classes\n"

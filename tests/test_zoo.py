@@ -176,11 +176,18 @@ def test_imagenet_backbone_by_name_is_checked_by_the_hash_in_its_name(tmp_path, 
 def test_without_network_the_error_says_what_failed_and_how_to_pass_a_file(tmp_path, mirror, monkeypatch):
     mirror.stop()
     with pytest.raises(SparsedetError, match=r"could not download resnet50-0676ba61.pth from http://127.0.0.1:\d+/"
-                                             r"resnet50-0676ba61.pth .*model.backbone.weights=/path/resnet50-0676ba61"):
+                                             r"resnet50-0676ba61.pth .*model.backbone.weights=/path/resnet50-0676ba61"
+                                             r"\.pth$") as error:
         imagenet.backbone_weights_path("imagenet", 50, 64)
+    assert "kept" not in str(error.value)  # nothing was received, so nothing is kept
+    (_downloads(tmp_path) / "R-50.pkl.part").write_bytes(bytes(3 << 19))
+    with pytest.raises(SparsedetError, match=r"\(.*\); the 1.5 MiB received are kept and the next try resumes them\. "):
+        imagenet.backbone_weights_path("imagenet-detectron2", 50, 64)
     monkeypatch.delenv("SPARSEDET_MIRROR")
-    with pytest.raises(SparsedetError, match="no download link is known for checkpoint0033_4scale.pth.*put it at "
-                                             ".*downloads/checkpoint0033_4scale.pth.*drive.google.com/drive/folders"):
+    with pytest.raises(SparsedetError, match="no download link is known for checkpoint0033_4scale.pth. Download .*put "
+                                             "it at .*downloads/checkpoint0033_4scale.pth \\(or run `sparsedet convert "
+                                             "--from official-dino FILE --out RUN`\\).*drive.google.com/drive/folders.*"
+                                             "; or set SPARSEDET_MIRROR=URL to fetch URL/checkpoint0033_4scale.pth"):
         Detector.from_pretrained("dino_r50_36ep")
     monkeypatch.setitem(sys.modules, "gdown", None)  # not installed
     with pytest.raises(SparsedetError, match="sam_detr_r50_12ep.pth is on Google Drive, which needs the gdown package"):

@@ -353,10 +353,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_check_data(args) -> int:
-    from .data.check import check_dataset, format_problems
-    problems = check_dataset(args.ann, args.images)
-    print(format_problems(problems) if problems else f"{args.ann}: no problems found")
-    return 1 if any(p.severity == "error" for p in problems) else 0
+    from .data.check import check_dataset, format_report
+    report = check_dataset(args.ann, args.images)
+    print(format_report(report) if report.problems else
+          f"{args.ann}: no problems found: {report.counts}")
+    return 0 if report.clean else 1
 
 
 def cmd_demo(args) -> int:

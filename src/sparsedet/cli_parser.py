@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings come from RUN/config.json, overrides may change them (e.g. train.max_steps)")
     s.add_argument("--train", dest="train_ann", help="training data: COCO json, or YOLO data.yaml or its folder")
     s.add_argument("--val", dest="val_ann", help="validation data (COCO json or YOLO yaml)")
-    s.add_argument("--images", help="COCO image root (default: each json's folder)")
+    s.add_argument("--images", help="COCO image root (default: each json's folder, or its images/ folder when the "
+                   "files are there)")
     s.add_argument("--out", help="run folder to write (with --resume: RUN)")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bars: plain log lines every train.log_every steps (for nohup and batch logs)")
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ema", action="store_true", help="evaluate the run's EMA weights (ema.safetensors)")
     s.add_argument("--val", required=True, dest="val_ann",
                    help="ground truth: COCO json, or YOLO data.yaml or its folder (its val split)")
-    s.add_argument("--images", help="image root (default: the json's folder)")
+    s.add_argument("--images", help="image root (default: the json's folder, or its images/ folder when the "
+                   "files are there)")
     s.add_argument("--out", help="folder for metrics.json (default: RUN/eval/DATA, or . for --results)")
     add_runtime_options(s, "images per forward (default 4)")
     s.add_argument("--plots", action="store_true",
@@ -214,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "degenerate or out-of-bounds boxes, duplicate ids, unknown category ids and images without "
                        "annotations; for a YOLO dataset (every split): label lines with an unknown class index or "
                        "coordinates outside [0, 1], and images without a label file (counted). A train or val split "
-                       "without a single box is an error. Exit 0 when clean, 1 on errors.")
+                       "without a single box is an error. A problem met more than once is summarised with at most 5 "
+                       "examples; the dataset's images, boxes and classes are counted. Exit 0 when clean, 1 on errors.")
     s.add_argument("--ann", required=True, metavar="DATA",
                    help="COCO json, or YOLO data.yaml or its folder (all its splits are checked)")
-    s.add_argument("--images", help="COCO image root (default: the json's folder)")
+    s.add_argument("--images", help="COCO image root (default: the json's folder, or its images/ folder when the "
+                   "files are there)")
     s.set_defaults(command="check_data")
 
     s = sub.add_parser("presets", help="list the model presets")

@@ -59,7 +59,7 @@ class LossConfig:
 
 @dataclass
 class EncoderConfig:
-    """Which tokens the encoder updates (specs/encoders.md). ``kind``: "dense" (every token, every
+    """Which tokens the encoder updates (the papers: docs/methods.md). ``kind``: "dense" (every token, every
     layer), "sparse" (Sparse DETR), "focus" (Focus-DETR) or "salience" (Salience DETR)."""
 
     kind: str = "dense"
@@ -78,7 +78,7 @@ class EncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    """Switches of the query-side methods (specs/decoders.md §2-3)."""
+    """Switches of the query-side methods, SAM-DETR and SD-DETR (the papers: docs/methods.md)."""
 
     smca: bool = False              # SAM-DETR: Gaussian-like spatial prior around each head's salient point
     task_queries: bool = True       # SD-DETR: content queries from each task's salient points (else learned)
@@ -138,7 +138,7 @@ class DataConfig:
     # and kept in the run's config.json so that `--resume RUN` needs nothing else.
     train: str = ""
     val: str = ""
-    images: str = ""                   # COCO image root; "" = each json's folder
+    images: str = ""                   # COCO image root; "" = each json's folder (or its images/)
     train_scales: list[int] = field(default_factory=lambda: [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800])
     max_size: int = 1333
     crop: bool = True
@@ -239,10 +239,28 @@ def _build(cls, d: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _unknown(key: str, known: list[str]):
-    close = close_names(key, known)
+def _unknown(key: str, known: list[str], close: list[str] | None = None):
+    close = close_names(key, known) if close is None else close
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
     raise SparsedetError(f"unknown config key {key!r}{hint}")
+
+
+def _similar_keys(obj: Any, parts: list[str], prefix: str = "") -> list[str]:
+    """Existing dotted keys that look like ``parts``, matched one part at a time: the section first,
+    then the field within it, so ``trian.minutes`` finds ``train.minutes`` (matching the whole
+    string at once would weigh a long field name over the short misspelt section)."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    head, rest = parts[0], parts[1:]
+    found = []
+    for name in [head] if head in names else close_names(head, names):
+        child = getattr(obj, name)
+        if not rest:
+            found.append(prefix + name)
+        elif dataclasses.is_dataclass(child):
+            found += _similar_keys(child, rest, f"{prefix}{name}.")
+    if not prefix and head not in ("model", "data", "train"):
+        found += _similar_keys(obj.model, parts, "model.")  # model fields may omit "model."
+    return found[:3]
 
 
 def parse_value(text: str) -> Any:
@@ -286,7 +304,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Co
             if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
                 fields = dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else []
                 known = [".".join(parts[:i] + [f.name]) for f in fields]
-                _unknown(".".join(parts), known)
+                _unknown(key, known, _similar_keys(config, key.split(".")))
             if i == len(parts) - 1:
                 setattr(obj, part, _coerce(getattr(obj, part), value, ".".join(parts)))
             else:

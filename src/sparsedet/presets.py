@@ -1,6 +1,6 @@
 """Named presets: one small function per method and size, each returning a ``Config``.
 
-The R50 presets follow the official hyper-parameters (specs/decoders.md §4.2-4.5), the Swin ones
+The R50 presets follow the official code's hyper-parameters (repositories in docs/methods.md), the Swin ones
 the official Swin configs (docs/backbones.md). The tiny
 presets are for CPU demos and tests: a narrow ResNet-18 trained from scratch, hidden 128,
 3 + 3 layers, 100 queries, images around 256 px.

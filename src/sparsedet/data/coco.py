@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import SparsedetError
-from .coco_json import annotation_name, read_coco_json, validate_coco
+from .coco_json import (IMAGE_FOLDER, annotation_name, default_image_root, find_image_root, read_coco_json,
+                        validate_coco)
 from .transforms import ToTensorAndNormaliseBoxes
 from .yolo import YAML_NAMES, find_yolo_yaml, label_folder, label_path, read_yolo
 
@@ -70,7 +71,7 @@ class CocoDetection(Dataset):
         self.coco = validate_coco(coco, path, image_keys=("id", "file_name", "width", "height"),
                                   category_keys=("id", "name"))
         self.source = str(path)
-        self.images_root = Path(images_root) if images_root is not None else Path(ann_file).parent
+        self.images_root = Path(images_root) if images_root is not None else default_image_root(ann_file, self.coco)
         self.transforms = transforms if transforms is not None else ToTensorAndNormaliseBoxes()
         if not self.coco["images"]:
             raise SparsedetError(f"{path} contains no images; add entries to 'images' or pick "
@@ -131,8 +132,16 @@ class CocoDetection(Dataset):
                 return
             except SparsedetError as err:
                 example = example or (f"{path} does not exist" if not path.exists() else str(err))
-        fix = ("pass the folder its file_name entries are relative to as --images (default: the json's folder)"
-               if self.ann_file is not None else "check the image files")
+        name = self._images[0]["file_name"]
+        missing = self.ann_file is not None and not (self.images_root / name).exists()
+        found = find_image_root(self.ann_file, name) if missing else None
+        if found is not None:
+            fix = f"{name} is in {found}: pass --images {found}"
+        elif self.ann_file is not None:
+            fix = ("pass the folder its file_name entries are relative to as --images (default: the json's "
+                   f"folder, or its {IMAGE_FOLDER}/ folder when the files are there)")
+        else:
+            fix = "check the image files"
         raise SparsedetError(f"no image of {self.source} can be read under {self.images_root}: all {len(self)} "
                              f"failed (e.g. {example}). Training cannot fill a batch; {fix}.")
 

@@ -15,11 +15,38 @@ from ..jsonfile import read_json
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 ANNOTATION_KEYS = ("image_id", "category_id", "bbox")
+# The images' folder beside the json when they are not in its own folder, as supervision's COCO
+# export (and many tools after it) writes a dataset.
+IMAGE_FOLDER = "images"
+PROBED_IMAGES = 5  # image entries looked for on disk to choose the default root
 
 
 def read_coco_json(ann_file: str | Path) -> dict:
     """Parse a COCO json and check its top-level shape; SparsedetError on any problem."""
     return check_coco_dict(read_json(ann_file, "COCO annotation"), ann_file)
+
+
+def default_image_root(ann_file: str | Path, coco: dict) -> Path:
+    """The folder the ``file_name`` entries of ``coco`` (read from ``ann_file``) are relative to when
+    no root is given: the json's folder, or its ``images/`` subfolder when the files are there instead."""
+    folder = Path(ann_file).parent
+    names = [img["file_name"] for img in coco["images"][:PROBED_IMAGES]
+             if isinstance(img, dict) and isinstance(img.get("file_name"), str)]
+    for root in (folder, folder / IMAGE_FOLDER):
+        if any((root / name).is_file() for name in names):
+            return root
+    return folder
+
+
+def find_image_root(ann_file: str | Path, file_name: str) -> Path | None:
+    """A folder near ``ann_file`` that holds ``file_name``: one or two levels below the json's folder,
+    or beside it (``annotations/x.json`` with ``val2017/``); None when there is none. For the error
+    that says where the images are, so it searches only when they are not where expected."""
+    folder = Path(ann_file).parent
+    for root in [*sorted(folder.glob("*/")), *sorted(folder.glob("*/*/")), *sorted(folder.parent.glob("*/"))]:
+        if (root / file_name).is_file():
+            return root
+    return None
 
 
 def check_coco_dict(data: object, source: str | Path) -> dict:

@@ -28,7 +28,7 @@ def varifocal_loss(logits: Tensor, onehot: Tensor, quality: Tensor, alpha: float
 
 def aligned_loss(logits: Tensor, onehot: Tensor, quality: Tensor, alpha: float = 0.25, beta: float = 0.75,
                  gamma: float = 2.0) -> Tensor:
-    """SD-DETR's task-alignment classification loss as we rebuild it (specs/decoders.md §3.3 C),
+    """SD-DETR's task-alignment classification loss as we rebuild it (docs/methods.md, SD-DETR),
     summed: the matched class's target is score^alpha * IoU^beta (both detached), so a confident
     prediction is pushed up only as far as its box deserves; every element is weighted by
     |target - p|^gamma (quality-focal form), negatives have target 0."""

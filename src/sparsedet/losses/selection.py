@@ -1,4 +1,4 @@
-"""Token-selection supervision (specs/encoders.md §2.5, §3.4, §4.5): what each method's token
+"""Token-selection supervision of Sparse DETR, Focus-DETR and Salience DETR: what each method's token
 scorer is trained to predict, and the loss that compares them.
 
 Tokens are flattened level by level, fine to coarse; ``shapes`` lists each level's (H, W) as

@@ -1,6 +1,6 @@
-"""The base detectors (specs/decoders.md): what each builds around the shared chain (its queries
-and decoder) and the rules it states. ``DetectionTransformer`` reads this table and names no base
-detector itself; a new base is one entry here plus its decoder and query modules."""
+"""The base detectors (papers and official code: docs/methods.md): what each builds around the shared chain
+(its queries and decoder) and the rules it states. ``DetectionTransformer`` reads this table and names no
+base detector itself; a new base is one entry here plus its decoder and query modules."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,4 +1,4 @@
-"""Cross-level token fusion of Salience DETR (specs/encoders.md §4.4).
+"""Cross-level token fusion of Salience DETR (Hou et al., CVPR 2024; docs/methods.md cites it).
 
 The official module is ``RepVGGPluXNetwork`` (xiuqhou/Salience-DETR, ``models/necks/repnet.py``): a
 path-aggregation network over the encoder memory's levels whose fusion layers are CSP stages of

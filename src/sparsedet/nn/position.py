@@ -1,7 +1,7 @@
 """Sine position embeddings for feature maps and for points/boxes.
 
 The conventions differ between the official code bases and are not
-interchangeable (specs/decoders.md §5.2), so each is a parameter here:
+interchangeable (a checkpoint converts only with its own), so each is a parameter here:
 ``temperature`` (10000 or 20), ``offset`` (-0.5 in Deformable DETR, 0 in DINO
 and Conditional DETR) and the coordinate order of box embeddings.
 """

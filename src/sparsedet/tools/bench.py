@@ -37,6 +37,13 @@ from ..ops.flops import OTHER, count_macs, hook_stages
 STAGES = ("backbone", "neck", "encoder", "queries", "decoder", "heads", OTHER)
 CONVENTION = ("GFLOPs per image = 1e9 multiply-adds (one fused multiply-add = 1 FLOP, as fvcore and the DETR "
               "papers); deformable attention counted analytically (5 per sampled channel), token sparsity as run")
+# Timings count as noisy (the machine may be busy) when a judged row's slowest run took over
+# NOISY_RATIO times its fastest, or when the stage medians add up to more than SUM_TOLERANCE (a
+# fraction) away from the whole model's median. Stages under MIN_SHARE of the total are not judged:
+# a fraction of a millisecond varies by that much with no other work on the machine.
+NOISY_RATIO = 2.0
+SUM_TOLERANCE = 0.25
+MIN_SHARE = 0.1
 # Short names for sweep keys users reach for most.
 SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio"}
 
@@ -158,6 +165,28 @@ class StageTimer:
 
 def _summary(values: list[float]) -> dict[str, float]:
     return {"median": 1e3 * statistics.median(values), "min": 1e3 * min(values), "max": 1e3 * max(values)}
+
+
+def noise_warnings(latency_ms: dict[str, dict[str, float]]) -> list[str]:
+    """Why the timings ``latency_ms`` (per stage and "total": median, min and max in ms, as
+    ``bench_model`` gives them) are noisy (see NOISY_RATIO); empty when they are not."""
+    total = latency_ms["total"]["median"]
+    found = []
+    for name, t in latency_ms.items():
+        judged = name == "total" or t["median"] >= MIN_SHARE * total
+        if judged and t["min"] > 0 and t["max"] > NOISY_RATIO * t["min"]:
+            found.append(f"{name}: slowest run {t['max'] / t['min']:.1f}x the fastest")
+    stages = sum(t["median"] for name, t in latency_ms.items() if name != "total")
+    if len(latency_ms) > 1 and abs(stages - total) > SUM_TOLERANCE * total:
+        found.append(f"stage medians add up to {stages:.1f} ms, {abs(stages - total) / total:.0%} off the total "
+                     f"{total:.1f} ms (tolerance {SUM_TOLERANCE:.0%})")
+    return found
+
+
+def _noise_line(r: dict) -> list[str]:
+    if not r.get("noisy"):
+        return []
+    return [f"  noisy timings ({'; '.join(r['noisy'])}): the machine may be busy; close other work or raise --runs"]
 
 
 def _rss_bytes() -> int | None:
@@ -342,6 +371,7 @@ def bench_model(model: nn.Module, size: tuple[int, int], batch: int = 1, device:
     bar.close()
     result["precision"] = NAMES[dtype]
     result["latency_ms"] = {"total": _summary(totals), **{name: _summary(per_stage[name]) for name in STAGES}}
+    result["noisy"] = noise_warnings(result["latency_ms"])
     result["runs"], result["warmup"] = runs, warmup
     result["memory_peak"] = _peak_memory(device, rss)
     return result
@@ -369,6 +399,7 @@ def bench_exported(model, size: tuple[int, int], batch: int = 1, precision: str 
             if i >= warmup:
                 totals.append(perf_counter() - start)
     result["latency_ms"] = {"total": _summary(totals)}
+    result["noisy"] = noise_warnings(result["latency_ms"])
     result["runs"], result["warmup"] = runs, warmup
     result["memory_peak"] = _peak_memory(torch.device("cpu"), rss)
     return result
@@ -399,7 +430,7 @@ def format_result(name: str, r: dict) -> str:
         detail = f", over {mem['rss_before_mib']:.0f} MiB before them; {mem['method']}" if "method" in mem else ""
         lines.append(f"  peak memory: {mem['mib']:.0f} MiB ({mem['kind']}{detail}); {r['runs']} timed runs after "
                      f"{r['warmup']} warm-up")
-    return "\n".join(lines)
+    return "\n".join(lines + _noise_line(r))
 
 
 def _format_exported(name: str, r: dict) -> str:
@@ -411,7 +442,7 @@ def _format_exported(name: str, r: dict) -> str:
         lines.append(f"  {'total':9s} median {t['median']:.1f} ms, min {t['min']:.1f}, max {t['max']:.1f}")
         lines.append(f"  peak memory: {r['memory_peak']['mib']:.0f} MiB ({r['memory_peak']['kind']}); {r['runs']} "
                      f"timed runs after {r['warmup']} warm-up")
-    return "\n".join(lines)
+    return "\n".join(lines + _noise_line(r))
 
 
 def format_sweep(key: str, values: list, results: list[dict]) -> str:
@@ -425,6 +456,10 @@ def format_sweep(key: str, values: list, results: list[dict]) -> str:
         if timed:
             line += f" {r['latency_ms']['total']['median']:9.1f} {r['precision']:>9s}"
         lines.append(line)
+    noisy = [str(value) for value, r in zip(values, results) if r.get("noisy")]
+    if noisy:
+        lines.append(f"  noisy timings at {key}={', '.join(noisy)} (--json has why): the machine may be busy; "
+                     "close other work or raise --runs")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ use. ``SPARSEDET_MIRROR=URL`` fetches every file as ``URL/FILE`` instead (Google
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import os
@@ -44,7 +45,7 @@ def fetch(file: str, url: str = "", drive_id: str = "", hash_prefix: str = "", f
     source = http_url or (f"Google Drive file {drive_id}" if drive_id else "")
     if not target.is_file():
         if not source:
-            raise SparsedetError(f"no download link is known for {file}; {fix}")
+            raise SparsedetError(f"no download link is known for {file}. {fix}{_mirror_hint(file)}")
         _record(target).unlink(missing_ok=True)  # a record without its file describes nothing
         _download(http_url, drive_id, target, fix)
     digest = sha256(target)
@@ -67,8 +68,20 @@ def _download(url: str, drive_id: str, target: Path, fix: str) -> None:
             _download_drive(drive_id, target)
     except (OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
+        kept = _partial_bytes(target)
+        resume = f"; the {kept / 2**20:.1f} MiB received are kept and the next try resumes them" if kept else ""
         raise SparsedetError(f"could not download {target.name} from {url or f'Google Drive file {drive_id}'} "
-                             f"({reason}); a partial download is kept and resumes next time. {fix}") from None
+                             f"({reason}){resume}. {fix}{_mirror_hint(target.name)}") from None
+
+
+def _partial_bytes(target: Path) -> int:
+    """Bytes of ``target`` received so far: our ``FILE.part`` or gdown's ``FILE<random>.part``."""
+    return sum(p.stat().st_size for p in target.parent.glob(f"{glob.escape(target.name)}*.part") if p.is_file())
+
+
+def _mirror_hint(file: str) -> str:
+    """How to fetch ``file`` from a mirror, unless one is set already (then it was the source)."""
+    return "" if mirror_url(file) else f"; or set SPARSEDET_MIRROR=URL to fetch URL/{file} from a mirror"
 
 
 def check_recorded(path: Path, digest: str) -> None:

@@ -32,13 +32,14 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write (creating the folder) and close ``fig``."""
+def save_figure(fig, path: str | Path, fit: bool = False) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; ``fit``: the picture's size follows what
+    was drawn, so that no text is cut (else it is the figure's size)."""
     plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight" if fit else None)
     plt.close(fig)
     return path
 
@@ -75,7 +76,8 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, score_thr
     names = [*classes, "background"]
     totals = matrix.sum(axis=0, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
-    side = min(4 + 0.45 * len(names), 40)
+    # Long class names take room from the matrix: the figure grows with them (0.07 in per character).
+    side = min(4 + 0.45 * len(names) + 0.07 * max(map(len, names)), 40)
     fig, ax = plt.subplots(figsize=(side, side * 0.9), dpi=100)
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the column (true class)")
@@ -87,10 +89,10 @@ def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path, score_thr
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set(xlabel="true", ylabel="predicted")
-    ax.set_title(f"Confusion matrix: detections with score >= {score_threshold:.2f} matched to ground truth at "
-                 f"IoU >= {iou_threshold:.2f}\nbackground column: false positives; background row: missed objects",
-                 fontsize=9)
-    return save_figure(fig, path)
+    # Short lines: the title is centred over the matrix, not the figure; fit keeps what still overhangs.
+    ax.set_title(f"Confusion matrix, score >= {score_threshold:.2f}, IoU >= {iou_threshold:.2f}\n"
+                 "background column: false positives\nbackground row: missed objects", fontsize=9)
+    return save_figure(fig, path, fit=True)
 
 
 def write_eval_plots(gt: dict, detections: list[dict], out: Path, score_threshold: float = 0.5) -> list[Path]:

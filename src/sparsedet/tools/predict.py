@@ -130,13 +130,19 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
     return drawn
 
 
+def _frames_to_read(reader: VideoReader, max_frames: int | None) -> int | None:
+    """The frames the container states or ``max_frames``, the fewer; None when neither is known."""
+    return min((n for n in (reader.frames, max_frames) if n), default=None)
+
+
 def _predict_video(model, source: str, out: Path, recorder: _Recorder, options: dict, max_frames: int | None
                    ) -> None:
     """Detect on every frame of ``source`` (``options`` go to ``model.predict``), record the frames'
     detections and write the drawn frames into ``out/NAME_pred.mp4`` at the source's frame rate."""
     name = source_name(source)
     writer, frame = None, 0
-    with VideoReader(source) as reader, tqdm(desc=name, unit="frame", leave=False) as bar:
+    with VideoReader(source) as reader, tqdm(desc=name, unit="frame", leave=False,
+                                             total=_frames_to_read(reader, max_frames)) as bar:
         try:
             frames = islice(reader, max_frames)
             while batch := list(islice(frames, options["batch_size"])):

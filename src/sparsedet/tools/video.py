@@ -61,7 +61,8 @@ def _open(source: str):
 
 class VideoReader:
     """``with VideoReader("clip.mp4") as video: for image in video: ...``: RGB PIL frames in order;
-    ``fps`` is the stream's average rate (25 when it states none)."""
+    ``fps`` is the stream's average rate (25 when it states none); ``frames`` the frame count the
+    container states (None when it states none, as for a live stream)."""
 
     def __init__(self, source: str):
         self.source = source
@@ -72,6 +73,7 @@ class VideoReader:
         self.stream = self.container.streams.video[0]
         rate = self.stream.average_rate or self.stream.guessed_rate
         self.fps = float(rate) if rate else _DEFAULT_FPS
+        self.frames = self.stream.frames or None
 
     def __iter__(self):
         av = require_av()

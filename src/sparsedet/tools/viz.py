@@ -28,6 +28,8 @@ from .draw import PALETTE, draw_detections, grid
 
 PANEL = 384  # pixel side of one panel in the tiled figures
 KEPT = (0, 255, 255)  # outline of kept tokens over the red attention heat map
+HEAT_OPACITY = 0.8  # the red heat map's opacity at its maximum (the photo shows through)
+LEGEND_ROW = 14  # pixel height of a legend row and width of a colour bar's bar
 
 
 @dataclass
@@ -123,6 +125,43 @@ def _caption(image: Image.Image, text: str) -> Image.Image:
     return out
 
 
+def _level_legend(image: Image.Image, strides: list[float]) -> Image.Image:
+    """``image`` above a white strip that names each level's colour, left to right, wrapping."""
+    draw = ImageDraw.Draw(image)
+    texts = [f"level {lvl} (stride {s:g})" for lvl, s in enumerate(strides)]
+    widths = [LEGEND_ROW + 4 + draw.textlength(t) + 10 for t in texts]
+    spots, x, row = [], 0.0, 0
+    for w in widths:
+        if x and x + w > image.width:
+            x, row = 0.0, row + 1
+        spots.append((x, row * LEGEND_ROW))
+        x += w
+    out = Image.new("RGB", (image.width, image.height + (row + 1) * LEGEND_ROW), (255, 255, 255))
+    out.paste(image)
+    draw = ImageDraw.Draw(out)
+    for lvl, ((x, y), text) in enumerate(zip(spots, texts)):
+        y += image.height
+        draw.rectangle([x + 2, y + 2, x + LEGEND_ROW - 2, y + LEGEND_ROW - 2], fill=PALETTE[lvl % len(PALETTE)])
+        draw.text((x + LEGEND_ROW + 2, y + 1), text, fill=(0, 0, 0))
+    return out
+
+
+def _colour_bar(image: Image.Image, top: float) -> Image.Image:
+    """``image`` beside a bar of the heat map's colours from 0 (bottom) to ``top`` (its maximum), on white."""
+    label = f"{top:.2g}"
+    strip = LEGEND_ROW + 6 + int(ImageDraw.Draw(image).textlength(label)) + 4
+    out = Image.new("RGB", (image.width + strip, image.height), (255, 255, 255))
+    out.paste(image)
+    draw = ImageDraw.Draw(out)
+    x, span = image.width + 3, max(image.height - 1, 1)
+    for y in range(image.height):
+        white = round(255 * (1 - HEAT_OPACITY * (1 - y / span)))  # red over white, as _heat lays it
+        draw.line([x, y, x + LEGEND_ROW - 1, y], fill=(255, white, white))
+    draw.text((x + LEGEND_ROW + 3, 0), label, fill=(0, 0, 0))
+    draw.text((x + LEGEND_ROW + 3, image.height - 12), "0", fill=(0, 0, 0))
+    return out
+
+
 def _strides(obs: Observation) -> list[float]:
     return [obs.padded_size[1] / w for _, w in obs.shapes]
 
@@ -148,7 +187,8 @@ def tokens_per_layer(obs: Observation, num_layers: int) -> list[Image.Image]:
         coloured = [(PALETTE[lvl % len(PALETTE)], cell_boxes(cells[lvl], obs.shapes[lvl], obs.padded_size))
                     for lvl in reversed(range(len(obs.shapes)))]
         count = sum(len(c) for c in cells)
-        panels.append(_caption(_overlay(obs.image, coloured), f"encoder layer {layer}: {count} tokens updated"))
+        panel = _caption(_overlay(obs.image, coloured), f"encoder layer {layer}: {count} tokens updated")
+        panels.append(_level_legend(panel, _strides(obs)))
     return panels
 
 
@@ -184,14 +224,19 @@ def decoder_reads(obs: Observation, query: int, layer: int) -> tuple[Image.Image
     cx, cy, bw, bh = (boxes[0, query] * torch.tensor([obs.image.width, obs.image.height] * 2)).tolist()
     ImageDraw.Draw(image).rectangle([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=(255, 255, 255),
                                     width=2)
-    return _caption(image, f"decoder layer {layer}, query {query}"), facts
+    image = _caption(image, f"decoder layer {layer}, query {query}")
+    if out.sampling is not None:
+        image = _level_legend(image, _strides(obs))
+    elif obs.cross_attention:
+        image = _colour_bar(image, float(weights.max()))
+    return image, facts
 
 
 def _heat(image: Image.Image, values: Tensor, padded_size: tuple[int, int]) -> Image.Image:
     """``values`` [h, w] on a grid over the padded input, drawn as red (opaque at the maximum) on ``image``."""
     heat = torch.nn.functional.interpolate(values.float()[None, None], size=padded_size, mode="nearest")[0, 0]
     heat = heat[:image.height, :image.width]
-    alpha = (255 * 0.8 * heat / heat.max().clamp(min=1e-12)).byte().numpy()
+    alpha = (255 * HEAT_OPACITY * heat / heat.max().clamp(min=1e-12)).byte().numpy()
     red = Image.new("RGBA", image.size, (255, 0, 0, 0))
     red.putalpha(Image.fromarray(alpha))
     return Image.alpha_composite(image.convert("RGBA"), red).convert("RGB")
@@ -227,7 +272,8 @@ def attention_per_level(obs: Observation, dam: Tensor, layer: int = 0) -> list[I
         for box in cell_boxes(cells[lvl], shape, obs.padded_size):
             draw.rectangle(box, outline=KEPT, width=1)
         share = float(values.sum()) / total
-        panels.append(_caption(panel, f"level {lvl}: {share:.0%} of the attention, {len(cells[lvl])} kept"))
+        panel = _caption(panel, f"level {lvl}: {share:.0%} of the attention, {len(cells[lvl])} kept")
+        panels.append(_colour_bar(panel, float(values.max())))
     return panels
 
 

@@ -137,10 +137,10 @@ def pretrained_run(name: str) -> Path:
     run = cache_root() / "runs" / name
     if (run / CONFIG).is_file() and (run / WEIGHTS).is_file():
         return run
+    convert = " ".join(["sparsedet convert --from", release.source, "FILE --out RUN", *release.overrides])
     path = fetch(release.file, release.url, release.drive_id,
                  fix=f"Download {release.file} yourself and put it at {cache_root() / 'downloads' / release.file} "
-                 f"(or run `sparsedet convert --from {release.source} FILE --out RUN "
-                 f"{' '.join(release.overrides)}`){'; ' + release.note if release.note else ''}")
+                 f"(or run `{convert}`){'; ' + release.note if release.note else ''}")
     partial = run.with_name(run.name + ".converting")
     shutil.rmtree(partial, ignore_errors=True)
     from .convert import convert_to_run

@@ -1,6 +1,7 @@
 """Conditional DETR's decoder: content and spatial parts of the cross-attention are separate,
 concatenated per head, and the spatial query is the sine embedding of each query's reference
-point, scaled by a function of the query's content (specs/decoders.md §4.1)."""
+point, scaled by a function of the query's content (Meng et al., ICCV 2021; code:
+github.com/Atten4Vis/ConditionalDETR)."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,6 @@
 """SD-DETR ("Decoupled DETR", ICCV 2023) as we rebuild it: no official code exists, so every
-choice below that the paper's public descriptions leave open is ours (specs/decoders.md §3.3;
-README "SD-DETR: what follows the paper").
+choice below that the paper's public descriptions leave open is ours (docs/methods.md, "SD-DETR:
+what follows the paper and what is ours").
 
 Paper: anchors from a mini-detector on the encoder output (``ProposalQueries``, top-N by best
 class); task-aware queries: per task (classification, localisation) salient points inside each

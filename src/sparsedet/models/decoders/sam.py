@@ -1,7 +1,8 @@
 """SAM-DETR's decoder: the Semantics Aligner re-samples each query from the encoder memory
 inside its reference box (RoIAlign 7x7 -> salient points -> bilinear reads), one query vector
 and one sine position per head, then a dense cross-attention where every head sees the full
-key; the SMCA variant adds a Gaussian-like prior around each head's point (specs/decoders.md §2)."""
+key; the SMCA variant adds a Gaussian-like prior around each head's point (SAM-DETR, Zhang et al.,
+CVPR 2022; code: github.com/ZhangGongjie/SAM-DETR)."""
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,8 @@
-"""Focus-DETR encoder (specs/encoders.md §3): a foreground token selector scored per level,
-coarse to fine with top-down modulation, keeps a nested cascade of tokens per layer; each layer
-runs dual attention: self-attention among the most object-like tokens (foreground logit x best
-class logit of the shared two-stage class head), then deformable attention whose values are the
-original backbone tokens."""
+"""Focus-DETR encoder (Zheng et al., ICCV 2023; code in docs/methods.md): a foreground token selector scored
+per level, coarse to fine with top-down modulation, keeps a nested cascade of tokens per layer; each layer
+runs dual attention: self-attention among the most object-like tokens (foreground logit x best class logit
+of the shared two-stage class head), then deformable attention whose values are the original backbone
+tokens."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
-"""Salience DETR encoder (specs/encoders.md §4): Focus-DETR's dual-attention cascade with
-hierarchical filtering (a quota of each level's valid tokens, then nested prefixes per layer of
-the score-sorted union), a learned background embedding on the tokens the last layer did not
-update, and cross-level fusion of the memory."""
+"""Salience DETR encoder (Hou et al., CVPR 2024; code: github.com/xiuqhou/Salience-DETR): Focus-DETR's
+dual-attention cascade with hierarchical filtering (a quota of each level's valid tokens, then nested
+prefixes per layer of the score-sorted union), a learned background embedding on the tokens the last layer
+did not update, and cross-level fusion of the memory."""
 from __future__ import annotations
 
 import torch

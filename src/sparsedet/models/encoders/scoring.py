@@ -1,5 +1,5 @@
 """What the token-sparse encoders share: the token scorer, top-down score modulation, keep
-counts, and the gather -> layer -> scatter bookkeeping (specs/encoders.md §1).
+counts, and the gather -> layer -> scatter bookkeeping.
 
 Shapes stay static for a given input size and keep ratio: selections are top-k index tensors of
 one width per batch with a per-image count of entries that are written back, never boolean masks.

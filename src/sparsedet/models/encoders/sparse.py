@@ -1,7 +1,7 @@
-"""Sparse DETR encoder (specs/encoders.md §2): one scorer over all levels picks the top rho of
-each image's valid tokens; every layer updates only those, reading the progressively updated
-memory as deformable-attention values. Optional detection heads on the sparse tokens of every
-layer but the last (encoder auxiliary loss)."""
+"""Sparse DETR encoder (Roh et al., ICLR 2022; code: github.com/kakaobrain/sparse-detr): one scorer over all
+levels picks the top rho of each image's valid tokens; every layer updates only those, reading the
+progressively updated memory as deformable-attention values. Optional detection heads on the sparse tokens
+of every layer but the last (encoder auxiliary loss)."""
 from __future__ import annotations
 
 from torch import Tensor, nn
