@@ -201,9 +201,15 @@ def cmd_eval(args) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'}")
     if args.plots:
+        from .engine.thresholds import PREDICT_DEFAULT, Threshold
         from .tools.plots import write_eval_plots
-        written = write_eval_plots(gt, results, out, args.confusion_threshold)
-        print(f"wrote {', '.join(p.name for p in written)} in {out}")
+        threshold = Threshold.of(args.confusion_threshold, None if args.results else model.config, PREDICT_DEFAULT)
+        written = write_eval_plots(gt, results, out, threshold.value)
+        print(f"wrote {', '.join(p.name for p in written)} in {out}; the confusion matrix counts detections scored "
+              f"at least {threshold}")
+        _warn_if_empty(sum(r["score"] >= threshold.value for r in results), threshold,
+                       max((r["score"] for r in results), default=None), f"the {len(gt['images'])} val images",
+                       "--confusion-threshold")
     return 0
 
 
@@ -221,15 +227,26 @@ def cmd_predict(args) -> int:
     from .api import load_detector
     from .models.postprocess import check_threshold
     from .tools.predict import collect_inputs, predict_to_folder
-    check_threshold(args.threshold)
+    if args.threshold is not None:
+        check_threshold(args.threshold)  # before the model loads
     model = load_detector(args.weights, device=args.device)
     files, videos = collect_inputs(args.inputs)
-    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size,
-                      videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
+    seen = predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision,
+                             args.batch_size, videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
     drawn = [f"{len(files)} drawn images"] * bool(files) + [f"{len(videos)} drawn videos"] * bool(videos)
     print(f"wrote {Path(args.out) / 'predictions.json'}, {' and '.join(drawn)}"
-          + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else ""))
+          + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else "")
+          + f": {seen.detections} detections scored above {seen.threshold}")
+    _warn_if_empty(seen.detections, seen.threshold, seen.best_score,
+                   f"{seen.images} image{'s' * (seen.images != 1)}", "--threshold")
     return 0
+
+
+def _warn_if_empty(shown: int, threshold, best: float | None, where: str, flag: str) -> None:
+    """Say so when ``threshold`` (an ``engine.thresholds.Threshold``) left ``where`` without a detection."""
+    from .engine.thresholds import nothing_shown
+    if not shown:
+        warnings.warn(nothing_shown(threshold, best, where, flag))
 
 
 def cmd_plot(args) -> int:
@@ -248,6 +265,7 @@ def cmd_convert(args) -> int:
 
 def cmd_viz(args) -> int:
     from .config import parse_overrides
+    from .engine.thresholds import Threshold
     from .tools.bench import check_target, load_model
     from .tools.viz import visualize
     from .tools.zoo import resolve_run
@@ -262,12 +280,13 @@ def cmd_viz(args) -> int:
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
-    corr = facts["corr"]
+    corr, threshold = facts["corr"], Threshold(facts["threshold"], facts["threshold_origin"])
     figures = "tokens_per_level,tokens_per_layer,decoder_query," + ("dam," if corr else "") + "detections"
     print(f"query {facts['decoder']['query']}, decoder layer {facts['decoder']['layer']}; tokens updated per "
-          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections; Corr "
-          f"{'n/a (no sampling points)' if corr is None else format(corr['mean'], '.3f')}; wrote {args.out}/"
+          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections scored above {threshold}; "
+          f"Corr {'n/a (no sampling points)' if corr is None else format(corr['mean'], '.3f')}; wrote {args.out}/"
           f"{{{figures}}}.png and viz.json")
+    _warn_if_empty(facts["detections"], threshold, facts["best_score"], args.image, "--threshold")
     return 0
 
 
