@@ -1,5 +1,6 @@
 """The training engine: exact resume after SIGKILL, atomic checkpoints, two-process Gloo DDP,
 bad data, mixed precision, fine-tuning onto new classes, schedules, EMA and the sampler."""
+import dataclasses
 import json
 import math
 import os
@@ -654,3 +655,36 @@ def test_start_up_summary_explains_an_epoch_plan(synth, tmp_path):
     assert "val      none: no evaluation" in summary
     assert ("plan     at most 12 steps = 3 epochs (train.epochs, train.max_steps=0) x 4 steps (8 images / 2 per "
             "step) or 5 min of training (train.minutes), whichever ends first") in summary
+
+
+def test_fine_tuning_plans_the_presets_schedule_not_the_runs(synth, tmp_path):
+    """A demo run (train.max_steps=1000000, train.minutes=10) fine-tuned: the model from the run, the
+    schedule from its preset's defaults (else TrainConfig's), the recorded threshold chosen again."""
+    from sparsedet.cli import _prepare_training, _training_origin
+    from sparsedet.config import TrainConfig
+    from sparsedet.data.datasets import make_datasets
+    from sparsedet.engine.build import build_trainer
+    run = tmp_path / "demo_run"
+    demo = ["train.max_steps=1000000", "train.minutes=10", "train.eval_every=-1", "score_threshold=0.4"]
+    config = apply_overrides(get_preset("dino_tiny"), [*TINY, f"data.train={synth['train']}", *demo])
+    config, train_set, _ = make_datasets(config)
+    config.model.classes, config.model.num_classes = train_set.classes, len(train_set.classes)
+    config.model.category_ids = train_set.category_ids
+    Detector.from_config(config).save_pretrained(run)
+
+    config, model, train_set, _ = _prepare_training(None, str(run), [], {"train": synth["train"]})
+    assert config.train == get_preset("dino_tiny").train and config.model.score_threshold is None
+    assert config.model.hidden_dim == 64 and config.data.train_scales == [96]  # the run's model and its sizes
+    trainer = build_trainer(model, config, train_set, None, tmp_path / "ft", progress=False,
+                            origin=_training_origin(None, str(run), config, []))
+    summary = trainer.summary()
+    assert f"origin   model from {run}, schedule from preset dino_tiny's defaults\n" in summary
+    assert "plan     48 steps = 12 epochs (train.epochs, train.max_steps=0) x 4 steps" in summary
+
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "preset": ""}))  # e.g. a hand-made run
+    config, *_ = _prepare_training(None, str(run), ["train.epochs=2"], {"train": synth["train"]})
+    assert config.train == dataclasses.replace(TrainConfig(), epochs=2)
+    assert _training_origin(None, str(run), config, ["train.epochs=2"]) == (
+        f"model from {run}, schedule from the library's defaults (TrainConfig: the run names no preset), then the "
+        "overrides given")

@@ -81,10 +81,13 @@ def test_every_kind_draws(preset, image_path, tmp_path):
 
 
 def test_cli_viz_and_its_errors(image_path, tmp_path, capsys):
-    assert main(["viz", "dino_tiny", str(image_path), "--out", str(tmp_path), "--set", "num_classes=2",
-                 "--query", "3", "--layer", "0"]) == 0
+    with pytest.warns(UserWarning, match=r"no detection passed the score threshold 0.3 \(the default: none "
+                      r"recorded\) on .*scene.png; the best score was 0.0\d\d, so --threshold 0.0\d would show some"):
+        assert main(["viz", "dino_tiny", str(image_path), "--out", str(tmp_path), "--set", "num_classes=2",
+                     "--query", "3", "--layer", "0"]) == 0
     facts = json.loads((tmp_path / "viz.json").read_text())
     assert facts["decoder"]["query"] == 3 and facts["decoder"]["layer"] == 0
+    assert (facts["detections"], facts["threshold"]) == (0, 0.3) and 0 < facts["best_score"] < 0.3
     assert main(["viz", "dino_tiny", str(tmp_path / "missing.png"), "--out", str(tmp_path)]) == 2
     assert main(["viz", "no_such_preset", str(image_path), "--out", str(tmp_path)]) == 2
     assert main(["viz", "dino_tiny", str(image_path), "--out", str(tmp_path), "--query", "5000"]) == 2

@@ -19,9 +19,9 @@ from .data.transforms import resize
 from .engine.checkpoint import load_run, save_run
 from .engine.device import resolve_device
 from .engine.precision import inference_precision, resolve_precision
+from .engine.thresholds import PREDICT_DEFAULT, Threshold
 from .errors import SparsedetError
 from .models.detector import DetectionTransformer
-from .models.postprocess import check_threshold
 from .presets import get_preset
 
 # An image: a path, a PIL image, an RGB (H, W, 3) array (uint8 0..255 or float in [0, 1]; OpenCV's
@@ -35,7 +35,7 @@ class Detector(DetectionTransformer):
     >>> model = Detector.from_preset("dino_tiny", num_classes=5)
     >>> model.save_pretrained("run")
     >>> model = Detector.from_pretrained("run")
-    >>> model.predict("image.png", threshold=0.5)[0]["boxes"]   # xyxy, original pixels
+    >>> model.predict("image.png")[0]["boxes"]   # xyxy, original pixels; the run's threshold (else 0.5)
     """
 
     @classmethod
@@ -145,13 +145,14 @@ class Detector(DetectionTransformer):
         return list(self.config.category_ids or range(self.config.num_classes))
 
     @torch.no_grad()
-    def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5, top_k: int | None = None,
+    def predict(self, images: ImageLike | list[ImageLike], threshold: float | None = None, top_k: int | None = None,
                 batch_size: int = 4, precision: str = "fp32") -> list[dict[str, torch.Tensor]]:
         """Detect objects.
 
         ``images``: one or a list of paths, PIL images, RGB (H, W, 3) arrays (uint8, or float in
         [0, 1]; reverse OpenCV's BGR first: ``image[..., ::-1]``) or RGB (3, H, W) float tensors in
-        [0, 1]. ``threshold``: minimum score, in [0, 1]. ``top_k``: at most this many detections per
+        [0, 1]. ``threshold``: minimum score, in [0, 1]; None: the run's recorded
+        ``config.score_threshold``, else 0.5. ``top_k``: at most this many detections per
         image (default ``config.top_k``). ``precision``: "fp32", "bf16" or "fp16" (CUDA only) for the
         forward pass.
 
@@ -159,7 +160,7 @@ class Detector(DetectionTransformer):
         (both fp32 in any precision), "labels": [n] (column index into ``classes``), "names": [n] (the
         labels' class names, a list of str)}, sorted by score.
         """
-        check_threshold(threshold)
+        threshold = Threshold.of(threshold, self.config, PREDICT_DEFAULT).value
         check_top_k(top_k)
         if not isinstance(images, (list, tuple)):
             images = [images]

@@ -7,10 +7,14 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cli_parser import build_parser
 from .errors import SparsedetError
 from .jsonfile import read_json_object
+
+if TYPE_CHECKING:  # the verbs import what they need when they run (a quick --help)
+    from .config import Config, TrainConfig
 
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
@@ -90,7 +94,9 @@ def cmd_synth(args) -> int:
 
 
 def _prepare_training(preset: str | None, weights: str | None, overrides: list[str], data: dict):
-    """Config, model and datasets for a new training run; the class table comes from the training data."""
+    """Config, model and datasets for a new training run; the class table comes from the training data.
+    ``weights``: the model (and the image sizes it trained at, ``data.*`` besides the paths) from that
+    run, the schedule (``train.*``) from `_fine_tuning_schedule`; then the overrides."""
     from .api import Detector
     from .config import apply_overrides
     from .engine.checkpoint import load_config
@@ -102,6 +108,9 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
     weights = resolve_run(weights) if weights else weights
     config = load_config(weights) if weights else get_preset(preset)
+    if weights:
+        config.train = _fine_tuning_schedule(config.preset)[0]
+        config.model.score_threshold = None  # chosen again on the new val split
     # A new run's data are the ones given now, never a fine-tuned run's old ones.
     apply_overrides(config, {f"data.{k}": data.get(k) or "" for k in ("train", "val", "images")})
     apply_overrides(config, overrides)
@@ -111,6 +120,25 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     seed_everything(config.train.seed)  # the initial weights follow train.seed
     model = Detector.for_finetuning(weights, config) if weights else Detector.from_config(config, backbone_weights=True)
     return config, model, train_set, val_set
+
+
+def _fine_tuning_schedule(preset: str) -> tuple[TrainConfig, str]:
+    """The ``train`` section a fine-tune starts from, and where it comes from: the defaults of the
+    preset the run started from, not the run's own (a demo's time budget and train.max_steps=1000000
+    would carry over), else TrainConfig's defaults."""
+    from .config import TrainConfig
+    from .presets import PRESETS, get_preset
+    if preset in PRESETS:
+        return get_preset(preset).train, f"schedule from preset {preset}'s defaults"
+    named = f"an unknown preset {preset!r}" if preset else "no preset"
+    return TrainConfig(), f"schedule from the library's defaults (TrainConfig: the run names {named})"
+
+
+def _training_origin(preset: str | None, weights: str | None, config: Config, overrides: list[str]) -> str:
+    """The summary's line on where a new run's model and schedule come from."""
+    text = (f"model from {weights}, {_fine_tuning_schedule(config.preset)[1]}" if weights
+            else f"model and schedule from preset {preset}")
+    return text + (", then the overrides given" if overrides else "")
 
 
 def cmd_train(args) -> int:
@@ -133,13 +161,14 @@ def cmd_train(args) -> int:
         if train_set.category_ids != config.model.category_ids:
             raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
         model, out = Detector.from_config(config), args.resume  # the checkpoint holds the backbone
+        origin = f"model and schedule from {args.resume} (resumed)"
     else:
         if not args.train_ann or not args.out:
             raise SparsedetError("--train and --out are required (or --resume RUN)")
         config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides, data)
-        out = args.out
+        out, origin = args.out, _training_origin(args.preset, args.weights, config, args.overrides)
     set_threads(config.train.threads)
-    trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
+    trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress, origin=origin)
     try:
         if args.resume:
             path = trainer.resume()
@@ -201,9 +230,15 @@ def cmd_eval(args) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'}")
     if args.plots:
+        from .engine.thresholds import PREDICT_DEFAULT, Threshold
         from .tools.plots import write_eval_plots
-        written = write_eval_plots(gt, results, out, args.confusion_threshold)
-        print(f"wrote {', '.join(p.name for p in written)} in {out}")
+        threshold = Threshold.of(args.confusion_threshold, None if args.results else model.config, PREDICT_DEFAULT)
+        written = write_eval_plots(gt, results, out, threshold.value)
+        print(f"wrote {', '.join(p.name for p in written)} in {out}; the confusion matrix counts detections scored "
+              f"at least {threshold}")
+        _warn_if_empty(sum(r["score"] >= threshold.value for r in results), threshold,
+                       max((r["score"] for r in results), default=None), f"the {len(gt['images'])} val images",
+                       "--confusion-threshold")
     return 0
 
 
@@ -221,15 +256,26 @@ def cmd_predict(args) -> int:
     from .api import load_detector
     from .models.postprocess import check_threshold
     from .tools.predict import collect_inputs, predict_to_folder
-    check_threshold(args.threshold)
+    if args.threshold is not None:
+        check_threshold(args.threshold)  # before the model loads
     model = load_detector(args.weights, device=args.device)
     files, videos = collect_inputs(args.inputs)
-    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size,
-                      videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
+    seen = predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision,
+                             args.batch_size, videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
     drawn = [f"{len(files)} drawn images"] * bool(files) + [f"{len(videos)} drawn videos"] * bool(videos)
     print(f"wrote {Path(args.out) / 'predictions.json'}, {' and '.join(drawn)}"
-          + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else ""))
+          + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else "")
+          + f": {seen.detections} detections scored above {seen.threshold}")
+    _warn_if_empty(seen.detections, seen.threshold, seen.best_score,
+                   f"{seen.images} image{'s' * (seen.images != 1)}", "--threshold")
     return 0
+
+
+def _warn_if_empty(shown: int, threshold, best: float | None, where: str, flag: str) -> None:
+    """Say so when ``threshold`` (an ``engine.thresholds.Threshold``) left ``where`` without a detection."""
+    from .engine.thresholds import nothing_shown
+    if not shown:
+        warnings.warn(nothing_shown(threshold, best, where, flag))
 
 
 def cmd_plot(args) -> int:
@@ -248,6 +294,7 @@ def cmd_convert(args) -> int:
 
 def cmd_viz(args) -> int:
     from .config import parse_overrides
+    from .engine.thresholds import Threshold
     from .tools.bench import check_target, load_model
     from .tools.viz import visualize
     from .tools.zoo import resolve_run
@@ -262,12 +309,13 @@ def cmd_viz(args) -> int:
     if not Path(args.target).is_dir():
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
-    corr = facts["corr"]
+    corr, threshold = facts["corr"], Threshold(facts["threshold"], facts["threshold_origin"])
     figures = "tokens_per_level,tokens_per_layer,decoder_query," + ("dam," if corr else "") + "detections"
     print(f"query {facts['decoder']['query']}, decoder layer {facts['decoder']['layer']}; tokens updated per "
-          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections; Corr "
-          f"{'n/a (no sampling points)' if corr is None else format(corr['mean'], '.3f')}; wrote {args.out}/"
+          f"encoder layer {facts['tokens_per_layer']}; {facts['detections']} detections scored above {threshold}; "
+          f"Corr {'n/a (no sampling points)' if corr is None else format(corr['mean'], '.3f')}; wrote {args.out}/"
           f"{{{figures}}}.png and viz.json")
+    _warn_if_empty(facts["detections"], threshold, facts["best_score"], args.image, "--threshold")
     return 0
 
 
@@ -378,7 +426,8 @@ def cmd_demo(args) -> int:
     config, model, train_set, val_set = _prepare_training(args.preset, None, overrides,
                                                           {"train": info["train"], "val": info["val"]})
     print(f"[2/4] training {args.preset} for {args.minutes:g} min")
-    trainer = build_trainer(model, config, train_set, val_set, out / "run", progress=True)
+    trainer = build_trainer(model, config, train_set, val_set, out / "run", progress=True,
+                            origin=_training_origin(args.preset, None, config, overrides))
     metrics = trainer.fit()
     (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
     print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")

@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", action="store_true",
                    help="also draw precision-recall curves (per class and over all classes; IoU 0.50:0.95 and 0.50) "
                    "and a confusion matrix with a background row and column")
-    s.add_argument("--confusion-threshold", type=float, default=0.5, metavar="T",
-                   help="minimum score of the detections the confusion matrix counts (default 0.5)")
+    s.add_argument("--confusion-threshold", type=float, default=None, metavar="T",
+                   help="minimum score of the detections the confusion matrix counts (default: the run's, recorded "
+                   "at the end of its training; else 0.5)")
     s.add_argument("--corr", action="store_true",
                    help="also Corr, per encoder layer and its mean: the share of the decoder's attention map (Sparse "
                    "DETR's DAM) on the tokens the encoder kept, per image, averaged over images (1 for dense "
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", metavar="SOURCE", help="image, video, folder (searched recursively), "
                    "stream URL or webcam index")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
+    s.add_argument("--threshold", type=float, default=None, help="minimum score (default: the run's, recorded at "
+                   "the end of its training from its val split; else 0.5)")
     s.add_argument("--top-k", type=int, default=None, help="at most K detections per image")
     add_runtime_options(s, "images or frames per forward (default 4)")
     s.add_argument("--save-txt", action="store_true", help="also write YOLO labels DIR/labels/NAME.txt (a video: "
@@ -206,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--query", type=int, help="decoder query to show (default: the highest-scoring one)")
     s.add_argument("--layer", type=int, default=-1, help="decoder layer to show (default: the last)")
-    s.add_argument("--threshold", type=float, default=0.3, help="minimum score of drawn detections (default 0.3)")
+    s.add_argument("--threshold", type=float, default=None, help="minimum score of drawn detections (default: the "
+                   "run's, recorded at the end of its training from its val split; else 0.3)")
     s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
     add_overrides(s)
     s.set_defaults(command="viz")

@@ -125,6 +125,9 @@ class ModelConfig:
     dn_box_noise: float = 1.0
     dn_spare_label: bool = True     # DINO's label table has a row for unused slots; Focus/Salience do not
     top_k: int = 100                # detections kept per image by post-processing
+    # Default minimum score of predict, viz, videos, ONNX and eval's confusion matrix: recorded at the end
+    # of training (engine.thresholds: best F1 on the val split); None = not recorded (each verb's own default)
+    score_threshold: float | None = None
     eval_size: int = 800            # preprocessing: shorter side at inference (pixels)
     eval_max_size: int = 1333       # preprocessing: longer side at most (pixels)
     image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -382,6 +385,8 @@ _RULES = [
     ("data.size_divisor", lambda v: v >= 1, "at least 1"),
     ("data.max_size", lambda v: v >= 1, "at least 1 (pixels)"),
     ("model.top_k", lambda v: v >= 1, "at least 1 (detections per image)"),
+    ("model.score_threshold", lambda v: v is None or (not isinstance(v, bool) and 0 <= v <= 1),
+     "a score in [0, 1], or null (not recorded)"),
     ("model.eval_size", lambda v: v >= 1, "at least 1 (pixels)"),
     ("model.eval_max_size", lambda v: v >= 1, "at least 1 (pixels)"),
 ]

@@ -30,11 +30,12 @@ def set_threads(n: int) -> None:
 
 
 def build_trainer(model, config: Config, train_set: CocoDetection, val_set: CocoDetection | None,
-                  out_dir: str | Path, progress: bool = True) -> Trainer:
+                  out_dir: str | Path, progress: bool = True, origin: str = "") -> Trainer:
     """A Trainer of ``model`` (a ``sparsedet.Detector``) on ``train_set``, evaluating on ``val_set``
     (None: no evaluation), writing ``out_dir``, with the default hooks. Under ``torchrun`` it joins
     the process group. Every part is an attribute of the result and may be replaced before ``fit``;
-    ``progress``: a progress bar on process 0, else plain log lines."""
+    ``progress``: a progress bar on process 0, else plain log lines; ``origin``: where the model and
+    the schedule come from, for the summary ("" leaves that line out)."""
     t = validate(config).train
     ctx, device = distributed.setup(t.device)
     out_dir = Path(out_dir)
@@ -62,7 +63,7 @@ def build_trainer(model, config: Config, train_set: CocoDetection, val_set: Coco
                    scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
                    autocast_dtype=autocast_dtype, ema=ema, sampler=sampler, loader=loader, train_set=train_set,
                    val_set=val_set, log=RunLog(out_dir, ctx.is_main, progress, t.tensorboard), out_dir=out_dir,
-                   ctx=ctx, device=device, hooks=default_hooks(config, val_set))
+                   ctx=ctx, device=device, hooks=default_hooks(config, val_set), origin=origin)
 
 
 def default_hooks(config: Config, val_set: CocoDetection | None) -> list[Hook]:

@@ -77,6 +77,17 @@ def confusion_from_coco(gt: dict, detections: list[dict], score_threshold: float
         raise SparsedetError(f"the confusion matrix's score threshold must lie in [0, 1], got {score_threshold}")
     if not 0.0 < iou_threshold <= 1.0:
         raise SparsedetError(f"the confusion matrix's IoU threshold must lie in (0, 1], got {iou_threshold}")
+    images, classes = per_image(gt, detections)
+    matrix = np.zeros((len(classes) + 1, len(classes) + 1), dtype=np.int64)
+    for gt_boxes, gt_labels, boxes, scores, labels in images:
+        add_image(matrix, gt_boxes, gt_labels, boxes, scores, labels, score_threshold, iou_threshold)
+    return matrix, classes
+
+
+def per_image(gt: dict, detections: list[dict]) -> tuple[list[tuple[Tensor, ...]], list[str]]:
+    """COCO-results ``detections`` beside a COCO ground-truth dict, image by image: (gt_boxes, gt_labels,
+    boxes, scores, labels) per image (boxes xyxy pixels float64, labels indices of the categories in id
+    order; crowd annotations left out), and those categories' names."""
     categories = sorted(gt["categories"], key=lambda c: c["id"])
     index = {c["id"]: k for k, c in enumerate(categories)}
     truth: dict = defaultdict(list)
@@ -89,13 +100,12 @@ def confusion_from_coco(gt: dict, detections: list[dict], score_threshold: float
             raise SparsedetError(f"detection category_id {det['category_id']!r} is not in the ground truth "
                                  f"(known ids: {sorted(index)})")
         found[det["image_id"]].append((det["bbox"], index[det["category_id"]], float(det["score"])))
-    matrix = np.zeros((len(categories) + 1, len(categories) + 1), dtype=np.int64)
+    images = []
     for image_id in {img["id"] for img in gt["images"]} | set(found):
-        gt_boxes, gt_labels = _columns(truth[image_id])
         boxes, labels = _columns([(box, label) for box, label, _ in found[image_id]])
         scores = torch.tensor([score for *_, score in found[image_id]], dtype=torch.float64)
-        add_image(matrix, gt_boxes, gt_labels, boxes, scores, labels, score_threshold, iou_threshold)
-    return matrix, [str(c.get("name", c["id"])) for c in categories]
+        images.append((*_columns(truth[image_id]), boxes, scores, labels))
+    return images, [str(c.get("name", c["id"])) for c in categories]
 
 
 def _columns(items: list[tuple[list[float], int]]) -> tuple[Tensor, Tensor]:

@@ -16,6 +16,7 @@ from . import distributed
 from .checkpoint import CHECKPOINTS, atomic_write, link_checkpoint, prune_checkpoints, publish, save_checkpoint
 from .evaluator import evaluate, format_metrics
 from .interrupt import StopSignals
+from .thresholds import MIN_SCORE, choose_threshold
 
 if TYPE_CHECKING:
     from ..data.coco import CocoDetection
@@ -138,7 +139,9 @@ class LogSteps(Hook):
 class Evaluate(Hook):
     """Evaluates on ``val_set`` (and the EMA weights too) every ``train.eval_every`` steps and at the
     end: the run log, ``metrics.json`` and a table for the user; ``trainer.metrics`` and, when the AP
-    is the best so far, ``trainer.best``. Every process takes part."""
+    is the best so far, ``trainer.best``. The final evaluation's detections also choose the run's
+    score threshold (``engine.thresholds``), which the checkpoint saved after it records in
+    ``model.score_threshold``. Every process takes part."""
 
     def __init__(self, val_set: CocoDetection):
         self.val_set = val_set
@@ -152,14 +155,15 @@ class Evaluate(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         if trainer.stop_signal is None:
-            self.run(trainer)
+            self.record_threshold(trainer, self.run(trainer))
 
-    def run(self, trainer: Trainer) -> dict:
+    def run(self, trainer: Trainer) -> list[dict]:
+        """Evaluate now; returns the model's val detections (COCO results format)."""
         bs, ctx, ema = trainer.config.train.batch_size, trainer.ctx, trainer.ema
         distributed.sync_buffers(trainer.model, ctx)
         if ema is not None:
             distributed.sync_buffers(ema.module, ctx)
-        metrics, _ = evaluate(trainer.model, self.val_set, bs, trainer.log.progress, ctx)
+        metrics, results = evaluate(trainer.model, self.val_set, bs, trainer.log.progress, ctx)
         record = {"step": trainer.step, "time_s": round(trainer.trained_seconds, 3), "eval": _summary(metrics)}
         if ema is not None:
             ema_metrics, _ = evaluate(ema.module, self.val_set, bs, False, ctx)
@@ -172,7 +176,16 @@ class Evaluate(Hook):
         trainer.metrics, trainer.evaluated_step = metrics, trainer.step
         if trainer.best is None or metrics["AP"] > trainer.best["AP"]:
             trainer.best = {"AP": metrics["AP"], "step": trainer.step}
-        return metrics
+        return results
+
+    def record_threshold(self, trainer: Trainer, results: list[dict]) -> None:
+        """Every process chooses the same threshold from the same gathered detections."""
+        choice = choose_threshold(self.val_set.coco, results)
+        trainer.config.model.score_threshold = None if choice is None else choice.threshold
+        trainer.log.say(f"recorded the {choice.describe()}; predict, viz, videos and eval's confusion matrix use "
+                        "it unless given a threshold" if choice is not None else
+                        f"recorded no score threshold: no val detection scored {MIN_SCORE} or more matched a "
+                        "ground-truth box; predict and the others use their defaults")
 
 
 class Checkpoints(Hook):

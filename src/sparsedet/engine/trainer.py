@@ -62,6 +62,7 @@ class Trainer:
     ctx: distributed.Context
     device: torch.device
     hooks: list[Hook] = field(default_factory=list)
+    origin: str = ""  # where the model and the schedule come from (the summary's "origin" line)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -237,7 +238,7 @@ class Trainer:
     # ---------------------------------------------------------------- summary, state and resume
     def summary(self) -> str:
         """What this run found and will do: images and boxes per split, classes, device, precision,
-        length and where it comes from, evaluation and checkpoint intervals."""
+        where the model and schedule come from, length and why, evaluation and checkpoint intervals."""
         t, world, plan = self.config.train, self.ctx.world_size, self.plan
         lines = []
         for split, data in (("train", self.train_set), ("val", self.val_set)):
@@ -249,6 +250,8 @@ class Trainer:
         lines.append(f"{'device':9s}{self.device} x {world} process{'es' if world > 1 else ''}, {precision} "
                      f"(train.precision={t.precision}), batch {t.batch_size} per process x {t.accumulate} "
                      "accumulated")
+        if self.origin:
+            lines.append(f"{'origin':9s}{self.origin}")
         if t.max_steps > 0:
             text = f"{plan.total_steps} steps (train.max_steps={t.max_steps})"
         else:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
+from ..ops.boxes import batched_nms
+
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 PAD = 1  # pixels between a label's text and the edge of its background
@@ -50,6 +52,22 @@ def place_labels(boxes: list[list[float]], sizes: list[tuple[float, float]],
 def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
     """Area two xyxy rectangles share."""
     return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def for_display(detections: dict, limit: int, iou: float = 0.5) -> dict:
+    """The detections a picture shows: class-wise NMS at ``iou``, then the ``limit`` best (the
+    results written beside the picture keep them all)."""
+    keep = batched_nms(detections["boxes"], detections["scores"], detections["labels"], iou)[:limit]
+    return {k: v[keep] for k, v in detections.items() if k in ("boxes", "scores", "labels")}
+
+
+def caption(image: Image.Image, text: str) -> Image.Image:
+    """A copy of ``image`` with ``text`` white on black in its top-left corner."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    draw.rectangle([0, 0, 6 * len(text) + 4, 12], fill=(0, 0, 0))
+    draw.text((2, 0), text, fill=(255, 255, 255))
+    return out
 
 
 def grid(images: list[Image.Image], columns: int = 4, cell: int = 256) -> Image.Image:

@@ -15,7 +15,8 @@ from ..api import ImageLike, check_top_k, predict_in_shape_batches, preprocess_i
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
-from ..models.postprocess import above_threshold, check_threshold
+from ..engine.thresholds import PREDICT_DEFAULT, Threshold
+from ..models.postprocess import above_threshold
 from .export import OUTPUTS, inputs, onnxruntime_session
 
 
@@ -87,11 +88,12 @@ class OnnxDetector:
         return above_threshold(torch.from_numpy(boxes[:, :k]), torch.from_numpy(scores[:, :k]),
                                torch.from_numpy(columns[:, :k]), threshold)
 
-    def predict(self, images: ImageLike | list[ImageLike], threshold: float = 0.5, top_k: int | None = None,
+    def predict(self, images: ImageLike | list[ImageLike], threshold: float | None = None, top_k: int | None = None,
                 batch_size: int = 4, precision: str = "fp32") -> list[dict[str, Tensor]]:
         """``Detector.predict`` through onnxruntime, in the precision the file was exported in
-        (``precision`` may only name that one, or be left at "fp32")."""
-        check_threshold(threshold)
+        (``precision`` may only name that one, or be left at "fp32"); ``threshold`` None: the run's
+        recorded one, which the file's config carries, else 0.5."""
+        threshold = Threshold.of(threshold, self.config, PREDICT_DEFAULT).value
         check_top_k(top_k)
         self.check_precision(precision)
         if not isinstance(images, (list, tuple)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from tqdm import tqdm
 from ..data.categories import column_categories
 from ..data.coco import load_image
 from ..engine.evaluator import coco_results
+from ..engine.thresholds import PREDICT_DEFAULT, Threshold, keep_above
 from ..errors import SparsedetError
-from .draw import draw_detections
+from .draw import draw_detections, for_display
 from .video import VIDEO_SUFFIXES, VideoReader, VideoWriter, is_stream, require_av, source_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -82,16 +84,40 @@ class _Recorder:
             (self.labels / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
 
 
-def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top_k: int | None,
+@dataclass
+class Predicted:
+    """What `predict_to_folder` did: the drawn pictures of the image files, the score threshold,
+    the images and frames seen, the detections that passed, and the best score of any detection
+    (None: the model returned none)."""
+
+    threshold: Threshold
+    drawn: list = field(default_factory=list)
+    images: int = 0
+    detections: int = 0
+    best_score: float | None = None
+
+    def keep(self, det: dict) -> dict:
+        """Count one image's detections (as ``predict`` returns them at threshold 0); those that pass."""
+        if det["scores"].numel():
+            self.best_score = max(self.best_score or 0.0, float(det["scores"].max()))
+        det = keep_above(det, self.threshold.value)
+        self.images, self.detections = self.images + 1, self.detections + len(det["scores"])
+        return det
+
+
+def predict_to_folder(model, files: list[Path], out: Path, threshold: float | None, top_k: int | None,
                       precision: str = "fp32", batch_size: int = 4, *, videos: list[str] = (),
-                      save_txt: bool = False, max_frames: int | None = None) -> list:
+                      save_txt: bool = False, max_frames: int | None = None,
+                      max_drawn: int | None = None) -> Predicted:
     """Run ``model`` on image ``files`` and ``videos``, ``batch_size`` images or frames per forward;
     write predictions.json, one drawn PNG per image, one drawn ``NAME_pred.mp4`` per video and, with
     ``save_txt``, YOLO label files (see `_Recorder`). Entries of a video frame carry ``frame`` (from
-    0) beside ``file_name``; image ids count the images, then the frames. ``max_frames`` stops each
-    video there (a live stream also stops at Ctrl-C). Two worker threads decode the next batch of
-    images and draw and save the last one while the model runs (image decoding and PNG encoding
-    release the GIL). Returns the drawn pictures of the image files."""
+    0) beside ``file_name``; image ids count the images, then the frames. ``threshold``: minimum
+    score; None: the run's recorded one, else 0.5. ``max_frames`` stops each video there (a live
+    stream also stops at Ctrl-C); ``max_drawn``: at most this many boxes drawn per image, after
+    class-wise NMS (the results keep them all). Two worker threads decode the next batch of images
+    and draw and save the last one while the model runs (image decoding and PNG encoding release
+    the GIL)."""
     if batch_size < 1:
         raise SparsedetError(f"--batch-size must be at least 1, got {batch_size}")
     if max_frames is not None and max_frames < 1:
@@ -100,13 +126,15 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
         require_av()
     out.mkdir(parents=True, exist_ok=True)
     recorder = _Recorder(model, out, save_txt)
+    # Predicted at threshold 0 and filtered here, so that an empty result can name the best score.
+    seen = Predicted(Threshold.of(threshold, model.config, PREDICT_DEFAULT))
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
 
     def load(chunk: list[Path]) -> list:
         return [load_image(p) for p in chunk]
 
     def draw(path: Path, image, det):
-        picture = draw_detections(image, det, model.classes)
+        picture = draw_detections(image, for_display(det, max_drawn) if max_drawn else det, model.classes)
         picture.save(out / f"{path.stem}_pred.png")
         return picture
 
@@ -117,17 +145,17 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
             images = loading.result()
             if c + 1 < len(chunks):
                 loading = pool.submit(load, chunks[c + 1])
-            dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision, batch_size=batch_size)
-            for path, image, det in zip(chunk, images, dets):
+            dets = model.predict(images, threshold=0.0, top_k=top_k, precision=precision, batch_size=batch_size)
+            for path, image, det in zip(chunk, images, map(seen.keep, dets)):
                 recorder.add(det, image.size, path.stem, {"file_name": str(path)})
                 drawings.append(pool.submit(draw, path, image, det))
             bar.update(len(chunk))
-        drawn = [d.result() for d in drawings]
+        seen.drawn = [d.result() for d in drawings]
     for video in videos:
-        _predict_video(model, video, out, recorder, dict(threshold=threshold, top_k=top_k, precision=precision,
-                                                         batch_size=batch_size), max_frames)
+        _predict_video(model, video, out, recorder, seen, dict(threshold=0.0, top_k=top_k, precision=precision,
+                                                               batch_size=batch_size), max_frames)
     (out / "predictions.json").write_text(json.dumps(recorder.entries, indent=1))
-    return drawn
+    return seen
 
 
 def _frames_to_read(reader: VideoReader, max_frames: int | None) -> int | None:
@@ -135,10 +163,11 @@ def _frames_to_read(reader: VideoReader, max_frames: int | None) -> int | None:
     return min((n for n in (reader.frames, max_frames) if n), default=None)
 
 
-def _predict_video(model, source: str, out: Path, recorder: _Recorder, options: dict, max_frames: int | None
-                   ) -> None:
-    """Detect on every frame of ``source`` (``options`` go to ``model.predict``), record the frames'
-    detections and write the drawn frames into ``out/NAME_pred.mp4`` at the source's frame rate."""
+def _predict_video(model, source: str, out: Path, recorder: _Recorder, seen: Predicted, options: dict,
+                   max_frames: int | None) -> None:
+    """Detect on every frame of ``source`` (``options`` go to ``model.predict``), keep those that pass
+    ``seen``'s threshold, record them and write the drawn frames into ``out/NAME_pred.mp4`` at the
+    source's frame rate."""
     name = source_name(source)
     writer, frame = None, 0
     with VideoReader(source) as reader, tqdm(desc=name, unit="frame", leave=False,
@@ -146,7 +175,7 @@ def _predict_video(model, source: str, out: Path, recorder: _Recorder, options: 
         try:
             frames = islice(reader, max_frames)
             while batch := list(islice(frames, options["batch_size"])):
-                for image, det in zip(batch, model.predict(batch, **options)):
+                for image, det in zip(batch, map(seen.keep, model.predict(batch, **options))):
                     recorder.add(det, image.size, f"{name}_{frame:06d}", {"file_name": source, "frame": frame})
                     writer = writer or VideoWriter(out / f"{name}_pred.mp4", reader.fps)
                     writer.write(draw_detections(image, det, model.classes))

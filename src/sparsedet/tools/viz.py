@@ -18,18 +18,20 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from ..engine.corr import corr_ratio, mean_defined
+from ..engine.thresholds import Threshold, keep_above
 from ..errors import SparsedetError
 from ..losses.selection import decoder_attention_map
 from ..models.detector import DetectorOutput
 from ..models.encoders.scoring import written
 from ..nn.attention import ProjectedAttention
 from ..ops.functional import token_levels
-from .draw import PALETTE, draw_detections, grid
+from .draw import PALETTE, caption, draw_detections, grid
 
 PANEL = 384  # pixel side of one panel in the tiled figures
 KEPT = (0, 255, 255)  # outline of kept tokens over the red attention heat map
 HEAT_OPACITY = 0.8  # the red heat map's opacity at its maximum (the photo shows through)
 LEGEND_ROW = 14  # pixel height of a legend row and width of a colour bar's bar
+VIZ_DEFAULT = 0.3  # minimum score of drawn detections for runs that recorded no threshold
 
 
 @dataclass
@@ -117,14 +119,6 @@ def _overlay(image: Image.Image, boxes_by_colour: list[tuple[tuple[int, int, int
     return Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
 
 
-def _caption(image: Image.Image, text: str) -> Image.Image:
-    out = image.copy()
-    draw = ImageDraw.Draw(out)
-    draw.rectangle([0, 0, 6 * len(text) + 4, 12], fill=(0, 0, 0))
-    draw.text((2, 0), text, fill=(255, 255, 255))
-    return out
-
-
 def _level_legend(image: Image.Image, strides: list[float]) -> Image.Image:
     """``image`` above a white strip that names each level's colour, left to right, wrapping."""
     draw = ImageDraw.Draw(image)
@@ -175,7 +169,7 @@ def tokens_per_level(obs: Observation, layer: int = 0) -> tuple[list[Image.Image
         boxes = cell_boxes(c, shape, obs.padded_size)
         drawn.append(boxes)
         panel = _overlay(obs.image, [(PALETTE[lvl % len(PALETTE)], boxes)])
-        panels.append(_caption(panel, f"level {lvl} (stride {_strides(obs)[lvl]:g}): {len(boxes)} of {total[lvl]}"))
+        panels.append(caption(panel, f"level {lvl} (stride {_strides(obs)[lvl]:g}): {len(boxes)} of {total[lvl]}"))
     return panels, drawn
 
 
@@ -187,7 +181,7 @@ def tokens_per_layer(obs: Observation, num_layers: int) -> list[Image.Image]:
         coloured = [(PALETTE[lvl % len(PALETTE)], cell_boxes(cells[lvl], obs.shapes[lvl], obs.padded_size))
                     for lvl in reversed(range(len(obs.shapes)))]
         count = sum(len(c) for c in cells)
-        panel = _caption(_overlay(obs.image, coloured), f"encoder layer {layer}: {count} tokens updated")
+        panel = caption(_overlay(obs.image, coloured), f"encoder layer {layer}: {count} tokens updated")
         panels.append(_level_legend(panel, _strides(obs)))
     return panels
 
@@ -224,7 +218,7 @@ def decoder_reads(obs: Observation, query: int, layer: int) -> tuple[Image.Image
     cx, cy, bw, bh = (boxes[0, query] * torch.tensor([obs.image.width, obs.image.height] * 2)).tolist()
     ImageDraw.Draw(image).rectangle([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=(255, 255, 255),
                                     width=2)
-    image = _caption(image, f"decoder layer {layer}, query {query}")
+    image = caption(image, f"decoder layer {layer}, query {query}")
     if out.sampling is not None:
         image = _level_legend(image, _strides(obs))
     elif obs.cross_attention:
@@ -272,17 +266,18 @@ def attention_per_level(obs: Observation, dam: Tensor, layer: int = 0) -> list[I
         for box in cell_boxes(cells[lvl], shape, obs.padded_size):
             draw.rectangle(box, outline=KEPT, width=1)
         share = float(values.sum()) / total
-        panel = _caption(panel, f"level {lvl}: {share:.0%} of the attention, {len(cells[lvl])} kept")
+        panel = caption(panel, f"level {lvl}: {share:.0%} of the attention, {len(cells[lvl])} kept")
         panels.append(_colour_bar(panel, float(values.max())))
     return panels
 
 
 def visualize(model, image, out_dir: str | Path, query: int | None = None, layer: int = -1,
-              threshold: float = 0.3) -> dict:
+              threshold: float | None = None) -> dict:
     """Write tokens_per_level.png, tokens_per_layer.png, decoder_query.png, dam.png (deformable
     decoders only), detections.png and viz.json (what was drawn; "corr": this image's Corr per
-    encoder layer and its mean, None without sampling points) into ``out_dir``; returns the json's
-    content."""
+    encoder layer and its mean, None without sampling points; "threshold" the detections passed,
+    ``threshold`` or the run's recorded one, else 0.3, and "best_score" of any detection) into
+    ``out_dir``; returns the json's content."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     obs = observe(model, image)
@@ -303,13 +298,17 @@ def visualize(model, image, out_dir: str | Path, query: int | None = None, layer
         per_layer = image_corr(obs, dam, c.num_encoder_layers)
         corr = {"mean": mean_defined(per_layer), "per_layer": [None if math.isnan(v) else v for v in per_layer]}
     size = torch.tensor([[obs.image.height, obs.image.width]])
-    det = model.postprocess.detections(obs.out.logits, obs.out.boxes, size, c.top_k, threshold)[0]
+    det = model.postprocess.detections(obs.out.logits, obs.out.boxes, size, c.top_k)[0]
+    best = float(det["scores"].max()) if det["scores"].numel() else None
+    threshold = Threshold.of(threshold, c, VIZ_DEFAULT)
+    det = keep_above(det, threshold.value)
     draw_detections(obs.image, det, model.classes).save(out_dir / "detections.png")
 
     facts = {"image_size": [obs.image.height, obs.image.width], "padded_size": list(obs.padded_size),
              "levels": [list(s) for s in obs.shapes], "strides": _strides(obs),
              "tokens_per_level_layer0": [len(b) for b in drawn], "token_boxes_layer0": drawn,
              "tokens_per_layer": [len(updated_tokens(obs, t)) for t in range(c.num_encoder_layers)],
-             "decoder": reads, "detections": len(det["scores"]), "corr": corr}
+             "decoder": reads, "detections": len(det["scores"]), "threshold": threshold.value,
+             "threshold_origin": threshold.origin, "best_score": best, "corr": corr}
     (out_dir / "viz.json").write_text(json.dumps(facts))
     return facts
