@@ -134,10 +134,10 @@ def cmd_train(args) -> int:
             raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
         model, out = Detector.from_config(config), args.resume  # the checkpoint holds the backbone
     else:
-        if not args.train_ann or not args.out:
-            raise SparsedetError("--train and --out are required (or --resume RUN)")
+        if not args.train_ann:
+            raise SparsedetError("--train is required (or --resume RUN)")
         config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides, data)
-        out = args.out
+        out = args.out  # None: build_trainer takes the first free runs/train, runs/train2, ...
     set_threads(config.train.threads)
     trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
     try:
@@ -156,7 +156,7 @@ def cmd_train(args) -> int:
     finally:
         distributed.teardown()
     if trainer.ctx.is_main:
-        print(f"saved {out}")
+        print(f"saved {trainer.out_dir}")
     return 0
 
 

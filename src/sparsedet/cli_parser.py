@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train", dest="train_ann", help="training data: COCO json, or YOLO data.yaml or its folder")
     s.add_argument("--val", dest="val_ann", help="validation data (COCO json or YOLO yaml)")
     s.add_argument("--images", help="COCO image root (default: each json's folder)")
-    s.add_argument("--out", help="run folder to write (with --resume: RUN)")
+    s.add_argument("--out", help="run folder to write (default: the first free runs/train, runs/train2, ...; "
+                   "with --resume: RUN)")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bars: plain log lines every train.log_every steps (for nohup and batch logs)")
     add_overrides(s)
