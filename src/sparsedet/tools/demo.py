@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from ..data.coco import load_image
 from ..data.coco_json import read_coco_json
@@ -30,20 +31,37 @@ def pick_threshold(scores: list[torch.Tensor], wanted: int) -> float:
     return THRESHOLDS[-1]
 
 
+def first_images(coco: dict, count: int) -> list[dict]:
+    """The image entries of the ``count`` lowest image ids."""
+    return sorted(coco["images"], key=lambda i: i["id"])[:count]
+
+
+def prediction_pairs(model, coco: dict, images_root: Path, count: int = 8) -> tuple[Image.Image, float, list]:
+    """The ``count`` images of lowest id of the COCO dict ``coco`` (files under ``images_root``), each
+    drawn as a (ground truth | predictions) pair, tiled into one picture; predictions scored above the
+    highest of ``THRESHOLDS`` that shows some (`pick_threshold`). Returns (picture, threshold, every
+    image's scores)."""
+    infos = first_images(coco, count)
+    images = [load_image(images_root / info["file_name"]) for info in infos]
+    dets = model.predict(images, threshold=0.0)
+    scores = [d["scores"] for d in dets]
+    threshold = pick_threshold(scores, wanted=len(images))
+    pairs = []
+    for info, image, det in zip(infos, images, dets):
+        truth = ground_truth(coco, info["id"], list(model.category_ids))
+        shown = {k: det[k][det["scores"] > threshold] for k in ("boxes", "scores", "labels")}
+        pairs += [draw_detections(image, truth, model.classes), draw_detections(image, shown, model.classes)]
+    return grid(pairs), threshold, scores
+
+
 def show_predictions(model, val_json: Path, images_root: Path, out: Path, count: int = 8) -> str:
     """Draws ``count`` val images as (ground truth | predictions) pairs into ``out/predictions.png``
     (each image's own drawing and predictions.json in ``out/predictions``); returns what was drawn."""
     coco = read_coco_json(val_json)
-    infos = sorted(coco["images"], key=lambda i: i["id"])[:count]
-    files = [images_root / info["file_name"] for info in infos]
-    scores = [d["scores"] for d in model.predict([load_image(f) for f in files], threshold=0.0)]
-    threshold = pick_threshold(scores, wanted=len(files))
-    drawn = predict_to_folder(model, files, out / "predictions", threshold, None)
-    pairs = []
-    for info, file, picture in zip(infos, files, drawn):
-        truth = ground_truth(coco, info["id"], list(model.category_ids))
-        pairs += [draw_detections(load_image(file), truth, model.classes), picture]
-    grid(pairs).save(out / "predictions.png")
+    picture, threshold, scores = prediction_pairs(model, coco, images_root, count)
+    files = [images_root / info["file_name"] for info in first_images(coco, count)]
+    predict_to_folder(model, files, out / "predictions", threshold, None)
+    picture.save(out / "predictions.png")
     shown = sum(int((s > threshold).sum()) for s in scores)
     message = (f"drew {shown} detections (score > {threshold:g}) on {len(files)} val images, each beside its "
                f"ground truth (left): {out / 'predictions.png'}")
