@@ -224,12 +224,19 @@ def cmd_predict(args) -> int:
     check_threshold(args.threshold)
     model = load_detector(args.weights, device=args.device)
     files, videos = collect_inputs(args.inputs)
-    predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision, args.batch_size,
-                      videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
-    drawn = [f"{len(files)} drawn images"] * bool(files) + [f"{len(videos)} drawn videos"] * bool(videos)
+    summary = predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision,
+                                args.batch_size, videos=videos, save_txt=args.save_txt, max_frames=args.max_frames,
+                                verbose=True)
+    if files:
+        print(summary.total())
+    drawn = [f"{summary.images} drawn images"] * bool(files) + [f"{len(videos)} drawn videos"] * bool(videos)
     print(f"wrote {Path(args.out) / 'predictions.json'}, {' and '.join(drawn)}"
           + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else ""))
-    return 0
+    if summary.skipped:
+        names = ", ".join(map(str, summary.skipped[:5])) + (", ..." if len(summary.skipped) > 5 else "")
+        count = len(summary.skipped)
+        warnings.warn(f"skipped {count} unreadable file{'s' * (count > 1)}: {names}")
+    return 1 if summary.skipped and args.strict else 0
 
 
 def cmd_plot(args) -> int:

@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "NAME_FRAME.txt): one line `class cx cy w h score` per detection, normalised to the image; "
                    "class is the index among the model's classes")
     s.add_argument("--max-frames", type=int, help="read at most this many frames of each video or stream")
+    s.add_argument("--strict", action="store_true", help="exit 1 when an image file could not be read (it is "
+                   "skipped with a warning either way, and the others are written)")
     s.set_defaults(command="predict")
 
     s = sub.add_parser("plot", help="draw a run's training curves (loss terms, lr, AP) as PNGs",

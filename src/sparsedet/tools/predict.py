@@ -4,7 +4,11 @@ files (what ``sparsedet predict`` and the demo write)."""
 from __future__ import annotations
 
 import json
+import time
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -82,16 +86,42 @@ class _Recorder:
             (self.labels / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
 
 
+@dataclass
+class ImageSummary:
+    """What `predict_to_folder` did with the image files: images predicted, their detections, the
+    seconds they took in all and in the model's forwards, and the unreadable files it skipped."""
+    images: int = 0
+    detections: int = 0
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    skipped: list[Path] = field(default_factory=list)
+
+    def total(self) -> str:
+        """One line: images, detections and times."""
+        per_image = 1000 * self.model_seconds / max(self.images, 1)
+        return (f"{self.images} images, {self.detections} detections in {self.seconds:.1f} s "
+                f"({per_image:.1f} ms per image in the model)")
+
+
+def describe_detections(det: dict, classes: list[str]) -> str:
+    """The count per class of one image's detections, in class order: "2 circle, 1 square"."""
+    counts = Counter(det["labels"].tolist())
+    return ", ".join(f"{counts[c]} {classes[c]}" for c in sorted(counts)) or "no detections"
+
+
 def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top_k: int | None,
                       precision: str = "fp32", batch_size: int = 4, *, videos: list[str] = (),
-                      save_txt: bool = False, max_frames: int | None = None) -> list:
+                      save_txt: bool = False, max_frames: int | None = None, verbose: bool = False
+                      ) -> ImageSummary:
     """Run ``model`` on image ``files`` and ``videos``, ``batch_size`` images or frames per forward;
     write predictions.json, one drawn PNG per image, one drawn ``NAME_pred.mp4`` per video and, with
     ``save_txt``, YOLO label files (see `_Recorder`). Entries of a video frame carry ``frame`` (from
     0) beside ``file_name``; image ids count the images, then the frames. ``max_frames`` stops each
     video there (a live stream also stops at Ctrl-C). Two worker threads decode the next batch of
     images and draw and save the last one while the model runs (image decoding and PNG encoding
-    release the GIL). Returns the drawn pictures of the image files."""
+    release the GIL). An unreadable image file is skipped with a warning (SparsedetError when no
+    file reads and there is no video). ``verbose``: a line per image, its detections counted by
+    class and its share of its batch's forward in ms. Returns what was done with the image files."""
     if batch_size < 1:
         raise SparsedetError(f"--batch-size must be at least 1, got {batch_size}")
     if max_frames is not None and max_frames < 1:
@@ -101,33 +131,56 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float, top
     out.mkdir(parents=True, exist_ok=True)
     recorder = _Recorder(model, out, save_txt)
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    summary, start = ImageSummary(), time.perf_counter()
 
-    def load(chunk: list[Path]) -> list:
-        return [load_image(p) for p in chunk]
+    def load(chunk: list[Path]) -> tuple[list[Path], list, list[tuple[Path, SparsedetError]]]:
+        """(readable paths, their images, (path, error) of the others)."""
+        paths, images, failed = [], [], []
+        for path in chunk:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except SparsedetError as err:
+                failed.append((path, err))
+        return paths, images, failed
 
-    def draw(path: Path, image, det):
-        picture = draw_detections(image, det, model.classes)
-        picture.save(out / f"{path.stem}_pred.png")
-        return picture
+    def draw(path: Path, image, det) -> None:
+        draw_detections(image, det, model.classes).save(out / f"{path.stem}_pred.png")
 
     drawings = []
     with ThreadPoolExecutor(2) as pool, tqdm(total=len(files), desc="predict", disable=len(files) < 4) as bar:
         loading = pool.submit(load, chunks[0]) if chunks else None
         for c, chunk in enumerate(chunks):
-            images = loading.result()
+            paths, images, failed = loading.result()
             if c + 1 < len(chunks):
                 loading = pool.submit(load, chunks[c + 1])
-            dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision, batch_size=batch_size)
-            for path, image, det in zip(chunk, images, dets):
+            for path, err in failed:
+                warnings.warn(f"skipping an unreadable file: {err}")
+                summary.skipped.append(path)
+            forward = time.perf_counter()
+            dets = model.predict(images, threshold=threshold, top_k=top_k, precision=precision,
+                                 batch_size=batch_size) if images else []
+            forward = time.perf_counter() - forward
+            summary.model_seconds += forward
+            for path, image, det in zip(paths, images, dets):
                 recorder.add(det, image.size, path.stem, {"file_name": str(path)})
                 drawings.append(pool.submit(draw, path, image, det))
+                summary.images += 1
+                summary.detections += len(det["labels"])
+                if verbose:
+                    tqdm.write(f"{path}: {describe_detections(det, model.classes)} "
+                               f"({1000 * forward / len(images):.1f} ms)")
             bar.update(len(chunk))
-        drawn = [d.result() for d in drawings]
+        for drawing in drawings:
+            drawing.result()
+    summary.seconds = time.perf_counter() - start
+    if files and not summary.images and not videos:
+        raise SparsedetError(f"none of the {len(files)} image files could be read (see the warnings above)")
     for video in videos:
         _predict_video(model, video, out, recorder, dict(threshold=threshold, top_k=top_k, precision=precision,
                                                          batch_size=batch_size), max_frames)
     (out / "predictions.json").write_text(json.dumps(recorder.entries, indent=1))
-    return drawn
+    return summary
 
 
 def _predict_video(model, source: str, out: Path, recorder: _Recorder, options: dict, max_frames: int | None
