@@ -118,6 +118,7 @@ def cmd_train(args) -> int:
     from .engine.interrupt import TrainingInterrupted
     from .data.datasets import make_datasets
     from .engine.build import build_trainer, set_threads
+    from .tools.report import RunReport
     data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
     if args.resume:
         from .api import Detector
@@ -140,6 +141,7 @@ def cmd_train(args) -> int:
         out = args.out  # None: build_trainer takes the first free runs/train, runs/train2, ...
     set_threads(config.train.threads)
     trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress)
+    trainer.hooks.append(RunReport())
     try:
         if args.resume:
             path = trainer.resume()

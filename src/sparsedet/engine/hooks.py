@@ -165,7 +165,8 @@ class Evaluate(Hook):
         if ema is not None:
             distributed.sync_buffers(ema.module, ctx)
         metrics, _ = evaluate(trainer.model, self.val_set, bs, trainer.log.progress, ctx)
-        record = {"step": trainer.step, "time_s": round(trainer.trained_seconds, 3), "eval": _summary(metrics)}
+        record = {"step": trainer.step, "epoch": trainer.epoch, "time_s": round(trainer.trained_seconds, 3),
+                  "eval": _summary(metrics)}
         if ema is not None:
             ema_metrics, _ = evaluate(ema.module, self.val_set, bs, False, ctx)
             metrics["ema"] = record["eval_ema"] = _summary(ema_metrics)
