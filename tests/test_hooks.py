@@ -134,6 +134,8 @@ def test_every_step_reaches_steps_csv_at_log_time_and_a_resume_cuts_it_back(tmp_
     assert read_steps(log.steps_path)[-1] == {"step": 4, "lr": 4e-4, "loss": 2.5}
     assert log.steps_path.read_text().splitlines()[:2] == ["step,lr,loss", "1,0.0001,10"]
 
+    with open(log.steps_path, "a") as f:
+        f.write("5,0.0005")  # killed while appending
     resumed = RunLog(tmp_path, is_main=True, progress=False, tensorboard=False)
     resumed.start(2, resumed=True)  # the checkpoint was at step 2: what came after it goes
     resumed.record_step({"step": 3, "lr": 3e-4, "loss": 3.0})

@@ -53,8 +53,9 @@ class RunLog:
             text = "".join(json.dumps(r) + "\n" for r in self.history)
             atomic_write(self.path, lambda p: Path(p).write_text(text))
         if self.steps_path.is_file():
-            header, *rows = self.steps_path.read_text().splitlines(keepends=True)
-            kept = header + "".join(r for r in rows if int(r.split(",", 1)[0]) <= step)
+            # A kill while appending may leave a last line without its end: it goes too.
+            rows = [r for r in self.steps_path.read_text().splitlines(keepends=True) if r.endswith("\n")]
+            kept = "".join(rows[:1] + [r for r in rows[1:] if int(r.split(",", 1)[0]) <= step])
             atomic_write(self.steps_path, lambda p: Path(p).write_text(kept))
 
     def record_step(self, values: dict[str, float]) -> None:
@@ -99,7 +100,7 @@ class RunLog:
         """Append the pending steps to steps.csv; a new file takes its columns from the first of them."""
         if not self._pending_steps:
             return
-        new = not self.steps_path.is_file()
+        new = not self.steps_path.is_file() or self.steps_path.stat().st_size == 0
         if new:
             columns = list(self._pending_steps[0])
         else:
