@@ -12,6 +12,7 @@ from sparsedet.engine import hooks
 from sparsedet.engine.build import build_trainer
 from sparsedet.engine.checkpoint import load_train_state
 from sparsedet.engine.hooks import Hook
+from sparsedet.engine.runlog import RunLog, read_steps
 from sparsedet.errors import SparsedetError
 from tiny import TINY
 
@@ -118,3 +119,27 @@ def test_checkpoints_keep_the_last_step_and_the_best(synth, tmp_path, monkeypatc
     assert all(os.path.samefile(p, last / p.name) for p in best.iterdir())  # no second copy on disk
     assert load_train_state(best)["best"] == {"AP": 0.5, "step": 3}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["AP"] == 0.5
+
+
+def test_every_step_reaches_steps_csv_at_log_time_and_a_resume_cuts_it_back(tmp_path):
+    log = RunLog(tmp_path, is_main=True, progress=False, tensorboard=False)
+    log.start(0, resumed=False)
+    for step in (1, 2, 3):
+        log.record_step({"step": step, "lr": 1e-4 * step, "loss": 10.0 / step})
+    assert not log.steps_path.exists()  # the step loop writes no file
+    log.write({"step": 3, "loss": 10.0 / 3})
+    assert [r["step"] for r in read_steps(log.steps_path)] == [1, 2, 3]
+    log.record_step({"step": 4, "lr": 4e-4, "loss": 2.5})
+    log.close()
+    assert read_steps(log.steps_path)[-1] == {"step": 4, "lr": 4e-4, "loss": 2.5}
+    assert log.steps_path.read_text().splitlines()[:2] == ["step,lr,loss", "1,0.0001,10"]
+
+    with open(log.steps_path, "a") as f:
+        f.write("5,0.0005")  # killed while appending
+    resumed = RunLog(tmp_path, is_main=True, progress=False, tensorboard=False)
+    resumed.start(2, resumed=True)  # the checkpoint was at step 2: what came after it goes
+    resumed.record_step({"step": 3, "lr": 3e-4, "loss": 3.0})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_steps(log.steps_path)] == [(1, 10.0), (2, 5.0), (3, 3.0)]
+    RunLog(tmp_path, is_main=True, progress=False, tensorboard=False).start(0, resumed=False)
+    assert not log.steps_path.exists()  # a new run starts a new record

@@ -8,6 +8,7 @@ from PIL import Image
 
 from sparsedet import SparsedetError
 from sparsedet.cli import main
+from sparsedet.tools import plots
 from sparsedet.tools.plots import loss_groups, read_training_log
 
 
@@ -57,6 +58,26 @@ def test_plot_without_evaluations_draws_no_ap_and_honours_out(tmp_path, capsys):
     _write_log(run, [_step(1), _step(2)])
     assert main(["plot", str(run), "--out", str(tmp_path / "figs")]) == 0
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["loss.png", "lr.png"]
+
+
+def test_plot_draws_lr_and_loss_from_every_step_when_the_run_recorded_them(tmp_path, monkeypatch):
+    drawn = []  # (value, steps) of every line drawn
+    series = plots._series
+
+    def spy(records, key):
+        steps, values = series(records, key)
+        drawn.append((key, steps))
+        return steps, values
+
+    monkeypatch.setattr(plots, "_series", spy)
+    run = tmp_path / "run"
+    _write_log(run, [_step(1), _step(3)])  # log lines every other step
+    plots.plot_training(run)
+    assert ("lr", [1, 3]) in drawn and ("loss", [1, 3]) in drawn  # an older run: the log lines
+    (run / "steps.csv").write_text("step,lr,loss,loss_cls\n1,1e-05,3,1\n2,2e-05,2.5,0.9\n3,3e-05,2,0.8\n")
+    drawn.clear()
+    plots.plot_training(run)
+    assert ("lr", [1, 2, 3]) in drawn and ("loss", [1, 2, 3]) in drawn and ("loss_cls", [1, 2, 3]) in drawn
 
 
 def test_plot_errors_name_the_file_and_the_fix(tmp_path, capsys, monkeypatch):

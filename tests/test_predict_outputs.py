@@ -1,9 +1,12 @@
 """`sparsedet predict` outputs: class names, YOLO label files, videos and streams (PyAV), --device,
-and the options' help. The model is a tiny untrained one: these tests check formats, not accuracy."""
+a line per image and a total, unreadable files skipped, and the options' help. The model is a tiny
+untrained one: these tests check formats, not accuracy."""
 import importlib.util
 import json
+import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +144,40 @@ def test_device_and_batch_size_options(tiny_run, tmp_path, capsys):
         load_detector(tmp_path / "model.onnx", device="cuda")
     assert main(["eval", "--results", "r.json", "--val", "v.json", "--device", "cpu"]) == 2
     assert "--device sets how --weights RUN runs; a --results file is already computed" in capsys.readouterr().err
+
+
+def test_predict_prints_each_images_classes_and_time_then_a_total(tiny_run, synth, tmp_path, capsys):
+    images = _images(synth, tmp_path)
+    out = tmp_path / "pred"
+    assert main(["predict", "--weights", str(tiny_run), str(images), "--out", str(out), "--threshold", "0",
+                 "--top-k", "3", "--batch-size", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    entries = json.loads((out / "predictions.json").read_text())
+    for line, path in zip(lines, sorted(images.glob("*.png"))):
+        # The model's columns are category ids 0..7: class order is category id order.
+        found = Counter((e["category_id"], e["category_name"]) for e in entries if e["file_name"] == str(path))
+        counts = ", ".join(f"{n} {name}" for (_, name), n in sorted(found.items()))
+        assert re.fullmatch(rf"{re.escape(f'{path}: {counts}')} \(\d+\.\d ms\)", line), line
+    assert re.fullmatch(r"4 images, 12 detections in \d+\.\d s \(\d+\.\d ms per image in the model\)", lines[4])
+    assert lines[5] == f"wrote {out / 'predictions.json'}, 4 drawn images"
+
+
+def test_an_unreadable_image_is_skipped_counted_and_fails_only_strict_runs(tiny_run, synth, tmp_path, capsys):
+    images = _images(synth, tmp_path)
+    broken = images / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    for strict, status in ((False, 0), (True, 1)):
+        out = tmp_path / f"pred_{strict}"
+        with pytest.warns(UserWarning) as caught:
+            assert main(["predict", "--weights", str(tiny_run), str(images), "--out", str(out), "--threshold", "0",
+                         "--top-k", "2", *["--strict"] * strict]) == status
+        messages = [str(w.message) for w in caught]
+        assert messages[0].startswith(f"skipping an unreadable file: cannot read image {broken}")
+        assert messages[-1] == f"skipped 1 unreadable file: {broken}"
+        assert "4 images, 8 detections in" in capsys.readouterr().out
+        assert len(json.loads((out / "predictions.json").read_text())) == 4 * 2
+        assert sorted(p.name for p in out.glob("*_pred.png")) == [f"{p.stem}_pred.png" for p in
+                                                                 sorted(images.glob("*.png"))]
+    with pytest.warns(UserWarning, match="skipping an unreadable file"):
+        assert main(["predict", "--weights", str(tiny_run), str(broken), "--out", str(tmp_path / "none")]) == 2
+    assert "none of the 1 image files could be read" in capsys.readouterr().err

@@ -146,6 +146,7 @@ def cmd_train(args) -> int:
     from .engine.interrupt import TrainingInterrupted
     from .data.datasets import make_datasets
     from .engine.build import build_trainer, set_threads
+    from .tools.report import RunReport
     data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
     if args.resume:
         from .api import Detector
@@ -163,12 +164,14 @@ def cmd_train(args) -> int:
         model, out = Detector.from_config(config), args.resume  # the checkpoint holds the backbone
         origin = f"model and schedule from {args.resume} (resumed)"
     else:
-        if not args.train_ann or not args.out:
-            raise SparsedetError("--train and --out are required (or --resume RUN)")
+        if not args.train_ann:
+            raise SparsedetError("--train is required (or --resume RUN)")
         config, model, train_set, val_set = _prepare_training(args.preset, args.weights, args.overrides, data)
+        # None: build_trainer takes the first free runs/train, runs/train2, ...
         out, origin = args.out, _training_origin(args.preset, args.weights, config, args.overrides)
     set_threads(config.train.threads)
     trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress, origin=origin)
+    trainer.hooks.append(RunReport())
     try:
         if args.resume:
             path = trainer.resume()
@@ -185,7 +188,7 @@ def cmd_train(args) -> int:
     finally:
         distributed.teardown()
     if trainer.ctx.is_main:
-        print(f"saved {out}")
+        print(f"saved {trainer.out_dir}")
     return 0
 
 
@@ -261,14 +264,22 @@ def cmd_predict(args) -> int:
     model = load_detector(args.weights, device=args.device)
     files, videos = collect_inputs(args.inputs)
     seen = predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision,
-                             args.batch_size, videos=videos, save_txt=args.save_txt, max_frames=args.max_frames)
-    drawn = [f"{len(files)} drawn images"] * bool(files) + [f"{len(videos)} drawn videos"] * bool(videos)
+                             args.batch_size, videos=videos, save_txt=args.save_txt, max_frames=args.max_frames,
+                             verbose=True)
+    if files:
+        print(seen.total())
+    drawn = ([f"{len(files) - len(seen.skipped)} drawn images"] * bool(files)
+             + [f"{len(videos)} drawn videos"] * bool(videos))
     print(f"wrote {Path(args.out) / 'predictions.json'}, {' and '.join(drawn)}"
           + (f" and YOLO labels in {Path(args.out) / 'labels'}" if args.save_txt else "")
           + f": {seen.detections} detections scored above {seen.threshold}")
     _warn_if_empty(seen.detections, seen.threshold, seen.best_score,
                    f"{seen.images} image{'s' * (seen.images != 1)}", "--threshold")
-    return 0
+    if seen.skipped:
+        names = ", ".join(map(str, seen.skipped[:5])) + (", ..." if len(seen.skipped) > 5 else "")
+        count = len(seen.skipped)
+        warnings.warn(f"skipped {count} unreadable file{'s' * (count > 1)}: {names}")
+    return 1 if seen.skipped and args.strict else 0
 
 
 def _warn_if_empty(shown: int, threshold, best: float | None, where: str, flag: str) -> None:

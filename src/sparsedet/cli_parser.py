@@ -41,10 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model on a COCO or YOLO dataset (one process or torchrun)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Trains PRESET (or fine-tunes --weights RUN, or continues --resume RUN) and writes "
-                       "into --out: model.safetensors + config.json (+ ema.safetensors with train.ema=true), "
-                       "metrics.jsonl (one object per logged step and per evaluation), metrics.json (last "
+                       "into --out (default: the first free runs/train, runs/train2, ...): model.safetensors + "
+                       "config.json (+ ema.safetensors with train.ema=true), metrics.jsonl (one object per logged "
+                       "step and per evaluation), steps.csv (every step's lr and loss terms), metrics.json (last "
                        "evaluation), checkpoints/ (the newest train.keep_checkpoints step checkpoints and the best "
-                       "by AP, each resumable) and, when tensorboard is installed, tensorboard/.\n\n"
+                       "by AP, each resumable) and, when tensorboard is installed, tensorboard/. At the end: "
+                       "results.csv (a row per log line and evaluation), loss.png, lr.png and ap.png (with "
+                       "pip install 'sparsedet[viz]') and val_predictions.png (val images, ground truth left, "
+                       "predictions right).\n\n"
                        "Data: --train/--val take a COCO json or a YOLO data.yaml (or its folder; its val split is "
                        "used when --val is not given).\n\n"
                        "Any config field is an override key.sub=value, e.g. train.max_steps=500 train.batch_size=4 "
@@ -66,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val", dest="val_ann", help="validation data (COCO json or YOLO yaml)")
     s.add_argument("--images", help="COCO image root (default: each json's folder, or its images/ folder when the "
                    "files are there)")
-    s.add_argument("--out", help="run folder to write (with --resume: RUN)")
+    s.add_argument("--out", help="run folder to write (default: the first free runs/train, runs/train2, ...; "
+                   "with --resume: RUN)")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bars: plain log lines every train.log_every steps (for nohup and batch logs)")
     add_overrides(s)
@@ -108,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "category_name, and frame for a video; boxes in original pixels), one drawn PNG per image and "
                        "one drawn DIR/NAME_pred.mp4 per video. Videos (.mp4, .mov, .avi, .mkv, .webm, ...), stream "
                        "URLs (rtsp://..., http://...) and webcams (0, /dev/video0) are read frame by frame with "
-                       "PyAV (pip install 'sparsedet[video]'); Ctrl-C ends a live stream and keeps what was seen.")
+                       "PyAV (pip install 'sparsedet[video]'); Ctrl-C ends a live stream and keeps what was seen. "
+                       "Prints a line per image (detections counted by class, ms in the model) and a total. An "
+                       "image file that cannot be read is skipped with a warning and counted at the end.")
     s.add_argument("--weights", required=True, help="run folder, zoo name (`sparsedet zoo`), or an .onnx file from "
                    "`sparsedet export` (run in onnxruntime)")
     s.add_argument("inputs", nargs="+", metavar="SOURCE", help="image, video, folder (searched recursively), "
@@ -122,13 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "NAME_FRAME.txt): one line `class cx cy w h score` per detection, normalised to the image; "
                    "class is the index among the model's classes")
     s.add_argument("--max-frames", type=int, help="read at most this many frames of each video or stream")
+    s.add_argument("--strict", action="store_true", help="exit 1 when an image file could not be read (it is "
+                   "skipped with a warning either way, and the others are written)")
     s.set_defaults(command="predict")
 
     s = sub.add_parser("plot", help="draw a run's training curves (loss terms, lr, AP) as PNGs",
-                       description="Reads RUN/metrics.jsonl (written by `sparsedet train`) and writes loss.png "
-                       "(the total and each loss term over steps: final decoder layer solid, encoder and denoising "
-                       "parts dashed, earlier decoder layers thin grey), lr.png and, when the run was evaluated, "
-                       "ap.png (AP, AP50, AP75; EMA dashed) into RUN or --out. Needs pip install 'sparsedet[viz]'.")
+                       description="Reads RUN/steps.csv and RUN/metrics.jsonl (written by `sparsedet train`, which "
+                       "also draws these at its end) and writes loss.png (the total and each loss term over steps, "
+                       "every step's value: final decoder layer solid, encoder and denoising parts dashed, earlier "
+                       "decoder layers thin grey), lr.png and, when the run was evaluated, ap.png (AP, AP50, AP75; "
+                       "EMA dashed) into RUN or --out. A run without steps.csv (older versions) plots its log lines. "
+                       "Needs pip install 'sparsedet[viz]'.")
     s.add_argument("run", metavar="RUN", help="run folder")
     s.add_argument("--out", help="folder for the PNGs (default: RUN)")
     s.set_defaults(command="plot")

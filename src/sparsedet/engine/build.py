@@ -3,6 +3,7 @@ scaler, EMA, DDP wrapper, sampler and loader, run log) and its default hooks."""
 from __future__ import annotations
 
 from functools import partial
+from itertools import count
 from pathlib import Path
 
 import torch
@@ -29,15 +30,31 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def free_run_folder(parent: Path = Path("runs"), name: str = "train") -> Path:
+    """Create and return the first of ``parent/name``, ``parent/name2``, ``parent/name3``, ... that
+    does not exist yet (created here, so that two runs started together never share one)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in count(1):
+        path = parent / (name if n == 1 else f"{name}{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 def build_trainer(model, config: Config, train_set: CocoDetection, val_set: CocoDetection | None,
-                  out_dir: str | Path, progress: bool = True, origin: str = "") -> Trainer:
+                  out_dir: str | Path | None, progress: bool = True, origin: str = "") -> Trainer:
     """A Trainer of ``model`` (a ``sparsedet.Detector``) on ``train_set``, evaluating on ``val_set``
-    (None: no evaluation), writing ``out_dir``, with the default hooks. Under ``torchrun`` it joins
-    the process group. Every part is an attribute of the result and may be replaced before ``fit``;
-    ``progress``: a progress bar on process 0, else plain log lines; ``origin``: where the model and
-    the schedule come from, for the summary ("" leaves that line out)."""
+    (None: no evaluation), writing ``out_dir`` (None: the first free ``runs/train``, ``runs/train2``,
+    ...), with the default hooks. Under ``torchrun`` it joins the process group. Every part is an
+    attribute of the result and may be replaced before ``fit``; ``progress``: a progress bar on
+    process 0, else plain log lines; ``origin``: where the model and the schedule come from, for
+    the summary ("" leaves that line out)."""
     t = validate(config).train
     ctx, device = distributed.setup(t.device)
+    if out_dir is None:  # process 0 picks the folder, the others take its choice
+        out_dir = distributed.gather_objects(str(free_run_folder()) if ctx.is_main else None, ctx)[0]
     out_dir = Path(out_dir)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

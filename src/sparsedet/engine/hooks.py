@@ -69,8 +69,10 @@ class StepPlan(Hook):
 
 
 class LogSteps(Hook):
-    """Prints the run's summary, then logs steps: every ``train.log_every`` steps (and step 1) the loss
-    terms averaged over processes go to the run log, and, without a progress bar, to a plain line.
+    """Prints the run's summary, then logs steps: every step's lr and loss terms (process 0's, already
+    on the host) go to the run log's steps.csv, written at log time; every ``train.log_every`` steps
+    (and step 1) the loss terms averaged over processes go to the run log, and, without a progress
+    bar, to a plain line.
     The progress bar counts steps (up to the plan's total when there is no time budget); its postfix (loss and steps/s of process 0,
     lr, and the budget used and left) describes the last ``REFRESH_S`` s of training or more."""
 
@@ -89,6 +91,8 @@ class LogSteps(Hook):
         self._shown = False  # the postfix, from the first step on
 
     def after_step(self, trainer: Trainer) -> None:
+        trainer.log.record_step({"step": trainer.step, "lr": trainer.optimizer.param_groups[-1]["lr"],
+                                 **trainer.losses})
         if trainer.log.progress:
             self._refresh(trainer)
         self.bar.update(1)
@@ -97,6 +101,7 @@ class LogSteps(Hook):
             self._log(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
+        trainer.log.flush()  # the hooks after this one read the whole of steps.csv
         self.close(trainer)
 
     def close(self, trainer: Trainer) -> None:
@@ -164,7 +169,8 @@ class Evaluate(Hook):
         if ema is not None:
             distributed.sync_buffers(ema.module, ctx)
         metrics, results = evaluate(trainer.model, self.val_set, bs, trainer.log.progress, ctx)
-        record = {"step": trainer.step, "time_s": round(trainer.trained_seconds, 3), "eval": _summary(metrics)}
+        record = {"step": trainer.step, "epoch": trainer.epoch, "time_s": round(trainer.trained_seconds, 3),
+                  "eval": _summary(metrics)}
         if ema is not None:
             ema_metrics, _ = evaluate(ema.module, self.val_set, bs, False, ctx)
             metrics["ema"] = record["eval_ema"] = _summary(ema_metrics)

@@ -37,9 +37,10 @@ COUNTERS = ("step", "epoch", "batch_in_epoch", "trained_seconds", "skipped_image
 class Trainer:
     """Trains ``model`` (a ``sparsedet.Detector``) with the given parts and writes the run folder
     ``out_dir``: ``model.safetensors`` + ``config.json`` (+ ``ema.safetensors``), ``metrics.json``
-    (last evaluation), ``metrics.jsonl`` (one object per logged step and per evaluation) and
-    ``checkpoints/`` (see ``engine.checkpoint``). Under ``torchrun`` every process builds the same
-    Trainer; process 0 writes. ``train.batch_size`` is per process.
+    (last evaluation), ``metrics.jsonl`` (one object per logged step and per evaluation),
+    ``steps.csv`` (every step's lr and loss terms) and ``checkpoints/`` (see ``engine.checkpoint``).
+    Under ``torchrun`` every process builds the same Trainer; process 0 writes. ``train.batch_size``
+    is per process.
 
     ``net`` is ``model`` or its DDP wrapper; ``loader`` draws its batches through ``sampler``
     (which :meth:`fit` positions at each epoch) and its own generator, never the global one

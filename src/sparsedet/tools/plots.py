@@ -2,8 +2,8 @@
 
 * `write_eval_plots`: precision-recall curves (per class and over all classes) and a confusion
   matrix, written beside an evaluation's ``metrics.json`` (``sparsedet eval --plots``).
-* `plot_training`: loss terms, learning rate and AP over steps from a run's ``metrics.jsonl``
-  (``sparsedet plot RUN``), without TensorBoard.
+* `plot_training`: loss terms, learning rate and AP over steps from a run's ``steps.csv`` (every
+  step) and ``metrics.jsonl`` (``sparsedet plot RUN``), without TensorBoard.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from ..engine.confusion import confusion_from_coco
 from ..engine.evaluator import PrecisionRecall, precision_recall
+from ..engine.runlog import METRICS_LOG, STEPS_LOG, read_steps
 from ..errors import SparsedetError
 
 LEGEND_LIMIT = 20  # more classes than this: per-class lines without a legend (it would hide the plot)
@@ -141,17 +142,22 @@ def loss_groups(keys: list[str]) -> dict[str, list[str]]:
 
 
 def plot_training(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Draw ``run_dir/metrics.jsonl`` into ``out`` (default ``run_dir``): loss.png (the total and one
-    panel per term over steps: the last decoder layer solid, the encoder and denoising parts dashed,
-    earlier decoder layers thin grey), lr.png and, when the run was evaluated, ap.png (AP, AP50, AP75;
-    EMA dashed). Returns the paths written."""
+    """Draw a run into ``out`` (default ``run_dir``): loss.png (the total and one panel per term over
+    steps: the last decoder layer solid, the encoder and denoising parts dashed, earlier decoder
+    layers thin grey) and lr.png from every step's value in ``steps.csv`` (the ``metrics.jsonl`` log
+    lines of runs without it), and, when the run was evaluated, ap.png (AP, AP50, AP75; EMA dashed).
+    Returns the paths written."""
     plt = pyplot()
     run_dir = Path(run_dir)
-    records = read_training_log(run_dir / "metrics.jsonl")
+    records = read_training_log(run_dir / METRICS_LOG)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
     if not steps and not evals:
-        raise SparsedetError(f"{run_dir / 'metrics.jsonl'} holds no training or evaluation records yet")
+        raise SparsedetError(f"{run_dir / METRICS_LOG} holds no training or evaluation records yet")
+    every_step = read_steps(run_dir / STEPS_LOG) if (run_dir / STEPS_LOG).is_file() else []
+    # A run resumed from a checkpoint written before steps.csv existed lacks the steps before it.
+    if every_step and (not steps or every_step[0]["step"] <= steps[0]["step"]):
+        steps = every_step
     out = Path(out) if out is not None else run_dir
     written = []
     if steps:

@@ -4,6 +4,9 @@ files (what ``sparsedet predict`` and the demo write)."""
 from __future__ import annotations
 
 import json
+import time
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -86,15 +89,19 @@ class _Recorder:
 
 @dataclass
 class Predicted:
-    """What `predict_to_folder` did: the drawn pictures of the image files, the score threshold,
-    the images and frames seen, the detections that passed, and the best score of any detection
-    (None: the model returned none)."""
+    """What `predict_to_folder` did: the score threshold, the drawn pictures of the image files, the
+    images and frames seen and the detections that passed, the best score of any detection (None:
+    the model returned none), the seconds the image files took in all and in the model's forwards,
+    and the unreadable files it skipped."""
 
     threshold: Threshold
     drawn: list = field(default_factory=list)
     images: int = 0
     detections: int = 0
     best_score: float | None = None
+    seconds: float = 0.0
+    model_seconds: float = 0.0
+    skipped: list[Path] = field(default_factory=list)
 
     def keep(self, det: dict) -> dict:
         """Count one image's detections (as ``predict`` returns them at threshold 0); those that pass."""
@@ -104,11 +111,23 @@ class Predicted:
         self.images, self.detections = self.images + 1, self.detections + len(det["scores"])
         return det
 
+    def total(self) -> str:
+        """One line: images and frames, detections and times."""
+        per_image = 1000 * self.model_seconds / max(self.images, 1)
+        return (f"{self.images} images, {self.detections} detections in {self.seconds:.1f} s "
+                f"({per_image:.1f} ms per image in the model)")
+
+
+def describe_detections(det: dict, classes: list[str]) -> str:
+    """The count per class of one image's detections, in class order: "2 circle, 1 square"."""
+    counts = Counter(det["labels"].tolist())
+    return ", ".join(f"{counts[c]} {classes[c]}" for c in sorted(counts)) or "no detections"
+
 
 def predict_to_folder(model, files: list[Path], out: Path, threshold: float | None, top_k: int | None,
                       precision: str = "fp32", batch_size: int = 4, *, videos: list[str] = (),
                       save_txt: bool = False, max_frames: int | None = None,
-                      max_drawn: int | None = None) -> Predicted:
+                      max_drawn: int | None = None, verbose: bool = False) -> Predicted:
     """Run ``model`` on image ``files`` and ``videos``, ``batch_size`` images or frames per forward;
     write predictions.json, one drawn PNG per image, one drawn ``NAME_pred.mp4`` per video and, with
     ``save_txt``, YOLO label files (see `_Recorder`). Entries of a video frame carry ``frame`` (from
@@ -117,7 +136,9 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float | No
     stream also stops at Ctrl-C); ``max_drawn``: at most this many boxes drawn per image, after
     class-wise NMS (the results keep them all). Two worker threads decode the next batch of images
     and draw and save the last one while the model runs (image decoding and PNG encoding release
-    the GIL)."""
+    the GIL). An unreadable image file is skipped with a warning (SparsedetError when no file reads
+    and there is no video). ``verbose``: a line per image, its detections counted by class and its
+    share of its batch's forward in ms."""
     if batch_size < 1:
         raise SparsedetError(f"--batch-size must be at least 1, got {batch_size}")
     if max_frames is not None and max_frames < 1:
@@ -129,9 +150,18 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float | No
     # Predicted at threshold 0 and filtered here, so that an empty result can name the best score.
     seen = Predicted(Threshold.of(threshold, model.config, PREDICT_DEFAULT))
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
+    start = time.perf_counter()
 
-    def load(chunk: list[Path]) -> list:
-        return [load_image(p) for p in chunk]
+    def load(chunk: list[Path]) -> tuple[list[Path], list, list[tuple[Path, SparsedetError]]]:
+        """(readable paths, their images, (path, error) of the others)."""
+        paths, images, failed = [], [], []
+        for path in chunk:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except SparsedetError as err:
+                failed.append((path, err))
+        return paths, images, failed
 
     def draw(path: Path, image, det):
         picture = draw_detections(image, for_display(det, max_drawn) if max_drawn else det, model.classes)
@@ -142,15 +172,28 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float | No
     with ThreadPoolExecutor(2) as pool, tqdm(total=len(files), desc="predict", disable=len(files) < 4) as bar:
         loading = pool.submit(load, chunks[0]) if chunks else None
         for c, chunk in enumerate(chunks):
-            images = loading.result()
+            paths, images, failed = loading.result()
             if c + 1 < len(chunks):
                 loading = pool.submit(load, chunks[c + 1])
-            dets = model.predict(images, threshold=0.0, top_k=top_k, precision=precision, batch_size=batch_size)
-            for path, image, det in zip(chunk, images, map(seen.keep, dets)):
+            for path, err in failed:
+                warnings.warn(f"skipping an unreadable file: {err}")
+                seen.skipped.append(path)
+            forward = time.perf_counter()
+            dets = model.predict(images, threshold=0.0, top_k=top_k, precision=precision,
+                                 batch_size=batch_size) if images else []
+            forward = time.perf_counter() - forward
+            seen.model_seconds += forward
+            for path, image, det in zip(paths, images, map(seen.keep, dets)):
                 recorder.add(det, image.size, path.stem, {"file_name": str(path)})
                 drawings.append(pool.submit(draw, path, image, det))
+                if verbose:
+                    tqdm.write(f"{path}: {describe_detections(det, model.classes)} "
+                               f"({1000 * forward / len(images):.1f} ms)")
             bar.update(len(chunk))
         seen.drawn = [d.result() for d in drawings]
+    seen.seconds = time.perf_counter() - start
+    if files and not seen.images and not videos:
+        raise SparsedetError(f"none of the {len(files)} image files could be read (see the warnings above)")
     for video in videos:
         _predict_video(model, video, out, recorder, seen, dict(threshold=0.0, top_k=top_k, precision=precision,
                                                                batch_size=batch_size), max_frames)
