@@ -143,3 +143,33 @@ def test_every_step_reaches_steps_csv_at_log_time_and_a_resume_cuts_it_back(tmp_
     assert [(r["step"], r["loss"]) for r in read_steps(log.steps_path)] == [(1, 10.0), (2, 5.0), (3, 3.0)]
     RunLog(tmp_path, is_main=True, progress=False, tensorboard=False).start(0, resumed=False)
     assert not log.steps_path.exists()  # a new run starts a new record
+
+
+def test_speed_watch_says_once_when_training_slows_to_a_third():
+    """Steps and training seconds set by hand: 10 steps/s in the first minute, then 5 (fine), then
+    3 (under a third: one warning), then 1 (no second warning)."""
+    class Log:
+        said: list[str] = []
+
+        def say(self, text):
+            self.said.append(text)
+
+    class Clock:
+        step, trained_seconds, log = 0, 0.0, Log()
+
+    trainer, watch = Clock(), hooks.SpeedWatch()
+    watch.before_train(trainer)
+
+    def run(rate, seconds):
+        for _ in range(int(seconds)):
+            trainer.step += rate
+            trainer.trained_seconds += 1.0
+            watch.after_step(trainer)
+
+    run(10, 60)
+    run(5, 30)
+    assert watch.slowdown is None and not trainer.log.said
+    run(3, 30)
+    assert watch.slowdown == (pytest.approx(10.0), pytest.approx(3.0))
+    run(1, 60)
+    assert len(trainer.log.said) == 1 and "machine is busy" in trainer.log.said[0]

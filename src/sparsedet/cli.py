@@ -425,6 +425,7 @@ def cmd_demo(args) -> int:
 
     from .data.synthetic import write_synthetic
     from .engine.build import build_trainer
+    from .engine.hooks import SpeedWatch
     from .tools.demo import show_predictions
     out = Path(args.out)
     shutil.rmtree(out / "run", ignore_errors=True)  # the demo starts over each time
@@ -432,16 +433,26 @@ def cmd_demo(args) -> int:
     info = write_synthetic(out / "data", n_train=400, n_val=100, size=256, seed=args.seed)
     print(f"[1/4] synthetic dataset: {info['num_images']['train']} train / {info['num_images']['val']} val images "
           f"in {out / 'data'}")
-    overrides = [f"train.minutes={args.minutes}", "train.max_steps=1000000", "train.eval_every=-1",
+    if args.steps < 1:
+        raise SparsedetError(f"--steps must be at least 1, got {args.steps}")
+    # Steps, not minutes, set the recipe: the learning rate follows whichever of the two is further
+    # along (engine.plan), so a busy machine stops at its budget with its schedule finished.
+    overrides = [f"train.minutes={args.minutes}", f"train.max_steps={args.steps}", "train.eval_every=-1",
                  f"train.seed={args.seed}"] + args.overrides
     config, model, train_set, val_set = _prepare_training(args.preset, None, overrides,
                                                           {"train": info["train"], "val": info["val"]})
-    print(f"[2/4] training {args.preset} for {args.minutes:g} min")
+    print(f"[2/4] training {args.preset} for {config.train.max_steps} steps or {config.train.minutes:g} min, "
+          "whichever ends first")
     trainer = build_trainer(model, config, train_set, val_set, out / "run", progress=True,
                             origin=_training_origin(args.preset, None, config, overrides))
     metrics = trainer.fit()
     (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
     print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")
+    slowdown = next((h.slowdown for h in trainer.hooks if isinstance(h, SpeedWatch) and h.slowdown), None)
+    if slowdown is not None and trainer.step < config.train.max_steps:
+        print(f"      the machine was busy: training fell from {slowdown[0]:.2f} to {slowdown[1]:.2f} steps/s, so "
+              f"{config.train.minutes:g} min gave {trainer.step} of {config.train.max_steps} steps; rerun on a quieter "
+              "machine or with a larger --minutes for the full result")
     print(f"[4/4] {show_predictions(model, Path(info['val']), Path(info['val']).parent, out)} "
           f"(total {time.perf_counter() - t0:.0f} s)")
     return 0

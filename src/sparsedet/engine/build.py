@@ -16,7 +16,7 @@ from ..data.coco import CocoDetection
 from ..data.sampler import GroupedBatchSampler, SeededSamples, aspect_groups
 from ..losses.criterion import SetCriterion
 from . import distributed
-from .hooks import Checkpoints, EMAUpdate, Evaluate, Hook, LogSteps, StepPlan, StopOnSignal
+from .hooks import Checkpoints, EMAUpdate, Evaluate, Hook, LogSteps, SpeedWatch, StepPlan, StopOnSignal
 from .interrupt import ignore_stop_signals
 from .optim import WeightEMA, make_optimizer
 from .precision import resolve_precision
@@ -89,7 +89,7 @@ def default_hooks(config: Config, val_set: CocoDetection | None) -> list[Hook]:
     arrives during any of them stops training after this step."""
     t = config.train
     hooks: list[Hook] = [EMAUpdate()] if t.ema else []
-    hooks += [StepPlan(), LogSteps()]
+    hooks += [StepPlan(), LogSteps(), SpeedWatch()]
     if val_set is not None:
         hooks.append(Evaluate(val_set))
     return hooks + [Checkpoints(t.checkpoint_every, t.keep_checkpoints), StopOnSignal()]

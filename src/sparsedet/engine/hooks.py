@@ -68,6 +68,42 @@ class StepPlan(Hook):
             trainer.request_stop(reason)
 
 
+class SpeedWatch(Hook):
+    """Says once when training has slowed to under a third of its first minute's steps/s (over a
+    later ``window_s`` of training time): the machine is busy, so a time budget buys fewer steps.
+    ``slowdown`` keeps (first minute's steps/s, the slow window's) for the run's end message."""
+
+    def __init__(self, first_s: float = 60.0, window_s: float = 30.0, ratio: float = 1 / 3):
+        self.first_s, self.window_s, self.ratio = first_s, window_s, ratio
+        self.slowdown: tuple[float, float] | None = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._start = self._window = (trainer.step, trainer.trained_seconds)
+        self._first_rate: float | None = None
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.slowdown is not None:
+            return
+        now = (trainer.step, trainer.trained_seconds)
+        if self._first_rate is None:
+            if now[1] - self._start[1] >= self.first_s:
+                self._first_rate, self._window = _rate(self._start, now), now
+            return
+        if now[1] - self._window[1] < self.window_s:
+            return
+        rate, self._window = _rate(self._window, now), now
+        if rate < self.ratio * self._first_rate:
+            self.slowdown = (self._first_rate, rate)
+            trainer.log.say(f"warning: training slowed to {rate:.2f} steps/s at step {trainer.step}, under a third "
+                            f"of its first minute's {self._first_rate:.2f}: the machine is busy (other processes "
+                            "share its cores), so a time budget (train.minutes) buys fewer steps")
+
+
+def _rate(start: tuple[int, float], end: tuple[int, float]) -> float:
+    """Steps per second between two (step, trained seconds) points."""
+    return (end[0] - start[0]) / max(end[1] - start[1], 1e-9)
+
+
 class LogSteps(Hook):
     """Prints the run's summary, then logs steps: every step's lr and loss terms (process 0's, already
     on the host) go to the run log's steps.csv, written at log time; every ``train.log_every`` steps

@@ -39,10 +39,12 @@ def rank_padding_last(scores: Tensor, padding: Tensor) -> Tensor:
 
 def has_padding(padding: Tensor | None) -> bool:
     """Whether ``padding`` [B, H, W] (or None) pads anything: not for one image alone or a batch of
-    equal sizes. Always true while exporting: the file will be given padded batches."""
+    equal sizes. Always true while compiling or exporting: one graph serves padded batches too."""
     if padding is None:
         return False
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or bool(padding.any())
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():  # is_compiling covers export
+        return True
+    return bool(padding.any())
 
 
 def padding_zeroer(padding: Tensor | None) -> Callable[[Tensor, int], Tensor]:
