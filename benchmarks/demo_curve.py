@@ -20,17 +20,7 @@ from pathlib import Path
 
 import torch
 
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what ``platform`` knows."""
-    import platform
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sparsedet.tools.bench import cpu_model
 
 
 def main() -> None:
@@ -46,7 +36,7 @@ def main() -> None:
            "--preset", args.preset, "--out", args.out, f"train.eval_every={args.eval_every}", *args.overrides]
     subprocess.run(cmd, check=True)
     rows = [json.loads(line) for line in (Path(args.out) / "run" / "metrics.jsonl").read_text().splitlines()]
-    print(f"\n`{' '.join(cmd[2:])}` on {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(f"\n`{' '.join(cmd[2:])}` on {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| step | training minutes | AP | AP50 | APs | APm | APl |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

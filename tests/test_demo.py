@@ -52,3 +52,21 @@ def test_a_recorded_threshold_is_used_and_the_drawing_keeps_ten_boxes_per_image_
     assert len(json.loads((tmp_path / "predictions" / "predictions.json").read_text())) > 2 * DRAWN_PER_IMAGE
     picture = Image.open(tmp_path / "predictions.png").convert("RGB")
     assert picture.getpixel((1, 6)) == picture.getpixel((256 + 1, 6)) == (0, 0, 0)  # the captions' black strip
+
+
+def test_the_demo_command_trains_its_steps_evaluates_and_draws(tmp_path, monkeypatch, capsys):
+    """`sparsedet demo` end to end on a small dataset: the step plan inside the minutes budget,
+    the AP line, metrics.json, the drawing and its threshold (the run's, recorded at the end)."""
+    from sparsedet.cli import main
+    from sparsedet.data import synthetic
+    from tiny import TINY
+    small = synthetic.write_synthetic
+    monkeypatch.setattr(synthetic, "write_synthetic",
+                        lambda out, **kw: small(out, n_train=6, n_val=4, size=96, seed=kw.get("seed", 0)))
+    overrides = [o for o in TINY if not o.startswith("train.max_steps")]
+    assert main(["demo", "--steps", "3", "--minutes", "5", "--out", str(tmp_path), *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "training dino_tiny for 3 steps or 5 min, whichever ends first" in out
+    assert "after 3 steps" in out and "the machine was busy" not in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 3
+    assert Image.open(tmp_path / "predictions.png").size[0] > 0

@@ -424,7 +424,7 @@ def cmd_demo(args) -> int:
     import time
 
     from .data.synthetic import write_synthetic
-    from .engine.build import build_trainer
+    from .engine.build import build_trainer, set_threads
     from .engine.hooks import SpeedWatch
     from .tools.demo import show_predictions
     out = Path(args.out)
@@ -443,6 +443,7 @@ def cmd_demo(args) -> int:
                                                           {"train": info["train"], "val": info["val"]})
     print(f"[2/4] training {args.preset} for {config.train.max_steps} steps or {config.train.minutes:g} min, "
           "whichever ends first")
+    set_threads(config.train.threads)
     trainer = build_trainer(model, config, train_set, val_set, out / "run", progress=True,
                             origin=_training_origin(args.preset, None, config, overrides))
     metrics = trainer.fit()

@@ -120,7 +120,7 @@ def parse_sweep(text: str) -> tuple[str, list]:
 def environment(device: torch.device, precision: str) -> dict:
     """The facts a latency number needs next to it."""
     env = {"sparsedet": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "device": str(device), "cpu": _cpu_model(),
+           "platform": platform.platform(), "device": str(device), "cpu": cpu_model(),
            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "deform_attn_backend": deform_attn.default_backend(device), "precision": precision}
     if device.type == "cuda":
@@ -129,7 +129,8 @@ def environment(device: torch.device, precision: str) -> dict:
     return env
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
