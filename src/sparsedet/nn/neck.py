@@ -79,23 +79,23 @@ class Neck(nn.Module):
         """features: backbone maps fine to coarse; mask: [B, H, W] image padding (True = pad)."""
         sizes = image_sizes(mask)
         masked = self.mask_padding and has_padding(mask)
+        cells: list[Tensor] = []  # per level, each image's cells (mask_padding)
         maps, last = [], features[-1]
         for lvl, proj in enumerate(self.input_proj):
             if lvl < self.num_backbone_levels:
                 out = proj[0](features[lvl])
             else:  # the extra levels' 3x3 convolutions read the previous level's padding
-                cells = content_cells(sizes, self.strides[lvl - 1], last.shape[-2:])
-                out = proj[0](last * cells[:, None].to(last.dtype) if masked else last)
+                out = proj[0](last * cells[lvl - 1][:, None].to(last.dtype) if masked else last)
+            if self.mask_padding:
+                cells.append(content_cells(sizes, self.strides[lvl], out.shape[-2:]))
             if len(proj) > 1:
-                out = (_masked_group_norm(proj[1], out, content_cells(sizes, self.strides[lvl], out.shape[-2:]))
-                       if masked else proj[1](out))
+                out = _masked_group_norm(proj[1], out, cells[lvl]) if masked else proj[1](out)
             maps.append(out)
             last = out if lvl >= self.num_backbone_levels else last
         tokens, pads, poss, shapes, ratios = [], [], [], [], []
         for lvl, m in enumerate(maps):
             h, w = m.shape[-2:]
-            pad = (~content_cells(sizes, self.strides[lvl], (h, w)) if self.mask_padding
-                   else F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0])
+            pad = ~cells[lvl] if self.mask_padding else F.interpolate(mask[None].float(), size=(h, w)).to(torch.bool)[0]
             pos = self.position(pad).to(m.dtype)
             tokens.append(m.flatten(2).transpose(1, 2))
             pads.append(pad.flatten(1))

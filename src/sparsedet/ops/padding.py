@@ -52,9 +52,12 @@ def padding_zeroer(padding: Tensor | None) -> Callable[[Tensor, int], Tensor]:
     (the identity where ``padding`` pads nothing, see ``has_padding``)."""
     if not has_padding(padding):
         return lambda x, stride: x
-    sizes = image_sizes(padding)
+    sizes, cells = image_sizes(padding), {}
 
     def zero(x: Tensor, stride: int) -> Tensor:
-        return x * content_cells(sizes, stride, x.shape[-2:])[:, None].to(x.dtype)
+        # One mask per stride: within a forward, every map at a stride has the same shape.
+        if stride not in cells:
+            cells[stride] = content_cells(sizes, stride, x.shape[-2:])[:, None]
+        return x * cells[stride].to(x.dtype)
 
     return zero
