@@ -5,6 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 # Two workers (SPARSEDET_TEST_WORKERS), one thread each (tests/conftest.py): half the suite is
 # single-threaded Python (ONNX export, symbolic tracing), so two processes keep both cores busy.
-# Tests go one at a time to whichever worker is free, longest files first (conftest.py): the two
-# workers end together.
-.venv/bin/python -m pytest -n "${SPARSEDET_TEST_WORKERS:-2}" --dist load "$@"
+.venv/bin/python -m pytest -n "${SPARSEDET_TEST_WORKERS:-2}" --dist worksteal "$@"
