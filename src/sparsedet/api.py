@@ -164,17 +164,12 @@ class Detector(DetectionTransformer):
         check_top_k(top_k)
         if not isinstance(images, (list, tuple)):
             images = [images]
-        was_training = self.training
-        self.eval()
         device = next(self.parameters()).device
         dtype = resolve_precision(precision, device)
-        try:
-            with inference_precision(self, dtype):
-                results = predict_in_shape_batches(
-                    images, batch_size, self.preprocess,
-                    lambda batch, sizes: self.detect(batch.to(device), sizes.to(device), threshold, top_k))
-        finally:
-            self.train(was_training)
+        with inference_precision(self, dtype):
+            results = predict_in_shape_batches(
+                images, batch_size, self.preprocess,
+                lambda batch, sizes: self.detect(batch.to(device), sizes.to(device), threshold, top_k))
         return with_names(results, self.classes)
 
     def preprocess(self, images: list[ImageLike]) -> tuple[Batch, torch.Tensor, list[Image.Image]]:

@@ -316,9 +316,6 @@ def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
     if not in_torch:
         model.check_precision(precision)
     tracker = CorrTracker.for_model(model) if corr else None  # an undefined Corr fails before the pass
-    was_training = in_torch and model.training
-    if in_torch:
-        model.eval()
     m = model.config
     evaluator = Evaluator(dataset.coco, column_categories(m.classes, m.category_ids) or dataset.category_ids)
     shard = range(ctx.rank, len(dataset), ctx.world_size)
@@ -336,8 +333,6 @@ def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
             dets = (tracker.detect(model, batch.to(device), sizes, ids) if tracker is not None else
                     model.detect(batch.to(device), sizes))
             evaluator.update(ids, [{k: v.cpu() for k, v in d.items()} for d in dets])
-    if in_torch:
-        model.train(was_training)
     if ctx.distributed:
         evaluator.merge(gather_objects(evaluator.per_image, ctx))
         if tracker is not None:

@@ -1,9 +1,11 @@
 """Precision: the autocast dtype a precision word (``train.precision``, ``--precision``) means on
-this device, the one autocast context train, eval, predict and bench run under, and the model
+this device, the one inference context eval, predict, viz and bench run under, and the model
 outputs brought back to fp32 for the losses."""
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,17 +50,36 @@ def autocast(dtype: torch.dtype | None, device: torch.device):
 
 @contextmanager
 def inference_precision(model, dtype: torch.dtype | None):
-    """Run ``model``'s inference in ``dtype`` (from ``resolve_precision``), with the backbone
-    channels_last (faster convolutions: an R50 at 800x1333 on a 2-core CPU takes 0.9 instead of
-    1.2 s in fp32). The backbone gets its layout back on exit, so that training and saving see the
-    model as it was. Enter it outside ``torch.inference_mode``: the re-laid-out weights must stay
-    ordinary tensors."""
-    model.backbone.to(memory_format=torch.channels_last)
+    """Run ``model``'s inference in eval mode (see ``evaluating``) and in ``dtype`` (from
+    ``resolve_precision``)."""
+    with evaluating(model), autocast(dtype, next(model.parameters()).device):
+        yield
+
+
+_scope_lock = threading.Lock()
+_in_scope: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [open scopes, was training]
+
+
+@contextmanager
+def evaluating(model):
+    """``model`` in eval mode for the block and in its previous mode after it, safe to enter from
+    several threads at once: the first block to open switches the mode, the last to close switches
+    it back, and none changes the model while another runs. A model already in eval mode (as
+    ``from_pretrained`` returns it) is never touched."""
+    with _scope_lock:
+        scope = _in_scope.setdefault(model, [0, False])
+        if scope[0] == 0:
+            scope[1] = model.training
+            if model.training:
+                model.eval()
+        scope[0] += 1
     try:
-        with autocast(dtype, next(model.parameters()).device):
-            yield
+        yield
     finally:
-        model.backbone.to(memory_format=torch.contiguous_format)
+        with _scope_lock:
+            scope[0] -= 1
+            if scope[0] == 0 and scope[1]:
+                model.train()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..engine.corr import corr_ratio, mean_defined
 from ..engine.thresholds import Threshold, keep_above
+from ..engine.precision import evaluating
 from ..errors import SparsedetError
 from ..losses.selection import decoder_attention_map
 from ..models.detector import DetectorOutput
@@ -66,12 +67,10 @@ def observe(model, image) -> Observation:
     hooks = [model.neck.register_forward_hook(keep_levels)]
     hooks += [m.register_forward_pre_hook(keep_attention, with_kwargs=True) for name, m in model.decoder.named_modules()
               if isinstance(m, ProjectedAttention) and name.endswith("cross_attn")]
-    was_training = model.training
-    model.eval()
     try:
-        out = model(batch.to(device), record_sampling=True)
+        with evaluating(model):
+            out = model(batch.to(device), record_sampling=True)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     levels = seen["levels"]
