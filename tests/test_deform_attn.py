@@ -206,6 +206,27 @@ def test_mismatched_sizes_raise_before_any_backend_runs(shapes, S, L, message):
         deform_attn_kernel.backward(torch.zeros(2, 5, 8), value, flat, loc, weights)
 
 
+def test_size_check_traces_with_a_symbolic_batch():
+    # Under export the batch is symbolic: the check compares only plain ints, adds no guard, and
+    # still catches a static mismatch.
+    class Core(torch.nn.Module):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes = shapes
+
+        def forward(self, value, loc, weights):
+            return ms_deform_attn(value, self.shapes, loc, weights, backend="gather")
+
+    batch = torch.export.Dim("batch")
+    value, loc, weights = (t.float() for t in _inputs(0, 2, 5, [(3, 4), (2, 2)]))
+    dynamic = ({0: batch}, {0: batch}, {0: batch})
+    program = torch.export.export(Core([(3, 4), (2, 2)]), (value, loc, weights), dynamic_shapes=dynamic)
+    other = (t.float() for t in _inputs(1, 3, 5, [(3, 4), (2, 2)]))
+    assert program.module()(*other).shape == (3, 5, 6)
+    with pytest.raises(SparsedetError, match="hold 17 tokens but value has 16"):
+        torch.export.export(Core([(3, 4), (5, 1)]), (value, loc, weights), dynamic_shapes=dynamic)
+
+
 def test_kernel_checks_batch_heads_gradient_dtype_and_device():
     value, loc, weights = _inputs(0, 2, 5, [(2, 3)], dtype=torch.float32)
     with pytest.raises(SparsedetError, match=r"disagree on the batch size: \(2, 1, 1\)"):
