@@ -53,15 +53,28 @@ def tiny_run(tmp_path_factory) -> Path:
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def _skip_or_fail(message: str) -> None:
+    """Skip on a user's machine; fail in CI (CI=true), where a skip would hide the problem."""
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{message}; CI=true, so the test fails instead of skipping", pytrace=False)
+    pytest.skip(message)
+
+
 def require_shared(path: Path) -> Path:
     """``path`` under ../shared, which ships beside the repository in CI but not with a user's
     clone: absent, the test is skipped there and fails in CI (CI=true), where a skip would hide it."""
     if not path.exists():
-        message = f"{path} is absent (it ships with the project's CI, not with a user's clone)"
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"{message}; CI=true, so the test fails instead of skipping", pytrace=False)
-        pytest.skip(message)
+        _skip_or_fail(f"{path} is absent (it ships with the project's CI, not with a user's clone)")
     return path
+
+
+def require_kernel() -> None:
+    """The native deformable-attention kernel, built here: without a C compiler ``backend="cpu"``
+    quietly runs ``reference``, so a test comparing the two would compare the reference with
+    itself. Absent, the test is skipped, and fails in CI (CI=true)."""
+    from sparsedet.ops import deform_attn_kernel
+    if not deform_attn_kernel.available():
+        _skip_or_fail(f"the native deformable-attention kernel is unavailable ({deform_attn_kernel.failure()})")
 
 
 @pytest.fixture

@@ -1,15 +1,19 @@
 """Deformable attention: every backend of the ``sparsedet::ms_deform_attn`` op equals the
 grid_sample reference, values and gradients, on hand-made inputs and on every preset's own calls."""
 import math
+import subprocess
+import threading
 import warnings
 
 import pytest
 import torch
+from conftest import require_kernel
 
 from sparsedet import Detector
 from sparsedet.data.batch import Batch
+from sparsedet.errors import SparsedetError
 from sparsedet.nn.attention import MSDeformAttn
-from sparsedet.ops import deform_attn, deform_attn_kernel
+from sparsedet.ops import deform_attn, deform_attn_build, deform_attn_kernel
 from sparsedet.ops.deform_attn import BACKENDS, ms_deform_attn
 from sparsedet.presets import PRESETS
 
@@ -47,6 +51,8 @@ def _assert_matches(backend, shapes, value, loc, weights, atol):
 @pytest.mark.parametrize("seed,shapes,D", [(0, [(5, 7)], 3), (1, [(6, 4), (3, 2), (1, 1)], 16),
                                           (2, [(9, 11), (5, 6), (3, 3), (2, 2)], 32)])
 def test_backend_matches_reference_values_and_gradients(backend, seed, shapes, D):
+    if backend == "cpu":
+        require_kernel()
     # gather keeps float64 (exact); the cpu kernel computes in fp32 and returns the input dtype.
     value, loc, weights = _inputs(seed, 2, 13, shapes, D=D)
     _assert_matches(backend, shapes, value, loc, weights, atol=1e-10 if backend == "gather" else 1e-5)
@@ -54,6 +60,7 @@ def test_backend_matches_reference_values_and_gradients(backend, seed, shapes, D
 
 
 def test_cpu_kernel_result_does_not_depend_on_thread_count():
+    require_kernel()
     value, loc, weights = _inputs(3, 2, 600, [(12, 10), (6, 5)], M=8, D=16, P=4, dtype=torch.float32)
     threads = torch.get_num_threads()
     try:
@@ -70,6 +77,8 @@ def test_cpu_kernel_result_does_not_depend_on_thread_count():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sample_at_pixel_centre_reads_that_pixel(backend):
+    if backend == "cpu":
+        require_kernel()
     # 1 level of 2x4, one head of width 1: location of pixel (row 1, col 2) centre is ((2+.5)/4, (1+.5)/2).
     value = torch.arange(8, dtype=torch.float64).view(1, 8, 1, 1)
     w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
@@ -87,6 +96,7 @@ def test_sample_at_pixel_centre_reads_that_pixel(backend):
 
 
 def test_one_graph_node_under_compile_and_export():
+    require_kernel()
     torch.library.opcheck(torch.ops.sparsedet.ms_deform_attn.default,
                           (*(t.float() for t in _inputs(4, 1, 5, [(3, 4)])[:1]), [3, 4],
                            *(t.float() for t in _inputs(4, 1, 5, [(3, 4)])[1:]), "cpu"),
@@ -122,13 +132,185 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch, tmp_p
     monkeypatch.setattr(deform_attn_kernel, "_failure", None)
     monkeypatch.setenv("SPARSEDET_HOME", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.warns(UserWarning, match="fast CPU kernel is unavailable .*slower grid_sample path"):
+    with pytest.warns(UserWarning, match=r"fast CPU kernel is unavailable .*slower grid_sample path, about 5-9× "
+                                         r"slower forward and backward \(docs/results.md\)"):
         assert deform_attn.default_backend("cpu") == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         value, loc, weights = _inputs(0, 1, 3, [(2, 3)])
         ref = ms_deform_attn(value, [(2, 3)], loc, weights, backend="reference")
         assert torch.equal(ms_deform_attn(value, [(2, 3)], loc, weights), ref)
+
+
+def _spy_thread_counts(monkeypatch) -> list[int]:
+    """Records the thread count every kernel call passes (its last argument)."""
+    lib, seen = deform_attn_kernel.load(), []
+    for name in ("ms_deform_attn_forward", "ms_deform_attn_backward"):
+        def spy(*args, original=getattr(lib, name)):
+            seen.append(args[-1])
+            return original(*args)
+        monkeypatch.setattr(lib, name, spy)
+    return seen
+
+
+def test_cpu_kernel_takes_torch_thread_count_in_a_new_python_thread(monkeypatch):
+    # OpenMP's thread count is per calling thread: a new Python thread must still follow torch's.
+    require_kernel()
+    seen = _spy_thread_counts(monkeypatch)
+    shapes = [(12, 10), (6, 5)]  # 600 queries x 8 heads x 2 levels x 4 points: above PARALLEL_MIN_SAMPLES
+    value, loc, weights = _inputs(5, 1, 600, shapes, M=8, D=16, P=4, dtype=torch.float32)
+    results = {}
+
+    def work(n: int) -> None:
+        results[n] = _run("cpu", shapes, value, loc, weights)
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            worker = threading.Thread(target=work, args=(n,))
+            worker.start()
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == ([1, 1, 2, 2] if deform_attn_kernel.threaded() else [1, 1, 1, 1])
+    for a, b in zip(results[1], results[2]):
+        assert torch.equal(a, b)
+    # Small work stays on one thread whatever torch says.
+    seen.clear()
+    _run("cpu", [(2, 3)], *_inputs(0, 1, 3, [(2, 3)], dtype=torch.float32))
+    assert seen == [1, 1]
+
+
+MISMATCHES = [
+    ([(4, 4), (2, 2)], 19, 2, r"level shapes \[\(4, 4\), \(2, 2\)\] hold 20 tokens but value has 19"),
+    ([(4, 4), (2, 2)], 21, 2, r"hold 20 tokens but value has 21"),
+    ([(4, 4), (2, 2)], 20, 3, r"2 level shapes .* but locations and weights have 3 and 3 levels"),
+    ([(4, 4)], 20, 2, r"1 level shapes .* have 2 and 2 levels"),
+]
+
+
+@pytest.mark.parametrize("shapes,S,L,message", MISMATCHES)
+def test_mismatched_sizes_raise_before_any_backend_runs(shapes, S, L, message):
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(2, S, 2, 4, generator=g)
+    loc, weights = torch.rand(2, 5, 2, L, 3, 2, generator=g), torch.rand(2, 5, 2, L, 3, generator=g)
+    flat = [n for hw in shapes for n in hw]
+    for backend in BACKENDS:
+        with pytest.raises(SparsedetError, match=message):
+            ms_deform_attn(value, shapes, loc, weights, backend=backend)
+    # The kernel's own entry points check too: they index raw pointers with these sizes.
+    with pytest.raises(SparsedetError, match=message):
+        deform_attn_kernel.forward(value, flat, loc, weights)
+    with pytest.raises(SparsedetError, match=message):
+        deform_attn_kernel.backward(torch.zeros(2, 5, 8), value, flat, loc, weights)
+
+
+def test_size_check_traces_with_a_symbolic_batch():
+    # Under export the batch is symbolic: the check compares only plain ints, adds no guard, and
+    # still catches a static mismatch.
+    class Core(torch.nn.Module):
+        def __init__(self, shapes):
+            super().__init__()
+            self.shapes = shapes
+
+        def forward(self, value, loc, weights):
+            return ms_deform_attn(value, self.shapes, loc, weights, backend="gather")
+
+    batch = torch.export.Dim("batch")
+    value, loc, weights = (t.float() for t in _inputs(0, 2, 5, [(3, 4), (2, 2)]))
+    dynamic = ({0: batch}, {0: batch}, {0: batch})
+    program = torch.export.export(Core([(3, 4), (2, 2)]), (value, loc, weights), dynamic_shapes=dynamic)
+    other = (t.float() for t in _inputs(1, 3, 5, [(3, 4), (2, 2)]))
+    assert program.module()(*other).shape == (3, 5, 6)
+    with pytest.raises(SparsedetError, match="hold 17 tokens but value has 16"):
+        torch.export.export(Core([(3, 4), (5, 1)]), (value, loc, weights), dynamic_shapes=dynamic)
+
+
+def test_kernel_checks_batch_heads_gradient_dtype_and_device():
+    value, loc, weights = _inputs(0, 2, 5, [(2, 3)], dtype=torch.float32)
+    with pytest.raises(SparsedetError, match=r"disagree on the batch size: \(2, 1, 1\)"):
+        ms_deform_attn(value, [(2, 3)], loc[:1], weights[:1])
+    with pytest.raises(SparsedetError, match=r"disagree on the head size"):
+        deform_attn_kernel.forward(value[:, :, :1], [2, 3], loc, weights)
+    with pytest.raises(SparsedetError, match=r"output gradient has shape \(2, 5, 5\); expected \[2, 5, 6\]"):
+        deform_attn_kernel.backward(torch.zeros(2, 5, 5), value, [2, 3], loc, weights)
+    with pytest.raises(SparsedetError, match="takes fp32 CPU tensors; got torch.float64"):
+        deform_attn_kernel.forward(value.double(), [2, 3], loc, weights)
+    with pytest.raises(SparsedetError, match="takes fp32 CPU tensors; got torch.float32 on meta"):
+        deform_attn_kernel.forward(value.to("meta"), [2, 3], loc, weights)
+
+
+def test_cache_key_follows_cpu_flags_and_unknown_cpus_build_portable(monkeypatch):
+    keys = {}
+    for identity in ("flags: fpu sse2 avx2", "flags: fpu sse2 avx2 avx512f", None):
+        monkeypatch.setattr(deform_attn_build, "cpu_identity", lambda identity=identity: identity)
+        keys[identity] = deform_attn_build.library_path("cc", "cc 12.2.0")
+    assert len(set(keys.values())) == 3
+    assert deform_attn_build.arch_flags(None) == [[]]  # flags unreadable: no -march=native
+    assert deform_attn_build.arch_flags("flags: fpu")[0] in (["-march=native"], ["-mcpu=native"])
+
+
+def test_openmp_runtime_conflict_decision():
+    torch_gomp = "/venv/torch/lib/libgomp.so.1"
+    assert deform_attn_kernel.runtimes_conflict({torch_gomp}, {torch_gomp}) is None
+    conflict = deform_attn_kernel.runtimes_conflict({torch_gomp}, {torch_gomp, "/usr/lib/libgomp.so.1"})
+    assert conflict == f"it loaded the OpenMP runtime /usr/lib/libgomp.so.1 while PyTorch uses {torch_gomp}"
+    assert "libomp.dylib" in deform_attn_kernel.runtimes_conflict(
+        {"/opt/homebrew/lib/libgomp.1.dylib"}, {"/opt/homebrew/lib/libgomp.1.dylib", "/t/lib/libomp.dylib"})
+    # PyTorch without OpenMP: the kernel's runtime is the only one.
+    assert deform_attn_kernel.runtimes_conflict(set(), {"/usr/lib/libgomp.so.1"}) is None
+    maps = ("7f00-7f10 r-xp 00000000 08:01 42 /venv/torch/lib/libgomp.so.1\n"
+            "7f10-7f20 r-xp 00000000 08:01 43 /usr/lib/libiomp5.so\n"
+            "7f20-7f30 r-xp 00000000 08:01 44 /x/torch.libs/libgomp-a34b3233.so.1\n"
+            "7f30-7f40 r-xp 00000000 08:01 45 /usr/lib/libgompat.so\n"
+            "7f40-7f50 rw-p 00000000 00:00 0 \n"
+            "7f50-7f60 r-xp 00000000 08:01 46 /usr/lib/libm.so.6\n")
+    assert deform_attn_kernel.runtimes_in_maps(maps) == {"/venv/torch/lib/libgomp.so.1", "/usr/lib/libiomp5.so",
+                                                         "/x/torch.libs/libgomp-a34b3233.so.1"}
+
+
+def _reload_with_compiler_rejecting(flag: str, monkeypatch, tmp_path) -> None:
+    """Forget the loaded kernel (restored after the test) and make the compiler reject ``flag``,
+    with a fresh cache, so that the next ``load()`` builds again."""
+    require_kernel()
+    for name in ("_library", "_failure", "_threaded"):
+        monkeypatch.setattr(deform_attn_kernel, name, getattr(deform_attn_kernel, name))  # restored after
+    monkeypatch.setattr(deform_attn_kernel, "_library", None)
+    monkeypatch.setenv("SPARSEDET_HOME", str(tmp_path))
+    real = deform_attn_build._compile
+
+    def rejecting(command):
+        if flag in command:
+            return subprocess.CompletedProcess(command, 1, "", f"clang: error: unsupported option '{flag}'")
+        return real(command)
+
+    monkeypatch.setattr(deform_attn_build, "_compile", rejecting)
+
+
+def test_kernel_built_without_openmp_runs_one_thread_with_one_warning(monkeypatch, tmp_path):
+    _reload_with_compiler_rejecting(deform_attn_build.OPENMP, monkeypatch, tmp_path)  # as Apple clang
+    with pytest.warns(UserWarning, match="built without OpenMP .*runs one thread per call"):
+        assert deform_attn_kernel.available()
+    assert not deform_attn_kernel.threaded()
+    seen = _spy_thread_counts(monkeypatch)
+    shapes = [(12, 10), (6, 5)]
+    value, loc, weights = _inputs(5, 1, 600, shapes, M=8, D=16, P=4, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning came once, at load
+        _assert_matches("cpu", shapes, value, loc, weights, atol=1e-5)
+    assert seen and set(seen) == {1}
+
+
+def test_kernel_rejecting_native_tuning_builds_generic_code_with_a_note(monkeypatch, tmp_path):
+    if deform_attn_build.cpu_identity() is None:
+        pytest.skip("this CPU's flags cannot be read, so the build is portable and tries no tuning")
+    _reload_with_compiler_rejecting("-march=native", monkeypatch, tmp_path)
+    monkeypatch.setattr(deform_attn_build.platform, "machine", lambda: "x86_64")  # no -mcpu=native to fall to
+    with pytest.warns(UserWarning, match=r"is generic code: .* rejected native tuning"):
+        assert deform_attn_kernel.available()
+    assert deform_attn_kernel.threaded() == (deform_attn_kernel._library.ms_deform_attn_build_info() & 1 == 1)
+    _assert_matches("cpu", [(3, 4)], *_inputs(1, 1, 5, [(3, 4)], dtype=torch.float32), atol=1e-5)
 
 
 def _recorded_calls(preset):
@@ -161,8 +343,10 @@ def test_fast_backends_match_reference_on_every_preset(preset):
     deformable, calls = _recorded_calls(preset)
     assert bool(calls) == deformable
     for value, shapes, loc, weights in calls:
-        for backend in FAST:
-            _assert_matches(backend, shapes, value, loc, weights, atol=1e-4)
+        _assert_matches("gather", shapes, value, loc, weights, atol=1e-4)
+    require_kernel()  # after gather's checks, which need no compiler
+    for value, shapes, loc, weights in calls:
+        _assert_matches("cpu", shapes, value, loc, weights, atol=1e-4)
 
 
 def test_module_initialisation_follows_official_pattern():

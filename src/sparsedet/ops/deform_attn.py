@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import deform_attn_kernel
+from .deform_attn_check import check_inputs
 
 BACKENDS = ("reference", "cpu", "gather")
 ENV = "SPARSEDET_DEFORM_ATTN"
@@ -84,7 +85,12 @@ def ms_deform_attn(
 
     Returns:
         [B, Q, M * D], in ``value``'s dtype.
+
+    Raises:
+        SparsedetError: the sizes disagree (e.g. the level shapes do not add up to S).
     """
+    flat = [n for hw in shapes for n in hw]
+    check_inputs(value, flat, locations, weights)
     if backend is None:
         backend = default_backend(value.device)
     else:
@@ -93,7 +99,6 @@ def ms_deform_attn(
             raise ValueError(f"the cpu deformable-attention backend cannot run on {value.device.type} tensors")
         if backend == "cpu" and not deform_attn_kernel.available():
             backend = "reference"
-    flat = [n for hw in shapes for n in hw]
     return torch.ops.sparsedet.ms_deform_attn(value, flat, locations, weights, backend)
 
 

@@ -9,10 +9,25 @@
      out       [B, Q, M, D]
    Work is split over units u = b * M + m with OpenMP (the runtime PyTorch already loaded, so the
    two share one thread pool): one (image, head) pair writes only its own rows of every output,
-   so threads never race and the sums do not depend on the thread count. */
+   so threads never race and the sums do not depend on the thread count. The caller passes the
+   thread count: OpenMP's own setting is per calling thread, so a call from a new Python thread
+   would not see torch.set_num_threads. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#define BUILT_WITH_OPENMP 1
+#else
+#define BUILT_WITH_OPENMP 0 /* the pragmas below are ignored: one thread */
+#endif
+#ifndef DEFORM_ATTN_NATIVE
+#define DEFORM_ATTN_NATIVE 0 /* set to 1 by the build when tuned for this CPU */
+#endif
+
+/* What the build ended up with (a cached library is loaded without rebuilding): bit 0 OpenMP,
+   bit 1 tuned for this CPU (-march=native or -mcpu=native). */
+int ms_deform_attn_build_info(void) { return BUILT_WITH_OPENMP | (DEFORM_ATTN_NATIVE << 1); }
 
 typedef struct {
     int64_t x, y;    /* top-left neighbour */
@@ -37,8 +52,8 @@ static int locate(float lx, float ly, int64_t h, int64_t w, Corner *c) {
 static inline void forward_impl(const float *value, const int64_t *shapes, const int64_t *level_start,
                             const float *locations, const float *weights, float *out,
                             int64_t B, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t P,
-                            int parallel) {
-#pragma omp parallel for schedule(static) if (parallel)
+                            int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t u = 0; u < B * M; ++u) {
         int64_t b = u / M, m = u % M;
         const float *vb = value + (b * S * M + m) * D;  /* row s of this head: vb + s * M * D */
@@ -76,8 +91,8 @@ static inline void backward_impl(const float *value, const int64_t *shapes, cons
                              const float *locations, const float *weights, const float *grad_out,
                              float *grad_value, float *grad_locations, float *grad_weights,
                              int64_t B, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t P,
-                             int parallel) {
-#pragma omp parallel for schedule(static) if (parallel)
+                             int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_threads > 1)
     for (int64_t u = 0; u < B * M; ++u) {
         int64_t b = u / M, m = u % M;
         const float *vb = value + (b * S * M + m) * D;
@@ -131,16 +146,16 @@ static inline void backward_impl(const float *value, const int64_t *shapes, cons
    constant trip count the compiler can vectorise fully. */
 #define DISPATCH(impl, ...) \
     switch (D) { \
-        case 16: impl(__VA_ARGS__, 16, Q, L, P, parallel); break; \
-        case 32: impl(__VA_ARGS__, 32, Q, L, P, parallel); break; \
-        case 64: impl(__VA_ARGS__, 64, Q, L, P, parallel); break; \
-        default: impl(__VA_ARGS__, D, Q, L, P, parallel); \
+        case 16: impl(__VA_ARGS__, 16, Q, L, P, num_threads); break; \
+        case 32: impl(__VA_ARGS__, 32, Q, L, P, num_threads); break; \
+        case 64: impl(__VA_ARGS__, 64, Q, L, P, num_threads); break; \
+        default: impl(__VA_ARGS__, D, Q, L, P, num_threads); \
     }
 
 void ms_deform_attn_forward(const float *value, const int64_t *shapes, const int64_t *level_start,
                             const float *locations, const float *weights, float *out,
                             int64_t B, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t P,
-                            int parallel) {
+                            int num_threads) {
     DISPATCH(forward_impl, value, shapes, level_start, locations, weights, out, B, S, M)
 }
 
@@ -148,7 +163,7 @@ void ms_deform_attn_backward(const float *value, const int64_t *shapes, const in
                              const float *locations, const float *weights, const float *grad_out,
                              float *grad_value, float *grad_locations, float *grad_weights,
                              int64_t B, int64_t S, int64_t M, int64_t D, int64_t Q, int64_t L, int64_t P,
-                             int parallel) {
+                             int num_threads) {
     DISPATCH(backward_impl, value, shapes, level_start, locations, weights, grad_out, grad_value,
              grad_locations, grad_weights, B, S, M)
 }
