@@ -17,12 +17,18 @@ def test_latency_split_covers_the_whole_run():
     lat = r["latency_ms"]
     assert set(lat) == set(STAGES) | {"total"}
     for stats in lat.values():
-        assert stats["min"] <= stats["median"] <= stats["max"]
-    # Stage medians come from other runs than the whole-model ones, so compare loosely.
-    assert sum(lat[s]["median"] for s in STAGES) == pytest.approx(lat["total"]["median"], rel=0.5)
+        assert 0 <= stats["min"] <= stats["median"] <= stats["max"]
     assert lat["encoder"]["median"] > 0 and lat["backbone"]["median"] > 0
     assert r["gflops"]["total"] == pytest.approx(sum(r["gflops"][s] for s in STAGES))
-    assert r["memory_peak"]["mib"] > 0 and r["runs"] == 3
+    assert r["memory_peak"]["mib"] >= 0 and r["runs"] == 3
+
+
+@pytest.mark.perf
+def test_stage_medians_add_up_to_the_total():
+    """Stage medians come from other runs than the whole-model ones: they agree only on a quiet machine."""
+    torch.manual_seed(0)
+    lat = bench_model(load_model("dino_tiny", {"num_classes": 3}), (96, 128), runs=5, warmup=2)["latency_ms"]
+    assert sum(lat[s]["median"] for s in STAGES) == pytest.approx(lat["total"]["median"], rel=0.5)
 
 
 def _ms(median, low, high):
@@ -47,6 +53,7 @@ def test_noisy_timings_are_flagged_by_spread_and_by_stages_that_do_not_add_up():
                                                               "raise --runs")
 
 
+@pytest.mark.perf
 def test_cpu_peak_memory_is_each_runs_own():
     """The CPU peak is the RSS increase during the bench's own runs: a small input benched after a
     large one reports far less. The process's lifetime peak RSS, reported before, handed the large
@@ -60,6 +67,7 @@ def test_cpu_peak_memory_is_each_runs_own():
     assert small["rss_before_mib"] > small["mib"]  # the weights, inputs and the rest of the process
 
 
+@pytest.mark.perf
 @pytest.mark.parametrize("high_water_mark", [True, False], ids=["kernel-mark", "sampled"])
 def test_peak_rss_counts_what_the_block_added(high_water_mark, monkeypatch):
     """Both ways of reading the peak: the kernel's high-water mark (reset at the start), or samples
