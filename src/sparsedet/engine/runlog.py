@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from ..filewrite import atomic_write
 
 METRICS_LOG = "metrics.jsonl"
 STEPS_LOG = "steps.csv"  # every step's lr and loss terms: one row per step after a header
