@@ -52,8 +52,8 @@ class WriteFailed(SparsedetError):
             room += f", about {human_bytes(needed)} needed"
         fix = ("free some space or write elsewhere, then run it again" if out_of_space
                else "check the disk and the folder's permissions, then run it again")
-        super().__init__(f"could not write the {what} to {self.path}: {reason} ({room}); nothing partial was "
-                         f"left there; {fix}" + (f". {advice}" if advice else ""))
+        super().__init__(f"could not write the {what} to {self.path}: {reason} ({room}); {fix}"
+                         + (f". {advice}" if advice else ""))
 
     def relabel(self, what: str, path: str | Path, needed: int | None) -> WriteFailed:
         return WriteFailed(what, path, self.reason, self.free, self.out_of_space, needed or self.needed, self.advice)

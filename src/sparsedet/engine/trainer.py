@@ -88,6 +88,7 @@ class Trainer:
         """Train until a hook stops training (the plan done, the budget spent, a signal); returns
         the last evaluation's metrics. Stopped by SIGINT or SIGTERM, it raises
         :class:`TrainingInterrupted` after the hooks saved a resumable checkpoint."""
+        failed = True
         try:
             self._claim_run_folder()
             for hook in self.hooks:
@@ -107,12 +108,15 @@ class Trainer:
                 self.log.say(self.stop_reason)
             for hook in self.hooks:
                 hook.after_train(self)
+            failed = False
         except WriteFailed as err:  # the last checkpoint is whole (written into a temporary folder)
             raise err.advise(self._fallback()) from err.__cause__
         finally:
             for hook in self.hooks:
                 hook.close(self)
-            self.log.close()
+            # After an error the disk may still be full: the first error is the one to show.
+            with contextlib.suppress(WriteFailed) if failed else contextlib.nullcontext():
+                self.log.close()
         if self.stop_signal is not None:
             raise TrainingInterrupted(self.stop_signal, self.step, self.out_dir)
         return self.metrics
