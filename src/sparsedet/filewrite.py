@@ -50,10 +50,9 @@ class WriteFailed(SparsedetError):
         room = "free space unknown" if free is None else f"{human_bytes(free)} free on that file system"
         if needed:
             room += f", about {human_bytes(needed)} needed"
-        fix = ("free some space or write elsewhere, then run it again" if out_of_space
-               else "check the disk and the folder's permissions, then run it again")
-        super().__init__(f"could not write the {what} to {self.path}: {reason} ({room}); {fix}"
-                         + (f". {advice}" if advice else ""))
+        fix = "free some space or write elsewhere" if out_of_space else "check the disk and the folder's permissions"
+        then = advice or "Then run the command again."
+        super().__init__(f"could not write the {what} to {self.path}: {reason} ({room}); {fix}. {then}")
 
     def relabel(self, what: str, path: str | Path, needed: int | None) -> WriteFailed:
         return WriteFailed(what, path, self.reason, self.free, self.out_of_space, needed or self.needed, self.advice)

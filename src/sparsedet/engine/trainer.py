@@ -329,10 +329,10 @@ class Trainer:
         than ``unreadable``), or start again when there is none."""
         found = newest_intact_checkpoint(self.out_dir, other_than=unreadable)
         if found is None and unreadable is None and latest_checkpoint(self.out_dir) is None:
-            return "No checkpoint was saved yet: start the run again"
+            return "No checkpoint was saved yet: start the run again."
         if found is None:
             return (f"{self.out_dir / 'checkpoints'} holds no other intact checkpoint: start the run again (into "
-                    "a new --out, or after deleting the checkpoints)")
+                    "a new --out, or after deleting the checkpoints).")
         target = self.out_dir if unreadable is None and found == latest_checkpoint(self.out_dir) else found
         return (f"The newest intact checkpoint is {found} (step {load_train_state(found)['step']}); continue "
                 f"from it with:\n  {resume_command(target, self.ctx.distributed)}")
