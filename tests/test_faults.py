@@ -144,6 +144,33 @@ def test_disk_full_at_the_final_weights_is_a_write_failure_naming_the_whole_chec
     assert not _leftovers(tmp_path / "run") and latest_checkpoint(tmp_path / "run").name == "step_00000001"
 
 
+def test_only_failed_writes_become_write_failures(tmp_path, monkeypatch):
+    from sparsedet.filewrite import atomic_write, guarded
+    target = tmp_path / "f.bin"
+
+    def failing(error):
+        def write(path):
+            Path(path).write_bytes(b"\0" * 100)
+            raise error
+        return write
+
+    for error in (ValueError("a bug"), RuntimeError("a tensor cannot be pickled"), FileNotFoundError(2, "gone")):
+        with pytest.raises(type(error)):  # unchanged, traceback and all
+            atomic_write(target, failing(error))
+    with pytest.raises(WriteFailed, match=r"the f\.bin to .*: Read-only file system \(.* free on that file system\); "
+                                          "check the disk"):
+        atomic_write(target, failing(OSError(errno.EROFS, os.strerror(errno.EROFS))))
+    # safetensors' error type carries the errno text; a torch.save RuntimeError counts once space is short
+    with pytest.raises(WriteFailed, match="No space left on device"):
+        atomic_write(target, failing(Exception("No space left on device (os error 28)")))
+    with pytest.raises(WriteFailed, match="the disk nearly full"):
+        atomic_write(target, failing(RuntimeError("something unheard of")), needed=10 ** 18)
+    with pytest.raises(WriteFailed, match="the checkpoint step 3 to /x/step_3"):  # the outer writer's label
+        with guarded(Path("/x/step_3"), "checkpoint step 3"):
+            atomic_write(target, failing(OSError(errno.ENOSPC, "full")))
+    assert list(tmp_path.iterdir()) == []  # every attempt's temporary file went
+
+
 def _fake_onnx_program():
     """What torch.onnx.export returns, holding a one-node graph with the exported inputs' names."""
     from onnx import TensorProto, helper
