@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .cli_parser import build_parser
 from .errors import SparsedetError
+from .filewrite import atomic_write
 from .jsonfile import read_json_object
 
 if TYPE_CHECKING:  # the verbs import what they need when they run (a quick --help)
@@ -143,7 +144,7 @@ def _training_origin(preset: str | None, weights: str | None, config: Config, ov
 
 def cmd_train(args) -> int:
     from .engine import distributed
-    from .engine.interrupt import TrainingInterrupted
+    from .engine.interrupt import TrainingInterrupted, resume_command
     from .data.datasets import make_datasets
     from .engine.build import build_trainer, set_threads
     from .tools.report import RunReport
@@ -151,17 +152,18 @@ def cmd_train(args) -> int:
     if args.resume:
         from .api import Detector
         from .config import apply_overrides
-        from .engine.checkpoint import load_config
-        if args.preset or args.weights or (args.out and Path(args.out) != Path(args.resume)):
+        from .engine.checkpoint import load_config, split_resume_target
+        run, checkpoint = split_resume_target(args.resume)
+        if args.preset or args.weights or (args.out and Path(args.out) != run):
             raise SparsedetError("--resume RUN continues RUN as it was configured; leave out --preset, --weights "
                                  "and --out (overrides such as train.max_steps=... are allowed)")
-        config = load_config(args.resume)
+        config = load_config(checkpoint or run)
         apply_overrides(config, {f"data.{k}": v for k, v in data.items() if v is not None})
         apply_overrides(config, args.overrides)
         config, train_set, val_set = make_datasets(config)
         if train_set.category_ids != config.model.category_ids:
             raise SparsedetError(f"{config.data.train} does not have the categories {args.resume} was trained on")
-        model, out = Detector.from_config(config), args.resume  # the checkpoint holds the backbone
+        model, out = Detector.from_config(config), run  # the checkpoint holds the backbone
         origin = f"model and schedule from {args.resume} (resumed)"
     else:
         if not args.train_ann:
@@ -174,16 +176,15 @@ def cmd_train(args) -> int:
     trainer.hooks.append(RunReport())
     try:
         if args.resume:
-            path = trainer.resume()
+            path = trainer.resume(checkpoint)
             if trainer.ctx.is_main:
                 print(f"resumed {path} at step {trainer.step}")
         trainer.fit()
     except TrainingInterrupted as stop:
         if trainer.ctx.is_main:
-            launcher = "torchrun ... -m sparsedet" if trainer.ctx.distributed else "sparsedet"
             print(f"interrupted by {stop.signal_name} at step {stop.step}; saved a resumable checkpoint in "
-                  f"{stop.run_dir / 'checkpoints'}. Continue with:\n  {launcher} train --resume {stop.run_dir}",
-                  file=sys.stderr, flush=True)
+                  f"{stop.run_dir / 'checkpoints'}. Continue with:\n  "
+                  f"{resume_command(stop.run_dir, trainer.ctx.distributed)}", file=sys.stderr, flush=True)
         return stop.exit_code
     finally:
         distributed.teardown()
@@ -229,8 +230,8 @@ def cmd_eval(args) -> int:
     if "corr" in metrics:
         from .engine.corr import format_corr
         print(format_corr(metrics["corr"]))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    payload = json.dumps(metrics, indent=2)
+    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(payload), "evaluation metrics (metrics.json)")
     print(f"wrote {out / 'metrics.json'}")
     if args.plots:
         from .engine.thresholds import PREDICT_DEFAULT, Threshold
@@ -447,7 +448,8 @@ def cmd_demo(args) -> int:
     trainer = build_trainer(model, config, train_set, val_set, out / "run", progress=True,
                             origin=_training_origin(args.preset, None, config, overrides))
     metrics = trainer.fit()
-    (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=2))
+    payload = json.dumps({"step": trainer.step, **metrics}, indent=2)
+    atomic_write(out / "metrics.json", lambda p: Path(p).write_text(payload), "demo metrics (metrics.json)")
     print(f"[3/4] AP {metrics['AP']:.3f} after {trainer.step} steps; wrote {out / 'metrics.json'}")
     slowdown = next((h.slowdown for h in trainer.hooks if isinstance(h, SpeedWatch) and h.slowdown), None)
     if slowdown is not None and trainer.step < config.train.max_steps:

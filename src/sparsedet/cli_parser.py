@@ -64,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "per process; NCCL on GPUs, Gloo on CPUs.\n\n"
                        "Ctrl-C (SIGINT) or SIGTERM stops at the end of the current step, saves a resumable checkpoint "
                        "and prints the --resume command; the exit status is 130 (SIGINT) or 143 (SIGTERM). A second "
-                       "signal quits at once without saving.")
+                       "signal quits at once without saving. A failed write (disk full) stops with one line naming "
+                       "the newest intact checkpoint and the --resume command; the exit status is 2.")
     s.add_argument("--preset", help="model preset (see `sparsedet presets`)")
     s.add_argument("--weights", help="fine-tune from this run folder or zoo name (another class set is fine: class "
                    "heads restart)")
-    s.add_argument("--resume", metavar="RUN", help="continue this run exactly from its newest checkpoint; data and "
-                   "settings come from RUN/config.json, overrides may change them (e.g. train.max_steps)")
+    s.add_argument("--resume", metavar="RUN", help="continue this run exactly from its newest checkpoint (or from "
+                   "RUN/checkpoints/step_N when given that); data and settings come from RUN/config.json, overrides "
+                   "may change them (e.g. train.max_steps)")
     s.add_argument("--train", dest="train_ann", help="training data: COCO json, or YOLO data.yaml or its folder")
     s.add_argument("--val", dest="val_ann", help="validation data (COCO json or YOLO yaml)")
     s.add_argument("--images", help="COCO image root (default: each json's folder, or its images/ folder when the "

@@ -9,13 +9,10 @@ also has a step checkpoint shares its files (hard links), so it costs no second 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
-import stat
 from pathlib import Path
 
 import torch
@@ -23,45 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import SparsedetError
+from ..filewrite import atomic_write, fresh_path, guarded
 from ..jsonfile import read_json_object
 
 WEIGHTS, EMA_WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _BEST_DIR = re.compile(r"^best_step_(\d+)$")
-
-
-def _fresh(folder: Path, prefix: str, create) -> Path:
-    """A new, unused ``folder/prefix*.tmp`` made by ``create(path)`` (which fails if it exists).
-    Unlike ``tempfile``, which makes files 0600 and folders 0700, the permissions follow the umask."""
-    while True:
-        path = folder / f"{prefix}{secrets.token_hex(4)}.tmp"
-        try:
-            create(path)
-            return path
-        except FileExistsError:
-            continue
-
-
-def _create_file(path: Path) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves
-    a half-written file in place of the previous one. The file's mode honours the umask."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(_fresh(path.parent, f".{path.name}.", _create_file))
-    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, as the kernel made it
-    try:
-        write(tmp)
-        with contextlib.suppress(OSError):  # some writers (safetensors) make their file 0600
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
@@ -112,14 +77,16 @@ def load_run(run_dir: str | Path, ema: bool = False) -> tuple[Config, dict[str, 
 
 
 def save_checkpoint(run_dir: str | Path, name: str, state_dict: dict[str, torch.Tensor], config: Config,
-                    train_state: dict, ema_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``run_dir/checkpoints/name`` whole or not at all: into a temporary folder, then renamed."""
+                    train_state: dict, ema_state: dict[str, torch.Tensor] | None = None,
+                    what: str = "checkpoint", needed: int | None = None) -> Path:
+    """Write ``run_dir/checkpoints/name`` whole or not at all: into a temporary folder, then renamed.
+    A failed write raises ``WriteFailed`` naming ``what`` (``needed``: the bytes it should take)."""
 
     def fill(folder: Path) -> None:
         save_run(folder, state_dict, config, ema_state=ema_state)
         torch.save(train_state, folder / TRAIN_STATE)
 
-    return _write_folder(Path(run_dir) / CHECKPOINTS, name, fill)
+    return _write_folder(Path(run_dir) / CHECKPOINTS, name, fill, what, needed)
 
 
 def link_checkpoint(checkpoint: Path, name: str) -> Path:
@@ -130,33 +97,36 @@ def link_checkpoint(checkpoint: Path, name: str) -> Path:
         for source in checkpoint.iterdir():
             _link_or_copy(source, folder / source.name)
 
-    return _write_folder(checkpoint.parent, name, fill)
+    return _write_folder(checkpoint.parent, name, fill, f"checkpoint {name}")
 
 
-def _write_folder(root: Path, name: str, fill) -> Path:
-    """``root/name`` as ``fill(folder)`` makes it, in a temporary folder renamed when complete."""
-    root.mkdir(parents=True, exist_ok=True)
+def _write_folder(root: Path, name: str, fill, what: str, needed: int | None = None) -> Path:
+    """``root/name`` as ``fill(folder)`` makes it, in a temporary folder renamed when complete; a
+    failed write removes the temporary folder and raises ``WriteFailed`` naming ``what``."""
     final = root / name
-    tmp = _fresh(root, f".{name}.", os.mkdir)
-    try:
-        fill(tmp)
-        if final.exists():  # the same step saved twice (e.g. the last step is also a checkpoint step)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with guarded(final, what, needed):
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = fresh_path(root, f".{name}.", os.mkdir)
+        try:
+            fill(tmp)
+            if final.exists():  # the same step saved twice (e.g. the last step is also a checkpoint step)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return final
 
 
-def publish(checkpoint: Path, run_dir: str | Path) -> None:
+def publish(checkpoint: Path, run_dir: str | Path, what: str = "run folder's weights") -> None:
     """Make ``run_dir``'s weights and config those of ``checkpoint`` (a folder inside it): hard links
     where the file system has them (no second serialisation), copies otherwise; each file replaced
     atomically."""
     for name in (WEIGHTS, EMA_WEIGHTS, CONFIG):
         source = checkpoint / name
         if source.is_file():
-            atomic_write(Path(run_dir) / name, lambda tmp, source=source: _replace_with_link(source, Path(tmp)))
+            atomic_write(Path(run_dir) / name, lambda tmp, source=source: _replace_with_link(source, Path(tmp)),
+                         f"{what} ({name})")
 
 
 def _replace_with_link(source: Path, target: Path) -> None:
@@ -185,12 +155,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+def prune_checkpoints(run_dir: str | Path, keep: int, upto: int | None = None) -> None:
     """Delete all but the newest ``keep`` step checkpoints and all but the newest best checkpoint,
-    and leftovers of interrupted writes."""
+    and leftovers of interrupted writes. With ``upto`` (the step training is at), checkpoints of
+    later steps are neither counted nor deleted: a run resumed from an older checkpoint (the newest
+    was corrupt) keeps what it has just written, and overwrites the later ones when it gets there."""
     run_dir = Path(run_dir)
-    doomed = [p for _, p in _numbered(run_dir, _STEP_DIR)[:-max(keep, 1)]]
-    doomed += [p for _, p in _numbered(run_dir, _BEST_DIR)[:-1]]
+
+    def counted(pattern: re.Pattern) -> list[tuple[int, Path]]:
+        return [(s, p) for s, p in _numbered(run_dir, pattern) if upto is None or s <= upto]
+
+    doomed = [p for _, p in counted(_STEP_DIR)[:-max(keep, 1)]]
+    doomed += [p for _, p in counted(_BEST_DIR)[:-1]]
     doomed += list((run_dir / CHECKPOINTS).glob(".*.tmp"))
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
@@ -205,3 +181,51 @@ def load_train_state(checkpoint: str | Path) -> dict:
         raise SparsedetError(f"{path} not found: {checkpoint} is not a resumable checkpoint") from None
     except Exception as e:  # noqa: BLE001 - corrupt or foreign pickles raise many types
         raise SparsedetError(f"could not read {path} as a training state: {e}") from None
+
+
+def split_resume_target(path: str | Path) -> tuple[Path, Path | None]:
+    """``--resume PATH`` -> (run folder, checkpoint): a run folder resumes from its newest checkpoint
+    (None here), ``RUN/checkpoints/NAME`` from that one."""
+    path = Path(path)
+    if path.parent.name == CHECKPOINTS:
+        return path.parent.parent, path
+    return path, None
+
+
+def is_intact(checkpoint: Path) -> bool:
+    """Whether every file of ``checkpoint`` reads (its weights, EMA weights and training state)."""
+    try:
+        load_train_state(checkpoint)
+        load_run(checkpoint)
+        if (checkpoint / EMA_WEIGHTS).is_file():
+            load_run(checkpoint, ema=True)
+    except SparsedetError:
+        return False
+    return True
+
+
+def newest_intact_checkpoint(run_dir: str | Path, other_than: Path | None = None) -> Path | None:
+    """The newest step or best checkpoint of the run (by step; a step checkpoint first) whose files
+    all read, skipping ``other_than``; None when there is none. Reads each until one reads."""
+    found = _numbered(Path(run_dir), _STEP_DIR) + _numbered(Path(run_dir), _BEST_DIR)
+    for _, path in sorted(found, key=lambda f: (f[0], f[1].name.startswith("step_")), reverse=True):
+        if (other_than is None or path.resolve() != Path(other_than).resolve()) and is_intact(path):
+            return path
+    return None
+
+
+def folder_bytes(folder: Path) -> int:
+    """The size of the files in ``folder`` (a checkpoint: what the next one will take again)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def tensor_bytes(obj: object) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists and tuples): a new checkpoint's size
+    to within its small non-tensor part."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

@@ -28,7 +28,7 @@ from ..data.sampler import shape_batches
 from ..data.coco_json import validate_coco
 from ..errors import SparsedetError
 from ..jsonfile import read_json
-from .checkpoint import atomic_write
+from ..filewrite import atomic_write
 from .corr import CorrTracker
 from .distributed import Context, gather_objects
 from .precision import inference_precision, resolve_precision
@@ -62,7 +62,8 @@ def load_results(path: str | Path) -> list[dict]:
 
 def save_results(results: list[dict], path: str | Path) -> None:
     """Write detections in the COCO results format (the inverse of `load_results`), atomically."""
-    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(results), encoding="utf-8"))
+    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(results), encoding="utf-8"),
+                 "detections (COCO results)")
 
 
 def coco_results(image_id: int, det: dict, category_ids: list[int | None],

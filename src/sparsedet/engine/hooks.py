@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import signal
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CHECKPOINTS, atomic_write, link_checkpoint, prune_checkpoints, publish, save_checkpoint
+from ..filewrite import atomic_write, free_bytes, human_bytes
+from .checkpoint import (CHECKPOINTS, folder_bytes, latest_checkpoint, link_checkpoint, prune_checkpoints, publish,
+                         save_checkpoint, tensor_bytes)
 from .evaluator import evaluate, format_metrics
 from .interrupt import StopSignals
 from .thresholds import MIN_SCORE, choose_threshold
@@ -213,7 +216,8 @@ class Evaluate(Hook):
         if ctx.is_main:
             trainer.log.write(record)
             payload = json.dumps({"step": trainer.step, **metrics}, indent=2)
-            atomic_write(trainer.out_dir / "metrics.json", lambda p: Path(p).write_text(payload))
+            atomic_write(trainer.out_dir / "metrics.json", lambda p: Path(p).write_text(payload),
+                         f"metrics of step {trainer.step} (metrics.json)")
             trainer.log.say(format_metrics(metrics))
         trainer.metrics, trainer.evaluated_step = metrics, trainer.step
         if trainer.best is None or metrics["AP"] > trainer.best["AP"]:
@@ -242,6 +246,7 @@ class Checkpoints(Hook):
 
     def before_train(self, trainer: Trainer) -> None:
         self._saved_step: int | None = None  # the newest step checkpoint written by this run
+        self._warned_space = False
         self._best = trainer.best              # the best already saved
 
     def after_step(self, trainer: Trainer) -> None:
@@ -262,19 +267,35 @@ class Checkpoints(Hook):
         state = None if link else trainer.train_state()  # every process takes part (RNG states gathered)
         if trainer.ctx.is_main:
             name = f"{'best_' if best else ''}step_{trainer.step:08d}"
+            final = trainer.stop_reason is not None and not best
+            what = f"{'final weights and ' if final else 'best ' if best else ''}checkpoint step {trainer.step}"
             if link:
                 link_checkpoint(trainer.out_dir / CHECKPOINTS / f"step_{trainer.step:08d}", name)
             else:
                 trainer.model.run_config = trainer.config
                 ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
-                checkpoint = save_checkpoint(trainer.out_dir, name, trainer.model.state_dict(), trainer.config,
-                                             state, ema)
+                weights = trainer.model.state_dict()
+                needed = self._check_space(trainer, (weights, ema, state))
+                checkpoint = save_checkpoint(trainer.out_dir, name, weights, trainer.config, state, ema, what, needed)
                 if not best:
-                    publish(checkpoint, trainer.out_dir)
-            prune_checkpoints(trainer.out_dir, self.keep)
+                    publish(checkpoint, trainer.out_dir, "final weights" if final else "run folder's weights")
+            prune_checkpoints(trainer.out_dir, self.keep, upto=trainer.step)
         if not best:
             self._saved_step = trainer.step
         distributed.barrier(trainer.ctx)
+
+    def _check_space(self, trainer: Trainer, parts: tuple) -> int:
+        """The bytes the next checkpoint needs (the newest one's size, else its tensors'); warns once
+        when the run's file system has less free, so that the user can act before it fails."""
+        newest = latest_checkpoint(trainer.out_dir)
+        needed = folder_bytes(newest) if newest is not None else tensor_bytes(parts)
+        free = free_bytes(trainer.out_dir)
+        if free is not None and free < needed and not self._warned_space:
+            self._warned_space = True
+            warnings.warn(f"{human_bytes(free)} free on the file system of {trainer.out_dir}, less than the "
+                          f"{human_bytes(needed)} a checkpoint takes: the next one will likely fail (the previous "
+                          "one stays whole); free some space now")
+        return needed
 
     def _save_new_best(self, trainer: Trainer) -> None:
         if trainer.best is not self._best and trainer.best["step"] == trainer.step:

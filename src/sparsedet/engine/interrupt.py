@@ -11,6 +11,13 @@ from pathlib import Path
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def resume_command(target: str | Path, distributed: bool = False) -> str:
+    """The command that continues a run (``target``: its folder, or one of its checkpoints), as every
+    message that tells the user how to go on prints it."""
+    launcher = "torchrun ... -m sparsedet" if distributed else "sparsedet"
+    return f"{launcher} train --resume {target}"
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped training at a step boundary, after a resumable checkpoint of that
     step was saved in ``run_dir/checkpoints``. ``exit_code`` is the shell's 128 + signal number

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
+from ..filewrite import atomic_write, guarded
 
 METRICS_LOG = "metrics.jsonl"
 STEPS_LOG = "steps.csv"  # every step's lr and loss terms: one row per step after a header
@@ -49,7 +49,9 @@ class RunLog:
             self.steps_path.unlink(missing_ok=True)
             return
         if self.path.is_file():
-            self.history = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= step]
+            # A kill or a full disk while appending may leave a last line without its end: it goes.
+            lines = [r for r in self.path.read_text().splitlines(keepends=True) if r.endswith("\n")]
+            self.history = [r for r in map(json.loads, lines) if r["step"] <= step]
             text = "".join(json.dumps(r) + "\n" for r in self.history)
             atomic_write(self.path, lambda p: Path(p).write_text(text))
         if self.steps_path.is_file():
@@ -70,7 +72,7 @@ class RunLog:
             return
         self.flush()
         self.history.append(record)
-        with open(self.path, "a") as f:
+        with guarded(self.path, f"training log ({METRICS_LOG})"), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         writer = self._tensorboard()
         if writer is not None:
@@ -111,7 +113,7 @@ class RunLog:
         if new:
             writer.writeheader()
         writer.writerows({k: v if k == "step" else f"{v:.6g}" for k, v in row.items()} for row in self._pending_steps)
-        with open(self.steps_path, "a", newline="") as f:
+        with guarded(self.steps_path, f"training log ({STEPS_LOG})"), open(self.steps_path, "a", newline="") as f:
             f.write(text.getvalue())
         self._pending_steps = []
 

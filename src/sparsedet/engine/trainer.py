@@ -18,11 +18,12 @@ from ..config import Config
 from ..data.coco import CocoDetection
 from ..data.sampler import GroupedBatchSampler
 from ..errors import SparsedetError
+from ..filewrite import WriteFailed
 from ..losses.criterion import SetCriterion
 from . import distributed
-from .checkpoint import latest_checkpoint, load_run, load_train_state
+from .checkpoint import latest_checkpoint, load_run, load_train_state, newest_intact_checkpoint
 from .hooks import Hook
-from .interrupt import TrainingInterrupted
+from .interrupt import TrainingInterrupted, resume_command
 from .optim import WeightEMA, lr_factor
 from .plan import Plan
 from .precision import NAMES, autocast, outputs_in_fp32
@@ -87,6 +88,7 @@ class Trainer:
         """Train until a hook stops training (the plan done, the budget spent, a signal); returns
         the last evaluation's metrics. Stopped by SIGINT or SIGTERM, it raises
         :class:`TrainingInterrupted` after the hooks saved a resumable checkpoint."""
+        failed = True
         try:
             self._claim_run_folder()
             for hook in self.hooks:
@@ -106,10 +108,15 @@ class Trainer:
                 self.log.say(self.stop_reason)
             for hook in self.hooks:
                 hook.after_train(self)
+            failed = False
+        except WriteFailed as err:  # the last checkpoint is whole (written into a temporary folder)
+            raise err.advise(self._fallback()) from err.__cause__
         finally:
             for hook in self.hooks:
                 hook.close(self)
-            self.log.close()
+            # After an error the disk may still be full: the first error is the one to show.
+            with contextlib.suppress(WriteFailed) if failed else contextlib.nullcontext():
+                self.log.close()
         if self.stop_signal is not None:
             raise TrainingInterrupted(self.stop_signal, self.step, self.out_dir)
         return self.metrics
@@ -286,8 +293,12 @@ class Trainer:
         path = Path(checkpoint) if checkpoint else latest_checkpoint(self.out_dir)
         if path is None:
             raise SparsedetError(f"{self.out_dir} has no checkpoint to resume from (checkpoints/step_*)")
-        state = load_train_state(path)
-        self.model.load_state_dict(_on(load_run(path)[1], self.device))
+        try:
+            state = load_train_state(path)
+            weights = load_run(path)[1]
+        except SparsedetError as err:
+            raise SparsedetError(f"{err}. {self._fallback(path)}") from None
+        self.model.load_state_dict(_on(weights, self.device))
         if self.ema is not None:
             try:
                 self.ema.module.load_state_dict(_on(load_run(path, ema=True)[1], self.device))
@@ -311,6 +322,20 @@ class Trainer:
             seed_everything(self.config.train.seed + self.ctx.rank + self.step)
         self._resumed = True
         return path
+
+
+    def _fallback(self, unreadable: Path | None = None) -> str:
+        """What to run after a fault: resume from the newest checkpoint whose files all read (other
+        than ``unreadable``), or start again when there is none."""
+        found = newest_intact_checkpoint(self.out_dir, other_than=unreadable)
+        if found is None and unreadable is None and latest_checkpoint(self.out_dir) is None:
+            return "No checkpoint was saved yet: start the run again."
+        if found is None:
+            return (f"{self.out_dir / 'checkpoints'} holds no other intact checkpoint: start the run again (into "
+                    "a new --out, or after deleting the checkpoints).")
+        target = self.out_dir if unreadable is None and found == latest_checkpoint(self.out_dir) else found
+        return (f"The newest intact checkpoint is {found} (step {load_train_state(found)['step']}); continue "
+                f"from it with:\n  {resume_command(target, self.ctx.distributed)}")
 
 
 def _on(state: dict, device: torch.device) -> dict:

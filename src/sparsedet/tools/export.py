@@ -29,6 +29,7 @@ from .. import __version__
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
+from ..filewrite import atomic_write
 
 INPUTS, OUTPUTS = ["images", "mask", "sizes"], ["boxes", "scores", "labels"]
 # Agreement the export check asks of onnxruntime against PyTorch, per precision: (box px, score).
@@ -223,8 +224,8 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
                              "when it is fixed (mask True there); normalisation is inside the graph"}
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
+    # Inline: a model under onnx's 2 GB limit has no external-data files to clean up after a failure.
+    atomic_write(path, lambda p: onnx.save(proto, p), "ONNX export", proto.ByteSize())
     report = compare(wrapper, path, sample, precision=precision)
     if not report["ok"]:
         bad = path.with_suffix(".mismatch.onnx")

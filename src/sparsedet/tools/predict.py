@@ -19,6 +19,7 @@ from ..data.coco import load_image
 from ..engine.evaluator import coco_results
 from ..engine.thresholds import PREDICT_DEFAULT, Threshold, keep_above
 from ..errors import SparsedetError
+from ..filewrite import atomic_write
 from .draw import draw_detections, for_display
 from .video import VIDEO_SUFFIXES, VideoReader, VideoWriter, is_stream, require_av, source_name
 
@@ -84,7 +85,8 @@ class _Recorder:
                 if label in self.yolo_class:
                     box = ((x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height)
                     lines.append(" ".join([str(self.yolo_class[label]), *(f"{v:.6f}" for v in box), f"{score:.5f}"]))
-            (self.labels / f"{name}.txt").write_text("".join(line + "\n" for line in lines))
+            text = "".join(line + "\n" for line in lines)
+            atomic_write(self.labels / f"{name}.txt", lambda p: Path(p).write_text(text), "YOLO labels")
 
 
 @dataclass
@@ -165,7 +167,7 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float | No
 
     def draw(path: Path, image, det):
         picture = draw_detections(image, for_display(det, max_drawn) if max_drawn else det, model.classes)
-        picture.save(out / f"{path.stem}_pred.png")
+        atomic_write(out / f"{path.stem}_pred.png", lambda p: picture.save(p, format="PNG"), "drawn predictions")
         return picture
 
     drawings = []
@@ -197,7 +199,8 @@ def predict_to_folder(model, files: list[Path], out: Path, threshold: float | No
     for video in videos:
         _predict_video(model, video, out, recorder, seen, dict(threshold=0.0, top_k=top_k, precision=precision,
                                                                batch_size=batch_size), max_frames)
-    (out / "predictions.json").write_text(json.dumps(recorder.entries, indent=1))
+    text = json.dumps(recorder.entries, indent=1)
+    atomic_write(out / "predictions.json", lambda p: Path(p).write_text(text), "predictions")
     return seen
 
 
