@@ -63,3 +63,25 @@ def test_train_without_out_numbers_its_run_folders_and_leaves_results_curves_and
     assert "wrote results.csv in runs/train2" in out and out.endswith("saved runs/train2\n")
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["train", "train2"]
     assert not (tmp_path / "runs" / "train2" / "loss.png").exists()
+
+
+def test_a_full_disk_while_writing_the_report_warns_and_keeps_the_finished_run(tmp_path, monkeypatch):
+    """The report comes after the final weights: a full disk there costs a warning, never the run."""
+    import errno
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from sparsedet.tools.report import RESULTS, RunReport
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    said = []
+    trainer = SimpleNamespace(stop_signal=None, ctx=SimpleNamespace(is_main=True), out_dir=tmp_path, val_set=None,
+                              log=SimpleNamespace(history=[{"step": 1, "loss": 1.0}], say=said.append))
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.warns(UserWarning, match=f"the run in {tmp_path} is complete, but its report is not: could not "
+                                         f"write the {RESULTS} .*No space left on device"):
+        RunReport().after_train(trainer)
+    assert list(tmp_path.iterdir()) == [] and said == []  # no temporary file left, nothing claimed written

@@ -17,6 +17,7 @@ from ..engine.confusion import confusion_from_coco
 from ..engine.evaluator import PrecisionRecall, precision_recall
 from ..engine.runlog import METRICS_LOG, STEPS_LOG, read_steps
 from ..errors import SparsedetError
+from ..filewrite import atomic_write
 
 LEGEND_LIMIT = 20  # more classes than this: per-class lines without a legend (it would hide the plot)
 _TERM = re.compile(r"^(loss_[a-z]+)((?:_(?:\d+|enc|dn))*)$")  # loss_cls_dn_0 -> (loss_cls, _dn_0)
@@ -38,10 +39,14 @@ def save_figure(fig, path: str | Path, fit: bool = False) -> Path:
     was drawn, so that no text is cut (else it is the figure's size)."""
     plt = pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight" if fit else None)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        # Through a temporary file (its suffix is .tmp, hence the format): a full disk leaves no torn
+        # picture and says so (filewrite.WriteFailed).
+        atomic_write(path, lambda p: fig.savefig(p, format=path.suffix.lstrip(".") or "png",
+                                                 bbox_inches="tight" if fit else None))
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -105,9 +110,10 @@ def write_eval_plots(gt: dict, detections: list[dict], out: Path, score_threshol
     matrix, classes = confusion_from_coco(gt, detections, score_threshold)
     out.mkdir(parents=True, exist_ok=True)
     counts = out / "confusion_matrix.json"
-    counts.write_text(json.dumps({"rows": "predicted", "columns": "true", "classes": [*classes, "background"],
-                                  "score_threshold": score_threshold, "iou_threshold": 0.5,
-                                  "matrix": matrix.tolist()}, indent=1))
+    payload = json.dumps({"rows": "predicted", "columns": "true", "classes": [*classes, "background"],
+                          "score_threshold": score_threshold, "iou_threshold": 0.5, "matrix": matrix.tolist()},
+                         indent=1)
+    atomic_write(counts, lambda p: Path(p).write_text(payload))
     return [plot_pr_curves(pr, out / "pr_curve.png"), plot_pr_curves(pr, out / "pr_curve_iou50.png", 0.5),
             plot_confusion(matrix, classes, out / "confusion_matrix.png", score_threshold), counts]
 
