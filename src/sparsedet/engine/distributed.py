@@ -41,8 +41,13 @@ def setup(device_name: str) -> tuple[Context, torch.device]:
     return ctx, device
 
 
-def teardown() -> None:
+def teardown(wait_for_all: bool = False) -> None:
+    """Leave the process group. ``wait_for_all`` (every process got here): wait for the others first
+    (process 0 ends later, after the run's report), so that no process closes its connections while
+    another may still be using them; after an error in one process the others must not wait."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 
