@@ -96,8 +96,10 @@ def test_backbone_matches_hf(hf_model, converted):
         expected = hf.model.backbone.model(x).feature_maps
         got = ours(x)
     assert len(got) == len(expected) == 3
+    # The stride-16 map reaches about 115 here: float32 rounding, which differs between CPUs' conv
+    # kernels (and our frozen norms are folded into the convolutions), scales with it.
     for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def _copy_config(src, dst):

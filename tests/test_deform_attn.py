@@ -383,3 +383,12 @@ def test_torch_compile_traces_a_whole_model_without_graph_breaks():
     with torch.no_grad():
         explained = torch._dynamo.explain(model)(Batch.from_images([torch.rand(3, 64, 96)]))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_set_default_backend_returns_the_choice_it_replaces():
+    previous = deform_attn.set_default_backend("gather")
+    try:
+        assert deform_attn.set_default_backend("reference") == "gather"
+        assert deform_attn.default_backend("cpu") == "reference"
+    finally:
+        assert deform_attn.set_default_backend(previous) == "reference"

@@ -35,12 +35,14 @@ ENV = "SPARSEDET_DEFORM_ATTN"
 _override: str | None = None
 
 
-def set_default_backend(name: str | None) -> None:
-    """Choose the backend used when ``ms_deform_attn`` is called without one (None: automatic)."""
+def set_default_backend(name: str | None) -> str | None:
+    """Choose the backend used when ``ms_deform_attn`` is called without one (None: automatic).
+    Returns the previous choice (None: it was automatic), to restore it with."""
     global _override
     if name is not None:
         _check(name, "set_default_backend")
-    _override = name
+    previous, _override = _override, name
+    return previous
 
 
 def default_backend(device: torch.device | str = "cpu") -> str:
