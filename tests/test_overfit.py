@@ -15,25 +15,28 @@ from sparsedet.ops.boxes import box_iou
 from sparsedet.presets import get_preset
 
 
-# The fewest steps that pass with a margin, measured on a 2-vCPU EPYC (loss ratio last/first, AP on the
-# four images): dino 120 (0.26, 0.99; 0.18, 1.0 with one thread: rounding moves the trajectory),
-# sparse 90 (0.05, 0.98), focus 120 (0.19, 1.0), salience 120 (0.17, 1.0), sam 200 (0.02, 1.0; 0.80 AP
-# at 130), sam + smca 110 (0.04, 0.98 on two threads; 0.05, 0.99 on one; 0.97 AP at 100). Conditional
-# DETR reached only AP 0.88 at 150 and 0.97 at 200 (250 here), SD-DETR 0.79 at 200 (300 here).
-# sam_detr_tiny (200 steps, 55 s on a 2-vCPU Xeon) is left to its SMCA variant, the same decoder
-# with the spatial prior added, to keep the suite within its 7 minutes.
+# 96-px images. The fewest steps that pass with a margin (loss ratio last/first, AP on the four
+# images), measured at 128 px on a 2-vCPU EPYC: dino 120 (0.26, 0.99), sparse 90 (0.05, 0.98), focus
+# 120 (0.19, 1.0), salience 120 (0.17, 1.0), sam 200 (0.02, 1.0; 0.80 AP at 130), sam + smca 110
+# (0.04, 0.98; 0.97 AP at 100); Conditional DETR 0.88 at 150, SD-DETR 0.79 at 200. At 96 px (a
+# quarter less time per step) on another 2-vCPU EPYC, one thread: dino 120 (0.25, 1.0), sparse 90
+# (0.08, 0.95), focus 120 (0.23, 0.97), salience 120 (0.28, 0.99), sam + smca 110 (0.05, 0.98),
+# conditional 0.94 at 180 and 1.0 at 210 (220 here), SD-DETR 1.0 at 200 (220 here).
+# sam_detr_tiny (200 steps) is left to its SMCA variant, the same decoder with the spatial prior
+# added, to keep the suite within its 7 minutes.
+SIZE = 96
 STEPS = {"dino_tiny": 120, "sparse_detr_tiny": 90, "focus_detr_tiny": 120, "salience_detr_tiny": 120,
-         "conditional_detr_tiny": 250, "sam_detr_smca_tiny": 110, "decoupled_detr_tiny": 300}
+         "conditional_detr_tiny": 220, "sam_detr_smca_tiny": 110, "decoupled_detr_tiny": 220}
 
 
 @pytest.mark.parametrize("preset", list(STEPS))
 def test_tiny_preset_overfits_four_images(preset, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        info = write_synthetic(tmp_path / "data", n_train=4, n_val=1, size=128, seed=11)
+        info = write_synthetic(tmp_path / "data", n_train=4, n_val=1, size=SIZE, seed=11)
     cfg = get_preset(preset)
     apply_overrides(cfg, {**OVERFIT, "train.max_steps": STEPS[preset]})
-    fixed = build_transforms(False, [128], 128)  # no augmentation: the point is memorisation
+    fixed = build_transforms(False, [SIZE], SIZE)  # no augmentation: the point is memorisation
     train = CocoDetection(info["train"], transforms=fixed)
     m = cfg.model
     m.classes, m.category_ids, m.num_classes = train.classes, train.category_ids, len(train.classes)
@@ -66,4 +69,4 @@ def _assert_bf16_agrees(model, images):
 
 OVERFIT = {"train.batch_size": 4, "train.lr": 1e-3, "train.lr_backbone": 1e-3,
            "train.warmup_steps": 20, "train.lr_drop": 0.85, "train.log_every": 10, "train.precision": "fp32",
-           "model.eval_size": 128, "model.eval_max_size": 128, "model.num_queries": 50, "model.dn_queries": 20}
+           "model.eval_size": SIZE, "model.eval_max_size": SIZE, "model.num_queries": 50, "model.dn_queries": 20}
