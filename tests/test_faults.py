@@ -364,3 +364,26 @@ def test_a_corrupt_train_state_names_the_older_intact_checkpoint_which_resumes(w
     assert main(["train", "--resume", str(older), "--no-progress"]) == 0  # the command it printed
     assert load_train_state(newest)["step"] == 2  # written again, whole
     assert _same_weights(run, whole_run)
+
+
+# ---------------------------------------------------------------- data that vanishes
+
+def test_an_image_deleted_mid_training_is_skipped_with_a_warning(synth, tmp_path, one_thread):
+    """Every image is met in the first two steps (8 images, batch 4); one is deleted after the
+    dataset was read: training skips it, says so, and finishes."""
+    from sparsedet.cli import _prepare_training
+    from sparsedet.engine.build import build_trainer
+    root = tmp_path / "data"
+    shutil.copytree(Path(synth["root"]) / "images", root / "images")
+    shutil.copy(synth["train"], root / "train.json")
+    cfg, model, train_set, _ = _prepare_training("dino_tiny", None, SMALL + ["train.max_steps=2", "train.batch_size=4"],
+                                                 {"train": str(root / "train.json")})
+    trainer = build_trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
+    gone = json.loads((root / "train.json").read_text())["images"][0]["file_name"]
+    (root / gone).unlink()
+    with pytest.warns(UserWarning) as record:
+        trainer.fit()
+    messages = [str(w.message) for w in record]
+    assert trainer.step == 2 and trainer.skipped_images == 1
+    assert any("skipped 1 unreadable images" in m for m in messages), messages
+    load_run(tmp_path / "run")

@@ -174,26 +174,26 @@ def cmd_train(args) -> int:
     set_threads(config.train.threads)
     trainer = build_trainer(model, config, train_set, val_set, out, progress=not args.no_progress, origin=origin)
     trainer.hooks.append(RunReport())
-    together = False  # whether every process ends here together (then they leave the group in step)
     try:
         if args.resume:
             path = trainer.resume(checkpoint)
             if trainer.ctx.is_main:
                 print(f"resumed {path} at step {trainer.step}")
         trainer.fit()
-        together = True
-    except TrainingInterrupted as stop:
-        together = True  # the processes agreed on the step to stop at
+    except TrainingInterrupted as stop:  # every process stopped at the step they agreed on
         if trainer.ctx.is_main:
             print(f"interrupted by {stop.signal_name} at step {stop.step}; saved a resumable checkpoint in "
                   f"{stop.run_dir / 'checkpoints'}. Continue with:\n  "
                   f"{resume_command(stop.run_dir, trainer.ctx.distributed)}", file=sys.stderr, flush=True)
-        return stop.exit_code
-    finally:
-        distributed.teardown(wait_for_all=together)
-    if trainer.ctx.is_main:
-        print(f"saved {trainer.out_dir}")
-    return 0
+        code = stop.exit_code
+    except BaseException:
+        distributed.teardown()
+        raise
+    else:
+        if trainer.ctx.is_main:
+            print(f"saved {trainer.out_dir}")
+        code = 0
+    return distributed.exit_together(code)
 
 
 def cmd_eval(args) -> int:
