@@ -323,7 +323,6 @@ class Trainer:
         self._resumed = True
         return path
 
-
     def _fallback(self, unreadable: Path | None = None) -> str:
         """What to run after a fault: resume from the newest checkpoint whose files all read (other
         than ``unreadable``), or start again when there is none."""
