@@ -202,6 +202,32 @@ def test_cli_export_and_the_file_as_a_run(tmp_path, capsys, synth):
     assert "d.onnx  96x128  batch 1  fp32  onnxruntime" in printed and "median" in printed
     assert main(["export", str(out), "--out", str(tmp_path / "again.onnx")]) == 2
     assert "is already an ONNX file" in capsys.readouterr().err
+    _check_int8_from_the_file(out, synth, tmp_path, capsys)
+
+
+def _check_int8_from_the_file(out, synth, tmp_path, capsys):
+    """export FILE.onnx --int8 quantises the fp32 file; the AP it measured is what eval gives on the
+    int8 file, which refuses another precision. (The model is untrained: the AP gate passes at any
+    drop here; tests/test_overfit.py checks it on trained models.)"""
+    int8 = tmp_path / "d.int8.onnx"
+    assert main(["export", str(out), "--int8", "--calibration", synth["train"], "--calibration-images", "3",
+                 "--val", synth["val"], "--max-ap-drop", "1", "--out", str(int8)]) == 0
+    printed = capsys.readouterr().out
+    assert "quantising with 3 images of" in printed and "layers quantised" in printed, printed
+    meta = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
+    assert meta["precision"] == "int8" and meta["int8_calibration"].startswith("3 images of")
+    assert json.loads(meta["config"])["model"]["kind"] == "conditional"
+    graph = onnx.load(str(int8)).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) > 10
+    assert main(["eval", "--weights", str(int8), "--val", synth["val"], "--out", str(tmp_path / "int8_eval")]) == 0
+    assert f"{json.loads((tmp_path / 'int8_eval' / 'metrics.json').read_text())['AP']:.4f}" == meta["int8_ap_int8"]
+    capsys.readouterr()
+    folder = Path(synth["val"]).parent / "images" / "val"
+    assert main(["predict", "--weights", str(int8), str(folder), "--out", str(tmp_path / "p"), "--precision",
+                 "fp16"]) == 2
+    assert "runs in the precision it was exported in (int8)" in capsys.readouterr().err
+    assert main(["export", str(int8), "--int8", "--calibration", synth["train"], "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "is already int8; int8 quantises an fp32 export" in capsys.readouterr().err
 
 
 def _assert_same_entries(expected: list[dict], got: list[dict]):

@@ -1,4 +1,5 @@
 """Each tiny preset learns: it overfits 2 synthetic images (loss falls, AP >= 0.9 on them)."""
+import shutil
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ from sparsedet.data.transforms import build_transforms
 from sparsedet.engine.evaluator import evaluate
 from sparsedet.engine.rng import seed_everything
 from sparsedet.engine.build import build_trainer
+from sparsedet.errors import SparsedetError
 from sparsedet.ops.boxes import box_iou
 from sparsedet.presets import get_preset
 
@@ -51,6 +53,8 @@ def test_tiny_preset_overfits_two_images(preset, tmp_path):
     metrics, _ = evaluate(model, train, batch_size=4, progress=False)
     assert metrics["AP"] >= 0.9, metrics
     _assert_bf16_agrees(model, sorted((tmp_path / "data" / "images" / "train").glob("*.png")))
+    if preset in INT8:
+        _assert_int8_gate(model, info["train"], tmp_path)
 
 
 def _assert_bf16_agrees(model, images):
@@ -66,6 +70,33 @@ def _assert_bf16_agrees(model, images):
         same = (a["labels"][:, None] == b["labels"][None]) & (iou >= 0.9) & \
             ((a["scores"][:, None] - b["scores"][None]).abs() <= 0.02)
         assert same.any(1).all(), (a, b)
+
+
+# The int8 export's AP gate on trained models: a DETR and a token-sparse one (onnx, onnxruntime).
+INT8 = ("dino_tiny", "focus_detr_tiny")
+
+
+def _assert_int8_gate(model, data: str, tmp_path):
+    """The default recipe, calibrated on the images, keeps the AP within the default 0.01 and
+    writes the file; calibrated on black images (every activation range far too narrow) it loses
+    more, and the export refuses: the file is kept as *.rejected.onnx, nothing at the path."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from sparsedet.tools.export import export_onnx
+    from sparsedet.tools.quantize import Int8Data, quantize_checked
+    float_path = tmp_path / "float.onnx"
+    export_onnx(model, float_path, size=(SIZE, SIZE))
+    int8 = quantize_checked(float_path, tmp_path / "int8.onnx", Int8Data.open(model, data))
+    assert int8["ap_float"] >= 0.9 and int8["ap_drop"] <= 0.01, int8
+    assert (tmp_path / "int8.onnx").is_file()
+    blank = tmp_path / "blank"
+    shutil.copytree(tmp_path / "data", blank)
+    for png in blank.rglob("*.png"):
+        Image.new("RGB", Image.open(png).size).save(png)
+    with pytest.raises(SparsedetError, match=r"int8 loses 0\.\d+ AP .* more than --max-ap-drop 0\.01"):
+        quantize_checked(float_path, tmp_path / "bad.onnx", Int8Data.open(model, blank / "train.json", val=data))
+    assert not (tmp_path / "bad.onnx").exists() and (tmp_path / "bad.rejected.onnx").is_file()
 
 
 OVERFIT = {"train.batch_size": 2, "train.lr": 1e-3, "train.lr_backbone": 1e-3,

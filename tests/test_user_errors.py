@@ -1,6 +1,8 @@
 """The README's error promise: a mistake a user can make gives one `error:` line naming the fix and
 exit status 2 (CLI), or a SparsedetError (API); never a traceback or a silent no-op."""
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +172,26 @@ def test_a_missing_image_path_is_named_as_such(tiny_model, tmp_path):
     assert "image not found: nope.jpg" in str(e.value) and "annotation" not in str(e.value)
     with pytest.raises(SparsedetError, match="is a folder"):
         tiny_model.predict(tmp_path)
+
+
+def test_int8_export_mistakes_are_named_before_any_work(tiny_run, synth, tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    export = ["export", str(tiny_run), "--out", str(out)]
+    assert "--int8 needs --calibration DATA" in _error(capsys, [*export, "--int8"])
+    assert "--calibration belongs to an int8 export" in _error(capsys, [*export, "--calibration", synth["train"]])
+    assert "leave out --precision fp16" in _error(capsys, [*export, "--int8", "--calibration", synth["train"],
+                                                           "--precision", "fp16"])
+    assert "--calibration-images must be at least 1" in _error(
+        capsys, [*export, "--int8", "--calibration", synth["train"], "--calibration-images", "0"])
+    assert "--max-ap-drop must be within [0, 1]" in _error(
+        capsys, [*export, "--int8", "--calibration", synth["train"], "--max-ap-drop", "-0.1"])
+    # Calibration data with another class table (the synthetic categories renamed).
+    other = json.loads(Path(synth["train"]).read_text())
+    for c in other["categories"]:
+        c["name"] = c["name"].upper()
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    root = str(Path(synth["train"]).parent)
+    err = _error(capsys, [*export, "--int8", "--calibration", str(other_path), "--images", root])
+    assert "does not fit the model's classes" in err and "1 (CIRCLE)" in err and "1 (circle)" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".q-*"))

@@ -181,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="weights and dense layers of the file (default fp32); fp16 is for GPU runtimes: "
                    "onnxruntime on a CPU runs it slower than fp32")
+    q = s.add_argument_group("int8", "post-training static quantisation for CPUs (docs/export.md, INT8): the float "
+                             "file is checked against PyTorch, quantised with ranges from --calibration images, then "
+                             "both files are scored (COCO AP) on --val; the export refuses a file that loses more "
+                             "than --max-ap-drop AP")
+    q.add_argument("--int8", action="store_true", help="write an int8 file (needs --calibration)")
+    q.add_argument("--calibration", metavar="DATA", help="calibration images: COCO json, or YOLO data.yaml (its "
+                   "train split)")
+    q.add_argument("--calibration-images", type=int, default=64, metavar="N",
+                   help="images of DATA to calibrate on, the first N (default 64)")
+    q.add_argument("--val", metavar="DATA", help="data the AP of both files is measured on (default: the "
+                   "calibration json, or the YOLO yaml's val split)")
+    q.add_argument("--images", help="COCO image root of the json files (default: each json's folder, or its images/)")
+    q.add_argument("--max-ap-drop", type=float, default=0.01, help="largest AP loss accepted (default 0.01); a file "
+                   "that loses more is kept as *.rejected.onnx and the export exits 1")
     s.set_defaults(command="export")
 
     s = sub.add_parser("bench", help="parameters, GFLOPs and latency per stage of presets or runs",
