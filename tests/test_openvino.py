@@ -1,4 +1,4 @@
-"""OpenVINO as a second runtime of exported files: a tiny DINO file (deformable attention as
+"""OpenVINO as a second runtime of exported files: a tiny one-level DINO file (deformable attention as
 GridSample, two-stage and output top-k as TopK) gives onnxruntime's detections in OpenVINO (boxes
 within 0.5 px, scores within 1e-3, same labels, matched as the export check matches), through the
 Python API and through predict, eval and bench; what cannot run says why in one line."""
@@ -26,9 +26,10 @@ from sparsedet.tools.onnx_model import OnnxDetector  # noqa: E402
 from sparsedet.tools.runtimes import open_session  # noqa: E402
 
 SIZE = (96, 96)
-# One encoder and one decoder layer at half width and two levels: exporting costs time per node.
+# One encoder and one decoder layer at half width and one level: exporting costs time per node (the
+# Focus and Salience DETR files that tests/test_export.py runs in OpenVINO have two levels).
 SMALL = {"eval_size": 96, "eval_max_size": 96, "num_encoder_layers": 1, "num_decoder_layers": 1, "hidden_dim": 64,
-         "ffn_dim": 128, "backbone.width": 16, "num_levels": 2}
+         "ffn_dim": 128, "backbone.width": 16, "num_levels": 1}
 LABEL = r"openvino \d{4}\.\d+\.\d+ \(CPU, f32 inference precision, (\d+) threads\)"
 
 
