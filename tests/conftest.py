@@ -1,3 +1,4 @@
+import importlib
 import os
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # The longest tests (tens of seconds each) start first, so that the two workers end together
 # instead of one finishing a long test alone at the end.
-LONG_FIRST = ("test_overfit.py", "test_export.py", "test_training.py")
+LONG_FIRST = ("test_overfit.py", "test_export.py", "test_training.py", "test_openvino.py")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -54,10 +55,20 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def _skip_or_fail(message: str) -> None:
-    """Skip on a user's machine; fail in CI (CI=true), where a skip would hide the problem."""
+    """Skip on a user's machine; fail in CI (CI=true), where a skip would hide the problem. Called
+    at a module's top, it skips or fails the whole module."""
     if os.environ.get("CI", "").lower() in ("true", "1"):
         pytest.fail(f"{message}; CI=true, so the test fails instead of skipping", pytrace=False)
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def require_module(name: str, extra: str):
+    """``pytest.importorskip(name)`` for an optional runtime that CI installs ([dev] holds ``extra``):
+    absent, the test (or module) is skipped, and fails in CI (CI=true)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        _skip_or_fail(f"{name} is not installed ({e}); pip install 'sparsedet[{extra}]'")
 
 
 def require_shared(path: Path) -> Path:

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network, before transforme
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import require_module  # noqa: E402
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -74,6 +75,10 @@ def _check_other_sizes(model, path, top_k=None, size=None):
 # Salience DETR 46 s). At a fixed size the token-sparse widths still follow each batch's padding mask
 # (quotas, cascade, proposal NMS), which the padded checks exercise.
 FIXED = {preset: (128, 128) for preset in PRESETS_TINY}
+# Also run in OpenVINO (tests/test_openvino.py runs a DINO file): the graphs whose keep widths once
+# held an Expand to a 0-d shape (invalid ONNX, which OpenVINO refuses) and whose token top-k picks
+# among ties (masked padding; OpenVINO breaks TopK ties by the lower index only when asked to).
+OPENVINO = ("focus_detr_tiny", "salience_detr_tiny")
 
 
 @pytest.mark.parametrize("preset", PRESETS_TINY)
@@ -88,6 +93,16 @@ def test_tiny_preset_exports_and_matches_pytorch(preset, tmp_path):
     free = [True, False, size is None, size is None]  # batch, channels, height, width
     assert [bool(d.dim_param) for d in dims] == free
     _check_other_sizes(model, path, size=size)
+    if preset in OPENVINO:
+        _check_openvino(path, export.prepare(model, _other_images()[0], size))
+
+
+def _check_openvino(path: Path, inputs: dict):
+    """OpenVINO gives onnxruntime's detections (within the export's tolerances, matched)."""
+    require_module("openvino", "openvino")
+    from sparsedet.tools.runtimes import open_session
+    report = export.match_detections(open_session(path).run(inputs), open_session(path, "openvino").run(inputs))
+    assert report["ok"], report
 
 
 def test_converted_transformers_model_exports(tmp_path):

@@ -140,7 +140,8 @@ def test_device_and_batch_size_options(tiny_run, tmp_path, capsys):
     # A GPU this machine lacks (no CUDA build, or not that many GPUs): the error names the fix.
     assert main(["predict", "--weights", str(tiny_run), "x.png", "--out", str(tmp_path), "--device", "cuda:99"]) == 2
     assert "--device cpu" in capsys.readouterr().err
-    with pytest.raises(SparsedetError, match="an .onnx file runs in onnxruntime on the CPU; leave out --device cuda"):
+    with pytest.raises(SparsedetError,
+                       match=r"an .onnx file runs on the CPU \(in onnxruntime or OpenVINO\); leave out --device cuda"):
         load_detector(tmp_path / "model.onnx", device="cuda")
     assert main(["eval", "--results", "r.json", "--val", "v.json", "--device", "cpu"]) == 2
     assert "--device sets how --weights RUN runs; a --results file is already computed" in capsys.readouterr().err

@@ -218,17 +218,20 @@ def check_top_k(top_k: int | None) -> None:
         raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
 
 
-def load_detector(weights: str | Path, ema: bool = False, device: str | None = None):
+def load_detector(weights: str | Path, ema: bool = False, device: str | None = None, runtime: str | None = None):
     """What ``--weights`` names: a run folder or a zoo name (a ``Detector``, on ``device``: default
-    cuda when available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run in
-    onnxruntime on the CPU)."""
+    cuda when available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run on the
+    CPU in ``runtime``: "onnxruntime", the default, or "openvino"; the others run in PyTorch)."""
+    from .tools.runtimes import check_runtime
+    check_runtime(runtime, weights)
     if str(weights).lower().endswith(".onnx"):
         if ema:
             raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")
         if device not in (None, "cpu"):
-            raise SparsedetError(f"an .onnx file runs in onnxruntime on the CPU; leave out --device {device}")
+            raise SparsedetError(f"an .onnx file runs on the CPU (in onnxruntime or OpenVINO); leave out --device "
+                                 f"{device}")
         from .tools.onnx_model import OnnxDetector
-        return OnnxDetector(weights)
+        return OnnxDetector(weights, runtime=runtime or "onnxruntime")
     device = resolve_device(device or "auto", fix="--device cpu")
     return Detector.from_pretrained(weights, map_location=device, ema=ema)
 

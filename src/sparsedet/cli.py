@@ -204,7 +204,7 @@ def cmd_eval(args) -> int:
         pyplot()  # a missing matplotlib fails before the evaluation, not after it
     if args.results:
         given = [flag for flag, used in (("--precision", args.precision != "fp32"), ("--device", args.device),
-                                         ("--corr", args.corr)) if used]
+                                         ("--corr", args.corr), ("--runtime", args.runtime != "onnxruntime")) if used]
         if given:
             raise SparsedetError(f"{given[0]} sets how --weights RUN runs; a --results file is already computed: "
                                  "leave it out")
@@ -216,11 +216,14 @@ def cmd_eval(args) -> int:
         from .api import load_detector
         from .data.transforms import build_transforms
         from .engine.evaluator import evaluate
+        from .tools.runtimes import check_runtime
         from .tools.zoo import resolve_run
         if args.batch_size < 1:
             raise SparsedetError(f"--batch-size must be at least 1, got {args.batch_size}")
+        check_runtime(args.runtime, args.weights)  # before a zoo name downloads
         args.weights = str(resolve_run(args.weights))  # a zoo name evaluates into its cached run folder
-        model = load_detector(args.weights, ema=args.ema, device=args.device)
+        model = load_detector(args.weights, ema=args.ema, device=args.device, runtime=args.runtime)
+        _say_runtime(model)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
         metrics, results = evaluate(model, dataset, args.batch_size, precision=args.precision, corr=args.corr)
@@ -265,7 +268,8 @@ def cmd_predict(args) -> int:
     from .tools.predict import collect_inputs, predict_to_folder
     if args.threshold is not None:
         check_threshold(args.threshold)  # before the model loads
-    model = load_detector(args.weights, device=args.device)
+    model = load_detector(args.weights, device=args.device, runtime=args.runtime)
+    _say_runtime(model)
     files, videos = collect_inputs(args.inputs)
     seen = predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision,
                              args.batch_size, videos=videos, save_txt=args.save_txt, max_frames=args.max_frames,
@@ -284,6 +288,14 @@ def cmd_predict(args) -> int:
         count = len(seen.skipped)
         warnings.warn(f"skipped {count} unreadable file{'s' * (count > 1)}: {names}")
     return 1 if seen.skipped and args.strict else 0
+
+
+def _say_runtime(model) -> None:
+    """Name what computes an exported file's detections (runtime, version, inference precision,
+    threads): they differ in the last digits from one runtime to another."""
+    from .tools.onnx_model import OnnxDetector
+    if isinstance(model, OnnxDetector):
+        print(f"{model.path} runs in {model.session.label}")
 
 
 def _warn_if_empty(shown: int, threshold, best: float | None, where: str, flag: str) -> None:
@@ -398,6 +410,7 @@ def cmd_bench(args) -> int:
 
     from .config import parse_overrides
     from .tools import bench
+    from .tools.runtimes import check_runtime
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch < 1 or args.runs < 0 or args.warmup < 0:
@@ -410,6 +423,7 @@ def cmd_bench(args) -> int:
     args.targets, positional = _split_overrides(args.targets + args.overrides)
     for target in args.targets:
         bench.check_target(target)
+        check_runtime(args.runtime, target)
     sizes = [bench.parse_size(s) for s in args.size or []]
     overrides = parse_overrides(positional + _deprecated_set(args))
     key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
@@ -424,7 +438,7 @@ def cmd_bench(args) -> int:
             rows = []
             for value in values:
                 chosen = {**overrides, **({key: value} if key else {})}
-                model = bench.load_model(target, chosen)
+                model = bench.load_model(target, chosen, args.runtime)
                 size = size or bench.default_size(model.config)
                 row = bench.bench_model(model, size, args.batch, device, args.precision, args.runs, args.warmup,
                                         True)

@@ -6,10 +6,13 @@ import argparse
 
 from .config import PRECISIONS
 from .tools.convert import SOURCES
+from .tools.runtimes import RUNTIMES
 
 PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (autocast; fp16 on CUDA only); "
                   "boxes and scores come back in fp32")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu; an .onnx file runs on the CPU)"
+RUNTIME_HELP = ("what runs an exported .onnx file (the others run in PyTorch): onnxruntime (default) or openvino "
+                "(pip install 'sparsedet[openvino]'; CPU, f32 inference precision)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="COCO AP of a run folder, an exported .onnx file or a results file",
                        description="Either --weights RUN (runs the model on --val; RUN may also be an .onnx file "
-                       "from `sparsedet export`, run in onnxruntime) or --results DET.json (a COCO results file). "
-                       "Prints a table and writes DIR/metrics.json: by default RUN/eval/DATA/metrics.json (DATA: "
-                       "the --val json's or yaml's dataset name, plus _ema with --ema; MODEL_eval/DATA beside an "
-                       ".onnx file), so the training metrics in RUN/metrics.json stay; --out RUN replaces those. "
-                       "With --plots also pr_curve.png, pr_curve_iou50.png, confusion_matrix.png and "
-                       "confusion_matrix.json beside it (needs pip install 'sparsedet[viz]').")
+                       "from `sparsedet export`, run in onnxruntime or, with --runtime openvino, OpenVINO) or "
+                       "--results DET.json (a COCO results file). Prints a table and writes DIR/metrics.json: by "
+                       "default RUN/eval/DATA/metrics.json (DATA: the --val json's or yaml's dataset name, plus "
+                       "_ema with --ema; MODEL_eval/DATA beside an .onnx file), so the training metrics in "
+                       "RUN/metrics.json stay; --out RUN replaces those. With --plots also pr_curve.png, "
+                       "pr_curve_iou50.png, confusion_matrix.png and confusion_matrix.json beside it (needs pip "
+                       "install 'sparsedet[viz]').")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="run folder, zoo name (`sparsedet zoo`) or exported .onnx file")
     src.add_argument("--results", help="COCO results json")
@@ -123,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Prints a line per image (detections counted by class, ms in the model) and a total. An "
                        "image file that cannot be read is skipped with a warning and counted at the end.")
     s.add_argument("--weights", required=True, help="run folder, zoo name (`sparsedet zoo`), or an .onnx file from "
-                   "`sparsedet export` (run in onnxruntime)")
+                   "`sparsedet export` (run in onnxruntime, or in OpenVINO with --runtime openvino)")
     s.add_argument("inputs", nargs="+", metavar="SOURCE", help="image, video, folder (searched recursively), "
                    "stream URL or webcam index")
     s.add_argument("--out", required=True, help="output folder")
@@ -216,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=PRECISIONS, help=argparse.SUPPRESS)  # deprecated spelling of --precision
     s.add_argument("--runs", type=int, default=10, help="timed runs (default 10; 0 counts cost only)")
     s.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
-    s.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=int, help="CPU threads of torch and of an .onnx file's runtime (default: "
+                   "torch's choice)")
+    s.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help=RUNTIME_HELP)
     s.add_argument("--sweep", metavar="KEY=V1,V2,...", help="one row per value, e.g. keep_ratio=0.1,0.2,0.3")
     s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
     s.add_argument("--json", help="also write the results to this file")
@@ -272,10 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_runtime_options(s: argparse.ArgumentParser, batch_help: str) -> None:
-    """--batch-size, --device and --precision, as every verb that runs a model for its outputs has them."""
+    """--batch-size, --device, --precision and --runtime, as every verb that runs a model for its
+    outputs has them."""
     s.add_argument("--batch-size", type=int, default=4, help=batch_help)
     s.add_argument("--device", help=DEVICE_HELP)
     s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    s.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help=RUNTIME_HELP)
 
 
 def add_overrides(s: argparse.ArgumentParser) -> None:

@@ -48,19 +48,21 @@ MIN_SHARE = 0.1
 SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio"}
 
 
-def load_model(target: str, overrides: dict | None = None):
+def load_model(target: str, overrides: dict | None = None, runtime: str = "onnxruntime"):
     """A run folder or zoo name (its weights), a preset name (random weights: cost does not depend
-    on them) or an exported .onnx file (an ``OnnxDetector``)."""
+    on them) or an exported .onnx file (an ``OnnxDetector`` in ``runtime``, which only a file takes)."""
     from ..api import Detector, load_detector
     from ..presets import PRESETS
+    from .runtimes import check_runtime
     from .zoo import ZOO
     check_target(target)
+    check_runtime(runtime, target)
     overrides = overrides or {}
     if target.lower().endswith(".onnx"):
         if overrides:
             raise SparsedetError(f"an .onnx file computes what it was exported with; leave out the overrides "
                                  f"({', '.join(overrides)})")
-        return load_detector(target)
+        return load_detector(target, runtime=runtime)
     if Path(target).is_dir() or target in ZOO:
         return Detector.from_pretrained(target, **overrides)
     assert target in PRESETS  # check_target
@@ -382,14 +384,14 @@ def bench_exported(model, size: tuple[int, int], batch: int = 1, precision: str 
                    warmup: int = 3) -> dict:
     """Latency of an exported file (an ``OnnxDetector``) by the same protocol and inputs as
     ``bench_model``: ``warmup`` untimed runs, then ``runs`` timed runs of the whole file (forward and
-    post-processing) in onnxruntime on the CPU. No per-stage split or GFLOPs: the graph has no
-    stage boundaries to time or count (bench the run folder for those)."""
-    import onnxruntime
+    post-processing) in its runtime on the CPU, which "runtime" names with its version, inference
+    precision and threads. No per-stage split or GFLOPs: the graph has no stage boundaries to time
+    or count (bench the run folder for those)."""
     model.check_precision(precision)
     h, w = size
     inputs, sizes = timing_inputs(size, batch, torch.device("cpu"))
     result = {"weights": model.num_weights, "size": [h, w], "batch": batch, "precision": model.precision,
-              "runtime": f"onnxruntime {onnxruntime.__version__} (CPU, {model.threads} threads)"}
+              "runtime": model.session.label}
     if runs <= 0:
         return result
     totals = []

@@ -257,14 +257,21 @@ def sample_images(size: tuple[int, int], n: int) -> list[np.ndarray]:
 
 def compare(wrapper: ExportedDetector, path: Path, inputs: dict[str, np.ndarray], top: int = 20,
             precision: str = "fp32") -> dict:
-    """Run the file in onnxruntime and the wrapper in PyTorch on ``inputs``; each of PyTorch's best
-    ``top`` detections per image must have an onnxruntime detection with the same label, a score
-    within 1e-3 and every box side within 0.5 px (fp16: 1e-2 and 2 px; matched, not position by
-    position: detections a rounding apart in score may swap)."""
-    box_tolerance, score_tolerance = TOLERANCES[precision]
+    """Run the file in onnxruntime and the wrapper in PyTorch on ``inputs``, and match the two
+    (``match_detections``, PyTorch's detections expected)."""
     got = onnxruntime_session(path).run(OUTPUTS, inputs)
     with torch.no_grad():
         expected = [t.numpy() for t in wrapper(*(torch.from_numpy(inputs[k]) for k in INPUTS))]
+    return match_detections(expected, got, top, precision)
+
+
+def match_detections(expected: list[np.ndarray], got: list[np.ndarray], top: int = 20,
+                     precision: str = "fp32") -> dict:
+    """Two runs' (boxes, scores, labels) of one batch: each of ``expected``'s best ``top``
+    detections per image must have a ``got`` detection with the same label, a score within 1e-3 and
+    every box side within 0.5 px (fp16: 1e-2 and 2 px; matched, not position by position:
+    detections a rounding apart in score may swap)."""
+    box_tolerance, score_tolerance = TOLERANCES[precision]
     worst_box = worst_score = 0.0
     unmatched = 0
     for b in range(expected[0].shape[0]):

@@ -1,7 +1,8 @@
 """An exported model (``sparsedet export``) as a first-class detector: ``OnnxDetector`` runs the
-file in onnxruntime behind the interface that ``predict``, ``eval`` and ``bench`` use for a
-``Detector`` (``config``, ``classes``, ``preprocess``, ``detect``, ``predict``). The run's config
-travels in the file's metadata, so resizing and the class table are the run's own."""
+file in onnxruntime or OpenVINO (``runtimes.open_session``) behind the interface that ``predict``,
+``eval`` and ``bench`` use for a ``Detector`` (``config``, ``classes``, ``preprocess``, ``detect``,
+``predict``). The run's config travels in the file's metadata, so resizing and the class table are
+the run's own."""
 from __future__ import annotations
 
 import json
@@ -17,27 +18,23 @@ from ..data.batch import Batch
 from ..errors import SparsedetError
 from ..engine.thresholds import PREDICT_DEFAULT, Threshold
 from ..models.postprocess import above_threshold
-from .export import OUTPUTS, inputs, onnxruntime_session
+from .export import inputs
+from .runtimes import open_session
 
 
 class OnnxDetector:
     """``OnnxDetector("model.onnx").predict("photo.jpg")``: detections as ``Detector.predict``
-    returns them, computed by onnxruntime on the CPU with PyTorch's thread count."""
+    returns them, computed on the CPU with PyTorch's thread count by ``runtime`` ("onnxruntime" or
+    "openvino"; ``session.label`` says which version, in which precision, on how many threads)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "onnxruntime"):
         path = Path(path)
         if not path.is_file():
             raise SparsedetError(f"ONNX file not found: {path}")
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as e:
-            raise SparsedetError(f"running an .onnx file needs onnxruntime: pip install 'sparsedet[export]' ({e})")
         self.threads = threads or torch.get_num_threads()
-        try:
-            self.session = onnxruntime_session(path, self.threads)
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable files
-            raise SparsedetError(f"onnxruntime cannot load {path}: {str(e).strip().splitlines()[0]}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
+        self.runtime = runtime
+        self.session = open_session(path, runtime, self.threads)
+        meta = self.session.metadata
         if "config" not in meta:
             raise SparsedetError(f"{path} was not written by `sparsedet export` (its metadata has no run config); "
                                  "export the run again")
@@ -83,14 +80,14 @@ class OnnxDetector:
         """The file's top-k detections of a padded batch, scored above ``threshold``, at most
         ``top_k`` (no more than the export's); labels as column indices, like ``Detector.detect``."""
         k = min(top_k or self.config.top_k, self.exported_top_k)
-        boxes, scores, labels = self.session.run(OUTPUTS, inputs(batch, sizes.cpu(), self.input_size))
+        boxes, scores, labels = self.session.run(inputs(batch, sizes.cpu(), self.input_size))
         columns = np.vectorize(self._column.__getitem__, otypes=[np.int64])(labels) if labels.size else labels
         return above_threshold(torch.from_numpy(boxes[:, :k]), torch.from_numpy(scores[:, :k]),
                                torch.from_numpy(columns[:, :k]), threshold)
 
     def predict(self, images: ImageLike | list[ImageLike], threshold: float | None = None, top_k: int | None = None,
                 batch_size: int = 4, precision: str = "fp32") -> list[dict[str, Tensor]]:
-        """``Detector.predict`` through onnxruntime, in the precision the file was exported in
+        """``Detector.predict`` through the file's runtime, in the precision the file was exported in
         (``precision`` may only name that one, or be left at "fp32"); ``threshold`` None: the run's
         recorded one, which the file's config carries, else 0.5."""
         threshold = Threshold.of(threshold, self.config, PREDICT_DEFAULT).value

@@ -182,8 +182,9 @@ def cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float]
     out = []
     for r in ratios:
         ratio = torch.tensor(r, dtype=torch.float32)
-        # A tensor product, so that a symbolic width (export) stays a value of the graph.
-        k_t = size_value((torch.full((), k, dtype=torch.float32) * ratio).long().clamp(min=1), k)
+        # A tensor product, so that a symbolic width (export) stays a value of the graph (not
+        # torch.full((), k): its ONNX Expand to a 0-d shape is invalid ONNX, which OpenVINO refuses).
+        k_t = size_value((ratio * k).long().clamp(min=1), k)
         kept = (counts.float() * ratio).long().clamp(min=1).minimum(counts) if per_image else counts
         out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], kept.clamp(max=k_t)))
     return out
