@@ -2,7 +2,7 @@
 ``sparsedet.tools.quantize.GROUPS`` quantised alone, and with everything quantised but that group.
 
 Exports RUN once in fp32, calibrates once (min-max ranges from the first N train images, kept in a
-ranges file that every variant shares), then for each variant quantises, scores the int8 file on
+ranges file that every variant shares), then for each variant (``--recipes-only``: the last two) quantises, scores the int8 file on
 the val data in onnxruntime and prints the AP drop beside the group's share of the dense layers'
 multiply-adds (counted on one val image in PyTorch: what int8 could speed up). The last rows are
 ``DEFAULT_RECIPE`` and quantising everything.
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--val", required=True, help="val data (COCO json)")
     p.add_argument("--calibration-images", type=int, default=64)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--recipes-only", action="store_true", help="only the default recipe and everything in int8")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = Detector.from_pretrained(args.run)
@@ -66,9 +67,10 @@ def main() -> None:
         export_onnx(model, float_path)
         base = file_ap(float_path, val)
         count = min(args.calibration_images, len(calibration))
-        variants = ([(f"{g} only", Recipe(g, tuple(o for o in present if o != g))) for g in present] +
-                    [(f"all but {g}", Recipe(g, (g,))) for g in present] +
-                    [(f"recipe {DEFAULT_RECIPE.name!r}", DEFAULT_RECIPE), ("everything", EVERYTHING)])
+        variants = [] if args.recipes_only else (
+            [(f"{g} only", Recipe(tuple(o for o in present if o != g))) for g in present] +
+            [(f"all but {g}", Recipe((g,))) for g in present])
+        variants += [(f"default recipe ({DEFAULT_RECIPE.name})", DEFAULT_RECIPE), ("everything", EVERYTHING)]
         print(f"{args.run}: float file AP {base:.3f} on {val.source}; {count} calibration images of "
               f"{calibration.source}\n")
         rows = []

@@ -9,11 +9,19 @@ run by run so drifts of the machine hit both alike, and prints the medians and t
 
 Ours runs as ``predict`` runs it (backbone channels_last). Also times, in the same alternation: ours
 in bf16 (``precision="bf16"``: dense layers in bf16, sampling and box arithmetic in fp32) and ``focus_detr_r50`` (random weights)
-in bf16, the token-sparse model against transformers' dense one. Before timing it checks that our
+in bf16, the token-sparse model against transformers' dense one (the bf16 rows are left out on a
+CPU without native bf16, where it is emulated). Before timing it checks that our
 fp32 outputs with the default deformable-attention backend equal the ``reference`` (grid_sample)
 backend's within 1e-4 and prints the bf16 difference.
 
-    python benchmarks/vs_transformers.py --size 800x1333 --runs 5
+With ``--files``, both models are also exported for any input size (checked against PyTorch),
+quantised to int8 with ``sparsedet.tools.quantize.DEFAULT_RECIPE`` (ranges from
+``--calibration-images`` of the export's sample pictures at --size: the weights are random, so
+only the speed means anything here; the AP cost of int8 is measured on trained models by
+``int8_sensitivity.py`` and ``sparsedet export --int8``), and each file is timed in onnxruntime and,
+when installed, OpenVINO (f32 inference precision): rows "<model> <precision> <runtime>".
+
+    python benchmarks/vs_transformers.py --size 800x1333 --runs 5 [--files]
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network
 
@@ -29,10 +38,13 @@ import torch  # noqa: E402
 
 from sparsedet import Detector  # noqa: E402
 from sparsedet.data.batch import Batch  # noqa: E402
-from sparsedet.engine.precision import inference_precision, resolve_precision  # noqa: E402
+from sparsedet.engine.precision import cpu_has_native_bf16, inference_precision, resolve_precision  # noqa: E402
 from sparsedet.ops import deform_attn  # noqa: E402
 from sparsedet.tools.bench import environment, format_environment, parse_size  # noqa: E402
 from sparsedet.tools.convert import convert  # noqa: E402
+from sparsedet.tools.export import describe, export_onnx, prepare, sample_images  # noqa: E402
+from sparsedet.tools.quantize import DEFAULT_RECIPE, quantize_file  # noqa: E402
+from sparsedet.tools.runtimes import open_session  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -72,6 +84,38 @@ def time_alternating(runs: dict, count: int, warmup: int = 1) -> dict[str, list[
     return times
 
 
+def file_runs(name: str, model, folder: Path, size: tuple[int, int], calibration_images: int,
+              threads: int) -> dict:
+    """Export ``model`` (any input size), quantise it to int8, and return a timed run per file and
+    runtime on one image of ``size``, the file's own inputs as ``predict`` makes them."""
+    float_path, int8_path = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
+    start = time.perf_counter()
+    report = export_onnx(model, float_path)
+    print(f"{name}: export + check {time.perf_counter() - start:.0f} s: {describe(report)}", flush=True)
+    pictures = sample_images(size, calibration_images + 1)
+    feeds = [prepare(model, [p]) for p in pictures]
+    start = time.perf_counter()
+    quantised = quantize_file(float_path, int8_path, iter(feeds[1:]), calibration_images, DEFAULT_RECIPE)
+    print(f"{name}: int8 ({DEFAULT_RECIPE.name} recipe) in {time.perf_counter() - start:.0f} s: {quantised}",
+          flush=True)
+    runs = {}
+    for runtime in available_runtimes():
+        for precision, path in (("fp32", float_path), ("int8", int8_path)):
+            session = open_session(path, runtime, threads)
+            print(f"{name} {precision} {runtime}: {session.label}", flush=True)
+            runs[f"{name} {precision} {runtime}"] = lambda s=session: s.run(feeds[0])
+    return runs
+
+
+def available_runtimes() -> list[str]:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        print("OpenVINO is not installed (pip install 'sparsedet[openvino]'): its rows are left out")
+        return ["onnxruntime"]
+    return ["onnxruntime", "openvino"]
+
+
 def output_difference(out, logits, boxes) -> float:
     return max((out.logits - logits).abs().max().item(), (out.boxes - boxes).abs().max().item())
 
@@ -82,6 +126,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="timed runs of each model (default 5)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--files", action="store_true", help="also time the exported fp32 and int8 files")
+    p.add_argument("--calibration-images", type=int, default=4, help="int8 calibration pictures (default 4)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     h, w = parse_size(args.size)
@@ -116,8 +162,11 @@ def main() -> None:
                 return model(batch)
         return run
 
-    runs = {"transformers fp32": run_hf, "sparsedet fp32": in_precision(ours, None),
-            "sparsedet bf16": in_precision(ours, bf16), "focus_detr_r50 bf16": in_precision(focus, bf16)}
+    runs = {"transformers fp32": run_hf, "sparsedet fp32": in_precision(ours, None)}
+    if cpu_has_native_bf16():
+        runs.update({"sparsedet bf16": in_precision(ours, bf16), "focus_detr_r50 bf16": in_precision(focus, bf16)})
+    else:
+        print("this CPU has no native bf16 (emulated, slower than fp32): the bf16 rows are left out")
     # Compared before the two-stage top-k: with random weights, proposals a rounding apart can swap
     # at its edge (the tests follow the reference's picks there, tests/ties.py); the encoder
     # memory, where the backends differ, is compared directly, then the final outputs are shown.
@@ -135,18 +184,25 @@ def main() -> None:
         print(f"fp32, backend {backend} against reference: encoder memory max |difference| = {diff:.2e}; final "
               f"logits and boxes {output_difference(got, reference.logits, reference.boxes):.2e}")
         assert diff <= 1e-4, f"the {backend} backend differs from reference by {diff:.2e}"
-    times = time_alternating(runs, args.runs, args.warmup)
+    if args.files:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, model in (("sparsedet", ours), ("focus_detr_r50", focus)):
+                runs.update(file_runs(name, model, Path(tmp), (h, w), args.calibration_images, args.threads))
+            times = time_alternating(runs, args.runs, args.warmup)
+    else:
+        times = time_alternating(runs, args.runs, args.warmup)
 
     import transformers
     print(format_environment({**environment(torch.device("cpu"), "fp32 and bf16 (per row)"),
                               "transformers": transformers.__version__}))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nbatch 1, {h}x{w}, eager, {args.runs} runs alternating, deformable attention backend {backend}\n")
-    print("| model | precision | median s | min | max | transformers fp32 / this |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | precision | runtime | median s | min | max | transformers fp32 / this |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for name, values in times.items():
-        model, precision = name.rsplit(" ", 1)
-        print(f"| {model} | {precision} | {med[name]:.2f} | {min(values):.2f} | {max(values):.2f} | "
+        model, precision, *runtime = name.split(" ")
+        runtime = runtime[0] if runtime else "PyTorch eager"
+        print(f"| {model} | {precision} | {runtime} | {med[name]:.2f} | {min(values):.2f} | {max(values):.2f} | "
               f"{med['transformers fp32'] / med[name]:.2f}x |")
 
 

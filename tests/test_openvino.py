@@ -30,7 +30,7 @@ SIZE = (96, 96)
 # Focus and Salience DETR files that tests/test_export.py runs in OpenVINO have two levels).
 SMALL = {"eval_size": 96, "eval_max_size": 96, "num_encoder_layers": 1, "num_decoder_layers": 1, "hidden_dim": 64,
          "ffn_dim": 128, "backbone.width": 16, "num_levels": 1}
-LABEL = r"openvino \d{4}\.\d+\.\d+ \(CPU, f32 inference precision, (\d+) threads\)"
+LABEL = r"openvino \d{4}\.\d+\.\d+ \(CPU, fp32 file, f32 inference precision, (\d+) threads?\)"
 
 
 @pytest.fixture(scope="module")

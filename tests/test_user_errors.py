@@ -185,6 +185,8 @@ def test_int8_export_mistakes_are_named_before_any_work(tiny_run, synth, tmp_pat
         capsys, [*export, "--int8", "--calibration", synth["train"], "--calibration-images", "0"])
     assert "--max-ap-drop must be within [0, 1]" in _error(
         capsys, [*export, "--int8", "--calibration", synth["train"], "--max-ap-drop", "-0.1"])
+    assert "unknown layer group 'decoder'" in _error(
+        capsys, [*export, "--int8", "--calibration", synth["train"], "--keep-float", "heads,decoder"])
     # Calibration data with another class table (the synthetic categories renamed).
     other = json.loads(Path(synth["train"]).read_text())
     for c in other["categories"]:

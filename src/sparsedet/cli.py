@@ -363,10 +363,11 @@ def cmd_export(args) -> int:
         warnings.warn(f"{args.target} is a preset with random weights: the file computes an untrained model")
     size = bench.parse_size(args.size) if args.size else None
     if args.int8:
-        from .tools.quantize import Int8Data, describe_int8, export_int8
+        from .tools.quantize import Int8Data, Recipe, describe_int8, export_int8
+        recipe = Recipe.parse(args.keep_float)
         data = Int8Data.open(model, args.calibration, args.val, args.images, args.calibration_images,
                              args.max_ap_drop)
-        report = export_int8(model, args.out, data, size=size, opset=args.opset, top_k=args.top_k)
+        report = export_int8(model, args.out, data, size=size, opset=args.opset, top_k=args.top_k, recipe=recipe)
         print(f"wrote {args.out}; the float file in onnxruntime against PyTorch: {describe(report)}\n"
               f"{describe_int8(report['int8'])}")
     else:
@@ -378,14 +379,15 @@ def cmd_export(args) -> int:
 def _quantize_onnx_file(args) -> int:
     """``export FILE.onnx --int8``: quantise an existing fp32 export (no PyTorch, no new trace)."""
     from .tools.onnx_model import OnnxDetector
-    from .tools.quantize import Int8Data, describe_int8, quantize_checked
+    from .tools.quantize import Int8Data, Recipe, describe_int8, quantize_checked
+    recipe = Recipe.parse(args.keep_float)
     fixed = [flag for flag, used in (("--size", args.size), ("--opset", args.opset != 18), ("--top-k", args.top_k))
              if used]
     if fixed:
         raise SparsedetError(f"{fixed[0]} was fixed when {args.target} was exported; leave it out")
     source = OnnxDetector(args.target)
     data = Int8Data.open(source, args.calibration, args.val, args.images, args.calibration_images, args.max_ap_drop)
-    print(f"wrote {args.out}\n{describe_int8(quantize_checked(args.target, args.out, data))}")
+    print(f"wrote {args.out}\n{describe_int8(quantize_checked(args.target, args.out, data, recipe))}")
     return 0
 
 
@@ -393,6 +395,7 @@ def _check_int8_options(args) -> None:
     """The int8 options make sense together only; say which is missing before any work."""
     given = [flag for flag, used in (("--calibration", args.calibration), ("--val", args.val),
                                      ("--images", args.images), ("--calibration-images", args.calibration_images != 64),
+                                     ("--keep-float", args.keep_float),
                                      ("--max-ap-drop", args.max_ap_drop != 0.01)) if used]
     if not args.int8:
         if given:

@@ -197,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val", metavar="DATA", help="data the AP of both files is measured on (default: the "
                    "calibration json, or the YOLO yaml's val split)")
     q.add_argument("--images", help="COCO image root of the json files (default: each json's folder, or its images/)")
+    q.add_argument("--keep-float", metavar="GROUPS", help="layer groups left in float, comma-separated: backbone, "
+                   "neck, encoder-sampling, encoder-attention, encoder-ffn, token-scoring, query-selection, "
+                   "decoder-sampling, decoder-attention, decoder-ffn, heads, other; 'none' quantises every layer "
+                   "(default: the measured recipe, docs/export.md)")
     q.add_argument("--max-ap-drop", type=float, default=0.01, help="largest AP loss accepted (default 0.01); a file "
                    "that loses more is kept as *.rejected.onnx and the export exits 1")
     s.set_defaults(command="export")

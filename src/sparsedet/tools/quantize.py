@@ -39,35 +39,45 @@ from ..filewrite import atomic_write
 GROUPS = {
     "backbone": r"backbone\.",
     "neck": r"(neck|encoder\.fusion)\.",
-    "encoder sampling projections": r"encoder\.layers\.\d+\.self_attn\.(sampling_offsets|attention_weights)$",
-    "encoder value/output projections": r"encoder\.layers\.\d+\.(self_attn\.(value_proj|output_proj)|pre_attn)",
-    "encoder FFN": r"encoder\.layers\.\d+\.linear[12]$",
-    "token scoring": r"encoder\.(scorer|aux_heads)\.",
-    "query selection": r"queries\.",
-    "decoder sampling projections": r"decoder\.layers\.\d+\.cross_attn\.(sampling_offsets|attention_weights)$",
-    "decoder attention": r"decoder\.layers\.\d+\.(cross_attn\.(value_proj|output_proj)|self_attn)",
-    "decoder FFN": r"decoder\.(layers\.\d+\.linear[12]$|ref_point_head)",
-    "class and box heads": r"heads\.",
+    "encoder-sampling": r"encoder\.layers\.\d+\.self_attn\.(sampling_offsets|attention_weights)$",
+    "encoder-attention": r"encoder\.layers\.\d+\.(self_attn\.(value_proj|output_proj)|pre_attn)",
+    "encoder-ffn": r"encoder\.layers\.\d+\.linear[12]$",
+    "token-scoring": r"encoder\.(scorer|aux_heads)\.",
+    "query-selection": r"queries\.",
+    "decoder-sampling": r"decoder\.layers\.\d+\.cross_attn\.(sampling_offsets|attention_weights)$",
+    "decoder-attention": r"decoder\.layers\.\d+\.(cross_attn\.(value_proj|output_proj)|self_attn)",
+    "decoder-ffn": r"decoder\.(layers\.\d+\.linear[12]$|ref_point_head)",
+    "heads": r"heads\.",
 }
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Which layer groups stay in float; every other Conv, MatMul and Gemm is quantised."""
-    name: str
-    keep_float: tuple[str, ...]
+    """The layer groups that stay in float; every other Conv, MatMul and Gemm is quantised."""
+    keep_float: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = [g for g in self.keep_float if g not in GROUPS and g != "other"]
         if unknown:
-            raise SparsedetError(f"unknown layer groups {unknown}; the groups are {', '.join(GROUPS)} and other")
+            raise SparsedetError(f"unknown layer group {unknown[0]!r} in --keep-float; the groups are "
+                                 f"{', '.join(GROUPS)} and other")
+
+    @classmethod
+    def parse(cls, text: str | None) -> Recipe:
+        """--keep-float's "heads,query-selection" (None: the default recipe; "none": all int8)."""
+        if text is None:
+            return DEFAULT_RECIPE
+        return cls(tuple(g.strip() for g in text.split(",") if g.strip() and g.strip() != "none"))
+
+    @property
+    def name(self) -> str:
+        return "float: " + ", ".join(self.keep_float) if self.keep_float else "all int8"
 
 
-# Chosen by benchmarks/int8_sensitivity.py (docs/export.md, "INT8"): the groups whose int8 error
-# moved AP, kept in float; they hold a small share of the multiply-adds.
-DEFAULT_RECIPE = Recipe("default", ("decoder sampling projections", "query selection", "class and box heads"))
-EVERYTHING = Recipe("everything", ())  # no layer kept in float: the sweep's baseline
+# Chosen by benchmarks/int8_sensitivity.py (docs/export.md, "INT8").
+DEFAULT_RECIPE = Recipe(("query-selection", "decoder-sampling", "heads"))
+EVERYTHING = Recipe()
 
 
 def group_of(module: str) -> str:
@@ -192,9 +202,9 @@ def calibration_feeds(dataset, count: int, input_size: tuple[int, int] | None) -
         if sample is None:
             continue  # an unreadable image: the dataset warned
         batch, targets, _ = collate([sample])
-        yield inputs(batch, torch.stack([t["orig_size"] for t in targets]), input_size)
         if (i + 1) % 8 == 0 or i + 1 == count:
             print(f"calibration: {i + 1}/{count} images", flush=True)
+        yield inputs(batch, torch.stack([t["orig_size"] for t in targets]), input_size)
 
 
 def open_split(data: str | Path, split: str, images_root, model):
@@ -272,7 +282,7 @@ def quantize_checked(float_path: str | Path, path: str | Path, data: Int8Data,
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}-int8-") as tmp:
         int8_path = Path(tmp) / "int8.onnx"
         print(f"quantising with {data.calibration_images} images of {data.calibration.source} "
-              f"(recipe {recipe.name!r})", flush=True)
+              f"({recipe.name})", flush=True)
         quantised = quantize_file(float_path, int8_path,
                                   calibration_feeds(data.calibration, data.calibration_images, size),
                                   data.calibration_images, recipe)
@@ -290,7 +300,8 @@ def quantize_checked(float_path: str | Path, path: str | Path, data: Int8Data,
         raise SparsedetError(f"int8 loses {int8['ap_drop']:.3f} AP on {data.val.source} (float {ap_float:.3f}, int8 "
                              f"{ap_int8:.3f}), more than --max-ap-drop {data.max_ap_drop:g}; the file is kept as "
                              f"{target} for inspection and nothing was written at {path}. Calibrate on more images "
-                             "(--calibration-images), or on images like those the model will see")
+                             "(--calibration-images) or on images like those the model will see, or keep more "
+                             "layers in float (--keep-float; benchmarks/int8_sensitivity.py measures which)")
     return int8
 
 
@@ -298,8 +309,7 @@ def stamp(proto, float_metadata, int8: dict, recipe: Recipe) -> None:
     """The float export's metadata and the int8 facts into the int8 file's metadata (precision
     "int8")."""
     entries = {p.key: p.value for p in float_metadata}
-    entries.update({"precision": "int8", "int8_recipe": json.dumps({"name": recipe.name,
-                                                                   "keep_float": list(recipe.keep_float)}),
+    entries.update({"precision": "int8", "int8_keep_float": json.dumps(list(recipe.keep_float)),
                     "int8_ap_float": f"{int8['ap_float']:.4f}", "int8_ap_int8": f"{int8['ap_int8']:.4f}",
                     "int8_val": int8["val"], "int8_calibration": f"{int8['calibration_images']} images of "
                                                                    f"{int8['calibration']}"})

@@ -78,7 +78,8 @@ class OnnxruntimeSession:
     def __init__(self, ort, path: str | Path, threads: int):
         self.session = onnxruntime_session(path, threads)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.label = f"onnxruntime {ort.__version__} (CPU, the file's precision, {threads} threads)"
+        self.label = (f"onnxruntime {ort.__version__} (CPU, {_file_precision(self.metadata)} file, "
+                      f"{_threads(threads)})")
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(OUTPUTS, feeds)
@@ -101,7 +102,8 @@ class OpenvinoSession:
         self.request = compiled.create_infer_request()
         precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         used = compiled.get_property("INFERENCE_NUM_THREADS")
-        self.label = f"openvino {ov.__version__.split('-')[0]} (CPU, {precision} inference precision, {used} threads)"
+        self.label = (f"openvino {ov.__version__.split('-')[0]} (CPU, {_file_precision(self.metadata)} file, "
+                      f"{precision} inference precision, {_threads(used)})")
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         results = self.request.infer(feeds)  # copies the outputs: the next call does not overwrite them
@@ -120,3 +122,12 @@ def _openvino_metadata(model) -> dict[str, str]:
     """The file's metadata_props, which OpenVINO keeps in the model's rt_info under "framework"."""
     info = model.get_rt_info()
     return {key: value.astype(str) for key, value in info["framework"].items()} if "framework" in info else {}
+
+
+def _file_precision(metadata: dict[str, str]) -> str:
+    """What the file computes in: "fp32", "fp16", or "int8" (its quantised layers; the rest float)."""
+    return metadata.get("precision", "fp32")
+
+
+def _threads(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
