@@ -2,10 +2,10 @@
 ``sparsedet.tools.quantize.GROUPS`` quantised alone, and with everything quantised but that group.
 
 Exports RUN once in fp32, calibrates once (min-max ranges from the first N train images, kept in a
-ranges file that every variant shares), then for each variant (``--recipes-only``: the last two) quantises, scores the int8 file on
-the val data in onnxruntime and prints the AP drop beside the group's share of the dense layers'
-multiply-adds (counted on one val image in PyTorch: what int8 could speed up). The last rows are
-``DEFAULT_RECIPE`` and quantising everything.
+ranges file that every variant shares), then for each variant (``--recipes-only``: the last two)
+quantises, scores the int8 file on the val data in onnxruntime and prints the AP drop beside the
+group's share of the dense layers' multiply-adds (counted on one val image in PyTorch: what int8
+could speed up). The last rows are ``DEFAULT_RECIPE`` and quantising everything.
 
     python benchmarks/int8_sensitivity.py RUN --train DATA/train.json --val DATA/val.json [--calibration-images 64]
 """
@@ -37,8 +37,9 @@ def dense_macs(model, dataset) -> dict[str, int]:
             per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         else:
             continue
-        hooks.append(module.register_forward_hook(
-            lambda m, args, out, group=group_of(name), k=per_output: macs.__setitem__(group, macs[group] + out.numel() * k)))
+        def count(module, args, out, group=group_of(name), k=per_output):
+            macs[group] += out.numel() * k
+        hooks.append(module.register_forward_hook(count))
     image, _ = dataset[0]
     with torch.inference_mode():
         model.predict([image])

@@ -34,6 +34,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from sparsedet import Detector  # noqa: E402
@@ -84,18 +85,18 @@ def time_alternating(runs: dict, count: int, warmup: int = 1) -> dict[str, list[
     return times
 
 
-def file_runs(name: str, model, folder: Path, size: tuple[int, int], calibration_images: int,
-              threads: int) -> dict:
-    """Export ``model`` (any input size), quantise it to int8, and return a timed run per file and
-    runtime on one image of ``size``, the file's own inputs as ``predict`` makes them."""
+def file_runs(name: str, model, folder: Path, feeds: dict, calibration_images: int, threads: int) -> dict:
+    """Export ``model`` (any input size), quantise it to int8 (calibrated on the export's sample
+    pictures at the size of ``feeds``), and return a timed run per file and runtime on ``feeds``,
+    the input the eager rows time."""
     float_path, int8_path = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
     start = time.perf_counter()
     report = export_onnx(model, float_path)
     print(f"{name}: export + check {time.perf_counter() - start:.0f} s: {describe(report)}", flush=True)
-    pictures = sample_images(size, calibration_images + 1)
-    feeds = [prepare(model, [p]) for p in pictures]
+    pictures = sample_images(feeds["images"].shape[-2:], calibration_images)
     start = time.perf_counter()
-    quantised = quantize_file(float_path, int8_path, iter(feeds[1:]), calibration_images, DEFAULT_RECIPE)
+    quantised = quantize_file(float_path, int8_path, (prepare(model, [p]) for p in pictures), calibration_images,
+                              DEFAULT_RECIPE)
     print(f"{name}: int8 ({DEFAULT_RECIPE.name} recipe) in {time.perf_counter() - start:.0f} s: {quantised}",
           flush=True)
     runs = {}
@@ -103,7 +104,7 @@ def file_runs(name: str, model, folder: Path, size: tuple[int, int], calibration
         for precision, path in (("fp32", float_path), ("int8", int8_path)):
             session = open_session(path, runtime, threads)
             print(f"{name} {precision} {runtime}: {session.label}", flush=True)
-            runs[f"{name} {precision} {runtime}"] = lambda s=session: s.run(feeds[0])
+            runs[f"{name} {precision} {runtime}"] = lambda s=session: s.run(feeds)
     return runs
 
 
@@ -186,8 +187,9 @@ def main() -> None:
         assert diff <= 1e-4, f"the {backend} backend differs from reference by {diff:.2e}"
     if args.files:
         with tempfile.TemporaryDirectory() as tmp:
+            feeds = {"images": images.numpy(), "mask": mask.numpy(), "sizes": np.array([[h, w]], dtype=np.int64)}
             for name, model in (("sparsedet", ours), ("focus_detr_r50", focus)):
-                runs.update(file_runs(name, model, Path(tmp), (h, w), args.calibration_images, args.threads))
+                runs.update(file_runs(name, model, Path(tmp), feeds, args.calibration_images, args.threads))
             times = time_alternating(runs, args.runs, args.warmup)
     else:
         times = time_alternating(runs, args.runs, args.warmup)

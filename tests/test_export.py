@@ -241,7 +241,8 @@ def _check_int8_from_the_file(out, synth, tmp_path, capsys):
     assert main(["predict", "--weights", str(int8), str(folder), "--out", str(tmp_path / "p"), "--precision",
                  "fp16"]) == 2
     assert "runs in the precision it was exported in (int8)" in capsys.readouterr().err
-    assert main(["export", str(int8), "--int8", "--calibration", synth["train"], "--out", str(tmp_path / "x.onnx")]) == 2
+    assert main(["export", str(int8), "--int8", "--calibration", synth["train"],
+                 "--out", str(tmp_path / "x.onnx")]) == 2
     assert "is already int8; int8 quantises an fp32 export" in capsys.readouterr().err
 
 

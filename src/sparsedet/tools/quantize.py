@@ -107,7 +107,7 @@ def _quiet_quantiser():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
-    onnxruntime.set_default_logger_severity(3)  # and its optimiser, a line per node it cannot fold
+    onnxruntime.set_default_logger_severity(3)
     try:
         yield
     finally:
@@ -140,7 +140,8 @@ class _Feeds:
 def quantize_file(float_path: str | Path, out_path: str | Path, feeds: Iterable[dict[str, np.ndarray]],
                   count: int, recipe: Recipe = DEFAULT_RECIPE, ranges: str | Path | None = None) -> dict:
     """Write the int8 version of the float export ``float_path`` to ``out_path``, its activation
-    ranges from the ``count`` input dicts of ``feeds`` (the export's inputs, one image each). Returns what was quantised:
+    ranges from the ``count`` input dicts of ``feeds`` (the export's inputs, one image each); its
+    metadata is the float file's, with ``precision`` "int8" and the layers kept in float. Returns what was quantised:
     ``{"quantised": n, "float": n, "float_groups": {group: n}}`` (Conv/MatMul/Gemm nodes).
     ``ranges``: a file that keeps the calibrated ranges; when it exists, ``feeds`` are not run (the
     ranges cover every layer, so recipes of one file can share them)."""
@@ -164,10 +165,21 @@ def quantize_file(float_path: str | Path, out_path: str | Path, feeds: Iterable[
                             calibration_cache_path=None if ranges is None else str(ranges))
         finally:
             optimised.unlink(missing_ok=True)
+    proto = onnx.load(str(out_path))
+    float_metadata = onnx.load(str(float_path), load_external_data=False).metadata_props
+    set_metadata(proto, {**{p.key: p.value for p in float_metadata},
+                         "precision": "int8", "int8_keep_float": json.dumps(list(recipe.keep_float))})
+    onnx.save(proto, str(out_path))
     kept: dict[str, int] = {}
     for name in excluded:
         kept[groups[name]] = kept.get(groups[name], 0) + 1
     return {"quantised": len(groups) - len(excluded), "float": len(excluded), "float_groups": kept}
+
+
+def set_metadata(proto, entries: dict[str, str]) -> None:
+    del proto.metadata_props[:]
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
 
 
 def check_classes(model_config, dataset, what: str) -> None:
@@ -184,27 +196,32 @@ def check_classes(model_config, dataset, what: str) -> None:
         def table(pairs):
             shown = [f"{cid} ({name})" if name is not None else str(cid) for cid, name in pairs[:6]]
             return ", ".join(shown) + (f" ... ({len(pairs)} in all)" if len(pairs) > 6 else "")
+        mine = table([(i, names.get(i)) for i in used])
         raise SparsedetError(f"{what} {dataset.source} does not fit the model's classes: its categories are "
-                             f"{table(list(theirs.items()))}; the model's are {table([(i, names.get(i)) for i in used])}. "
-                             "Use data with the model's class table (its training data's)")
+                             f"{table(list(theirs.items()))}; the model's are {mine}. Use data with the model's "
+                             "class table (its training data's)")
 
 
 def calibration_feeds(dataset, count: int, input_size: tuple[int, int] | None) -> Iterator[dict]:
-    """The exported model's inputs for the first ``count`` images of ``dataset`` (at most its length) (a CocoDetection
-    with evaluation transforms), one image each, padded to ``input_size`` where the export fixed it;
-    prints progress every 8 images."""
+    """The exported model's inputs for the first ``count`` readable images of ``dataset`` (a
+    CocoDetection with evaluation transforms), one image each, padded to ``input_size`` where the
+    export fixed it; prints progress every 8 images."""
     import torch
 
     from ..data.batch import collate
     from .export import inputs
-    for i in range(count):
+    given = 0
+    for i in range(len(dataset)):
         sample = dataset[i]
         if sample is None:
-            continue  # an unreadable image: the dataset warned
+            continue  # an unreadable image (the dataset warned): the next one takes its place
+        given += 1
+        if given % 8 == 0 or given == count:
+            print(f"calibration: {given}/{count} images", flush=True)
         batch, targets, _ = collate([sample])
-        if (i + 1) % 8 == 0 or i + 1 == count:
-            print(f"calibration: {i + 1}/{count} images", flush=True)
         yield inputs(batch, torch.stack([t["orig_size"] for t in targets]), input_size)
+        if given == count:
+            return
 
 
 def open_split(data: str | Path, split: str, images_root, model):
@@ -292,7 +309,7 @@ def quantize_checked(float_path: str | Path, path: str | Path, data: Int8Data,
                 "ap_drop": ap_float - ap_int8, "val": data.val.source, "calibration": data.calibration.source,
                 "calibration_images": data.calibration_images}
         proto = onnx.load(str(int8_path))
-        stamp(proto, float_metadata, int8, recipe)
+        stamp(proto, int8)
         accepted = int8["ap_drop"] <= data.max_ap_drop
         target = path if accepted else path.with_suffix(".rejected.onnx")
         atomic_write(target, lambda p: onnx.save(proto, p), "int8 ONNX export", proto.ByteSize())
@@ -305,17 +322,12 @@ def quantize_checked(float_path: str | Path, path: str | Path, data: Int8Data,
     return int8
 
 
-def stamp(proto, float_metadata, int8: dict, recipe: Recipe) -> None:
-    """The float export's metadata and the int8 facts into the int8 file's metadata (precision
-    "int8")."""
-    entries = {p.key: p.value for p in float_metadata}
-    entries.update({"precision": "int8", "int8_keep_float": json.dumps(list(recipe.keep_float)),
-                    "int8_ap_float": f"{int8['ap_float']:.4f}", "int8_ap_int8": f"{int8['ap_int8']:.4f}",
-                    "int8_val": int8["val"], "int8_calibration": f"{int8['calibration_images']} images of "
-                                                                   f"{int8['calibration']}"})
-    del proto.metadata_props[:]
-    for key, value in entries.items():
-        proto.metadata_props.add(key=key, value=value)
+def stamp(proto, int8: dict) -> None:
+    """The accuracy facts into the int8 file's metadata, beside what ``quantize_file`` wrote."""
+    set_metadata(proto, {**{p.key: p.value for p in proto.metadata_props},
+                         "int8_ap_float": f"{int8['ap_float']:.4f}", "int8_ap_int8": f"{int8['ap_int8']:.4f}",
+                         "int8_val": int8["val"],
+                         "int8_calibration": f"{int8['calibration_images']} images of {int8['calibration']}"})
 
 
 def describe_int8(int8: dict) -> str:
