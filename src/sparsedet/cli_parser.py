@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(True on padding), sizes [B,2] (original height, width); outputs the top-k boxes (xyxy, "
                        "original pixels, clipped), scores and labels (category ids), post-processing included. "
                        "Then runs it in onnxruntime on sample images against PyTorch (boxes within 0.5 px, scores "
-                       "within 1e-3, same labels), prints the figures, and exits 1 keeping the file as "
+                       "within 1e-3, same labels), prints the figures, and exits 2 keeping the file as "
                        "*.mismatch.onnx when they disagree. Needs pip install 'sparsedet[export]'.")
     s.add_argument("target", metavar="RUN_OR_PRESET")
     s.add_argument("--out", required=True, help="the .onnx file to write")
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "decoder-sampling, decoder-attention, decoder-ffn, heads, other; 'none' quantises every layer "
                    "(default: the measured recipe, docs/export.md)")
     q.add_argument("--max-ap-drop", type=float, default=0.01, help="largest AP loss accepted (default 0.01); a file "
-                   "that loses more is kept as *.rejected.onnx and the export exits 1")
+                   "that loses more is kept as *.rejected.onnx and the export exits 2")
     s.set_defaults(command="export")
 
     s = sub.add_parser("bench", help="parameters, GFLOPs and latency per stage of presets or runs",
