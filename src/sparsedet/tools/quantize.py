@@ -149,7 +149,8 @@ def quantize_file(float_path: str | Path, out_path: str | Path, feeds: Iterable[
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    modules = node_modules(onnx.load(str(float_path), load_external_data=False))
+    float_proto = onnx.load(str(float_path), load_external_data=False)
+    modules = node_modules(float_proto)
     groups = {name: group_of(module) for name, module in modules.items()}
     excluded = sorted(name for name, group in groups.items() if group in recipe.keep_float)
     out_path = Path(out_path)
@@ -166,8 +167,7 @@ def quantize_file(float_path: str | Path, out_path: str | Path, feeds: Iterable[
         finally:
             optimised.unlink(missing_ok=True)
     proto = onnx.load(str(out_path))
-    float_metadata = onnx.load(str(float_path), load_external_data=False).metadata_props
-    set_metadata(proto, {**{p.key: p.value for p in float_metadata},
+    set_metadata(proto, {**{p.key: p.value for p in float_proto.metadata_props},
                          "precision": "int8", "int8_keep_float": json.dumps(list(recipe.keep_float))})
     onnx.save(proto, str(out_path))
     kept: dict[str, int] = {}
