@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .cli_export import cmd_export
 from .cli_parser import build_parser
+from .cli_serve import cmd_serve
 from .errors import SparsedetError
 from .filewrite import atomic_write
 from .jsonfile import read_json_object
@@ -465,7 +466,7 @@ def cmd_demo(args) -> int:
 # The verb a parse names (cli_parser: set_defaults(command=...)) -> the function that runs it.
 COMMANDS = {"demo": cmd_demo, "synth": cmd_synth, "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
             "plot": cmd_plot, "convert": cmd_convert, "export": cmd_export, "bench": cmd_bench, "viz": cmd_viz,
-            "check_data": cmd_check_data, "presets": cmd_presets, "zoo": cmd_zoo}
+            "serve": cmd_serve, "check_data": cmd_check_data, "presets": cmd_presets, "zoo": cmd_zoo}
 
 
 if __name__ == "__main__":

@@ -143,6 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
                    "skipped with a warning either way, and the others are written)")
     s.set_defaults(command="predict")
 
+    s = sub.add_parser("serve", help="an HTTP detection service with a web page (FastAPI + uvicorn)",
+                       description="Serves --weights over HTTP: POST /v1/predict (an image as the raw body, or the "
+                       "multipart field 'file'; ?threshold=&max_detections=) answers JSON detections equal to "
+                       "`sparsedet predict`'s; POST /v1/tokens the tokens a sparse encoder kept; GET /health, "
+                       "/v1/model, /metrics (Prometheus) and / (a web page that works offline). Concurrent requests "
+                       "run as one batch; a full queue answers 503 with Retry-After. SIGTERM or Ctrl-C stops "
+                       "accepting, answers the requests in flight and exits 0. Needs pip install "
+                       "'sparsedet[serve]'. Details: docs/serve.md.")
+    s.add_argument("--weights", required=True, help="run folder, zoo name (`sparsedet zoo`), or an .onnx file from "
+                   "`sparsedet export` (run in onnxruntime, or in OpenVINO with --runtime openvino)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "
+                   "0.0.0.0 listens on every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--max-batch", type=int, default=8, help="at most this many images per forward (default 8)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request of a batch waits for "
+                   "others (default 5 ms)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the model; beyond, 503 "
+                   "with Retry-After (default 64)")
+    s.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="largest request body (default 20 MiB; "
+                   "larger: 413)")
+    s.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image, width x height (default 50 "
+                   "million; larger: 413)")
+    s.add_argument("--grace", type=float, default=30.0, help="seconds a stop waits for the requests in flight "
+                   "(default 30)")
+    s.add_argument("--device", help=DEVICE_HELP)
+    s.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    s.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime", help=RUNTIME_HELP)
+    s.add_argument("--threads", type=int, help="CPU threads of the model's forward (torch, or an .onnx file's "
+                   "runtime; default: torch's choice, one per core). Replicas on one machine: cores / replicas each")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default warning)")
+    s.set_defaults(command="serve")
+
     s = sub.add_parser("plot", help="draw a run's training curves (loss terms, lr, AP) as PNGs",
                        description="Reads RUN/steps.csv and RUN/metrics.jsonl (written by `sparsedet train`, which "
                        "also draws these at its end) and writes loss.png (the total and each loss term over steps, "
