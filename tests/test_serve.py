@@ -143,7 +143,7 @@ def test_concurrent_requests_form_one_batch_and_sigterm_answers_those_in_flight(
     pictures = [png(64 + 8 * i, 48, seed=i) for i in range(4)]
     alone = [server.predict(p, "threshold=0").json()["detections"] for p in pictures]
     # A long wait: the four requests (sent at once) surely meet in one batch.
-    live = start_server(tiny_run, "--max-batch", "4", "--max-wait-ms", "2000")
+    live = start_server(tiny_run, "--max-batch", "4", "--max-wait-ms", "2000", "--workers", "1")
     try:
         answers = together([lambda p=p: live.predict(p, "threshold=0") for p in pictures])
         assert all(close(a.json()["detections"], expected) for a, expected in zip(answers, alone))

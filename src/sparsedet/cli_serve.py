@@ -19,12 +19,13 @@ def cmd_serve(args) -> int:
                              "pip install 'sparsedet[serve]'") from None
     from .api import load_detector
     from .tools.onnx_model import OnnxDetector
-    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                           limits=Limits(args.max_bytes, args.max_pixels), precision=args.precision)
     _check(args)
-    if args.threads:
+    workers, threads = _workers_and_threads(args)
+    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                           workers=workers, limits=Limits(args.max_bytes, args.max_pixels), precision=args.precision)
+    if threads:
         import torch
-        torch.set_num_threads(args.threads)  # before an .onnx file's session takes torch's count
+        torch.set_num_threads(threads)  # before an .onnx file's session takes torch's count
     model = load_detector(args.weights, device=args.device, runtime=args.runtime)
     if isinstance(model, OnnxDetector):
         model.check_precision(args.precision)
@@ -65,12 +66,31 @@ def _server_class():
     return Server
 
 
+def _workers_and_threads(args) -> tuple[int, int | None]:
+    """Inference threads and each one's CPU threads. On a CPU: two workers with half the cores each
+    (more images per second than one with all cores: docs/serve.md); on a GPU or in OpenVINO (one
+    infer request), one. None: torch's own thread count."""
+    import os
+
+    from .engine.device import resolve_device
+    onnx = str(args.weights).lower().endswith(".onnx")
+    on_cpu = onnx or resolve_device(args.device or "auto", fix="--device cpu").type == "cpu"
+    single = not on_cpu or (onnx and args.runtime == "openvino")
+    if single and (args.workers or 1) > 1:
+        raise SparsedetError(f"--workers {args.workers}: {'OpenVINO runs' if on_cpu else 'a GPU runs'} one batch at "
+                             "a time here; leave out --workers (batches grow with --max-batch instead)")
+    cores = os.cpu_count() or 1
+    workers = args.workers or (1 if single else min(2, cores))
+    threads = args.threads or (max(1, cores // workers) if on_cpu else None)
+    return workers, threads
+
+
 def _check(args) -> None:
     """The numbers make sense before the model loads."""
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                              ("--max-bytes", args.max_bytes, 1), ("--max-pixels", args.max_pixels, 1),
                              ("--max-wait-ms", args.max_wait_ms, 0), ("--grace", args.grace, 0),
-                             ("--threads", args.threads or 1, 1)):
+                             ("--threads", args.threads or 1, 1), ("--workers", args.workers or 1, 1)):
         if value < low:
             raise SparsedetError(f"{flag} must be at least {low}, got {value}")
     if not 0 <= args.port <= 65535:

@@ -37,6 +37,7 @@ class ServeOptions:
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 64
+    workers: int = 1  # inference threads, each running its own batches
     limits: Limits = field(default_factory=Limits)
     precision: str = "fp32"
     retry_after_s: int = 1  # what a 503 tells the client to wait
@@ -97,14 +98,15 @@ def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> F
     facts = model_facts(model, weights)
     if facts["precision"] is None:
         facts["precision"] = options.precision
+    facts.update(workers=options.workers, threads_per_worker=torch.get_num_threads(), max_batch=options.max_batch)
     category_ids = list(model.category_ids)
 
     def run(images: list) -> list[dict]:
         # Threshold 0 and the model's top-k, as `sparsedet predict` runs it; each request filters its own.
         return model.predict(images, threshold=0.0, batch_size=len(images), precision=options.precision)
 
-    batcher = Batcher(run, options.max_batch, options.max_wait_ms, options.max_queue, metrics.batch,
-                      metrics.queue_depth.set)
+    batcher = Batcher(run, options.max_batch, options.max_wait_ms, options.max_queue, options.workers,
+                      metrics.batch, metrics.queue_depth.set)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

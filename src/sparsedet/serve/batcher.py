@@ -1,9 +1,12 @@
 """Dynamic batching: requests that arrive together run as one padded forward.
 
-Each request puts its image in a bounded queue and awaits a future. One worker coroutine takes the
-first waiting request, gathers more until ``max_batch`` are taken or ``max_wait_ms`` have passed,
-and hands the batch to a single inference thread, so the event loop keeps answering (``/health``,
-errors, new requests) while a batch runs, and the model is never called from two threads at once.
+Each request puts its image in a bounded queue and awaits a future. Each of ``workers`` worker
+coroutines takes the first waiting request, gathers more until ``max_batch`` are taken or
+``max_wait_ms`` have passed, and hands the batch to its inference thread, so the event loop keeps
+answering (``/health``, errors, new requests) while batches run. On a CPU two workers, each with
+half the cores, answer more images per second than one with all of them: a forward spread over
+threads waits at every operator for the slowest thread; two forwards side by side do not
+(docs/serve.md has the measurement). A model gives the same detections from several threads.
 A full queue refuses at once (``QueueFull``) instead of growing a backlog that no client waits for.
 """
 from __future__ import annotations
@@ -28,38 +31,39 @@ class _Job:
 
 class Batcher:
     """``await batcher.submit(item)`` -> ``run(items)[i]`` for this item, computed in one call of
-    ``run`` with up to ``max_batch - 1`` other items that arrived within ``max_wait_ms``.
+    ``run`` with up to ``max_batch - 1`` other items that arrived within ``max_wait_ms``, on one of
+    ``workers`` threads.
     ``observe(size, seconds)`` is told each batch's size and its seconds in ``run``; ``on_depth``
     the number of waiting requests whenever it changes."""
 
     def __init__(self, run: Callable[[list], list], max_batch: int = 8, max_wait_ms: float = 5.0,
-                 max_queue: int = 64, observe: Callable[[int, float], None] = lambda size, seconds: None,
+                 max_queue: int = 64, workers: int = 1,
+                 observe: Callable[[int, float], None] = lambda size, seconds: None,
                  on_depth: Callable[[int], None] = lambda depth: None):
-        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch and max_queue must be at least 1, max_wait_ms at least 0")
+        if max_batch < 1 or max_queue < 1 or workers < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch, max_queue and workers must be at least 1, max_wait_ms at least 0")
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1000
         self.max_queue, self.observe, self.on_depth = max_queue, observe, on_depth
         self.queue: asyncio.Queue[_Job] | None = None
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="sparsedet-inference")
-        self.worker: asyncio.Task | None = None
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="sparsedet-inference")
+        self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         self.queue = asyncio.Queue(self.max_queue)
-        self.worker = asyncio.create_task(self._work())
+        self.tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop the worker and the inference thread."""
-        if self.worker is not None:
+        """Finish what is queued, then stop the workers and the inference threads."""
+        if self.tasks:
             await self.queue.join()
-            self.worker.cancel()
-            try:
-                await self.worker
-            except asyncio.CancelledError:
-                pass
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     async def call(self, function: Callable, *args):
-        """``function(*args)`` on the inference thread (anything else that uses the model)."""
+        """``function(*args)`` on an inference thread (anything else that uses the model)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
     @property
