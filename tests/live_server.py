@@ -2,6 +2,7 @@
 (the server says which once it listens), stopped with SIGTERM, its exit code and output kept."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,7 +14,18 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 START_TIMEOUT_S = 120  # loading and warming up a model on a loaded 2-core machine
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    """A PNG file of random pixels."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @dataclass

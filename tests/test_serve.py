@@ -3,12 +3,10 @@ concurrent requests run as one batch and give what each gives alone, every bad i
 status and a message while the server keeps serving, a full queue answers 503, and SIGTERM
 finishes the requests in flight and exits 0. The batcher's rules are also checked in-process."""
 import asyncio
-import io
 import json
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,17 +14,10 @@ from PIL import Image
 from conftest import require_module
 
 require_module("fastapi", "serve")
-from live_server import start_server  # noqa: E402
+from live_server import png, start_server  # noqa: E402
 from sparsedet import Detector  # noqa: E402
 from sparsedet.cli import main  # noqa: E402
 from sparsedet.serve.batcher import Batcher, QueueFull  # noqa: E402
-
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def together(calls: list) -> list:

@@ -4,7 +4,6 @@ slider re-filters them without a new request, the kept-token overlay shows the c
 JPEG turned by its EXIF tag is drawn as the server reads it, and a file that is not an image shows
 the server's message. The page must log no console error."""
 import base64
-import io
 import json
 import shutil
 
@@ -29,20 +28,13 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from live_server import start_server  # noqa: E402
+from live_server import png, start_server  # noqa: E402
 from sparsedet import Detector  # noqa: E402
 
 SMALL = {"hidden_dim": 64, "ffn_dim": 64, "num_decoder_layers": 2, "num_queries": 10, "dn_queries": 4,
          "eval_size": 64, "eval_max_size": 96, "backbone.width": 8}
 PREDICTED = 'endpoint="/v1/predict",status="200"'  # the /metrics sample of answered predictions
 WAIT_S = 30  # for the page; the model answers a 80x60 image in tens of milliseconds
-
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

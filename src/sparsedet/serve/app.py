@@ -65,6 +65,33 @@ class Metrics:
         self.inference.observe(seconds)
 
 
+class Counted:
+    """ASGI middleware: every HTTP answer counted by route and status, timed, and the requests in
+    flight (a plain ASGI wrapper: no task per request, as a BaseHTTPMiddleware would start)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.in_flight.dec()
+            endpoint = getattr(scope.get("route"), "path", "other")  # the router puts the matched route here
+            self.metrics.requests.labels(endpoint, str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
 def detections_json(det: dict, classes: list[str], category_ids: list[int | None]) -> list[dict]:
     """One image's detections (as ``predict`` returns them) as the API's list: box xyxy in the
     image's pixels, score, label (the class column, as in ``Detector.predict``), its category id
@@ -120,19 +147,7 @@ def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> F
     app = FastAPI(title="sparsedet", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.metrics = batcher, metrics
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        metrics.in_flight.inc()
-        try:
-            response = await call_next(request)
-        finally:
-            metrics.in_flight.dec()
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "other")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(Counted, metrics=metrics)
 
     @app.exception_handler(HttpError)
     async def refused(request: Request, err: HttpError):
@@ -161,9 +176,10 @@ def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> F
                             {"Retry-After": str(options.retry_after_s)}) from None
         used = Threshold.of(threshold, model.config, PREDICT_DEFAULT).value
         found = detections_json(keep_above(det, used), model.classes, category_ids)
-        return {"detections": found[:max_detections] if max_detections else found,
-                "image_size": [image.height, image.width], "threshold": used, "model": facts["weights"],
-                "time_ms": round(1000 * (time.perf_counter() - start), 2)}
+        # A JSONResponse as it is: FastAPI's encoder would walk the detections once more.
+        return JSONResponse({"detections": found[:max_detections] if max_detections else found,
+                             "image_size": [image.height, image.width], "threshold": used,
+                             "model": facts["weights"], "time_ms": round(1000 * (time.perf_counter() - start), 2)})
 
     @app.post("/v1/tokens")
     async def tokens(request: Request):
