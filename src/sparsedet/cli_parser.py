@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "
                    "0.0.0.0 listens on every interface)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--max-batch", type=int, default=8, help="at most this many images per forward (default 8)")
+    s.add_argument("--max-batch", type=int, help="at most this many images per forward (default: 8 on a GPU; 2 on a "
+                   "CPU, where larger batches answered fewer images per second: docs/serve.md)")
     s.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request of a batch waits for "
                    "others (default 5 ms)")
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the model; beyond, 503 "

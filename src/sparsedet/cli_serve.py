@@ -20,8 +20,8 @@ def cmd_serve(args) -> int:
     from .api import load_detector
     from .tools.onnx_model import OnnxDetector
     _check(args)
-    workers, threads = _workers_and_threads(args)
-    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+    workers, threads, max_batch = _plan(args)
+    options = ServeOptions(max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            workers=workers, limits=Limits(args.max_bytes, args.max_pixels), precision=args.precision)
     if threads:
         import torch
@@ -66,10 +66,12 @@ def _server_class():
     return Server
 
 
-def _workers_and_threads(args) -> tuple[int, int | None]:
-    """Inference threads and each one's CPU threads. On a CPU: two workers with half the cores each
-    (more images per second than one with all cores: docs/serve.md); on a GPU or in OpenVINO (one
-    infer request), one. None: torch's own thread count."""
+def _plan(args) -> tuple[int, int | None, int]:
+    """(workers, each one's CPU threads, images per batch at most), where not given. On a CPU: two
+    workers with half the cores each, batches of up to 2 (benchmarks/serve_load.py: more images per
+    second than one worker on every core, and than larger batches, which outgrow the CPU's caches);
+    on a GPU, one worker and batches of up to 8; in OpenVINO (one infer request) one worker. None
+    threads: torch's own count."""
     import os
 
     from .engine.device import resolve_device
@@ -82,12 +84,12 @@ def _workers_and_threads(args) -> tuple[int, int | None]:
     cores = os.cpu_count() or 1
     workers = args.workers or (1 if single else min(2, cores))
     threads = args.threads or (max(1, cores // workers) if on_cpu else None)
-    return workers, threads
+    return workers, threads, args.max_batch or (2 if on_cpu else 8)
 
 
 def _check(args) -> None:
     """The numbers make sense before the model loads."""
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+    for flag, value, low in (("--max-batch", args.max_batch or 1, 1), ("--max-queue", args.max_queue, 1),
                              ("--max-bytes", args.max_bytes, 1), ("--max-pixels", args.max_pixels, 1),
                              ("--max-wait-ms", args.max_wait_ms, 0), ("--grace", args.grace, 0),
                              ("--threads", args.threads or 1, 1), ("--workers", args.workers or 1, 1)):

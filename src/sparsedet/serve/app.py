@@ -27,6 +27,9 @@ from .batcher import Batcher, QueueFull
 from .inputs import HttpError, Limits, decode_image, image_bytes
 
 STATIC = Path(__file__).parent / "static"
+# The page and its assets: cached, but checked again on each load (ETag), so that an upgraded
+# package never pairs a new index.html with an old app.js.
+REVALIDATE = {"Cache-Control": "no-cache"}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -41,6 +44,13 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)
     precision: str = "fp32"
     retry_after_s: int = 1  # what a 503 tells the client to wait
+
+
+class Revalidated(StaticFiles):
+    async def get_response(self, path: str, scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(REVALIDATE)
+        return response
 
 
 class Metrics:
@@ -206,9 +216,9 @@ def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> F
 
     @app.get("/", include_in_schema=False)
     async def page():
-        return FileResponse(STATIC / "index.html")
+        return FileResponse(STATIC / "index.html", headers=REVALIDATE)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", Revalidated(directory=STATIC), name="static")
     return app
 
 
