@@ -22,6 +22,7 @@ from ..config import Config
 from ..errors import SparsedetError
 from ..filewrite import atomic_write, fresh_path, guarded
 from ..jsonfile import read_json_object
+from ..version import __version__
 
 WEIGHTS, EMA_WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
 CHECKPOINTS = "checkpoints"
@@ -42,7 +43,6 @@ def save_run(run_dir: str | Path, state_dict: dict[str, torch.Tensor], config: C
     if ema_state is not None:
         save_weights(run_dir / EMA_WEIGHTS, ema_state)
     payload = config.to_dict()
-    from .. import __version__
     payload["sparsedet_version"] = __version__
     if extra:
         payload.update(extra)

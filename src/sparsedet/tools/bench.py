@@ -26,13 +26,13 @@ from time import perf_counter
 import torch
 from torch import nn
 
-from .. import __version__
 from ..data.batch import Batch
 from ..engine.device import resolve_device
 from ..engine.precision import NAMES, inference_precision, resolve_precision
 from ..errors import SparsedetError, close_names
 from ..ops import deform_attn
 from ..ops.flops import OTHER, count_macs, hook_stages
+from ..version import __version__
 
 STAGES = ("backbone", "neck", "encoder", "queries", "decoder", "heads", OTHER)
 CONVENTION = ("GFLOPs per image = 1e9 multiply-adds (one fused multiply-add = 1 FLOP, as fvcore and the DETR "

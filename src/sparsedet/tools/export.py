@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
 from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
 from ..filewrite import atomic_write
+from ..version import __version__
 
 INPUTS, OUTPUTS = ["images", "mask", "sizes"], ["boxes", "scores", "labels"]
 # Agreement the export check asks of onnxruntime against PyTorch, per precision: (box px, score).
