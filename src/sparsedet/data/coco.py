@@ -7,7 +7,6 @@ the transformed image size. :func:`open_detection_dataset` also opens YOLO datas
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +18,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import SparsedetError
-from .coco_json import (IMAGE_FOLDER, annotation_name, default_image_root, find_image_root, read_coco_json,
-                        validate_coco)
+from .coco_json import (IMAGE_FOLDER, annotation_name, clipped_xyxy, default_image_root, find_image_root,
+                        read_coco_json, validate_coco)
 from .transforms import ToTensorAndNormaliseBoxes
 from .yolo import YAML_NAMES, find_yolo_yaml, label_folder, label_path, read_yolo
 
@@ -213,16 +212,3 @@ def size_mismatch(path: str | Path, width: object, height: object, size: tuple[i
     if (width, height) == tuple(size):
         return None
     return f"json says {width}x{height} (w x h) but {path} is {size[0]}x{size[1]}"
-
-
-def clipped_xyxy(bbox: list[float], width: float, height: float) -> list[float] | None:
-    """COCO ``[x, y, w, h]`` (four numbers: see ``coco_json.is_box``) -> xyxy clipped to the image,
-    or None if degenerate or non-finite."""
-    if not all(math.isfinite(v) for v in bbox):
-        return None
-    x, y, w, h = bbox
-    x1, y1 = max(x, 0.0), max(y, 0.0)
-    x2, y2 = min(x + w, width), min(y + h, height)
-    if x2 <= x1 or y2 <= y1:
-        return None
-    return [x1, y1, x2, y2]

@@ -8,6 +8,7 @@ pixels, optional ``id`` and ``iscrowd``).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ..errors import SparsedetError
@@ -75,6 +76,19 @@ def require(entry: object, keys: tuple[str, ...], what: str, path: str | Path) -
 def is_box(bbox: object) -> bool:
     """Whether ``bbox`` has the form of a COCO box: four numbers (their values are not checked)."""
     return isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+
+
+def clipped_xyxy(bbox: list[float], width: float, height: float) -> list[float] | None:
+    """COCO ``[x, y, w, h]`` (four numbers: see ``is_box``) -> xyxy clipped to the image,
+    or None if degenerate or non-finite."""
+    if not all(math.isfinite(v) for v in bbox):
+        return None
+    x, y, w, h = bbox
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, width), min(y + h, height)
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return [x1, y1, x2, y2]
 
 
 def annotation_name(ann: object, index: int) -> str:

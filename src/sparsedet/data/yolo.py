@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from ..errors import SparsedetError
-from .coco_json import read_coco_json, validate_coco
+from .coco_json import clipped_xyxy, read_coco_json, validate_coco
 
 IMAGE_SUFFIXES = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 YAML_NAMES = ("data.yaml", "data.yml")
@@ -259,8 +259,6 @@ def write_yolo(coco_json_path: str | Path, out_dir: str | Path) -> Path:
     ``class cx cy w h`` normalised to [0, 1] (classes = categories in increasing id order), and
     ``data.yaml`` merged with any existing one. Crowd and degenerate boxes are left out (one warning);
     a json whose entries do not fit together (``validate_coco``) is refused. Returns the yaml path."""
-    from .coco import clipped_xyxy  # coco.py imports this module's readers
-
     json_path, out_dir = Path(coco_json_path), Path(out_dir)
     coco = validate_coco(read_coco_json(json_path), json_path, image_keys=("id", "file_name"),
                          category_keys=("id", "name"))
