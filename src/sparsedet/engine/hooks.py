@@ -20,28 +20,12 @@ from .checkpoint import (CHECKPOINTS, folder_bytes, latest_checkpoint, link_chec
 from .evaluator import evaluate, format_metrics
 from .interrupt import StopSignals
 from .thresholds import MIN_SCORE, choose_threshold
+from .trainer import Hook, Trainer  # Hook is defined beside the loop that calls it; re-exported here
 
 if TYPE_CHECKING:
     from ..data.coco import CocoDetection
-    from .trainer import Trainer
 
 REFRESH_S = 1.0  # the progress bar's loss and steps/s describe at least this much training time
-
-
-class Hook:
-    """A no-op at every event; subclasses override the events they need."""
-
-    def before_train(self, trainer: Trainer) -> None:
-        pass
-
-    def after_step(self, trainer: Trainer) -> None:
-        pass
-
-    def after_train(self, trainer: Trainer) -> None:
-        pass
-
-    def close(self, trainer: Trainer) -> None:
-        pass
 
 
 class EMAUpdate(Hook):

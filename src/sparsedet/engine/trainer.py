@@ -22,7 +22,6 @@ from ..filewrite import WriteFailed
 from ..losses.criterion import SetCriterion
 from . import distributed
 from .checkpoint import latest_checkpoint, load_run, load_train_state, newest_intact_checkpoint
-from .hooks import Hook
 from .interrupt import TrainingInterrupted, resume_command
 from .optim import WeightEMA, lr_factor
 from .plan import Plan
@@ -32,6 +31,23 @@ from .runlog import RunLog
 
 # What a checkpoint's train_state holds besides the optimiser, loss scaler, EMA count and RNG states.
 COUNTERS = ("step", "epoch", "batch_in_epoch", "trained_seconds", "skipped_images", "best")
+
+
+class Hook:
+    """What runs around the steps (``engine.hooks`` holds the default ones): a no-op at every event;
+    subclasses override the events they need."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        pass
+
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def after_train(self, trainer: Trainer) -> None:
+        pass
+
+    def close(self, trainer: Trainer) -> None:
+        pass
 
 
 @dataclass(eq=False, repr=False)  # a repr would print the whole model
