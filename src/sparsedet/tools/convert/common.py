@@ -23,6 +23,8 @@ from torch import Tensor
 from ...errors import SparsedetError
 from ...jsonfile import read_json_object
 from ...nn.backbone import BLOCKS
+from .keys import layer_count  # re-exported: the converters import it from here
+from .swin import is_swin, swin_overrides
 
 SHOW = 10  # how many offending keys an error message lists
 WB = r"(weight|bias)"  # the parameters of a linear or norm layer, as a regular-expression group
@@ -251,12 +253,6 @@ def _layout_error(state: Renamed, expected: Iterable[str]) -> SparsedetError | N
     return SparsedetError(f"{state.source}: cannot convert. " + "; ".join(problems) + hint)
 
 
-def layer_count(keys: Iterable[str], prefix: str) -> int:
-    """How many numbered modules ``prefix<N>.`` the keys hold (1 + the largest N; 0 for none),
-    e.g. decoder layers under ``transformer.decoder.layers.``."""
-    return 1 + max((int(k[len(prefix):].split(".", 1)[0]) for k in keys if k.startswith(prefix)), default=-1)
-
-
 def resnet_depth(state: Mapping[str, Tensor]) -> int:
     """The ResNet depth whose block kind and stage-3 block count fit the converted backbone keys."""
     kind = "bottleneck" if any(k.startswith("backbone.") and ".conv3." in k for k in state) else "basic"
@@ -304,6 +300,4 @@ def sizes_from_state(state: Renamed, heads: int = 8) -> dict:
 def backbone_sizes(state: Renamed) -> dict:
     """``model.backbone`` overrides for the converted backbone keys: a Swin's (kind, variant, window,
     stages, norms) or a ResNet's depth."""
-    from .swin import is_swin, swin_overrides  # swin.py builds on this module's helpers
-
     return swin_overrides(state, state.source) if is_swin(state) else {"model.backbone.depth": resnet_depth(state)}

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...errors import SparsedetError
 from ...nn.swin import VARIANTS
-from .common import layer_count
+from .keys import layer_count
 
 # The official (detection) Swin's parameters under a repository's backbone prefix, as one group.
 SWIN_KEYS = r"((?:patch_embed|layers|norm\d)\..+)"
