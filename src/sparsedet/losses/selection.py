@@ -10,19 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import LossConfig
+from ..nn.tokens import TokenSelection
 from ..ops.boxes import cxcywh_to_xyxy
 from ..ops.functional import top_k
 from .focal import sigmoid_focal_loss
-
-if TYPE_CHECKING:  # the encoders name their supervision from here
-    from ..models.encoders.scoring import TokenSelection
 
 
 @torch.no_grad()

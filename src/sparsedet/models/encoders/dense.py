@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -11,10 +10,8 @@ from ...config import ModelConfig
 from ...nn.attention import MSDeformAttn
 from ...nn.neck import MultiLevel
 from ...nn.mlp import FeedForward
+from ...nn.tokens import TokenSelection
 from ..heads import Predictions
-
-if TYPE_CHECKING:  # scoring imports this module
-    from .scoring import TokenSelection
 
 
 @dataclass

@@ -7,7 +7,6 @@ one width per batch with a per-image count of entries that are written back, nev
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +15,8 @@ from torch import Tensor, nn
 from ...config import ModelConfig
 from ...errors import SparsedetError
 from ...losses.selection import SelectionSupervision
-from ...nn.neck import MultiLevel
-from ...ops.functional import gather_rows, token_levels, top_k
+from ...nn.tokens import LayerSelection, TokenSelection, written  # noqa: F401 (re-exported)
+from ...ops.functional import gather_rows, top_k
 from ...ops.padding import rank_padding_last
 from .dense import encoder_reference_points
 
@@ -149,27 +148,11 @@ def top_share(logits: Tensor, padding: Tensor, ratio: float, plus_one: bool) -> 
     return LayerSelection(indices, scores, counts)
 
 
-def written(indices: Tensor, counts: Tensor) -> Tensor:
-    """[B, k] True on the entries of a selection that are written back (each image's first counts[i])."""
-    return torch.arange(indices.shape[1], device=indices.device)[None] < counts[:, None]
-
-
 def scatter_tokens(memory: Tensor, indices: Tensor, values: Tensor, counts: Tensor) -> Tensor:
     """Write ``values`` [B, k, C] at ``indices`` [B, k] of ``memory`` [B, S, C]; only each image's
     first ``counts[i]`` entries are written, the rest leave memory as it was."""
     values = torch.where(written(indices, counts)[..., None], values, gather_rows(memory, indices))
     return memory.scatter(1, indices[..., None].expand(-1, -1, memory.shape[-1]), values.to(memory.dtype))
-
-
-@dataclass
-class LayerSelection:
-    """One encoder layer's tokens. indices: [B, k] flat token indices, best first; scores: [B, k]
-    their ranking logits; counts: [B] entries per image that are written back (the rest are
-    padding of the batch-wide width)."""
-
-    indices: Tensor
-    scores: Tensor
-    counts: Tensor
 
 
 def cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float],
@@ -188,40 +171,6 @@ def cascade(indices: Tensor, scores: Tensor, counts: Tensor, ratios: list[float]
         kept = (counts.float() * ratio).long().clamp(min=1).minimum(counts) if per_image else counts
         out.append(LayerSelection(indices[:, :k_t], scores[:, :k_t], kept.clamp(max=k_t)))
     return out
-
-
-@dataclass
-class TokenSelection:
-    """The facts losses, visualisation and benchmarks read about a sparse encoder's choices.
-
-    token_logits: [B, S] scorer logits before padding is masked (the selection losses' input);
-    layers: one ``LayerSelection`` per encoder layer; shapes: per level (H, W); padding: [B, S];
-    image_sizes: [B, 2] unpadded (height, width) and padded_size (height, width) in input pixels
-    (``MultiLevel``'s, see ``of``).
-    """
-
-    token_logits: Tensor
-    layers: list[LayerSelection]
-    shapes: list[tuple[int, int]]
-    padding: Tensor
-    image_sizes: Tensor | None = None
-    padded_size: tuple[int, int] | None = None
-
-    @classmethod
-    def of(cls, token_logits: Tensor, layers: list[LayerSelection], levels: MultiLevel) -> "TokenSelection":
-        """The selection made on ``levels``, with their shapes, padding and image sizes."""
-        return cls(token_logits, layers, levels.shapes, levels.padding, levels.image_sizes, levels.padded_size)
-
-    def level_counts(self, layer: int) -> Tensor:
-        """[B, L] tokens each image kept per level in ``layer``."""
-        sel = self.layers[layer]
-        onehot = F.one_hot(token_levels(sel.indices, self.shapes), len(self.shapes))
-        return (onehot * written(sel.indices, sel.counts)[..., None]).sum(1)
-
-    def kept_fraction(self) -> float:
-        """Mean over layers and images of kept tokens / valid tokens."""
-        valid = (~self.padding).sum(1).clamp(min=1).float()
-        return float(torch.stack([s.counts.float() / valid for s in self.layers]).mean())
 
 
 def uniform_alpha(n: int) -> nn.Parameter:
