@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .encoder_kinds import ENCODERS
 from .errors import SparsedetError, close_names
 from .jsonfile import read_json_object
 
@@ -341,8 +342,6 @@ def _check_takes_effect(config: Config, key: str) -> None:
         raise SparsedetError(f"{key} has no effect with model.backbone.kind={config.model.backbone.kind!r}: only "
                              f"the {owner[0]} backbone reads it; set model.backbone.kind={owner[0]} or leave it out")
     if key.startswith("model.encoder.") and key != "model.encoder.kind":
-        from .models.encoders import ENCODERS  # the encoder classes sit above the config
-
         field_name = key.removeprefix("model.encoder.")
         switch, current = "encoder.kind", config.model.encoder.kind
         kinds = tuple(k for k, cls in ENCODERS.items() if field_name in getattr(cls, "config_fields", ()))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import LossConfig, ModelConfig
+from ..encoder_kinds import encoder_class
 from ..ops.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .focal import aligned_loss, sigmoid_focal_loss, varifocal_loss
 from .matcher import HungarianMatcher
@@ -43,8 +44,6 @@ class SetCriterion:
     def for_model(cls, config: ModelConfig,
                   mean_over_processes: Callable[[float, torch.device], float] = single_process) -> "SetCriterion":
         """The criterion of a model config, with the selection loss its encoder kind declares."""
-        from ..models.encoders import encoder_class  # models sit above losses; only the table is read
-
         supervision = getattr(encoder_class(config.encoder.kind), "supervision", None)
         selection_loss = (supervision(config.loss, config.encoder.label_ranges, mean_over_processes)
                           if supervision is not None else None)

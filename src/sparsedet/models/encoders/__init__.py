@@ -13,7 +13,7 @@ from typing import Protocol
 from torch import nn
 
 from ...config import ModelConfig
-from ...errors import SparsedetError
+from ...encoder_kinds import ENCODERS, encoder_class, register_encoder  # noqa: F401 (re-exported)
 from ...nn.neck import MultiLevel
 from ..projection import TokenProjection
 from .dense import DenseEncoder, EncoderOutput
@@ -32,24 +32,10 @@ class Encoder(Protocol):
     def __call__(self, levels: MultiLevel, projection: TokenProjection | None) -> EncoderOutput: ...
 
 
-ENCODERS: dict[str, type[nn.Module]] = {"dense": DenseEncoder, "global": GlobalEncoder, "sparse": SparseEncoder,
-                                        "focus": FocusEncoder, "salience": SalienceEncoder}
-
-
-def register_encoder(kind: str):
-    """Class decorator: ``model.encoder.kind=KIND`` builds the decorated class."""
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
-        if kind in ENCODERS and ENCODERS[kind] is not cls:
-            raise SparsedetError(f"encoder kind {kind!r} is already {ENCODERS[kind].__name__}")
-        ENCODERS[kind] = cls
-        return cls
-    return add
-
-
-def encoder_class(kind: str) -> type[nn.Module]:
-    if kind not in ENCODERS:
-        raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}")
-    return ENCODERS[kind]
+# The built-in kinds, first in the table (which lives in encoder_kinds.py, below the config and the
+# losses that read it).
+ENCODERS.update({"dense": DenseEncoder, "global": GlobalEncoder, "sparse": SparseEncoder, "focus": FocusEncoder,
+                 "salience": SalienceEncoder})
 
 
 def build_encoder(c: ModelConfig) -> nn.Module:
