@@ -2,31 +2,24 @@
 from __future__ import annotations
 
 import copy
-import numbers
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .config import Config, apply_overrides
 from .data.batch import Batch
-from .data.coco import load_image
-from .data.sampler import shape_batches
-from .data.transforms import resize
+from .data.images import ImageLike, predict_in_shape_batches, preprocess_images
 from .engine.checkpoint import load_run, save_run
 from .engine.device import resolve_device
 from .engine.precision import inference_precision, resolve_precision
 from .engine.thresholds import PREDICT_DEFAULT, Threshold
 from .errors import SparsedetError
 from .models.detector import DetectionTransformer
+from .models.postprocess import check_top_k, with_names
 from .presets import get_preset
-
-# An image: a path, a PIL image, an RGB (H, W, 3) array (uint8 0..255 or float in [0, 1]; OpenCV's
-# BGR arrays need image[..., ::-1] first) or an RGB (3, H, W) float tensor in [0, 1].
-ImageLike = Any
 
 
 class Detector(DetectionTransformer):
@@ -178,46 +171,6 @@ class Detector(DetectionTransformer):
         return preprocess_images(images, self.config.eval_size, self.config.eval_max_size)
 
 
-def predict_in_shape_batches(images: list[ImageLike], batch_size: int, preprocess, detect) -> list[dict]:
-    """``detect(batch, sizes)`` over ``images`` in batches of like shapes (less padding to compute;
-    the detections do not depend on it), returned in the images' order. ``preprocess`` as
-    ``Detector.preprocess``."""
-    pictures = [_to_pil(image) for image in images]
-    results: list[dict] = [{}] * len(pictures)
-    for indices in shape_batches([(p.height, p.width) for p in pictures], range(len(pictures)), batch_size):
-        batch, sizes, _ = preprocess([pictures[i] for i in indices])
-        for i, detections in zip(indices, detect(batch, sizes)):
-            results[i] = detections
-    return results
-
-
-def preprocess_images(images: list[ImageLike], eval_size: int, eval_max_size: int
-                      ) -> tuple[Batch, torch.Tensor, list[Image.Image]]:
-    """What every prediction does first (``Detector``, an exported model in ``OnnxDetector``): each
-    image resized so its short side is ``eval_size`` and its long side at most ``eval_max_size``,
-    then padded into one batch. Returns (batch, original (height, width) [B, 2], the resized images)."""
-    tensors, sizes, resized_images = [], [], []
-    for im in map(_to_pil, images):
-        resized, _ = resize(im, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)},
-                            eval_size, eval_max_size)
-        tensors.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        sizes.append((im.height, im.width))
-        resized_images.append(resized)
-    return Batch.from_images(tensors), torch.tensor(sizes), resized_images
-
-
-def with_names(detections: list[dict], classes: list[str]) -> list[dict]:
-    """The detection dicts, each given "names": the class name of each of its "labels"."""
-    for det in detections:
-        det["names"] = [classes[label] for label in det["labels"].tolist()]
-    return detections
-
-
-def check_top_k(top_k: int | None) -> None:
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
-        raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
-
-
 def load_detector(weights: str | Path, ema: bool = False, device: str | None = None, runtime: str | None = None):
     """What ``--weights`` names: a run folder or a zoo name (a ``Detector``, on ``device``: default
     cuda when available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run on the
@@ -258,49 +211,3 @@ def _model_overrides(overrides: dict[str, Any], where: str) -> dict[str, Any]:
                                  f"effect here: give it to `sparsedet train ... {key}=VALUE` (or set it in the "
                                  "Config a Trainer gets)")
     return overrides
-
-
-def _to_pil(image: ImageLike) -> Image.Image:
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if path.is_dir():
-            raise SparsedetError(f"{path} is a folder; pass the paths of its image files (`sparsedet predict` "
-                                 "takes folders)")
-        if not path.is_file():
-            raise SparsedetError(f"image not found: {path}; pass the path of an existing image file (or a PIL "
-                                 "image, array or tensor)")
-        return load_image(path)
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise SparsedetError(f"image tensors must be RGB (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
-        image = image.detach().cpu()
-        image = (image if image.dtype == torch.uint8 else image.float()).permute(1, 2, 0).numpy()
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise SparsedetError(f"image arrays must be RGB (H, W, 3), got shape {image.shape}")
-        return Image.fromarray(_to_uint8(image))
-    raise SparsedetError(f"cannot read an image from {type(image).__name__}; pass a path, PIL image, array or tensor")
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """uint8 as it is; other integers in 0..255; floats in [0, 1] (a float array in 0..255, OpenCV
-    style, or a normalised one is refused, not silently clipped)."""
-    if image.dtype == np.uint8:
-        return image
-    if np.issubdtype(image.dtype, np.integer):
-        if image.size and (image.min() < 0 or image.max() > 255):
-            raise SparsedetError(f"integer image arrays must hold 0..255, got {image.min()}..{image.max()}")
-        return image.astype(np.uint8)
-    if not np.issubdtype(image.dtype, np.floating):
-        raise SparsedetError(f"image arrays must be uint8 or float, got {image.dtype}")
-    if image.size:
-        low, high = float(np.min(image)), float(np.max(image))
-        if not (np.isfinite(low) and np.isfinite(high)):
-            raise SparsedetError("the image array holds NaN or infinite values")
-        if high > 1.0 + 1e-3 or low < -1e-3:
-            hint = ("it looks like 0..255 pixels (OpenCV style): divide it by 255 or pass uint8" if low >= -1e-3
-                    else "pass the image before normalisation (the model normalises internally)")
-            raise SparsedetError(f"float images must be RGB in [0, 1], got values {low:g}..{high:g}; {hint}")
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)

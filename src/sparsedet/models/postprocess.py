@@ -5,6 +5,8 @@ columns that name no category (COCO's 11 unused ids) never become detections.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -73,3 +75,15 @@ def check_threshold(threshold: float) -> None:
     if not 0.0 <= threshold <= 1.0:  # also refuses NaN
         raise SparsedetError(f"threshold must be a score in [0, 1], got {threshold}; e.g. 0.5 (0 keeps the "
                              "top-k detections whatever their score)")
+
+
+def check_top_k(top_k: int | None) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise SparsedetError(f"top_k must be a whole number of at least 1 (or None: config.top_k), got {top_k!r}")
+
+
+def with_names(detections: list[dict], classes: list[str]) -> list[dict]:
+    """The detection dicts, each given "names": the class name of each of its "labels"."""
+    for det in detections:
+        det["names"] = [classes[label] for label in det["labels"].tolist()]
+    return detections

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..api import ImageLike, check_top_k, predict_in_shape_batches, preprocess_images, with_names
 from ..config import Config
 from ..data.batch import Batch
+from ..data.images import ImageLike, predict_in_shape_batches, preprocess_images
 from ..errors import SparsedetError
 from ..engine.thresholds import PREDICT_DEFAULT, Threshold
-from ..models.postprocess import above_threshold
+from ..models.postprocess import above_threshold, check_top_k, with_names
 from .export import inputs
 from .runtimes import open_session
 
