@@ -10,6 +10,7 @@ from ...config import Config, apply_overrides
 from ...data.categories import coco_class_table, raw_id_table
 from ...engine.checkpoint import save_run
 from ...errors import SparsedetError
+from ...models.detector import DetectionTransformer
 from ...presets import get_preset
 from .common import Renamed, check_layout
 from .hf_conditional_detr import convert_hf_conditional_detr
@@ -50,7 +51,8 @@ SOURCES: dict[str, Source] = {source.name: source for source in (
 
 
 def convert(source: str, path: str | Path, overrides: dict | list[str] | None = None):
-    """Returns (our ``Detector`` with the converted weights loaded, its ``Config``).
+    """Returns (our model, a ``DetectionTransformer``, with the converted weights loaded, its ``Config``);
+    ``convert_to_run`` writes them as a run folder, which ``Detector.from_pretrained`` loads.
 
     overrides: config values the checkpoint cannot tell (e.g. ``{"model.encoder.object_tokens": 64}``),
     applied after those read from it.
@@ -66,8 +68,6 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
 
 
 def _convert(source: Source, path: str | Path, overrides):
-    from ...api import Detector  # the whole model stack: only when converting, not for `sparsedet --help`
-
     state, found = source.read(path)
     config: Config = get_preset(source.preset)
     config.source = f"{source.name}: {Path(path).name}"
@@ -76,7 +76,7 @@ def _convert(source: Source, path: str | Path, overrides):
     config.model.classes, config.model.category_ids = _class_table(found, path)
     apply_overrides(config, found)
     apply_overrides(config, overrides or {})
-    model = Detector.from_config(config)
+    model = DetectionTransformer(config.model)  # the base class: Detector.from_pretrained converts zoo names here
     ours = model.state_dict()
     check_layout(state, [k for k in ours if not k.endswith("num_batches_tracked")])
     misshapen = [f"{state.origin.get(k, k)} {tuple(v.shape)} (expected {tuple(ours[k].shape)})"

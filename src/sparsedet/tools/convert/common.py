@@ -4,7 +4,7 @@ A converter reads a foreign checkpoint without unpickling arbitrary objects, fol
 duplicate (aliased) keys after checking they hold equal tensors, renames every key
 by an ordered table of regular expressions and reads the architecture sizes from the
 renamed tensors. ``convert`` then compares the keys with the ``state_dict()`` of the
-``Detector`` those sizes build: keys no rule claimed, keys missing and keys foreign to
+model those sizes build: keys no rule claimed, keys missing and keys foreign to
 it are reported in ONE ``SparsedetError`` that names the file (``check_layout``).
 """
 from __future__ import annotations
