@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    # The command's warnings read `warning: message`; the caller's format comes back afterwards (a
+    # program calling main keeps its own). formatwarning rather than showwarning, so that a caller
+    # recording warnings (catch_warnings(record=True), pytest.warns) still records them.
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         return COMMANDS[args.command](args) or 0
     except SparsedetError as e:
@@ -49,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def cmd_zoo(args) -> int:
