@@ -13,7 +13,7 @@ def cmd_serve(args) -> int:
         import uvicorn
 
         from .serve.app import ServeOptions, create_app
-        from .serve.inputs import Limits
+        from .serve.inputs import Limits, allow_pixels
     except ImportError as err:
         raise SparsedetError(f"serving needs FastAPI, uvicorn and prometheus_client ({err.name} is missing): "
                              "pip install 'sparsedet[serve]'") from None
@@ -23,6 +23,7 @@ def cmd_serve(args) -> int:
     workers, threads, max_batch = _plan(args)
     options = ServeOptions(max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            workers=workers, limits=Limits(args.max_bytes, args.max_pixels), precision=args.precision)
+    allow_pixels(options.limits)
     if threads:
         import torch
         torch.set_num_threads(threads)  # before an .onnx file's session takes torch's count
