@@ -15,6 +15,7 @@ from .cli_serve import cmd_serve
 from .errors import SparsedetError
 from .filewrite import atomic_write
 from .jsonfile import read_json_object
+from .plugins import load_plugins
 
 if TYPE_CHECKING:  # the verbs import what they need when they run (a quick --help)
     from .config import Config, TrainConfig
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    load_plugins()  # third-party encoders and presets, before any name is looked up
     parser = build_parser()
     args = parse_args(argv, parser)
     if not getattr(args, "command", None):

@@ -14,6 +14,7 @@ from torch import nn
 
 from ...config import ModelConfig
 from ...errors import SparsedetError
+from ...plugins import not_found_hint
 from ...nn.neck import MultiLevel
 from ..projection import TokenProjection
 from .dense import DenseEncoder, EncoderOutput
@@ -48,7 +49,9 @@ def register_encoder(kind: str):
 
 def encoder_class(kind: str) -> type[nn.Module]:
     if kind not in ENCODERS:
-        raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}")
+        hint = not_found_hint()  # loads the installed plugins, which may register the kind
+        if kind not in ENCODERS:
+            raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}{hint}")
     return ENCODERS[kind]
 
 
