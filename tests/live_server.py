@@ -28,6 +28,24 @@ def png(width: int, height: int, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def same_as_written(answer: dict, written: list[dict]) -> bool:
+    """An API answer holds the detections predictions.json states (category, xywh box to 1/1000 px,
+    score to 5 digits), one to one, up to the float rounding of another batch shape (~1e-7 here,
+    which also lets two near-equal scores trade places)."""
+    found = [d for d in answer["detections"] if d["category_id"] is not None]
+    unmatched = list(written)
+    for d in found:
+        x1, y1, x2, y2 = d["box"]
+        match = next((e for e in unmatched if e["category_id"] == d["category_id"]
+                      and abs(d["score"] - e["score"]) <= 5e-6 + 1e-6
+                      and max(abs(a - b) for a, b in zip((x1, y1, x2 - x1, y2 - y1), e["bbox"])) <= 5e-4 + 1e-3),
+                     None)
+        if match is None:
+            return False
+        unmatched.remove(match)
+    return not unmatched
+
+
 @dataclass
 class Answer:
     status: int

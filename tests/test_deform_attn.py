@@ -117,12 +117,13 @@ def test_backend_choice_env_and_errors(monkeypatch):
     monkeypatch.setenv(deform_attn.ENV, "gather")
     assert deform_attn.default_backend("cpu") == "gather"
     monkeypatch.setenv(deform_attn.ENV, "grid")
-    with pytest.raises(ValueError, match="SPARSEDET_DEFORM_ATTN: unknown deformable-attention backend 'grid'"):
+    with pytest.raises(SparsedetError, match="SPARSEDET_DEFORM_ATTN: unknown deformable-attention backend 'grid'; "
+                                             "set SPARSEDET_DEFORM_ATTN to one of reference, cpu, gather"):
         deform_attn.default_backend("cpu")
     monkeypatch.delenv(deform_attn.ENV)
     assert deform_attn.default_backend("cpu") == ("cpu" if deform_attn_kernel.available() else "reference")
     assert deform_attn.default_backend("cuda") == "gather"
-    with pytest.raises(ValueError, match="cannot run on meta"):
+    with pytest.raises(SparsedetError, match="cannot run on meta tensors; use backend='gather'"):
         ms_deform_attn(*(t.to("meta") for t in _inputs(0, 1, 2, [(2, 2)])[:1]), [(2, 2)],
                        *(t.to("meta") for t in _inputs(0, 1, 2, [(2, 2)])[1:]), backend="cpu")
 

@@ -1,6 +1,7 @@
 """ONNX export: every tiny preset and a converted transformers Deformable DETR run in onnxruntime
 with PyTorch's detections (boxes within 0.5 px, scores within 1e-3, same labels), on the export's
 own samples and at other sizes: a batch of two differently sized images, and a portrait one."""
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -199,6 +200,16 @@ def test_cli_export_and_the_file_as_a_run(tmp_path, capsys, synth):
     assert len(onnx_entries) == len(torch_entries) == 10 * len(images)
     _assert_same_entries(torch_entries, onnx_entries)
     assert len(list((tmp_path / "onnx").glob("*_pred.png"))) == len(images)
+    if importlib.util.find_spec("fastapi"):  # the [serve] extra; tests/test_serve.py serves a run folder
+        from live_server import same_as_written, start_server
+        live = start_server(out)
+        try:
+            for path in images[:2]:
+                answer = live.predict(path.read_bytes(), "threshold=0").json()
+                assert same_as_written(answer, [e for e in onnx_entries if e["file_name"] == str(path)])
+            assert live.request("/v1/model").json()["runtime"].startswith("onnxruntime")
+        finally:
+            assert live.stop() == 0, "".join(live.output)
 
     from sparsedet.api import load_detector
     from sparsedet.data.coco import CocoDetection

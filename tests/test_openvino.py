@@ -128,7 +128,7 @@ def test_what_cannot_run_in_openvino_says_so_in_one_line(tmp_path, capsys, monke
     refused(["predict", "--weights", str(tmp_path), "x.png", "--out", str(tmp_path / "p"), "--runtime", "openvino"],
             f"{applies}, and {tmp_path} is a run folder, preset or zoo name")
     refused(["bench", "dino_tiny", "--runs", "0", "--runtime", "openvino"], applies)
-    monkeypatch.setattr("sparsedet.tools.zoo.resolve_run", lambda name: pytest.fail("a zoo name was fetched"))
+    monkeypatch.setattr("sparsedet.tools.zoo.pretrained_run", lambda name: pytest.fail("a zoo name was fetched"))
     refused(["eval", "--weights", "deformable_detr_r50_50ep", "--val", "v.json", "--runtime", "openvino"], applies)
     refused(["eval", "--results", "r.json", "--val", "v.json", "--runtime", "openvino"],
             "--runtime sets how --weights RUN runs; a --results file is already computed: leave it out")

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import require_module
 
 require_module("fastapi", "serve")
-from live_server import png, start_server  # noqa: E402
+from live_server import png, same_as_written, start_server  # noqa: E402
 from sparsedet import Detector  # noqa: E402
 from sparsedet.cli import main  # noqa: E402
 from sparsedet.serve.batcher import Batcher, QueueFull  # noqa: E402
@@ -34,17 +34,6 @@ def together(calls: list) -> list:
     for t in threads:
         t.join(120)
     return results
-
-
-def same_as_written(answer: dict, written: list[dict]) -> bool:
-    """An API answer states what predictions.json does (category, xywh box to 1/1000 px, score to 5
-    digits), up to the float rounding of another batch shape (~1e-8) at those roundings' edges."""
-    found = [d for d in answer["detections"] if d["category_id"] is not None]
-    return len(found) == len(written) and all(
-        d["category_id"] == e["category_id"] and abs(d["score"] - e["score"]) <= 5e-6 + 1e-7
-        and max(abs(a - b) for a, b in zip((d["box"][0], d["box"][1], d["box"][2] - d["box"][0],
-                                             d["box"][3] - d["box"][1]), e["bbox"])) <= 5e-4 + 1e-5
-        for d, e in zip(found, written))
 
 
 def close(found: list[dict], expected: list[dict]) -> bool:

@@ -197,3 +197,59 @@ def test_int8_export_mistakes_are_named_before_any_work(tiny_run, synth, tmp_pat
     err = _error(capsys, [*export, "--int8", "--calibration", str(other_path), "--images", root])
     assert "does not fit the model's classes" in err and "1 (CIRCLE)" in err and "1 (circle)" in err, err
     assert not out.exists() and not list(tmp_path.glob(".q-*"))
+
+
+def test_a_bad_deform_attn_variable_is_one_error_line(monkeypatch, capsys):
+    from sparsedet.ops import deform_attn
+    monkeypatch.setattr(deform_attn, "_override", None)  # a set_default_backend choice would hide the variable
+    monkeypatch.setenv(deform_attn.ENV, "bogus")
+    err = _error(capsys, ["bench", "dino_tiny", "--runs", "0"])
+    assert "SPARSEDET_DEFORM_ATTN" in err and "'bogus'" in err and "reference, cpu, gather" in err
+    with pytest.raises(SparsedetError, match="unknown deformable-attention backend 'grid'; choose one of"):
+        deform_attn.set_default_backend("grid")
+
+
+def test_model_and_loss_settings_the_model_cannot_use_name_the_fix(tmp_path):
+    with pytest.raises(SparsedetError, match=r"model\.hidden_dim=64 does not split among model\.num_heads=6 heads; "
+                                              r"set model\.num_heads so that it divides model\.hidden_dim"):
+        Detector.from_preset("dino_tiny", num_classes=3, **{**SMALL, "num_heads": 6})
+    with pytest.raises(SparsedetError, match="model.num_heads=6"):  # torch's own attention asserted before
+        Detector.from_preset("conditional_detr_tiny", num_classes=3, **{**SMALL, "num_heads": 6})
+    with pytest.raises(SparsedetError, match=r"model\.loss\.cls_loss='softmax' is out of range: it must be focal, "
+                                              r"varifocal or aligned"):
+        apply_overrides(get_preset("dino_tiny"), ["loss.cls_loss=softmax"])
+    from sparsedet.config import LossConfig
+    from sparsedet.losses.criterion import SetCriterion
+    with pytest.raises(SparsedetError, match="set model.loss.cls_loss to focal, varifocal or aligned"):
+        SetCriterion(3, LossConfig(cls_loss="softmax"))  # built in Python, past validate
+
+
+def test_api_arguments_out_of_their_choices_name_them(tmp_path, capsys):
+    from sparsedet.data.synthetic import write_synthetic
+    from sparsedet.tools.convert import convert
+    with pytest.raises(SparsedetError, match="unknown checkpoint source 'official-dion'; did you mean official-dino"):
+        convert("official-dion", tmp_path / "ckpt.pth")
+    assert "n_train (synth --train) must be at least 1, got 0" in _error(
+        capsys, ["synth", "--out", str(tmp_path / "d"), "--train", "0"])
+    assert "size (synth --size) must be at least 32, got 8" in _error(
+        capsys, ["synth", "--out", str(tmp_path / "d"), "--size", "8"])
+    with pytest.raises(SparsedetError, match="format .* must be 'coco' or 'yolo'"):
+        write_synthetic(tmp_path / "d", format="voc")
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_cli_warning_format_ends_with_main(monkeypatch, capsys):
+    import sparsedet.cli as cli
+    seen = []
+
+    def command(args):
+        seen.append(warnings.formatwarning("slow", UserWarning, "x.py", 1))
+        raise SparsedetError("boom")
+
+    before = warnings.formatwarning
+    monkeypatch.setitem(cli.COMMANDS, "presets", command)
+    assert "boom" in _error(capsys, ["presets"])
+    assert seen == ["warning: slow\n"] and warnings.formatwarning is before
+    with pytest.warns(UserWarning, match="recorded"):  # a caller recording warnings still gets them
+        monkeypatch.setitem(cli.COMMANDS, "presets", lambda args: warnings.warn("recorded") or 0)
+        assert main(["presets"]) == 0

@@ -65,9 +65,9 @@ class Detector(DetectionTransformer):
         weights with ``ema=True``), or a released checkpoint by its zoo name (``dino_r50_12ep``:
         downloaded and converted on first use, see ``sparsedet zoo``); overrides change what the
         weights do not fix (``encoder.keep_ratio=0.2``)."""
-        from .tools.zoo import resolve_run
+        from .resolve import resolve_model
         device = resolve_device(map_location, fix="map_location='cpu'")
-        run_dir = resolve_run(run_dir)
+        run_dir = resolve_model(run_dir, "from_pretrained").path()  # a zoo name: its cached run folder
         config, state = load_run(run_dir, ema=ema)
         apply_overrides(config, _model_overrides(overrides, "from_pretrained"))
         model = cls.from_config(config)  # the run's weights hold the backbone
@@ -175,18 +175,8 @@ def load_detector(weights: str | Path, ema: bool = False, device: str | None = N
     """What ``--weights`` names: a run folder or a zoo name (a ``Detector``, on ``device``: default
     cuda when available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run on the
     CPU in ``runtime``: "onnxruntime", the default, or "openvino"; the others run in PyTorch)."""
-    from .tools.runtimes import check_runtime
-    check_runtime(runtime, weights)
-    if str(weights).lower().endswith(".onnx"):
-        if ema:
-            raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")
-        if device not in (None, "cpu"):
-            raise SparsedetError(f"an .onnx file runs on the CPU (in onnxruntime or OpenVINO); leave out --device "
-                                 f"{device}")
-        from .tools.onnx_model import OnnxDetector
-        return OnnxDetector(weights, runtime=runtime or "onnxruntime")
-    device = resolve_device(device or "auto", fix="--device cpu")
-    return Detector.from_pretrained(weights, map_location=device, ema=ema)
+    from .resolve import resolve_model
+    return resolve_model(weights, "load_detector").load(device=device, runtime=runtime, ema=ema)
 
 
 def class_dependent_keys(config: Config) -> set[str]:

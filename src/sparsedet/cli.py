@@ -15,6 +15,7 @@ from .cli_serve import cmd_serve
 from .errors import SparsedetError
 from .filewrite import atomic_write
 from .jsonfile import read_json_object
+from .plugins import load_plugins
 
 if TYPE_CHECKING:  # the verbs import what they need when they run (a quick --help)
     from .config import Config, TrainConfig
@@ -35,12 +36,17 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
 
 
 def main(argv: list[str] | None = None) -> int:
+    load_plugins()  # third-party encoders and presets, before any name is looked up
     parser = build_parser()
     args = parse_args(argv, parser)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    # The command's warnings read `warning: message`; the caller's format comes back afterwards (a
+    # program calling main keeps its own). formatwarning rather than showwarning, so that a caller
+    # recording warnings (catch_warnings(record=True), pytest.warns) still records them.
+    previous = warnings.formatwarning
+    warnings.formatwarning = _format_warning
     try:
         return COMMANDS[args.command](args) or 0
     except SparsedetError as e:
@@ -49,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def cmd_zoo(args) -> int:
@@ -106,10 +118,10 @@ def _prepare_training(preset: str | None, weights: str | None, overrides: list[s
     from .engine.rng import seed_everything
     from .data.datasets import make_datasets
     from .presets import get_preset
-    from .tools.zoo import resolve_run
+    from .resolve import resolve_model
     if bool(preset) == bool(weights):
         raise SparsedetError("give exactly one of --preset NAME, --weights RUN or --resume RUN")
-    weights = resolve_run(weights) if weights else weights
+    weights = resolve_model(weights, "train").path() if weights else weights  # a zoo name: its cached run folder
     config = load_config(weights) if weights else get_preset(preset)
     if weights:
         config.train = _fine_tuning_schedule(config.preset)[0]
@@ -215,24 +227,21 @@ def cmd_eval(args) -> int:
         out = Path(args.out or ".")
         gt = open_detection_dataset(args.val_ann, "val", args.images).coco if args.plots else None
     else:
-        from .api import load_detector
         from .data.transforms import build_transforms
         from .engine.evaluator import evaluate
-        from .tools.runtimes import check_runtime
-        from .tools.zoo import resolve_run
+        from .resolve import resolve_model
         if args.batch_size < 1:
             raise SparsedetError(f"--batch-size must be at least 1, got {args.batch_size}")
-        check_runtime(args.runtime, args.weights)  # before a zoo name downloads
-        args.weights = str(resolve_run(args.weights))  # a zoo name evaluates into its cached run folder
-        model = load_detector(args.weights, ema=args.ema, device=args.device, runtime=args.runtime)
+        ref = resolve_model(args.weights, "eval")
+        model = ref.load(ema=args.ema, device=args.device, runtime=args.runtime)  # the runtime checked first
         _say_runtime(model)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
         metrics, results = evaluate(model, dataset, args.batch_size, precision=args.precision, corr=args.corr)
         gt = dataset.coco
         name = _dataset_name(args.val_ann) + ("_ema" if args.ema else "")
-        weights = Path(args.weights)
-        beside = weights.parent / f"{weights.stem}_eval" if weights.is_file() else weights / "eval"
+        weights = ref.path()  # a zoo name evaluates into its cached run folder
+        beside = weights.parent / f"{weights.stem}_eval" if ref.kind == "exported" else weights / "eval"
         out = Path(args.out) if args.out else beside / name
     print(format_metrics(metrics))
     if "corr" in metrics:
@@ -265,12 +274,12 @@ def _dataset_name(path: str) -> str:
 
 
 def cmd_predict(args) -> int:
-    from .api import load_detector
     from .models.postprocess import check_threshold
+    from .resolve import resolve_model
     from .tools.predict import collect_inputs, predict_to_folder
     if args.threshold is not None:
         check_threshold(args.threshold)  # before the model loads
-    model = load_detector(args.weights, device=args.device, runtime=args.runtime)
+    model = resolve_model(args.weights, "predict").load(device=args.device, runtime=args.runtime)
     _say_runtime(model)
     files, videos = collect_inputs(args.inputs)
     seen = predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision,
@@ -324,18 +333,13 @@ def cmd_convert(args) -> int:
 def cmd_viz(args) -> int:
     from .config import parse_overrides
     from .engine.thresholds import Threshold
-    from .tools.bench import check_target, load_model
+    from .resolve import resolve_model
     from .tools.viz import visualize
-    from .tools.zoo import resolve_run
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
-    if args.target.lower().endswith(".onnx"):
-        raise SparsedetError(f"{args.target} is an ONNX file, which keeps no tokens or sampling points to draw; "
-                             "viz takes a run folder, a zoo name or a preset")
-    check_target(args.target)
-    args.target = str(resolve_run(args.target))
-    model = load_model(args.target, parse_overrides(args.overrides + _deprecated_set(args)))
-    if not Path(args.target).is_dir():
+    ref = resolve_model(args.target, "viz")
+    model = ref.load(device="cpu", overrides=parse_overrides(args.overrides + _deprecated_set(args)))
+    if ref.kind == "preset":
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
     corr, threshold = facts["corr"], Threshold(facts["threshold"], facts["threshold_origin"])
@@ -352,8 +356,8 @@ def cmd_bench(args) -> int:
     import torch
 
     from .config import parse_overrides
+    from .resolve import resolve_model
     from .tools import bench
-    from .tools.runtimes import check_runtime
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.batch < 1 or args.runs < 0 or args.warmup < 0:
@@ -364,9 +368,9 @@ def cmd_bench(args) -> int:
     from .engine.device import resolve_device
     device = resolve_device(args.device or "auto", fix="--device cpu")
     args.targets, positional = _split_overrides(args.targets + args.overrides)
-    for target in args.targets:
-        bench.check_target(target)
-        check_runtime(args.runtime, target)
+    refs = {target: resolve_model(target, "bench") for target in args.targets}
+    for ref in refs.values():
+        ref.check_runtime(args.runtime)  # before anything prints or downloads
     sizes = [bench.parse_size(s) for s in args.size or []]
     overrides = parse_overrides(positional + _deprecated_set(args))
     key, values = bench.parse_sweep(args.sweep) if args.sweep else (None, [None])
@@ -381,7 +385,7 @@ def cmd_bench(args) -> int:
             rows = []
             for value in values:
                 chosen = {**overrides, **({key: value} if key else {})}
-                model = bench.load_model(target, chosen, args.runtime)
+                model = refs[target].load(device="cpu", runtime=args.runtime, overrides=chosen)
                 size = size or bench.default_size(model.config)
                 row = bench.bench_model(model, size, args.batch, device, args.precision, args.runs, args.warmup,
                                         True)

@@ -1,28 +1,23 @@
-"""``sparsedet export``: a run or preset to an ONNX file (fp32 or fp16), or to an int8 file with its
-AP measured on the way (from a run, a preset, or an fp32 .onnx file); its grammar is in
-``cli_parser.py``."""
+"""``sparsedet export``: a run, preset or zoo name to an ONNX file (fp32 or fp16), or to an int8 file
+with its AP measured on the way (from those, or from an fp32 .onnx file); its grammar is in
+``cli_parser.py``, what it takes in ``resolve.VERBS``."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 from .errors import SparsedetError
 
 
 def cmd_export(args) -> int:
+    from .resolve import resolve_model
     from .tools import bench
     from .tools.export import describe
     _check_int8_options(args)
-    if args.target.lower().endswith(".onnx"):
-        if not args.int8:
-            raise SparsedetError(f"{args.target} is already an ONNX file; export takes a run folder or a preset "
-                                 "(or an fp32 .onnx file with --int8)")
+    ref = resolve_model(args.target, "export --int8" if args.int8 else "export")
+    if ref.kind == "exported":
         return _quantize_onnx_file(args)
-    from .tools.zoo import resolve_run
-    bench.check_target(args.target)
-    args.target = str(resolve_run(args.target))
-    model = bench.load_model(args.target)
-    if not Path(args.target).is_dir():
+    model = ref.load(device="cpu")
+    if ref.kind == "preset":
         warnings.warn(f"{args.target} is a preset with random weights: the file computes an untrained model")
     size = bench.parse_size(args.size) if args.size else None
     if args.int8:

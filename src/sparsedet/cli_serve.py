@@ -13,20 +13,22 @@ def cmd_serve(args) -> int:
         import uvicorn
 
         from .serve.app import ServeOptions, create_app
-        from .serve.inputs import Limits
+        from .serve.inputs import Limits, allow_pixels
     except ImportError as err:
         raise SparsedetError(f"serving needs FastAPI, uvicorn and prometheus_client ({err.name} is missing): "
                              "pip install 'sparsedet[serve]'") from None
-    from .api import load_detector
+    from .resolve import resolve_model
     from .tools.onnx_model import OnnxDetector
     _check(args)
-    workers, threads, max_batch = _plan(args)
+    ref = resolve_model(args.weights, "serve")
+    workers, threads, max_batch = _plan(args, ref.kind == "exported")
     options = ServeOptions(max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
                            workers=workers, limits=Limits(args.max_bytes, args.max_pixels), precision=args.precision)
+    allow_pixels(options.limits)
     if threads:
         import torch
         torch.set_num_threads(threads)  # before an .onnx file's session takes torch's count
-    model = load_detector(args.weights, device=args.device, runtime=args.runtime)
+    model = ref.load(device=args.device, runtime=args.runtime)
     if isinstance(model, OnnxDetector):
         model.check_precision(args.precision)
         print(f"{model.path} runs in {model.session.label}")
@@ -66,16 +68,15 @@ def _server_class():
     return Server
 
 
-def _plan(args) -> tuple[int, int | None, int]:
+def _plan(args, onnx: bool) -> tuple[int, int | None, int]:
     """(workers, each one's CPU threads, images per batch at most), where not given. On a CPU: two
     workers with half the cores each, batches of up to 2 (benchmarks/serve_load.py: more images per
     second than one worker on every core, and than larger batches, which outgrow the CPU's caches);
     on a GPU, one worker and batches of up to 8; in OpenVINO (one infer request) one worker. None
-    threads: torch's own count."""
+    threads: torch's own count. ``onnx``: the model is an exported file."""
     import os
 
     from .engine.device import resolve_device
-    onnx = str(args.weights).lower().endswith(".onnx")
     on_cpu = onnx or resolve_device(args.device or "auto", fix="--device cpu").type == "cpu"
     single = not on_cpu or (onnx and args.runtime == "openvino")
     if single and (args.workers or 1) > 1:

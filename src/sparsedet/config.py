@@ -16,6 +16,7 @@ from .jsonfile import read_json_object
 # where the hardware runs it natively, else fp32). engine.precision says what each one runs as.
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRAIN_PRECISIONS = PRECISIONS + ("auto",)
+CLS_LOSSES = ("focal", "varifocal", "aligned")  # losses/criterion.py computes each
 
 
 @dataclass
@@ -388,6 +389,7 @@ _RULES = [
      "a score in [0, 1], or null (not recorded)"),
     ("model.eval_size", lambda v: v >= 1, "at least 1 (pixels)"),
     ("model.eval_max_size", lambda v: v >= 1, "at least 1 (pixels)"),
+    ("model.loss.cls_loss", lambda v: v in CLS_LOSSES, f"{', '.join(CLS_LOSSES[:-1])} or {CLS_LOSSES[-1]}"),
 ]
 
 
@@ -395,8 +397,9 @@ def validate(config: Config) -> Config:
     """Refuse values out of range with a SparsedetError naming the key and what it must be (NaN
     fails every numeric test). Returns ``config``."""
     for key, test, must in _RULES:
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
+        value = config
+        for name in key.split("."):
+            value = getattr(value, name)
         try:
             ok = bool(test(value))
         except TypeError:

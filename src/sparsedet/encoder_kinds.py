@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import SparsedetError
+from .plugins import not_found_hint
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,5 +30,7 @@ def register_encoder(kind: str):
 
 def encoder_class(kind: str) -> type[nn.Module]:
     if kind not in ENCODERS:
-        raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}")
+        hint = not_found_hint()  # loads the installed plugins, which may register the kind
+        if kind not in ENCODERS:
+            raise SparsedetError(f"unknown encoder kind {kind!r}; choose one of {', '.join(ENCODERS)}{hint}")
     return ENCODERS[kind]

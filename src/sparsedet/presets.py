@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from .config import BackboneConfig, Config, DataConfig, EncoderConfig, LossConfig, ModelConfig, TrainConfig
 from .errors import SparsedetError, close_names
+from .plugins import not_found_hint
 
 
 def _imagenet(**fields) -> BackboneConfig:
@@ -295,9 +296,11 @@ def register_preset(function: Callable[[], Config]) -> Callable[[], Config]:
 
 def get_preset(name: str) -> Config:
     if name not in PRESETS:
+        plugins = not_found_hint()  # loads the installed plugins, which may register the preset
+    if name not in PRESETS:
         close = close_names(name, PRESETS)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise SparsedetError(f"unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}")
+        raise SparsedetError(f"unknown preset {name!r}.{hint} Available: {', '.join(PRESETS)}{plugins}")
     config = PRESETS[name]()
     config.preset = name
     return config

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import SparsedetError
+
 CATEGORIES = [(1, "circle"), (2, "square"), (3, "triangle"), (5, "cross"), (7, "ring")]
 BASE_HUE = {"circle": 0.0, "square": 0.6, "triangle": 0.15, "cross": 0.35, "ring": 0.8}
 HUE_JITTER = 0.12  # classes are 0.2 apart in hue: neighbours overlap
@@ -193,10 +195,13 @@ def write_synthetic(out_dir: str | Path, n_train: int = 400, n_val: int = 100, s
     class names and image/annotation counts per split. ``format="yolo"`` also writes a
     YOLO copy of both splits to ``out_dir/yolo/`` (its data.yaml path is ``summary["yolo"]``).
     """
-    if n_train < 1 or n_val < 0 or size < 4 * MIN_OBJECT:
-        raise ValueError(f"need n_train >= 1, n_val >= 0 and size >= {4 * MIN_OBJECT}")
+    # Named as the API and `sparsedet synth` spell them: both reach here.
+    for name, flag, value, low in (("n_train", "--train", n_train, 1), ("n_val", "--val", n_val, 0),
+                                   ("size", "--size", size, 4 * MIN_OBJECT)):
+        if value < low:
+            raise SparsedetError(f"{name} (synth {flag}) must be at least {low}, got {value}")
     if format not in ("coco", "yolo"):
-        raise ValueError(f"format must be 'coco' or 'yolo', not {format!r}")
+        raise SparsedetError(f"format (synth --format) must be 'coco' or 'yolo', not {format!r}")
     out_dir = Path(out_dir)
     summary: dict = {"root": str(out_dir), "classes": [name for _, name in CATEGORIES],
                      "num_images": {}, "num_annotations": {}}

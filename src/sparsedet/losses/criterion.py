@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import LossConfig, ModelConfig
+from ..config import CLS_LOSSES, LossConfig, ModelConfig
 from ..encoder_kinds import encoder_class
+from ..errors import SparsedetError
 from ..ops.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .focal import aligned_loss, sigmoid_focal_loss, varifocal_loss
 from .matcher import HungarianMatcher
@@ -30,8 +31,9 @@ class SetCriterion:
         ``supervision``); None for encoders that select nothing.
         mean_over_processes: averages a loss normaliser (box counts) over the processes of a torchrun
         group; the trainer passes its distributed context's."""
-        if config.cls_loss not in ("focal", "varifocal", "aligned"):
-            raise ValueError(f"unknown classification loss {config.cls_loss!r}; choose focal, varifocal or aligned")
+        if config.cls_loss not in CLS_LOSSES:  # a LossConfig built in Python skips config.validate
+            raise SparsedetError(f"unknown classification loss {config.cls_loss!r}; set model.loss.cls_loss to "
+                                 f"{', '.join(CLS_LOSSES[:-1])} or {CLS_LOSSES[-1]}")
         self.num_classes, self.cfg = num_classes, config
         self.selection_loss = selection_loss
         self.mean_over_processes = mean_over_processes

@@ -31,6 +31,11 @@ def check_model_config(c: ModelConfig) -> None:
     """Clear errors for combinations the architecture cannot build."""
     if c.kind not in BASES:
         raise SparsedetError(f"unknown model kind {c.kind!r}; choose one of {tuple(BASES)}")
+    if c.num_heads < 1 or c.hidden_dim % c.num_heads:  # every attention splits hidden_dim among the heads
+        divisors = [n for n in range(1, min(c.hidden_dim, 32) + 1) if c.hidden_dim % n == 0]
+        raise SparsedetError(f"model.hidden_dim={c.hidden_dim} does not split among model.num_heads={c.num_heads} "
+                             f"heads; set model.num_heads so that it divides model.hidden_dim (e.g. one of "
+                             f"{divisors}), or change model.hidden_dim")
     if c.classes and len(c.classes) != c.num_classes:
         raise SparsedetError(
             f"model has {c.num_classes} classes but {len(c.classes)} class names; make them agree")

@@ -3,7 +3,8 @@
 The official module is ``RepVGGPluXNetwork`` (xiuqhou/Salience-DETR, ``models/necks/repnet.py``): a
 path-aggregation network over the encoder memory's levels whose fusion layers are CSP stages of
 RepVGG-style group-conv blocks with a global-context channel gate. Child names follow the official
-module, so a checkpoint's ``transformer.neck.*`` keys load one to one (§4.8).
+module, so an official checkpoint's ``transformer.neck.*`` keys load one to one as ``encoder.fusion.*``
+(tools/convert/official_salience_detr.py; tests/test_fixture_salience_detr.py).
 """
 from __future__ import annotations
 

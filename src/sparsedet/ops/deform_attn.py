@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import SparsedetError
 from . import deform_attn_kernel
 from .deform_attn_check import check_inputs
 
@@ -65,8 +66,12 @@ def default_backend(device: torch.device | str = "cpu") -> str:
 
 
 def _check(name: str, where: str) -> None:
+    """Refuse an unknown backend name, saying where it came from (the variable or the argument)."""
     if name not in BACKENDS:
-        raise ValueError(f"{where}: unknown deformable-attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        fix = f"choose one of {', '.join(BACKENDS)}"
+        if where == ENV:
+            fix = f"set {ENV} to one of {', '.join(BACKENDS)}, or unset it for the automatic choice"
+        raise SparsedetError(f"{where}: unknown deformable-attention backend {name!r}; {fix}")
 
 
 def ms_deform_attn(
@@ -89,7 +94,8 @@ def ms_deform_attn(
         [B, Q, M * D], in ``value``'s dtype.
 
     Raises:
-        SparsedetError: the sizes disagree (e.g. the level shapes do not add up to S).
+        SparsedetError: the sizes disagree (e.g. the level shapes do not add up to S), or the backend
+            is unknown or cannot run on ``value``'s device.
     """
     flat = [n for hw in shapes for n in hw]
     check_inputs(value, flat, locations, weights)
@@ -98,7 +104,8 @@ def ms_deform_attn(
     else:
         _check(backend, "ms_deform_attn")
         if backend == "cpu" and value.device.type != "cpu":
-            raise ValueError(f"the cpu deformable-attention backend cannot run on {value.device.type} tensors")
+            raise SparsedetError(f"the cpu deformable-attention backend cannot run on {value.device.type} tensors; "
+                                 "use backend='gather' there, or leave backend out for the automatic choice")
         if backend == "cpu" and not deform_attn_kernel.available():
             backend = "reference"
     return torch.ops.sparsedet.ms_deform_attn(value, flat, locations, weights, backend)

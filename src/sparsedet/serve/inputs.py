@@ -5,7 +5,6 @@ says what to send instead."""
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image
@@ -84,19 +83,18 @@ async def _form_file(request: Request, body: bytes, limits: Limits) -> bytes:
 def decode_image(data: bytes, limits: Limits) -> Image.Image:
     """The image as RGB, as ``sparsedet predict`` reads a file (pixels as stored, no EXIF rotation).
     400 when it is not an image or is cut short; 413 when it has more than ``limits.max_pixels``
-    pixels (checked from its header, before it is decoded)."""
+    pixels (checked from its header, before it is decoded). Pillow's own decompression-bomb limit
+    stays above ours (``allow_pixels``), so it never warns about an image we accept."""
     if not data:
         raise HttpError(400, "the body is empty: send an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise HttpError(413, f"the image is {width}x{height} = {width * height} pixels; this server takes at "
-                                f"most {limits.max_pixels} (--max-pixels): send a smaller image")
-            image.load()
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise HttpError(413, f"the image is {width}x{height} = {width * height} pixels; this server takes at "
+                            f"most {limits.max_pixels} (--max-pixels): send a smaller image")
+        image.load()
+        return image.convert("RGB")
     except HttpError:
         raise
     except Image.DecompressionBombError as err:
@@ -106,3 +104,10 @@ def decode_image(data: bytes, limits: Limits) -> Image.Image:
             raise HttpError(400, "the body is not an image this server can read: send a JPEG, PNG, BMP, WebP or "
                             "TIFF file") from None
         raise HttpError(400, f"the image could not be decoded, it may be cut short ({err}); send the whole file")
+
+
+def allow_pixels(limits: Limits) -> None:
+    """Raise Pillow's process-wide decompression-bomb limit to ours where ours is higher (set once,
+    at start: a warnings filter changed per request would not be thread-safe)."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limits.max_pixels:
+        Image.MAX_IMAGE_PIXELS = limits.max_pixels

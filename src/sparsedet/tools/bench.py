@@ -29,7 +29,7 @@ from torch import nn
 from ..data.batch import Batch
 from ..engine.device import resolve_device
 from ..engine.precision import NAMES, inference_precision, resolve_precision
-from ..errors import SparsedetError, close_names
+from ..errors import SparsedetError
 from ..ops import deform_attn
 from ..ops.flops import OTHER, count_macs, hook_stages
 from ..version import __version__
@@ -49,37 +49,11 @@ SWEEP_ALIASES = {"keep_ratio": "encoder.keep_ratio"}
 
 
 def load_model(target: str, overrides: dict | None = None, runtime: str = "onnxruntime"):
-    """A run folder or zoo name (its weights), a preset name (random weights: cost does not depend
-    on them) or an exported .onnx file (an ``OnnxDetector`` in ``runtime``, which only a file takes)."""
-    from ..api import Detector, load_detector
-    from ..presets import PRESETS
-    from .runtimes import check_runtime
-    from .zoo import ZOO
-    check_target(target)
-    check_runtime(runtime, target)
-    overrides = overrides or {}
-    if target.lower().endswith(".onnx"):
-        if overrides:
-            raise SparsedetError(f"an .onnx file computes what it was exported with; leave out the overrides "
-                                 f"({', '.join(overrides)})")
-        return load_detector(target, runtime=runtime)
-    if Path(target).is_dir() or target in ZOO:
-        return Detector.from_pretrained(target, **overrides)
-    assert target in PRESETS  # check_target
-    return Detector.from_preset(target, **overrides).eval()
-
-
-def check_target(target: str) -> None:
-    """Refuse, before any work, a target that is no run folder, .onnx file, preset or zoo name,
-    suggesting the closest preset and zoo names."""
-    from ..presets import PRESETS
-    from .zoo import ZOO
-    if target.lower().endswith(".onnx") or Path(target).is_dir() or target in PRESETS or target in ZOO:
-        return
-    close = close_names(target, [*PRESETS, *ZOO])
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise SparsedetError(f"{target!r} is neither a run folder nor a preset name{hint} (see `sparsedet presets`; "
-                         "`sparsedet zoo` lists the released checkpoints)")
+    """What ``bench`` measures (``resolve.resolve_model``): a run folder or zoo name (its weights), a
+    preset name (random weights: cost does not depend on them) or an exported .onnx file (an
+    ``OnnxDetector`` in ``runtime``, which only a file takes), on the CPU."""
+    from ..resolve import resolve_model
+    return resolve_model(target, "bench").load(device="cpu", runtime=runtime, overrides=overrides)
 
 
 def default_size(config) -> tuple[int, int]:

@@ -23,16 +23,11 @@ RUNTIMES = ("onnxruntime", "openvino")
 EXTRAS = {"onnxruntime": "export", "openvino": "openvino"}
 
 
-def check_runtime(runtime: str | None, target: str | Path | None = None) -> None:
-    """Refuse an unknown runtime name, and a runtime other than the default for a ``target`` that
-    is no .onnx file (a run folder, preset or zoo name runs in PyTorch)."""
-    if runtime is None:
-        return
-    _check_name(runtime)
-    if runtime != "onnxruntime" and target is not None and not str(target).lower().endswith(".onnx"):
-        raise SparsedetError(f"--runtime applies to exported .onnx files, and {target} is a run folder, preset or "
-                             f"zoo name, which runs in PyTorch; export it first (sparsedet export {target} --out "
-                             f"model.onnx) or leave out --runtime {runtime}")
+def check_runtime(runtime: str | None) -> None:
+    """Refuse an unknown runtime name (``resolve.ModelRef.check_runtime`` refuses one for a model
+    that runs in PyTorch)."""
+    if runtime is not None:
+        _check_name(runtime)
 
 
 def open_session(path: str | Path, runtime: str = "onnxruntime", threads: int | None = None):

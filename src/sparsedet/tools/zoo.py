@@ -112,21 +112,6 @@ _RELEASES = [
 ZOO: dict[str, Release] = {r.name: r for r in _RELEASES}
 
 
-def resolve_run(weights: str | Path) -> str | Path:
-    """What ``--weights`` / ``from_pretrained`` name: an existing path as it is, a zoo name as its
-    cached run folder (downloaded and converted on first use)."""
-    if Path(weights).exists():
-        return weights
-    name = str(weights)
-    if name not in ZOO:
-        close = close_names(name, ZOO)
-        if close and not name.lower().endswith(".onnx"):  # a mistyped name rather than a missing folder
-            raise SparsedetError(f"{name!r} is neither a run folder nor a zoo name; did you mean "
-                                 f"{', '.join(close)}? (`sparsedet zoo` lists them)")
-        return weights
-    return pretrained_run(name)
-
-
 def pretrained_run(name: str) -> Path:
     """The run folder converted from the released checkpoint ``name`` (see ``ZOO``)."""
     if name not in ZOO:

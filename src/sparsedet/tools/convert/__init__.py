@@ -9,7 +9,7 @@ from pathlib import Path
 from ...config import Config, apply_overrides
 from ...data.categories import coco_class_table, raw_id_table
 from ...engine.checkpoint import save_run
-from ...errors import SparsedetError
+from ...errors import SparsedetError, close_names
 from ...models.detector import DetectionTransformer
 from ...presets import get_preset
 from .common import Renamed, check_layout
@@ -58,7 +58,9 @@ def convert(source: str, path: str | Path, overrides: dict | list[str] | None = 
     applied after those read from it.
     """
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {sorted(SOURCES)}")
+        close = close_names(source, SOURCES)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise SparsedetError(f"unknown checkpoint source {source!r}; {hint}choose one of {', '.join(sorted(SOURCES))}")
     try:
         model, state, config = _convert(SOURCES[source], path, overrides)
     except SparsedetError as e:  # every message says which source the file was read as
