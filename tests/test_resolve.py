@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from sparsedet import Detector
+from sparsedet.api import load_ref
 from sparsedet.cli import main
 from sparsedet.errors import SparsedetError
 from sparsedet.resolve import KINDS, VERBS, ModelRef, resolve_model
@@ -51,11 +52,11 @@ def test_the_suffix_is_told_in_any_case_and_a_path_before_a_name(run, tmp_path, 
 def test_a_run_loads_its_weights_and_a_preset_its_random_ones(run):
     ref = resolve_model(str(run), "predict")
     assert ref.path() == run
-    model = ref.load(device="cpu", overrides={"top_k": 7})
+    model = load_ref(ref, device="cpu", overrides={"top_k": 7})
     saved = Detector.from_pretrained(run)
     assert model.config.top_k == 7
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
-    preset = resolve_model("dino_tiny", "bench").load(device="cpu", overrides=SMALL)
+    preset = load_ref(resolve_model("dino_tiny", "bench"), device="cpu", overrides=SMALL)
     assert isinstance(preset, Detector) and not preset.training and preset.config.num_classes == 3
     with pytest.raises(SparsedetError, match="a preset name: it has no run folder"):
         resolve_model("dino_tiny", "bench").path()
@@ -67,7 +68,7 @@ def test_a_zoo_name_downloads_only_when_its_folder_is_asked_for(run, monkeypatch
     ref = resolve_model(ZOO_NAME, "eval")
     assert ref == ModelRef("zoo", ZOO_NAME) and asked == []
     assert ref.path() == run and asked == [ZOO_NAME]
-    assert isinstance(ref.load(device="cpu"), Detector)
+    assert isinstance(load_ref(ref, device="cpu"), Detector)
 
 
 def test_an_exported_file_refuses_what_it_cannot_do_before_it_is_read(tmp_path):
@@ -77,13 +78,13 @@ def test_an_exported_file_refuses_what_it_cannot_do_before_it_is_read(tmp_path):
                             ({"device": "cuda"}, "runs on the CPU"),
                             ({}, "ONNX file not found")):
         with pytest.raises(SparsedetError, match=message):
-            ref.load(**kwargs)
+            load_ref(ref, **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["run", "preset", "zoo"])
 def test_another_runtime_is_refused_for_what_runs_in_pytorch_before_a_download(kind, run, offline):
     with pytest.raises(SparsedetError, match="--runtime applies to exported .onnx files"):
-        resolve_model(_example(kind, run), "bench").load(runtime="openvino")
+        load_ref(resolve_model(_example(kind, run), "bench"), runtime="openvino")
     with pytest.raises(SparsedetError, match="unknown runtime 'tensorrt'"):
         resolve_model(_example(kind, run), "bench").check_runtime("tensorrt")
 
@@ -104,7 +105,7 @@ def test_a_mistyped_name_gets_did_you_mean(verb, typo, meant):
 def test_an_unknown_name_is_a_missing_run_folder_where_no_preset_is_taken(tmp_path):
     assert resolve_model(tmp_path / "gone", "eval") == ModelRef("run", str(tmp_path / "gone"))
     with pytest.raises(SparsedetError, match="run folder not found"):
-        resolve_model(tmp_path / "gone", "eval").load(device="cpu")
+        load_ref(resolve_model(tmp_path / "gone", "eval"), device="cpu")
     with pytest.raises(SparsedetError, match=r"'nothing_like_it' is neither a run folder nor a preset name \(see"):
         resolve_model("nothing_like_it", "bench")
 

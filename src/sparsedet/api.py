@@ -20,6 +20,7 @@ from .errors import SparsedetError
 from .models.detector import DetectionTransformer
 from .models.postprocess import check_top_k, with_names
 from .presets import get_preset
+from .resolve import ModelRef, resolve_model
 
 
 class Detector(DetectionTransformer):
@@ -65,7 +66,6 @@ class Detector(DetectionTransformer):
         weights with ``ema=True``), or a released checkpoint by its zoo name (``dino_r50_12ep``:
         downloaded and converted on first use, see ``sparsedet zoo``); overrides change what the
         weights do not fix (``encoder.keep_ratio=0.2``)."""
-        from .resolve import resolve_model
         device = resolve_device(map_location, fix="map_location='cpu'")
         run_dir = resolve_model(run_dir, "from_pretrained").path()  # a zoo name: its cached run folder
         config, state = load_run(run_dir, ema=ema)
@@ -175,8 +175,39 @@ def load_detector(weights: str | Path, ema: bool = False, device: str | None = N
     """What ``--weights`` names: a run folder or a zoo name (a ``Detector``, on ``device``: default
     cuda when available, else cpu) or an exported ``.onnx`` file (an ``OnnxDetector``, run on the
     CPU in ``runtime``: "onnxruntime", the default, or "openvino"; the others run in PyTorch)."""
-    from .resolve import resolve_model
-    return resolve_model(weights, "load_detector").load(device=device, runtime=runtime, ema=ema)
+    return load_ref(resolve_model(weights, "load_detector"), device=device, runtime=runtime, ema=ema)
+
+
+def load_ref(ref: ModelRef, device: str | None = None, runtime: str | None = None, ema: bool = False,
+             overrides: dict[str, Any] | None = None):
+    """The model ``ref`` (``resolve.resolve_model``) names: a ``Detector`` in eval mode on ``device``
+    (default cuda when available, else cpu; a preset's weights are random, a run's its EMA ones with
+    ``ema``), or for an .onnx file an ``OnnxDetector`` on the CPU in ``runtime`` (default
+    onnxruntime). ``overrides`` are model settings the weights do not fix (``encoder.keep_ratio``).
+    Here, not in resolve.py, because ``Detector.from_pretrained`` resolves its name there."""
+    ref.check_runtime(runtime)
+    overrides = overrides or {}
+    if ref.kind == "exported":
+        return _load_exported(ref, device, runtime, ema, overrides)
+    if ema and ref.kind == "preset":
+        raise SparsedetError(f"--ema picks a run folder's EMA weights; {ref.name} is a preset: leave it out")
+    where = resolve_device(device or "auto", fix="--device cpu")
+    if ref.kind == "preset":
+        return Detector.from_preset(ref.name, **overrides).to(where).eval()
+    return Detector.from_pretrained(ref.path(), map_location=where, ema=ema, **overrides)
+
+
+def _load_exported(ref: ModelRef, device, runtime, ema, overrides):
+    if overrides:
+        raise SparsedetError(f"an .onnx file computes what it was exported with; leave out the overrides "
+                             f"({', '.join(overrides)})")
+    if ema:
+        raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")
+    if device not in (None, "cpu"):
+        raise SparsedetError(f"an .onnx file runs on the CPU (in onnxruntime or OpenVINO); leave out --device "
+                             f"{device}")
+    from .tools.onnx_model import OnnxDetector
+    return OnnxDetector(ref.name, runtime=runtime or "onnxruntime")
 
 
 def class_dependent_keys(config: Config) -> set[str]:

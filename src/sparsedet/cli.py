@@ -229,11 +229,12 @@ def cmd_eval(args) -> int:
     else:
         from .data.transforms import build_transforms
         from .engine.evaluator import evaluate
+        from .api import load_ref
         from .resolve import resolve_model
         if args.batch_size < 1:
             raise SparsedetError(f"--batch-size must be at least 1, got {args.batch_size}")
         ref = resolve_model(args.weights, "eval")
-        model = ref.load(ema=args.ema, device=args.device, runtime=args.runtime)  # the runtime checked first
+        model = load_ref(ref, ema=args.ema, device=args.device, runtime=args.runtime)  # the runtime checked first
         _say_runtime(model)
         tf = build_transforms(False, [model.config.eval_size], model.config.eval_max_size)
         dataset = open_detection_dataset(args.val_ann, "val", args.images, tf)
@@ -274,12 +275,13 @@ def _dataset_name(path: str) -> str:
 
 
 def cmd_predict(args) -> int:
+    from .api import load_ref
     from .models.postprocess import check_threshold
     from .resolve import resolve_model
     from .tools.predict import collect_inputs, predict_to_folder
     if args.threshold is not None:
         check_threshold(args.threshold)  # before the model loads
-    model = resolve_model(args.weights, "predict").load(device=args.device, runtime=args.runtime)
+    model = load_ref(resolve_model(args.weights, "predict"), device=args.device, runtime=args.runtime)
     _say_runtime(model)
     files, videos = collect_inputs(args.inputs)
     seen = predict_to_folder(model, files, Path(args.out), args.threshold, args.top_k, args.precision,
@@ -331,6 +333,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_viz(args) -> int:
+    from .api import load_ref
     from .config import parse_overrides
     from .engine.thresholds import Threshold
     from .resolve import resolve_model
@@ -338,7 +341,7 @@ def cmd_viz(args) -> int:
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
     ref = resolve_model(args.target, "viz")
-    model = ref.load(device="cpu", overrides=parse_overrides(args.overrides + _deprecated_set(args)))
+    model = load_ref(ref, device="cpu", overrides=parse_overrides(args.overrides + _deprecated_set(args)))
     if ref.kind == "preset":
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
@@ -355,6 +358,7 @@ def cmd_viz(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    from .api import load_ref
     from .config import parse_overrides
     from .resolve import resolve_model
     from .tools import bench
@@ -385,7 +389,7 @@ def cmd_bench(args) -> int:
             rows = []
             for value in values:
                 chosen = {**overrides, **({key: value} if key else {})}
-                model = refs[target].load(device="cpu", runtime=args.runtime, overrides=chosen)
+                model = load_ref(refs[target], device="cpu", runtime=args.runtime, overrides=chosen)
                 size = size or bench.default_size(model.config)
                 row = bench.bench_model(model, size, args.batch, device, args.precision, args.runs, args.warmup,
                                         True)

@@ -9,6 +9,7 @@ from .errors import SparsedetError
 
 
 def cmd_export(args) -> int:
+    from .api import load_ref
     from .resolve import resolve_model
     from .tools import bench
     from .tools.export import describe
@@ -16,7 +17,7 @@ def cmd_export(args) -> int:
     ref = resolve_model(args.target, "export --int8" if args.int8 else "export")
     if ref.kind == "exported":
         return _quantize_onnx_file(args)
-    model = ref.load(device="cpu")
+    model = load_ref(ref, device="cpu")
     if ref.kind == "preset":
         warnings.warn(f"{args.target} is a preset with random weights: the file computes an untrained model")
     size = bench.parse_size(args.size) if args.size else None

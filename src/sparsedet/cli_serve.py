@@ -17,6 +17,7 @@ def cmd_serve(args) -> int:
     except ImportError as err:
         raise SparsedetError(f"serving needs FastAPI, uvicorn and prometheus_client ({err.name} is missing): "
                              "pip install 'sparsedet[serve]'") from None
+    from .api import load_ref
     from .resolve import resolve_model
     from .tools.onnx_model import OnnxDetector
     _check(args)
@@ -28,7 +29,7 @@ def cmd_serve(args) -> int:
     if threads:
         import torch
         torch.set_num_threads(threads)  # before an .onnx file's session takes torch's count
-    model = ref.load(device=args.device, runtime=args.runtime)
+    model = load_ref(ref, device=args.device, runtime=args.runtime)
     if isinstance(model, OnnxDetector):
         model.check_precision(args.precision)
         print(f"{model.path} runs in {model.session.label}")

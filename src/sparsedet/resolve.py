@@ -2,16 +2,16 @@
 ``Detector.from_pretrained``, ``load_detector``): a run folder, a preset name, a zoo name (a
 released checkpoint, downloaded and converted on first use) or an exported .onnx file.
 ``resolve_model`` tells which, refusing what the verb does not take, and touches no network;
-``ModelRef.load`` builds the model. This is the one place that tells an .onnx file by its name.
+``api.load_ref`` builds the model (in api.py, beside the ``Detector`` it builds, which resolves
+names here). This is the one place that tells an .onnx file by its name.
 
 >>> ref = resolve_model("dino_r50_12ep", "predict")   # ModelRef(kind='zoo', name='dino_r50_12ep')
->>> model = ref.load(device="cpu")                     # downloads and converts it the first time
+>>> model = load_ref(ref, device="cpu")                # (api.py) downloads and converts it the first time
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import SparsedetError, close_names
 
@@ -84,37 +84,6 @@ class ModelRef:
             raise SparsedetError(f"--runtime applies to exported .onnx files, and {self.name} is a run folder, "
                                  "preset or zoo name, which runs in PyTorch; export it first (sparsedet export "
                                  f"{self.name} --out model.onnx) or leave out --runtime {runtime}")
-
-    def load(self, device: str | None = None, runtime: str | None = None, ema: bool = False,
-             overrides: dict[str, Any] | None = None):
-        """The model: a ``Detector`` in eval mode on ``device`` (default cuda when available, else
-        cpu; a preset's weights are random, a run's its EMA ones with ``ema``), or for an .onnx file
-        an ``OnnxDetector`` on the CPU in ``runtime`` (default onnxruntime). ``overrides`` are model
-        settings the weights do not fix (``encoder.keep_ratio``)."""
-        self.check_runtime(runtime)
-        overrides = overrides or {}
-        if self.kind == "exported":
-            return self._load_exported(device, runtime, ema, overrides)
-        from .api import Detector
-        from .engine.device import resolve_device
-        if ema and self.kind == "preset":
-            raise SparsedetError(f"--ema picks a run folder's EMA weights; {self.name} is a preset: leave it out")
-        where = resolve_device(device or "auto", fix="--device cpu")
-        if self.kind == "preset":
-            return Detector.from_preset(self.name, **overrides).to(where).eval()
-        return Detector.from_pretrained(self.path(), map_location=where, ema=ema, **overrides)
-
-    def _load_exported(self, device, runtime, ema, overrides):
-        if overrides:
-            raise SparsedetError(f"an .onnx file computes what it was exported with; leave out the overrides "
-                                 f"({', '.join(overrides)})")
-        if ema:
-            raise SparsedetError("--ema picks a run folder's EMA weights; an .onnx file holds one set: leave it out")
-        if device not in (None, "cpu"):
-            raise SparsedetError(f"an .onnx file runs on the CPU (in onnxruntime or OpenVINO); leave out --device "
-                                 f"{device}")
-        from .tools.onnx_model import OnnxDetector
-        return OnnxDetector(self.name, runtime=runtime or "onnxruntime")
 
 
 def resolve_model(target: str | Path, verb: str) -> ModelRef:

@@ -52,8 +52,9 @@ def load_model(target: str, overrides: dict | None = None, runtime: str = "onnxr
     """What ``bench`` measures (``resolve.resolve_model``): a run folder or zoo name (its weights), a
     preset name (random weights: cost does not depend on them) or an exported .onnx file (an
     ``OnnxDetector`` in ``runtime``, which only a file takes), on the CPU."""
+    from ..api import load_ref
     from ..resolve import resolve_model
-    return resolve_model(target, "bench").load(device="cpu", runtime=runtime, overrides=overrides)
+    return load_ref(resolve_model(target, "bench"), device="cpu", runtime=runtime, overrides=overrides)
 
 
 def default_size(config) -> tuple[int, int]:
