@@ -128,7 +128,7 @@ def pretrained_run(name: str) -> Path:
                  f"(or run `{convert}`){'; ' + release.note if release.note else ''}")
     partial = run.with_name(run.name + ".converting")
     shutil.rmtree(partial, ignore_errors=True)
-    from .convert import convert_to_run
+    from .convert.sources import convert_to_run  # not the package's convert, which sits above api.py
     try:
         convert_to_run(release.source, path, partial, list(release.overrides))
     except SparsedetError as e:

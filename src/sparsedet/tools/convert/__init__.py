@@ -1,109 +1,18 @@
-"""Converters from released checkpoints to sparsedet run folders (one module per source)."""
+"""Converters from released checkpoints to sparsedet run folders (one module per source; sources.py:
+the table of them and the conversion)."""
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from ...config import Config, apply_overrides
-from ...data.categories import coco_class_table, raw_id_table
-from ...engine.checkpoint import save_run
-from ...errors import SparsedetError, close_names
-from ...models.detector import DetectionTransformer
-from ...presets import get_preset
-from .common import Renamed, check_layout
-from .hf_conditional_detr import convert_hf_conditional_detr
-from .hf_deformable_detr import convert_hf_deformable_detr
-from .official_conditional_detr import convert_official_conditional_detr
-from .official_deformable_detr import convert_official_deformable_detr
-from .official_dino import convert_official_dino
-from .official_focus_detr import convert_official_focus_detr
-from .official_salience_detr import convert_official_salience_detr
-from .official_sam_detr import convert_official_sam_detr
-from .official_sparse_detr import convert_official_sparse_detr
-
-
-@dataclass(frozen=True)
-class Source:
-    """A released format ``sparsedet convert --from NAME`` reads.
-
-    read: path -> (state dict in our names, config overrides the file implies), applied over
-    the preset named ``preset``.
-    """
-
-    name: str
-    preset: str
-    read: Callable[[str | Path], tuple[Renamed, dict]]
-
-
-SOURCES: dict[str, Source] = {source.name: source for source in (
-    Source("hf-deformable-detr", "deformable_detr_r50", convert_hf_deformable_detr),
-    Source("hf-conditional-detr", "conditional_detr_r50", convert_hf_conditional_detr),
-    Source("official-deformable-detr", "deformable_detr_r50", convert_official_deformable_detr),
-    Source("official-conditional-detr", "conditional_detr_r50", convert_official_conditional_detr),
-    Source("official-dino", "dino_r50", convert_official_dino),
-    Source("official-sparse-detr", "sparse_detr_r50", convert_official_sparse_detr),
-    Source("official-focus-detr", "focus_detr_r50", convert_official_focus_detr),
-    Source("official-salience-detr", "salience_detr_r50", convert_official_salience_detr),
-    Source("official-sam-detr", "sam_detr_r50", convert_official_sam_detr),
-)}
+from .sources import SOURCES, Source, convert_model, convert_to_run  # noqa: F401 (re-exported)
 
 
 def convert(source: str, path: str | Path, overrides: dict | list[str] | None = None):
-    """Returns (our model, a ``DetectionTransformer``, with the converted weights loaded, its ``Config``);
-    ``convert_to_run`` writes them as a run folder, which ``Detector.from_pretrained`` loads.
+    """Returns (our ``Detector`` with the converted weights loaded, its ``Config``).
 
     overrides: config values the checkpoint cannot tell (e.g. ``{"model.encoder.object_tokens": 64}``),
     applied after those read from it.
     """
-    if source not in SOURCES:
-        close = close_names(source, SOURCES)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise SparsedetError(f"unknown checkpoint source {source!r}; {hint}choose one of {', '.join(sorted(SOURCES))}")
-    try:
-        model, state, config = _convert(SOURCES[source], path, overrides)
-    except SparsedetError as e:  # every message says which source the file was read as
-        raise SparsedetError(f"convert --from {source}: {e}") from None
-    model.load_state_dict(state, strict=False)
-    return model.eval(), config
+    from ...api import Detector  # this package's __init__ sits above api.py; sources.py below it
 
-
-def _convert(source: Source, path: str | Path, overrides):
-    state, found = source.read(path)
-    config: Config = get_preset(source.preset)
-    config.source = f"{source.name}: {Path(path).name}"
-    config.model.mask_padding = False  # the official code's features on a padded batch (parity)
-    found = dict(found)
-    config.model.classes, config.model.category_ids = _class_table(found, path)
-    apply_overrides(config, found)
-    apply_overrides(config, overrides or {})
-    model = DetectionTransformer(config.model)  # the base class: Detector.from_pretrained converts zoo names here
-    ours = model.state_dict()
-    check_layout(state, [k for k in ours if not k.endswith("num_batches_tracked")])
-    misshapen = [f"{state.origin.get(k, k)} {tuple(v.shape)} (expected {tuple(ours[k].shape)})"
-                 for k, v in state.items() if v.shape != ours[k].shape]
-    if misshapen:
-        raise SparsedetError(f"{path}: shapes do not fit the model the file describes ({len(misshapen)} tensors): "
-                             f"{', '.join(misshapen[:5])}")
-    return model, state, config
-
-
-def _class_table(found: dict, path) -> tuple[list[str], list[int]]:
-    """The class table a converter read from the file, else the COCO table its column count implies."""
-    if "classes" in found:
-        return found.pop("classes"), found.pop("category_ids")
-    n = found["model.num_classes"]
-    table = coco_class_table(n)
-    if table is None:
-        warnings.warn(f"{path}: {n} classes is not a COCO class table, so column i is taken to be category "
-                      f"id i, as the official code trains on custom data; name them with model.classes=[...]",
-                      stacklevel=4)
-        table = raw_id_table([f"class {i}" for i in range(n)])
-    return table
-
-
-def convert_to_run(source: str, path: str | Path, out: str | Path, overrides: dict | list[str] | None = None) -> None:
-    """Convert ``path`` (as released by ``source``) and write a run folder to ``out``."""
-    model, config = convert(source, path, overrides)
-    save_run(out, model.state_dict(), config)
+    return convert_model(source, path, overrides, build=Detector.from_config)
