@@ -21,11 +21,14 @@ ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 ROOT = "sparsedet"
 
 # The layers, lowest first; a module may import from its own layer and the ones above it in this
-# list, never from a later one. An entry names a module or a package (and everything in it); a
-# module takes its most specific entry. Part of tools/ sits below api.py: the files a Detector
-# reads and writes (downloads, converted checkpoints, ONNX); the rest of tools/ is built on it.
+# list, never from a later one. An entry names a module or a package and everything in it ("X.*":
+# the modules in package X, not its __init__); a module takes its most specific entry. Part of
+# tools/ sits below api.py: the files a Detector reads and writes (downloads, converted checkpoints,
+# ONNX); the rest of tools/ is built on it, convert's __init__ too (its convert() returns a
+# Detector). resolve.py names a model; api.py, above it, builds one (Detector.from_pretrained
+# resolves its name).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "version"),
+    ("errors", "version", "plugins"),
     ("jsonfile", "filewrite", "encoder_kinds"),
     ("config",),
     ("presets",),
@@ -35,8 +38,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("losses",),
     ("models",),
     ("engine",),
-    ("tools.download", "tools.imagenet", "tools.convert", "tools.zoo", "tools.export", "tools.runtimes",
+    ("tools.download", "tools.imagenet", "tools.convert.*", "tools.zoo", "tools.export", "tools.runtimes",
      "tools.onnx_model"),
+    ("resolve",),
     ("api",),
     ("tools",),
     ("serve",),
@@ -56,11 +60,13 @@ def module_names(src: Path = SRC) -> dict[str, tuple[Path, bool]]:
     return out
 
 
-def imports_of(source: str, module: str, package: bool, known: set[str]) -> list[tuple[int, str]]:
-    """(line, imported sparsedet module) for every import statement in ``source``."""
+def imports_of(source: str, module: str, package: bool, known: set[str],
+               eager_only: bool = False) -> list[tuple[int, str]]:
+    """(line, imported sparsedet module) for every import statement in ``source``; ``eager_only``:
+    those that run when the module is imported (not inside a function)."""
     here = module if package else module.rpartition(".")[0]
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in _statements(ast.parse(source), eager_only):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -72,7 +78,16 @@ def imports_of(source: str, module: str, package: bool, known: set[str]) -> list
             for alias in node.names:  # a name that is a submodule is an import of that module
                 sub = f"{target}.{alias.name}"
                 found.append((node.lineno, sub if sub in known else target))
-    return [(line, name) for line, name in found if name == ROOT or name.startswith(ROOT + ".")]
+    return sorted((line, name) for line, name in found if name == ROOT or name.startswith(ROOT + "."))
+
+
+def _statements(tree: ast.AST, skip_functions: bool):
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if not (skip_functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))):
+            stack.extend(ast.iter_child_nodes(node))
 
 
 def rank(module: str) -> int | None:
@@ -83,7 +98,9 @@ def rank(module: str) -> int | None:
         for entry in entries:
             if entry == short and short == "":
                 return index
-            if entry and (short == entry or short.startswith(entry + ".")) and entry.count(".") > depth:
+            inside = entry.removesuffix(".*")
+            matches = short.startswith(inside + ".") or (short == entry and inside == entry)
+            if entry and matches and entry.count(".") > depth:
                 best, depth = index, entry.count(".")
     return best
 
@@ -173,11 +190,29 @@ def describe_cycle(cycle: tuple[list[str], list[str]], graph: dict[str, list[tup
     return "cycle: " + "; ".join(steps) + (f" (also in the cycle: {', '.join(others)})" if others else "")
 
 
+def parent_imports(sources: dict[str, tuple[str, Path | str, bool]]) -> list[str]:
+    """Importing a module first runs its parent packages' __init__ (the root's aside: it imports the
+    facade): one line per module-level import there from a layer above the module's."""
+    known, problems = set(sources), []
+    for module in sources:
+        parts = module.split(".")
+        for parent in (".".join(parts[:i]) for i in range(2, len(parts))):
+            if parent not in sources or rank(module) is None:
+                continue
+            text, file, _ = sources[parent]
+            for line, target in imports_of(text, parent, True, known, eager_only=True):
+                if rank(target) is not None and rank(target) > rank(module):
+                    problems.append(f"{file}:{line}: importing {module} (layer {rank(module)}) runs {parent}, "
+                                    f"which imports {target} (layer {rank(target)})")
+    return problems
+
+
 def check(sources: dict[str, tuple[str, Path | str, bool]]) -> list[str]:
     """Every upward import and every cycle, one line each; empty when the rule holds."""
     graph = import_graph(sources)
     files = {name: file for name, (_, file, _) in sources.items()}
-    return upward_imports(graph, files) + [describe_cycle(c, graph, files) for c in cycles(graph)]
+    return (upward_imports(graph, files) + parent_imports(sources)
+            + [describe_cycle(c, graph, files) for c in cycles(graph)])
 
 
 @functools.cache
@@ -196,6 +231,11 @@ def test_imports_go_only_downwards():
     sources = package_sources()
     problems = upward_imports(import_graph(sources), {name: file for name, (_, file, _) in sources.items()})
     assert not problems, "imports from a lower layer to a higher one:\n" + "\n".join(problems)
+
+
+def test_a_package_runs_nothing_above_its_modules():
+    problems = parent_imports(package_sources())
+    assert not problems, "\n".join(problems)
 
 
 def test_no_import_cycles():
@@ -233,8 +273,24 @@ def test_the_checker_catches_a_lazy_upward_import_added_to_the_package():
     sources["sparsedet.ops.boxes"] = (text + "\n\ndef late():\n    from ..api import Detector\n", file, package)
     line = len(text.splitlines()) + 4
     problems = check(sources)
-    assert problems[0] == f"{file}:{line}: sparsedet.ops.boxes (layer 4) imports sparsedet.api (layer 11)"
-    assert any(p.startswith("cycle: ") and "sparsedet.ops.boxes -> sparsedet.api" in p for p in problems[1:])
+    assert problems[0] == (f"{file}:{line}: sparsedet.ops.boxes (layer {rank('sparsedet.ops')}) imports sparsedet.api "
+                           f"(layer {rank('sparsedet.api')})")
+    assert any(p.startswith("cycle: ") and "sparsedet.ops.boxes" in p for p in problems[1:])
+
+
+def test_the_checker_catches_a_package_init_that_imports_above_its_modules():
+    fake = {"sparsedet.tools.convert": ("from ...api import Detector\n", "tools/convert/__init__.py", True),
+            "sparsedet.tools.convert.sources": ("def f():\n    from ...api import Detector\n",
+                                                "tools/convert/sources.py", False)}
+    low, high = rank("sparsedet.tools.convert.sources"), rank("sparsedet.api")
+    assert check(fake) == [
+        f"tools/convert/sources.py:2: sparsedet.tools.convert.sources (layer {low}) imports sparsedet.api "
+        f"(layer {high})",
+        f"tools/convert/__init__.py:1: importing sparsedet.tools.convert.sources (layer {low}) runs "
+        f"sparsedet.tools.convert, which imports sparsedet.api (layer {high})"]
+    fake["sparsedet.tools.convert"] = ("def convert():\n    from ...api import Detector\n", "", True)
+    del fake["sparsedet.tools.convert.sources"]
+    assert check(fake) == []  # a lazy import in the __init__ runs only when called
 
 
 def test_relative_imports_resolve_to_the_module_they_name():
