@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .encoder_kinds import ENCODERS
+from .plugins import load_plugins
 from .errors import SparsedetError, close_names
 from .jsonfile import read_json_object
 
@@ -345,6 +346,8 @@ def _check_takes_effect(config: Config, key: str) -> None:
     if key.startswith("model.encoder.") and key != "model.encoder.kind":
         field_name = key.removeprefix("model.encoder.")
         switch, current = "encoder.kind", config.model.encoder.kind
+        if current not in ENCODERS:
+            load_plugins()  # a third-party encoder declares its fields when its package is imported
         kinds = tuple(k for k, cls in ENCODERS.items() if field_name in getattr(cls, "config_fields", ()))
     elif key in ONLY_FOR:
         switch, current, kinds = "kind", config.model.kind, ONLY_FOR[key]
