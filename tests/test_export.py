@@ -31,8 +31,7 @@ SMALL = {"eval_size": 96, "eval_max_size": 128, "num_encoder_layers": 1, "num_de
 # test_cli_export_and_the_file_as_a_run); sam_detr_tiny (its graph is sam_detr_smca_tiny's without
 # the spatial prior); deformable_detr_tiny (its two-stage graph is the converted transformers
 # model's, exported below with box refinement added, and its single-stage one the fp16 test's);
-# focus_detr_tiny (exported trained, at full size, by the int8 check of tests/test_overfit.py, which
-# also runs it in OpenVINO) and dino_tiny (Focus-DETR's base: the same query selection and decoder,
+# focus_detr_tiny (exported trained, at full size, by the int8 check of tests/test_overfit.py) and dino_tiny (Focus-DETR's base: the same query selection and decoder,
 # in that file; a one-level DINO in tests/test_openvino.py).
 PRESETS_TINY = [p for p in PRESETS if p.endswith("_tiny")
                 and p not in ("conditional_detr_tiny", "sam_detr_tiny", "deformable_detr_tiny", "dino_tiny",

@@ -79,25 +79,18 @@ INT8 = "focus_detr_tiny"
 
 
 def _assert_int8_gate(model, data: str, tmp_path):
-    """The trained model exports (its check against PyTorch passes) and runs in OpenVINO as in
-    onnxruntime; the default int8 recipe, calibrated on the images, keeps the AP within the
+    """The trained model exports (its check against PyTorch passes; tests/test_export.py runs
+    Salience DETR's token-sparse graph in OpenVINO); the default int8 recipe, calibrated on the images, keeps the AP within the
     default 0.01 and writes the file. Calibrated on black images (every activation range far too
     narrow) it loses more, and the export refuses: the file is kept as *.rejected.onnx, nothing at
     the path."""
     pytest.importorskip("onnxruntime")
-    from conftest import require_module
     from PIL import Image
 
-    from sparsedet.tools.export import export_onnx, match_detections, prepare
+    from sparsedet.tools.export import export_onnx
     from sparsedet.tools.quantize import Int8Data, quantize_checked
-    from sparsedet.tools.runtimes import open_session
     float_path = tmp_path / "float.onnx"
     export_onnx(model, float_path, size=(SIZE, SIZE))
-    require_module("openvino", "openvino")
-    images = sorted((tmp_path / "data" / "images" / "train").glob("*.png"))
-    feeds = prepare(model, [Image.open(p) for p in images], (SIZE, SIZE))
-    report = match_detections(open_session(float_path).run(feeds), open_session(float_path, "openvino").run(feeds))
-    assert report["ok"], report
     int8 = quantize_checked(float_path, tmp_path / "int8.onnx", Int8Data.open(model, data))
     assert int8["ap_float"] >= 0.9 and int8["ap_drop"] <= 0.01, int8
     assert (tmp_path / "int8.onnx").is_file()

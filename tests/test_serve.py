@@ -127,12 +127,12 @@ def test_concurrent_requests_form_one_batch_and_sigterm_answers_those_in_flight(
     pictures = [png(64 + 8 * i, 48, seed=i) for i in range(4)]
     alone = [server.predict(p, "threshold=0").json()["detections"] for p in pictures]
     # A long wait: the four requests (sent at once) surely meet in one batch.
-    live = start_server(tiny_run, "--max-batch", "4", "--max-wait-ms", "2000", "--workers", "1")
+    live = start_server(tiny_run, "--max-batch", "4", "--max-wait-ms", "1000", "--workers", "1")
     try:
         answers = together([lambda p=p: live.predict(p, "threshold=0") for p in pictures])
         assert all(close(a.json()["detections"], expected) for a, expected in zip(answers, alone))
         assert live.metric("sparsedet_batch_size_count") == 1 and live.metric("sparsedet_batch_size_sum") == 4
-        # Three requests wait in the batcher for a fourth (2 s); SIGTERM comes while they are in flight.
+        # Three requests wait in the batcher for a fourth (1 s); SIGTERM comes while they are in flight.
         pending = []
         senders = [threading.Thread(target=lambda p=p: pending.append(live.predict(p, "threshold=0")))
                    for p in pictures[:3]]
@@ -155,7 +155,8 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path):
     # One image per forward (a slow one: 384 px), one waiting: of 12 requests sent at once, most find
     # the queue full.
     torch.manual_seed(0)
-    Detector.from_preset("dino_tiny", num_classes=2, eval_size=384, eval_max_size=512).save_pretrained(tmp_path / "run")
+    Detector.from_preset("dino_tiny", num_classes=2, hidden_dim=64, ffn_dim=64, num_encoder_layers=1,
+                         num_decoder_layers=1, eval_size=384, eval_max_size=512).save_pretrained(tmp_path / "run")
     live = start_server(tmp_path / "run", "--max-batch", "1", "--max-queue", "1")
     try:
         answers = together([lambda i=i: live.predict(png(96, 64, seed=i)) for i in range(12)])
