@@ -90,3 +90,12 @@ def test_a_run_whose_encoder_no_plugin_provides_says_what_to_install(tmp_path):
     with pytest.raises(SparsedetError, match="unknown encoder kind 'from_an_absent_package'.*needs that package "
                        "installed.*'sparsedet.plugins'"):
         Detector.from_pretrained(tmp_path / "run")
+
+
+def test_an_encoder_class_that_declares_nothing_is_refused_where_it_registers():
+    from sparsedet.errors import SparsedetError
+    from sparsedet.models.encoders import register_encoder
+    with pytest.raises(SparsedetError, match="Loose does not declare supervision, config_fields, learns_from_decoder, "
+                       "check, from_config; derive it from sparsedet.models.encoders.Encoder"):
+        register_encoder("loose")(type("Loose", (torch.nn.Module,), {}))
+    assert "loose" not in ENCODERS

@@ -38,8 +38,7 @@ class Detector(DetectionTransformer):
         then the ImageNet file that ``model.backbone.weights`` names (a path, or ``imagenet`` /
         ``imagenet-detectron2`` / Swin's ``imagenet-22k``: downloaded once into the cache) is loaded
         into the backbone (a training from scratch)."""
-        model = cls(config.model)
-        model.run_config = config
+        model = cls(config.model, run_config=config)
         b = config.model.backbone
         if backbone_weights and b.weights:
             from .tools.imagenet import backbone_file  # a name (imagenet) is downloaded once
@@ -126,7 +125,7 @@ class Detector(DetectionTransformer):
         return export_onnx(self, path, size, opset, top_k, precision)
 
     def save_pretrained(self, run_dir: str | Path) -> None:
-        save_run(run_dir, self.state_dict(), getattr(self, "run_config", None) or Config(model=self.config))
+        save_run(run_dir, self.state_dict(), self.run_config)
 
     @property
     def classes(self) -> list[str]:

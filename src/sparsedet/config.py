@@ -348,7 +348,7 @@ def _check_takes_effect(config: Config, key: str) -> None:
         switch, current = "encoder.kind", config.model.encoder.kind
         if current not in ENCODERS:
             load_plugins()  # a third-party encoder declares its fields when its package is imported
-        kinds = tuple(k for k, cls in ENCODERS.items() if field_name in getattr(cls, "config_fields", ()))
+        kinds = tuple(k for k, cls in ENCODERS.items() if field_name in cls.config_fields)
     elif key in ONLY_FOR:
         switch, current, kinds = "kind", config.model.kind, ONLY_FOR[key]
     else:

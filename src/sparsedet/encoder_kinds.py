@@ -16,11 +16,17 @@ if TYPE_CHECKING:
     from torch import nn
 
 ENCODERS: dict[str, type[nn.Module]] = {}
+# What every encoder class declares (models/encoders/base.py, ``Encoder``, says what each means).
+DECLARATIONS = ("supervision", "config_fields", "learns_from_decoder", "check", "from_config")
 
 
 def register_encoder(kind: str):
     """Class decorator: ``model.encoder.kind=KIND`` builds the decorated class."""
     def add(cls: type[nn.Module]) -> type[nn.Module]:
+        missing = [name for name in DECLARATIONS if not hasattr(cls, name)]
+        if missing:  # checked once, here, so that the config, the losses and the detector read them directly
+            raise SparsedetError(f"encoder kind {kind!r}: {cls.__name__} does not declare {', '.join(missing)}; derive "
+                                 "it from sparsedet.models.encoders.Encoder (or one of the built-in encoders)")
         if kind in ENCODERS and ENCODERS[kind] is not cls:
             raise SparsedetError(f"encoder kind {kind!r} is already {ENCODERS[kind].__name__}")
         ENCODERS[kind] = cls

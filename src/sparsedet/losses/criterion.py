@@ -46,7 +46,7 @@ class SetCriterion:
     def for_model(cls, config: ModelConfig,
                   mean_over_processes: Callable[[float, torch.device], float] = single_process) -> "SetCriterion":
         """The criterion of a model config, with the selection loss its encoder kind declares."""
-        supervision = getattr(encoder_class(config.encoder.kind), "supervision", None)
+        supervision = encoder_class(config.encoder.kind).supervision
         selection_loss = (supervision(config.loss, config.encoder.label_ranges, mean_over_processes)
                           if supervision is not None else None)
         return cls(config.num_classes, config.loss, selection_loss, mean_over_processes)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..data.batch import Batch
 from ..errors import SparsedetError
 from ..nn.init import transformer_init
@@ -79,10 +79,13 @@ class DetectionTransformer(nn.Module):
     queries: Queries
     decoder: Decoder
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, run_config: Config | None = None):
+        """``run_config``: the whole configuration the model belongs to (data and training too), which
+        saving and export record; by default one holding ``config`` alone."""
         super().__init__()
         check_model_config(config)
         self.config = c = config
+        self.run_config = run_config or Config(model=config)
         base = BASES[c.kind]
         self.refine_boxes = base.refine(c)
         self.backbone = build_backbone(c.backbone)  # weights: Detector.from_config
@@ -144,7 +147,7 @@ class DetectionTransformer(nn.Module):
         box_heads = ([self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if self.refine_boxes
                      else None)
         # An encoder whose scorer learns from where the decoder looked (Sparse DETR) says so.
-        record = record_sampling or (self.training and getattr(self.encoder, "learns_from_decoder", False))
+        record = record_sampling or (self.training and self.encoder.learns_from_decoder)
         decoded = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
                                record_sampling=record)
         logits, boxes = self.heads(decoded, self.config.sigmoid_eps)

@@ -115,8 +115,7 @@ def model_facts(model, weights: str) -> dict:
     from ..tools.onnx_model import OnnxDetector
     c = model.config
     exported = isinstance(model, OnnxDetector)
-    run_config = getattr(model, "run_config", None)
-    return {"weights": weights, "preset": getattr(run_config, "preset", "") or None,
+    return {"weights": weights, "preset": model.run_config.preset or None,
             "kind": c.kind, "encoder": c.encoder.kind, "classes": model.classes,
             "category_ids": list(model.category_ids),
             "runtime": model.session.label if exported else f"pytorch {torch.__version__}",

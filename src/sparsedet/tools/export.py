@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import Config
 from ..data.batch import Batch
 from ..errors import SparsedetError
 from ..filewrite import atomic_write
@@ -170,7 +169,7 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
     if precision not in PRECISIONS:
         raise SparsedetError(f"--precision must be one of {', '.join(PRECISIONS)} for export, got {precision!r}")
     path = Path(path)
-    run_config = getattr(model, "run_config", None) or Config(model=model.config)
+    run_config = model.run_config
     if precision != "fp32":
         model = copy.deepcopy(model)  # the caller's model stays as it was
     model = model.eval().to(PRECISIONS[precision])

@@ -1,8 +1,6 @@
 """Dense deformable encoder (Deformable DETR / DINO): every token is updated by every layer."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor, nn
 
@@ -10,18 +8,7 @@ from ...config import ModelConfig
 from ...nn.attention import MSDeformAttn
 from ...nn.neck import MultiLevel
 from ...nn.mlp import FeedForward
-from ...nn.tokens import TokenSelection
-from ..heads import Predictions
-
-
-@dataclass
-class EncoderOutput:
-    """memory: [B, S, C]; selection: a sparse encoder's ``TokenSelection`` (None when dense);
-    aux: detections on the sparse tokens of encoder layers (Sparse DETR)."""
-
-    memory: Tensor
-    selection: TokenSelection | None = None
-    aux: list[Predictions] = field(default_factory=list)
+from .base import Encoder, EncoderOutput  # noqa: F401 (EncoderOutput re-exported)
 
 
 def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
@@ -59,7 +46,7 @@ class DeformableEncoderLayer(FeedForward, nn.Module):
         return self.norm2(x)
 
 
-class DenseEncoder(nn.Module):
+class DenseEncoder(Encoder):
     @classmethod
     def from_config(cls, c: ModelConfig) -> "DenseEncoder":
         return cls(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.enc_points)

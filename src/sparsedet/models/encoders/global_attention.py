@@ -8,7 +8,7 @@ from ...config import ModelConfig
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...nn.mlp import FeedForward
-from .dense import EncoderOutput
+from .base import Encoder, EncoderOutput
 
 
 class GlobalEncoderLayer(FeedForward, nn.Module):
@@ -28,7 +28,7 @@ class GlobalEncoderLayer(FeedForward, nn.Module):
         return self.norm2(x + self.dropout(ffn))
 
 
-class GlobalEncoder(nn.Module):
+class GlobalEncoder(Encoder):
     """Every token attends to every token: cost grows with the square of the token count, so
     the methods built on it use the stride-32 map only."""
 

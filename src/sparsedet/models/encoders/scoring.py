@@ -12,34 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...config import ModelConfig
 from ...errors import SparsedetError
 from ...losses.selection import SelectionSupervision
 from ...nn.tokens import LayerSelection, TokenSelection, written  # noqa: F401 (re-exported)
 from ...ops.functional import gather_rows, top_k
 from ...ops.padding import rank_padding_last
+from .base import Encoder
 from .dense import encoder_reference_points
 
 
-class TokenSparseEncoder(nn.Module):
-    """What a token-sparse encoder declares besides its ``forward`` (``Encoder`` protocol):
-
-    supervision: its scorer's loss (``loss_select``); config_fields: the ``model.encoder.*``
-    fields it reads; learns_from_decoder: the loss needs the decoder's sampling (recorded in
-    training); check: refuses a model config it cannot be built into.
-    """
+class TokenSparseEncoder(Encoder):
+    """A token-sparse encoder: it declares its scorer's ``supervision`` (``Encoder`` says what each
+    declaration means)."""
 
     supervision: type[SelectionSupervision]
-    config_fields: tuple[str, ...] = ()
-    learns_from_decoder = False
-
-    @classmethod
-    def check(cls, c: ModelConfig) -> None:
-        """Nothing beyond the shared chain is needed by default."""
-
-    @classmethod
-    def from_config(cls, c: ModelConfig) -> "TokenSparseEncoder":
-        return cls(c)
 
 
 class TokenScorer(nn.Module):
