@@ -5,6 +5,7 @@ finishes the requests in flight and exits 0. The batcher's rules are also checke
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -127,19 +128,20 @@ def test_concurrent_requests_form_one_batch_and_sigterm_answers_those_in_flight(
     pictures = [png(64 + 8 * i, 48, seed=i) for i in range(4)]
     alone = [server.predict(p, "threshold=0").json()["detections"] for p in pictures]
     # A long wait: the four requests (sent at once) surely meet in one batch.
-    live = start_server(tiny_run, "--max-batch", "4", "--max-wait-ms", "1000", "--workers", "1")
+    live = start_server(tiny_run, "--max-batch", "4", "--max-wait-ms", "2000", "--workers", "1")
     try:
         answers = together([lambda p=p: live.predict(p, "threshold=0") for p in pictures])
         assert all(close(a.json()["detections"], expected) for a, expected in zip(answers, alone))
         assert live.metric("sparsedet_batch_size_count") == 1 and live.metric("sparsedet_batch_size_sum") == 4
-        # Three requests wait in the batcher for a fourth (1 s); SIGTERM comes while they are in flight.
+        # Three requests wait in the batcher for a fourth (2 s); SIGTERM comes while they are in flight.
         pending = []
         senders = [threading.Thread(target=lambda p=p: pending.append(live.predict(p, "threshold=0")))
                    for p in pictures[:3]]
         for sender in senders:
             sender.start()
+        deadline = time.monotonic() + 60  # a bound, not a wait: each poll is one /metrics request
         while live.metric("sparsedet_requests_in_flight") < 4:  # the three, and this /metrics request
-            pass
+            assert time.monotonic() < deadline, "the three requests never were in flight together"
         code = live.stop()
         for sender in senders:
             sender.join(60)
