@@ -62,6 +62,7 @@ def test_an_installed_plugin_loads_where_its_runs_go(tmp_path, synth, monkeypatc
     require_module("fastapi", "serve")
     from live_server import start_server
     source = shutil.copytree(PLUGIN, tmp_path / "plugin")  # the build writes next to its sources
+    # No build isolation: the venv's setuptools ([dev] pins it) builds it, with no index to reach.
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(source)], check=True, capture_output=True)
