@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SparsedetError, close_names
+from .plugins import load_plugins
 
 KINDS = ("run", "preset", "zoo", "exported")
 _NOUNS = {"run": "a run folder", "preset": "a preset name", "zoo": "a zoo name", "exported": "an ONNX file"}
@@ -108,6 +109,8 @@ def _kind(name: str) -> str | None:
         return "exported"
     if Path(name).is_dir():
         return "run"
+    if name not in PRESETS and name not in ZOO:
+        load_plugins()  # a third-party package's preset registers when it is imported
     if name in PRESETS:
         return "preset"
     if name in ZOO:

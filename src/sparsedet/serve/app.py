@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.thresholds import PREDICT_DEFAULT, Threshold, keep_above
+from ..version import __version__
 from .batcher import Batcher, QueueFull
 from .inputs import HttpError, Limits, decode_image, image_bytes
 
@@ -110,7 +111,7 @@ def detections_json(det: dict, classes: list[str], category_ids: list[int | None
             for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())]
 
 
-def model_facts(model, weights: str) -> dict:
+def model_facts(model, weights: str, options: ServeOptions) -> dict:
     """What ``GET /v1/model`` answers."""
     from ..tools.onnx_model import OnnxDetector
     c = model.config
@@ -119,22 +120,20 @@ def model_facts(model, weights: str) -> dict:
             "kind": c.kind, "encoder": c.encoder.kind, "classes": model.classes,
             "category_ids": list(model.category_ids),
             "runtime": model.session.label if exported else f"pytorch {torch.__version__}",
-            "precision": model.precision if exported else None,
+            "precision": model.precision if exported else options.precision,
             "device": "cpu" if exported else str(next(model.parameters()).device),
             "input_size": {"short_side": c.eval_size, "long_side_max": c.eval_max_size,
                            "fixed": list(model.input_size) if exported and model.input_size else None},
             "top_k": c.top_k, "threshold": Threshold.of(None, c, PREDICT_DEFAULT).value,
-            "token_overlay": not exported and c.encoder.kind != "dense"}
+            "token_overlay": not exported and c.encoder.kind != "dense",
+            "workers": options.workers, "threads_per_worker": torch.get_num_threads(), "max_batch": options.max_batch}
 
 
 def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> FastAPI:
     """The service for ``model`` (a ``Detector`` or an ``OnnxDetector``, loaded from ``weights``)."""
     options.limits.check()
     metrics = Metrics(options.max_batch)
-    facts = model_facts(model, weights)
-    if facts["precision"] is None:
-        facts["precision"] = options.precision
-    facts.update(workers=options.workers, threads_per_worker=torch.get_num_threads(), max_batch=options.max_batch)
+    facts = model_facts(model, weights, options)
     category_ids = list(model.category_ids)
 
     def run(images: list) -> list[dict]:
@@ -153,7 +152,7 @@ def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> F
         yield
         await batcher.stop()
 
-    app = FastAPI(title="sparsedet", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="sparsedet", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.metrics = batcher, metrics
 
     app.add_middleware(Counted, metrics=metrics)
@@ -220,10 +219,3 @@ def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> F
     app.mount("/static", Revalidated(directory=STATIC), name="static")
     return app
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("sparsedet")
-    except PackageNotFoundError:
-        return "unknown"
