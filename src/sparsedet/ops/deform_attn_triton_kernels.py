@@ -66,8 +66,8 @@ def _forward_kernel(value_ptr, levels_ptr, loc_ptr, weight_ptr, out_ptr, rows, S
     x0, y0, fx, fy, a, inside, h, w, first, _ = _samples(levels_ptr, loc_ptr, weight_ptr, row, rmask, L, P, BLOCK_K)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for n in tl.static_range(4):
-        dx: tl.constexpr = n % 2
-        dy: tl.constexpr = n // 2
+        dx = n % 2
+        dy = n // 2
         xi = x0 + dx
         yi = y0 + dy
         ok = inside & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
@@ -99,8 +99,8 @@ def _backward_kernel(value_ptr, levels_ptr, loc_ptr, weight_ptr, grad_out_ptr, g
     gx = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     gy = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for n in tl.static_range(4):
-        dx: tl.constexpr = n % 2
-        dy: tl.constexpr = n // 2
+        dx = n % 2
+        dy = n // 2
         xi = x0 + dx
         yi = y0 + dy
         ok = inside & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
