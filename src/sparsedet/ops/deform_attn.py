@@ -13,9 +13,12 @@ backward op), so ``torch.compile`` and ``torch.export`` see one node whatever th
   machine, see ``deform_attn_kernel.py``); the default on CPU.
 - ``gather``: explicit bilinear gather of the four neighbours in plain PyTorch on any device, with
   a backward that scatter-adds the value gradient (``index_add_``) instead of grid_sample's; the
-  default on GPU.
+  default on GPUs where triton does not import.
+- ``triton``: fused Triton kernels for forward and backward (``deform_attn_triton.py``), reading
+  each sample straight from ``value``; the default on CUDA where triton imports. On CPU tensors it
+  runs only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 
-``SPARSEDET_DEFORM_ATTN=reference|cpu|gather`` overrides the automatic choice;
+``SPARSEDET_DEFORM_ATTN=reference|cpu|gather|triton`` overrides the automatic choice;
 benchmarks/deform_attn.py measures the backends against each other.
 """
 from __future__ import annotations
@@ -28,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import SparsedetError
-from . import deform_attn_kernel
+from . import deform_attn_kernel, deform_attn_triton
 from .deform_attn_check import check_inputs
 
-BACKENDS = ("reference", "cpu", "gather")
+BACKENDS = ("reference", "cpu", "gather", "triton")
 ENV = "SPARSEDET_DEFORM_ATTN"
 _override: str | None = None
 
@@ -49,7 +52,10 @@ def set_default_backend(name: str | None) -> str | None:
 def default_backend(device: torch.device | str = "cpu") -> str:
     """The backend a call on ``device`` runs: ``set_default_backend``'s choice, else
     ``$SPARSEDET_DEFORM_ATTN``, else ``cpu`` on CPUs (``reference`` where no C compiler builds the
-    kernel) and ``gather`` on GPUs."""
+    kernel), ``triton`` on CUDA where triton imports and ``gather`` on other GPUs.
+
+    Raises:
+        SparsedetError: the name is unknown, or it is ``triton`` and cannot run on ``device``."""
     device = torch.device(device)
     name = _override or os.environ.get(ENV) or None
     if name is not None:
@@ -58,8 +64,12 @@ def default_backend(device: torch.device | str = "cpu") -> str:
             warnings.warn(f"deformable attention: the cpu backend cannot run on {device.type}; using gather",
                           stacklevel=2)
             return "gather"
+        if name == "triton":
+            _check_triton(device)
+    elif device.type == "cpu":
+        name = "cpu"
     else:
-        name = "cpu" if device.type == "cpu" else "gather"
+        name = "triton" if device.type == "cuda" and deform_attn_triton.available() else "gather"
     if name == "cpu" and not deform_attn_kernel.available():
         return "reference"
     return name
@@ -72,6 +82,14 @@ def _check(name: str, where: str) -> None:
         if where == ENV:
             fix = f"set {ENV} to one of {', '.join(BACKENDS)}, or unset it for the automatic choice"
         raise SparsedetError(f"{where}: unknown deformable-attention backend {name!r}; {fix}")
+
+
+def _check_triton(device: torch.device) -> None:
+    """Refuse the triton backend where it cannot run: no triton, or CPU tensors outside Triton's
+    interpreter."""
+    reason = deform_attn_triton.unusable_reason(device)
+    if reason is not None:
+        raise SparsedetError(reason)
 
 
 def ms_deform_attn(
@@ -108,6 +126,8 @@ def ms_deform_attn(
                                  "use backend='gather' there, or leave backend out for the automatic choice")
         if backend == "cpu" and not deform_attn_kernel.available():
             backend = "reference"
+        if backend == "triton":
+            _check_triton(value.device)
     return torch.ops.sparsedet.ms_deform_attn(value, flat, locations, weights, backend)
 
 
@@ -123,6 +143,8 @@ def _op(value: Tensor, shapes: list[int], locations: Tensor, weights: Tensor, ba
         return deform_attn_kernel.forward(value.float(), shapes, locations.float(), weights.float()).to(value.dtype)
     if backend == "gather":
         return _gather_forward(value, _pairs(shapes), locations, weights)
+    if backend == "triton":
+        return deform_attn_triton.forward(value, shapes, locations, weights)
     return _reference(value, _pairs(shapes), locations, weights)
 
 
@@ -139,6 +161,8 @@ def _op_backward(grad: Tensor, value: Tensor, shapes: list[int], locations: Tens
         B, Q = grad.shape[:2]
         grads = deform_attn_kernel.backward(grad.float().view(B, Q, *value.shape[2:]), value.float(), shapes,
                                             locations.float(), weights.float())
+    elif backend == "triton":
+        grads = deform_attn_triton.backward(grad, value, shapes, locations, weights)
     else:
         grads = _gather_backward(grad, value, _pairs(shapes), locations, weights)
     return tuple(g.to(t.dtype) for g, t in zip(grads, (value, locations, weights)))
