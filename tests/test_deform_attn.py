@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from conftest import require_kernel
+from test_deform_attn_triton import LINES, _on_lines
 
 from sparsedet import Detector
 from sparsedet.data.batch import Batch
@@ -59,6 +60,16 @@ def test_backend_matches_reference_values_and_gradients(backend, seed, shapes, D
     value, loc, weights = _inputs(seed, 2, 13, shapes, D=D)
     _assert_matches(backend, shapes, value, loc, weights, atol=1e-10 if backend == "gather" else 1e-5)
     _assert_matches(backend, shapes, *(t.float() for t in (value, loc, weights)), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_locations_on_pixel_lines_fall_in_grid_samples_cell(backend):
+    """fp32 pixel centres (a centre plus whole-pixel offsets, as a model computes them), edges and
+    outside, on 10- and 11-wide maps: rounded twice, some of them fall in the next cell and get the
+    other one-sided location gradient (off by up to 16 here)."""
+    if backend == "cpu":
+        require_kernel()
+    _assert_matches(backend, LINES, *_on_lines(3, 2, 11, LINES), atol=1e-5)
 
 
 def test_cpu_kernel_result_does_not_depend_on_thread_count():

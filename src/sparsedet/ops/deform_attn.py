@@ -216,6 +216,14 @@ def _reference(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, 
     return out.view(B, M * D, Q).transpose(1, 2).contiguous()
 
 
+def _unnormalize(grid: Tensor, size: Tensor) -> Tensor:
+    """grid in [-1, 1] -> pixel coordinate ``grid * size / 2 + (size - 1) / 2``, rounded once to
+    grid's dtype, as grid_sample's fused multiply-add does (the fp32 product is exact in fp64, and
+    so is the sum for any location a model makes; MPS has no fp64 and rounds twice)."""
+    wide = torch.float64 if grid.device.type != "mps" else torch.float32
+    return (grid.to(wide) * (size.to(wide) * 0.5) + (size.to(wide) - 1) * 0.5).to(grid.dtype)
+
+
 def _corners(shapes: list[tuple[int, int]], locations: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The four bilinear neighbours of every location, as [B, M, Q, L*P, 4] tensors:
     flat row index into S (0 where outside), bilinear weight (0 where outside), and the weight's
@@ -231,8 +239,7 @@ def _corners(shapes: list[tuple[int, int]], locations: Tensor) -> tuple[Tensor, 
     loc = locations.transpose(1, 2)  # [B, M, Q, L, P, 2]
     # Pixel coordinates with align_corners=False (the centre of pixel i sits at i + 0.5), computed
     # as grid_sample does, so that locations on pixel lines fall in the same cell.
-    x = (2 * loc[..., 0] - 1 + 1) * (level_w.to(dt) * 0.5) - 0.5
-    y = (2 * loc[..., 1] - 1 + 1) * (level_h.to(dt) * 0.5) - 0.5
+    x, y = _unnormalize(2 * loc[..., 0] - 1, level_w), _unnormalize(2 * loc[..., 1] - 1, level_h)
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     x0, y0 = x0.long(), y0.long()
