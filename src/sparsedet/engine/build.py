@@ -19,7 +19,7 @@ from . import distributed
 from .hooks import Checkpoints, EMAUpdate, Evaluate, Hook, LogSteps, SpeedWatch, StepPlan, StopOnSignal
 from .interrupt import ignore_stop_signals
 from .optim import WeightEMA, make_optimizer
-from .precision import resolve_precision
+from .precision import LossScaler, resolve_precision
 from .rng import seed_everything
 from .runlog import RunLog
 from .trainer import Trainer
@@ -77,7 +77,7 @@ def build_trainer(model, config: Config, train_set: CocoDetection, val_set: Coco
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     seed_everything(t.seed + ctx.rank)  # the same model everywhere (DDP broadcasts), own dropout
     return Trainer(config=config, model=model, net=net, criterion=criterion, optimizer=optimizer,
-                   scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
+                   scaler=LossScaler(device.type, enabled=autocast_dtype == torch.float16),
                    autocast_dtype=autocast_dtype, ema=ema, sampler=sampler, loader=loader, train_set=train_set,
                    val_set=val_set, log=RunLog(out_dir, ctx.is_main, progress, t.tensorboard), out_dir=out_dir,
                    ctx=ctx, device=device, hooks=default_hooks(config, val_set), origin=origin)
