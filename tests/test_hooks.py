@@ -1,6 +1,7 @@
 """The trainer's seams: hooks see the events in order, the plan and the time budget stop training
 and say why, checkpoints keep the last step and the best, and the training state is its parts'
 (an older checkpoint's flat layout still resumes exactly)."""
+import copy
 import json
 import os
 import re
@@ -10,13 +11,16 @@ import warnings
 import pytest
 import torch
 
+from sparsedet import Detector
 from sparsedet.cli import _prepare_training
+from sparsedet.config import apply_overrides
 from sparsedet.engine import hooks
 from sparsedet.engine.build import build_trainer
 from sparsedet.engine.checkpoint import TRAIN_STATE, load_run, load_train_state
 from sparsedet.engine.hooks import Hook
 from sparsedet.engine.runlog import RunLog, read_steps
 from sparsedet.errors import SparsedetError
+from sparsedet.presets import get_preset
 from tiny import TINY
 
 
@@ -229,3 +233,13 @@ def test_the_training_state_is_its_parts_and_an_old_flat_one_resumes_exactly(syn
             assert all(torch.equal(expected[k], got[k]) for k in expected), (name, ema)
         # A part the checkpoint has no entry for (the old layout knew no hook state) starts as it is.
         assert resumed.hooks[0].count == (1 if name == "old" else 2) and resumed.step == 2
+
+
+def test_the_trainer_takes_a_model_built_from_its_own_config(tmp_path):
+    """What training settles (the score threshold) reaches the model, and what the model records when
+    saved or exported is the run's config: the model must be built from it, not from a copy."""
+    config = apply_overrides(get_preset("dino_tiny"), TINY)
+    model = Detector.from_config(copy.deepcopy(config))
+    with pytest.raises(SparsedetError, match=r"built from the run's config: pass Detector\.from_config\(config\)"):
+        build_trainer(model, config, None, None, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

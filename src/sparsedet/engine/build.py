@@ -14,6 +14,7 @@ from ..config import Config, validate
 from ..data.batch import collate
 from ..data.coco import CocoDetection
 from ..data.sampler import GroupedBatchSampler, SeededSamples, aspect_groups
+from ..errors import SparsedetError
 from ..losses.criterion import SetCriterion
 from . import distributed
 from .hooks import Checkpoints, EMAUpdate, Evaluate, Hook, LogSteps, SpeedWatch, StepPlan, StopOnSignal
@@ -45,12 +46,18 @@ def free_run_folder(parent: Path = Path("runs"), name: str = "train") -> Path:
 
 def build_trainer(model, config: Config, train_set: CocoDetection, val_set: CocoDetection | None,
                   out_dir: str | Path | None, progress: bool = True, origin: str = "") -> Trainer:
-    """A Trainer of ``model`` (a ``sparsedet.Detector``) on ``train_set``, evaluating on ``val_set``
-    (None: no evaluation), writing ``out_dir`` (None: the first free ``runs/train``, ``runs/train2``,
-    ...), with the default hooks. Under ``torchrun`` it joins the process group. Every part is an
-    attribute of the result and may be replaced before ``fit``; ``progress``: a progress bar on
-    process 0, else plain log lines; ``origin``: where the model and the schedule come from, for
-    the summary ("" leaves that line out)."""
+    """A Trainer of ``model`` (a ``sparsedet.Detector`` built from ``config``:
+    ``Detector.from_config(config)``) on ``train_set``, evaluating on ``val_set`` (None: no
+    evaluation), writing ``out_dir`` (None: the first free ``runs/train``, ``runs/train2``, ...), with
+    the default hooks. Under ``torchrun`` it joins the process group. Every part is an attribute of
+    the result and may be replaced before ``fit``; ``progress``: a progress bar on process 0, else
+    plain log lines; ``origin``: where the model and the schedule come from, for the summary (""
+    leaves that line out)."""
+    if model.run_config is not config:
+        # What training settles in the config (the score threshold) must reach the model, and what
+        # the model records when saved or exported (its run_config) must be the run's.
+        raise SparsedetError("build_trainer needs the model built from the run's config: pass "
+                             "Detector.from_config(config) (or Detector.for_finetuning(run, config)) with that config")
     t = validate(config).train
     ctx, device = distributed.setup(t.device)
     if out_dir is None:  # process 0 picks the folder, the others take its choice

@@ -277,7 +277,6 @@ class Checkpoints(Hook):
             if link:
                 link_checkpoint(trainer.out_dir / CHECKPOINTS / f"step_{trainer.step:08d}", name)
             else:
-                trainer.model.run_config = trainer.config
                 ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
                 weights = trainer.model.state_dict()
                 needed = self._check_space(trainer, (weights, ema, state))
