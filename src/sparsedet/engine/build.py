@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, validate
 from ..data.batch import collate
-from ..data.coco import CocoDetection
+from ..data.protocol import DetectionDataset
 from ..data.sampler import GroupedBatchSampler, SeededSamples, aspect_groups
 from ..errors import SparsedetError
 from ..losses.criterion import SetCriterion
@@ -44,7 +44,7 @@ def free_run_folder(parent: Path = Path("runs"), name: str = "train") -> Path:
             continue
 
 
-def build_trainer(model, config: Config, train_set: CocoDetection, val_set: CocoDetection | None,
+def build_trainer(model, config: Config, train_set: DetectionDataset, val_set: DetectionDataset | None,
                   out_dir: str | Path | None, progress: bool = True, origin: str = "") -> Trainer:
     """A Trainer of ``model`` (a ``sparsedet.Detector`` built from ``config``:
     ``Detector.from_config(config)``) on ``train_set``, evaluating on ``val_set`` (None: no
@@ -90,7 +90,7 @@ def build_trainer(model, config: Config, train_set: CocoDetection, val_set: Coco
                    ctx=ctx, device=device, hooks=default_hooks(config, val_set), origin=origin)
 
 
-def default_hooks(config: Config, val_set: CocoDetection | None) -> list[Hook]:
+def default_hooks(config: Config, val_set: DetectionDataset | None) -> list[Hook]:
     """EMA update, plan and budget, step logging, evaluation, checkpoints, stop signals: in this
     order, so that evaluation and checkpoints see whether this step ends training and a signal that
     arrives during any of them stops training after this step."""

@@ -23,7 +23,7 @@ from .thresholds import MIN_SCORE, choose_threshold
 from .trainer import Hook, Trainer  # Hook is defined beside the loop that calls it; re-exported here
 
 if TYPE_CHECKING:
-    from ..data.coco import CocoDetection
+    from ..data.protocol import DetectionDataset
 
 REFRESH_S = 1.0  # the progress bar's loss and steps/s describe at least this much training time
 
@@ -171,7 +171,7 @@ class Evaluate(Hook):
     score threshold (``engine.thresholds``), which the checkpoint saved after it records in
     ``model.score_threshold``. Every process takes part."""
 
-    def __init__(self, val_set: CocoDetection):
+    def __init__(self, val_set: DetectionDataset):
         self.val_set = val_set
 
     def before_train(self, trainer: Trainer) -> None:

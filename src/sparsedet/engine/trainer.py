@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..data.coco import CocoDetection
+from ..data.protocol import DetectionDataset
 from ..data.sampler import DataPosition, GroupedBatchSampler
 from ..errors import SparsedetError
 from ..filewrite import WriteFailed
@@ -92,8 +92,8 @@ class Trainer:
     ema: WeightEMA | None
     sampler: GroupedBatchSampler
     loader: DataLoader
-    train_set: CocoDetection
-    val_set: CocoDetection | None
+    train_set: DetectionDataset
+    val_set: DetectionDataset | None
     log: RunLog
     out_dir: Path
     ctx: distributed.Context
