@@ -117,7 +117,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_says_how_to_resume(syn
     assert f"The newest intact checkpoint is {run / 'checkpoints' / 'step_00000001'} (step 1)" in err
     assert f"\n  sparsedet train --resume {run}\n" in err
     assert not _leftovers(run)
-    assert latest_checkpoint(run).name == "step_00000001" and load_train_state(latest_checkpoint(run))["trainer"]["step"] == 1
+    assert latest_checkpoint(run).name == "step_00000001"
+    assert load_train_state(latest_checkpoint(run))["trainer"]["step"] == 1
     load_run(run)  # the run folder's weights are the previous checkpoint's, whole
 
     monkeypatch.undo()  # space freed: the printed command continues the run
@@ -280,7 +281,8 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_weights(synth, tmp_path, w
     run = tmp_path / "run"
     died = _cli(_train_args(synth, run), before=fault)
     assert died.returncode == -9, died.stderr
-    assert latest_checkpoint(run).name == "step_00000001" and load_train_state(latest_checkpoint(run))["trainer"]["step"] == 1
+    assert latest_checkpoint(run).name == "step_00000001"
+    assert load_train_state(latest_checkpoint(run))["trainer"]["step"] == 1
     assert json.loads((run / "metrics.json").read_text())["step"] == evaluated  # whole
     load_run(run)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0

@@ -397,7 +397,7 @@ def test_ema_accumulation_and_tensorboard(synth, tmp_path):
                  "--out", str(run), *TINY, "train.batch_size=1", "train.accumulate=2", "train.max_steps=3",
                  "train.ema=true", "train.log_every=1"]) == 0
     state = load_train_state(latest_checkpoint(run))
-    assert state["trainer"]["step"] == 3 and state["data"]["batch_in_epoch"] == 6  # two micro-batches per optimiser step
+    assert state["trainer"]["step"] == 3 and state["data"]["batch_in_epoch"] == 6  # two micro-batches a step
     metrics = json.loads((run / "metrics.json").read_text())
     assert "AP" in metrics and "AP" in metrics["ema"]
     raw, ema = Detector.from_pretrained(run), Detector.from_pretrained(run, ema=True)

@@ -392,8 +392,9 @@ class Trainer:
             return (f"{self.out_dir / 'checkpoints'} holds no other intact checkpoint: start the run again (into "
                     "a new --out, or after deleting the checkpoints).")
         target = self.out_dir if unreadable is None and found == latest_checkpoint(self.out_dir) else found
-        return (f"The newest intact checkpoint is {found} (step {load_train_state(found)['trainer']['step']}); continue "
-                f"from it with:\n  {resume_command(target, self.ctx.distributed)}")
+        step = load_train_state(found)["trainer"]["step"]
+        return (f"The newest intact checkpoint is {found} (step {step}); continue from it with:\n  "
+                f"{resume_command(target, self.ctx.distributed)}")
 
 
 def _on(state: dict, device: torch.device) -> dict:
