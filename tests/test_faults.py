@@ -117,7 +117,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_one_and_says_how_to_resume(syn
     assert f"The newest intact checkpoint is {run / 'checkpoints' / 'step_00000001'} (step 1)" in err
     assert f"\n  sparsedet train --resume {run}\n" in err
     assert not _leftovers(run)
-    assert latest_checkpoint(run).name == "step_00000001" and load_train_state(latest_checkpoint(run))["step"] == 1
+    assert latest_checkpoint(run).name == "step_00000001"
+    assert load_train_state(latest_checkpoint(run))["trainer"]["step"] == 1
     load_run(run)  # the run folder's weights are the previous checkpoint's, whole
 
     monkeypatch.undo()  # space freed: the printed command continues the run
@@ -239,7 +240,7 @@ def test_a_real_full_tmpfs_fails_the_next_checkpoint_with_a_warning_first(synth,
                 resumed.fit()
         assert failed.value.out_of_space, failed.value
         assert "step_00000001 (step 1)" in str(failed.value) and f"sparsedet train --resume {run}" in str(failed.value)
-        assert not _leftovers(mount) and load_train_state(latest_checkpoint(run))["step"] == 1
+        assert not _leftovers(mount) and load_train_state(latest_checkpoint(run))["trainer"]["step"] == 1
         load_run(run)
     finally:
         subprocess.run(["umount", str(mount)], check=True)
@@ -280,7 +281,8 @@ def test_sigkill_mid_run_resumes_to_the_uninterrupted_weights(synth, tmp_path, w
     run = tmp_path / "run"
     died = _cli(_train_args(synth, run), before=fault)
     assert died.returncode == -9, died.stderr
-    assert latest_checkpoint(run).name == "step_00000001" and load_train_state(latest_checkpoint(run))["step"] == 1
+    assert latest_checkpoint(run).name == "step_00000001"
+    assert load_train_state(latest_checkpoint(run))["trainer"]["step"] == 1
     assert json.loads((run / "metrics.json").read_text())["step"] == evaluated  # whole
     load_run(run)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
@@ -362,7 +364,7 @@ def test_a_corrupt_train_state_names_the_older_intact_checkpoint_which_resumes(w
     assert err.rstrip().endswith(f"sparsedet train --resume {older}")
 
     assert main(["train", "--resume", str(older), "--no-progress"]) == 0  # the command it printed
-    assert load_train_state(newest)["step"] == 2  # written again, whole
+    assert load_train_state(newest)["trainer"]["step"] == 2  # written again, whole
     assert _same_weights(run, whole_run)
 
 

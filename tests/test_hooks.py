@@ -1,26 +1,33 @@
 """The trainer's seams: hooks see the events in order, the plan and the time budget stop training
-and say why, and checkpoints keep the last step and the best."""
+and say why, checkpoints keep the last step and the best, and the training state is its parts'
+(an older checkpoint's flat layout still resumes exactly)."""
+import copy
 import json
 import os
 import re
+import shutil
 import warnings
 
 import pytest
+import torch
 
+from sparsedet import Detector
 from sparsedet.cli import _prepare_training
+from sparsedet.config import apply_overrides
 from sparsedet.engine import hooks
 from sparsedet.engine.build import build_trainer
-from sparsedet.engine.checkpoint import load_train_state
+from sparsedet.engine.checkpoint import TRAIN_STATE, load_run, load_train_state
 from sparsedet.engine.hooks import Hook
 from sparsedet.engine.runlog import RunLog, read_steps
 from sparsedet.errors import SparsedetError
+from sparsedet.presets import get_preset
 from tiny import TINY
 
 
-def _trainer(synth, tmp_path, overrides: list[str], val: bool = False, progress: bool = False):
+def _trainer(synth, tmp_path, overrides: list[str], val: bool = False, progress: bool = False, run: str = "run"):
     data = {"train": synth["train"], "val": synth["val"] if val else None}
     config, model, train_set, val_set = _prepare_training("dino_tiny", None, TINY + overrides, data)
-    return build_trainer(model, config, train_set, val_set, tmp_path / "run", progress=progress)
+    return build_trainer(model, config, train_set, val_set, tmp_path / run, progress=progress)
 
 
 class Recorder(Hook):
@@ -71,7 +78,7 @@ def test_the_time_budget_stops_training_and_says_why(synth, tmp_path, capsys):
     bar = captured.err.split("\r")[-1]  # the bar's last state: steps (no total under a budget), loss, steps/s, budget
     assert bar.startswith("train: 1 steps [")
     assert "loss=" in bar and "steps/s=" in bar and re.search(r"budget=\d+\.\d min used, 0\.0 left", bar)
-    assert load_train_state(tmp_path / "run" / "checkpoints" / "step_00000001")["step"] == 1
+    assert load_train_state(tmp_path / "run" / "checkpoints" / "step_00000001")["trainer"]["step"] == 1
 
 
 def test_the_epoch_plan_stops_training_and_says_why(synth, tmp_path, capsys):
@@ -117,7 +124,7 @@ def test_checkpoints_keep_the_last_step_and_the_best(synth, tmp_path, monkeypatc
     best, last = checkpoints / "best_step_00000003", checkpoints / "step_00000003"
     assert sorted(p.name for p in best.iterdir()) == sorted(p.name for p in last.iterdir())
     assert all(os.path.samefile(p, last / p.name) for p in best.iterdir())  # no second copy on disk
-    assert load_train_state(best)["best"] == {"AP": 0.5, "step": 3}
+    assert load_train_state(best)["checkpoints"]["best"] == {"AP": 0.5, "step": 3}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["AP"] == 0.5
 
 
@@ -173,3 +180,67 @@ def test_speed_watch_says_once_when_training_slows_to_a_third():
     assert watch.slowdown == (pytest.approx(10.0), pytest.approx(3.0))
     run(1, 60)
     assert len(trainer.log.said) == 1 and "machine is busy" in trainer.log.said[0]
+
+
+class Counter(Hook):
+    """Counts the steps it has seen, across resumes: a hook with its own part of the training state."""
+
+    state_key = "counter"
+
+    def __init__(self):
+        self.count = 0
+
+    def after_step(self, trainer):
+        self.count += 1
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def _flat(state: dict) -> dict:
+    """``state`` as train_state.pt held it before each part kept its own (up to commit 15542ee): one dict."""
+    return {**state["trainer"], **state["data"], "best": state["checkpoints"]["best"], "optimizer": state["optimizer"],
+            "scaler": state["scaler"], "ema_updates": state["ema"]["updates"], "world_size": state["rng"]["world_size"],
+            "rng": state["rng"]["states"]}
+
+
+def test_the_training_state_is_its_parts_and_an_old_flat_one_resumes_exactly(synth, tmp_path):
+    overrides = ["train.max_steps=2", "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.ema=true",
+                 "train.seed=5", "model.dropout=0.1"]  # dropout: the random streams must come back too
+    whole = _trainer(synth, tmp_path, overrides)
+    whole.hooks.insert(0, Counter())  # before the Checkpoints hook: it counts the step saved
+    whole.fit()
+    first = tmp_path / "run" / "checkpoints" / "step_00000001"
+    state = load_train_state(first)
+    assert list(state) == ["trainer", "data", "optimizer", "scaler", "rng", "ema", "counter", "checkpoints"]
+    assert state["counter"] == {"count": 1} and state["ema"] == {"updates": 1}
+    old = _flat(state)
+    assert sorted(old) == ["batch_in_epoch", "best", "ema_updates", "epoch", "optimizer", "rng", "scaler",
+                           "skipped_images", "step", "trained_seconds", "world_size"]
+    cut = tmp_path / "old" / "checkpoints" / "step_00000001"
+    shutil.copytree(first, cut)
+    torch.save(old, cut / TRAIN_STATE)
+    resumed = _trainer(synth, tmp_path, overrides, run="old")
+    counter = Counter()
+    resumed.hooks.insert(0, counter)
+    resumed.resume(cut)
+    assert counter.count == 0 and resumed.step == 1  # a part the checkpoint has no entry for starts as it is
+    resumed.fit()
+    for ema in (False, True):
+        expected, got = load_run(tmp_path / "run", ema=ema)[1], load_run(tmp_path / "old", ema=ema)[1]
+        assert all(torch.equal(expected[k], got[k]) for k in expected), ema
+    resumed.restore(state)  # today's layout: the hook gets its entry back
+    assert counter.count == 1 and resumed.step == 1
+
+
+def test_the_trainer_takes_a_model_built_from_its_own_config(tmp_path):
+    """What training settles (the score threshold) reaches the model, and what the model records when
+    saved or exported is the run's config: the model must be built from it, not from a copy."""
+    config = apply_overrides(get_preset("dino_tiny"), TINY)
+    model = Detector.from_config(copy.deepcopy(config))
+    with pytest.raises(SparsedetError, match=r"built from the run's config: pass Detector\.from_config\(config\)"):
+        build_trainer(model, config, None, None, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -397,7 +397,7 @@ def test_ema_accumulation_and_tensorboard(synth, tmp_path):
                  "--out", str(run), *TINY, "train.batch_size=1", "train.accumulate=2", "train.max_steps=3",
                  "train.ema=true", "train.log_every=1"]) == 0
     state = load_train_state(latest_checkpoint(run))
-    assert state["step"] == 3 and state["batch_in_epoch"] == 6  # two micro-batches per optimiser step
+    assert state["trainer"]["step"] == 3 and state["data"]["batch_in_epoch"] == 6  # two micro-batches a step
     metrics = json.loads((run / "metrics.json").read_text())
     assert "AP" in metrics and "AP" in metrics["ema"]
     raw, ema = Detector.from_pretrained(run), Detector.from_pretrained(run, ema=True)
@@ -529,7 +529,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(synth, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "interrupted by SIGINT at step 3" in err and f"sparsedet train --resume {tmp_path / 'cut'}" in err
     assert latest_checkpoint(tmp_path / "cut").name == "step_00000003"  # no periodic checkpoint before step 5
-    assert load_train_state(latest_checkpoint(tmp_path / "cut"))["step"] == 3
+    assert load_train_state(latest_checkpoint(tmp_path / "cut"))["trainer"]["step"] == 3
     assert max(_losses(tmp_path / "cut")) == 3
 
     monkeypatch.undo()
@@ -549,7 +549,7 @@ def test_sigterm_saves_and_exits_143_and_a_second_signal_quits_at_once(synth, tm
     _signal_at(monkeypatch, 1, signal.SIGTERM)
     assert main(args + ["--out", str(tmp_path / "term")]) == 143
     assert "interrupted by SIGTERM at step 1" in capsys.readouterr().err
-    assert load_train_state(latest_checkpoint(tmp_path / "term"))["step"] == 1
+    assert load_train_state(latest_checkpoint(tmp_path / "term"))["trainer"]["step"] == 1
 
     _signal_at(monkeypatch, 1, signal.SIGINT, signal.SIGINT)  # twice: quit without saving
     assert main(args + ["--out", str(tmp_path / "twice")]) == 130

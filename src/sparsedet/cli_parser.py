@@ -6,13 +6,12 @@ import argparse
 
 from .config import PRECISIONS
 from .tools.convert import SOURCES
-from .tools.runtimes import RUNTIMES
+from .tools.runtimes import RUNTIMES, runtime_help
 
 PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (autocast; fp16 on CUDA only); "
                   "boxes and scores come back in fp32")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu; an .onnx file runs on the CPU)"
-RUNTIME_HELP = ("what runs an exported .onnx file (the others run in PyTorch): onnxruntime (default) or openvino "
-                "(pip install 'sparsedet[openvino]'; CPU, f32 inference precision)")
+RUNTIME_HELP = runtime_help()  # the built-in runtimes (a plug-in's is a choice too, from the same table)
 
 
 def build_parser() -> argparse.ArgumentParser:

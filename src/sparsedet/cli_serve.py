@@ -73,16 +73,19 @@ def _plan(args, onnx: bool) -> tuple[int, int | None, int]:
     """(workers, each one's CPU threads, images per batch at most), where not given. On a CPU: two
     workers with half the cores each, batches of up to 2 (benchmarks/serve_load.py: more images per
     second than one worker on every core, and than larger batches, which outgrow the CPU's caches);
-    on a GPU, one worker and batches of up to 8; in OpenVINO (one infer request) one worker. None
-    threads: torch's own count. ``onnx``: the model is an exported file."""
+    on a GPU, one worker and batches of up to 8; in a runtime that runs one batch at a time
+    (OpenVINO: one infer request) one worker. None threads: torch's own count. ``onnx``: the model
+    is an exported file."""
     import os
 
     from .engine.device import resolve_device
+    from .tools.runtimes import runtime_class
     on_cpu = onnx or resolve_device(args.device or "auto", fix="--device cpu").type == "cpu"
-    single = not on_cpu or (onnx and args.runtime == "openvino")
+    runtime = runtime_class(args.runtime)
+    single = not on_cpu or (onnx and runtime.one_batch_at_a_time)
     if single and (args.workers or 1) > 1:
-        raise SparsedetError(f"--workers {args.workers}: {'OpenVINO runs' if on_cpu else 'a GPU runs'} one batch at "
-                             "a time here; leave out --workers (batches grow with --max-batch instead)")
+        raise SparsedetError(f"--workers {args.workers}: {runtime.title + ' runs' if on_cpu else 'a GPU runs'} one "
+                             "batch at a time here; leave out --workers (batches grow with --max-batch instead)")
     cores = os.cpu_count() or 1
     workers = args.workers or (1 if single else min(2, cores))
     threads = args.threads or (max(1, cores // workers) if on_cpu else None)

@@ -1,13 +1,16 @@
-"""COCO-json detection dataset with category-id mapping and clear validation errors.
+"""COCO-json detection dataset with category-id mapping and clear validation errors, and the COCO
+dataset format (``CocoFormat``: opening and ``sparsedet check-data``).
 
 Category ids (any integers) map to contiguous labels 0..C-1 in increasing id order.
 Boxes in the json are COCO ``[x, y, w, h]`` pixels; targets hold cxcywh normalised to
-the transformed image size. :func:`open_detection_dataset` also opens YOLO datasets
-(read into the same COCO dict form by ``yolo.py``).
+the transformed image size. Other formats (``yolo.py``) read their data into the same COCO
+dict form and open it as a :class:`CocoDetection` too.
 """
 from __future__ import annotations
 
+import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +21,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import SparsedetError
-from .coco_json import (IMAGE_FOLDER, annotation_name, clipped_xyxy, default_image_root, find_image_root,
-                        read_coco_json, validate_coco)
+from .check import image_problem
+from .coco_json import (IMAGE_FOLDER, annotation_name, clipped_xyxy, default_image_root, find_image_root, is_box,
+                        read_coco_json, size_mismatch, validate_coco)
+from .formats import DataReport, DatasetFormat, Problem, register_format
+from .formats import open_detection_dataset  # noqa: F401 (re-exported: its former home)
 from .transforms import ToTensorAndNormaliseBoxes
-from .yolo import YAML_NAMES, find_yolo_yaml, label_folder, label_path, read_yolo
+
+# Boxes may overhang the image by this many pixels before they count as out of bounds
+# (exported annotations often round up by a fraction of a pixel).
+BOUNDS_TOLERANCE = 1.0
+
 
 def load_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB (pixels as stored; no EXIF rotation). SparsedetError if unreadable."""
@@ -168,47 +178,126 @@ class CocoDetection(Dataset):
         return image, target
 
 
-def open_detection_dataset(path: str | Path, split: str, images_root: str | Path | None = None,
-                           transforms: Callable | None = None) -> CocoDetection:
-    """A :class:`CocoDetection` from a YOLO ``data.yaml`` (or its folder) and ``split``, or from a
-    COCO json (``split`` unused). ``images_root`` applies to COCO only: the yaml locates YOLO images.
-    A split without a single box is a SparsedetError: training on it learns only background and
-    evaluating on it defines no metric."""
-    yaml_path = find_yolo_yaml(path)
-    if yaml_path is None:
-        if Path(path).is_dir():
-            raise SparsedetError(f"{path} is a folder without {' or '.join(YAML_NAMES)}; pass a COCO "
-                                 "json file or a YOLO dataset yaml (or its folder).")
-        dataset = CocoDetection(path, images_root, transforms)
-    else:
-        if images_root is not None:
-            warnings.warn(f"images_root {images_root} is ignored for the YOLO dataset {yaml_path}", stacklevel=2)
-        coco, root = read_yolo(yaml_path, split)
-        dataset = CocoDetection(coco, root, transforms, source=f"{yaml_path} ({split})")
-    if dataset.num_boxes == 0:
-        raise SparsedetError(f"{dataset.source} has no boxes: {_why_no_boxes(dataset, yaml_path is not None)}. "
-                             "Training on it would learn only background, and every metric on it would be n/a.")
-    return dataset
+@register_format("coco")
+class CocoFormat(DatasetFormat):
+    """A COCO json file: any file that no other format claims (reading it says what is wrong)."""
+
+    noun = "a COCO json file"
+    fallback = True
+
+    def find(self, path: Path) -> Path | None:
+        return None if path.is_dir() else path
+
+    def open(self, file: Path, split: str, images_root: Path | None, transforms: Callable | None) -> CocoDetection:
+        return CocoDetection(file, images_root, transforms)
+
+    def why_no_boxes(self, dataset: CocoDetection) -> str:
+        annotations = dataset.coco["annotations"]
+        if not annotations:
+            return "its 'annotations' list is empty"
+        return f"its {len(annotations)} annotation(s) are all crowd regions or degenerate boxes"
+
+    def check(self, file: Path, images_root: Path | None) -> DataReport:
+        return check_coco(file, images_root)
 
 
-def _why_no_boxes(dataset: CocoDetection, yolo: bool) -> str:
-    annotations = dataset.coco["annotations"]
-    if yolo:
-        images = [dataset.images_root / img["file_name"] for img in dataset.coco["images"]]
-        labelled = sum(label_path(p).is_file() for p in images)
-        where = label_folder(images)
-        if not labelled:
-            return (f"none of its {len(images)} images has a label file in {where} (images/<split>/a.jpg is "
-                    "labelled by labels/<split>/a.txt: is the labels folder misnamed or elsewhere?)")
-        return (f"its {labelled} label file(s) in {where} hold " +
-                (f"only degenerate boxes ({len(annotations)})" if annotations else "no lines"))
-    if not annotations:
-        return "its 'annotations' list is empty"
-    return f"its {len(annotations)} annotation(s) are all crowd regions or degenerate boxes"
+def _bbox_problem(bbox: object, width: object, height: object) -> tuple[str, str] | None:
+    """What is wrong with a COCO [x, y, w, h] box in a (width x height) image, as (kind, message), or None."""
+    if not is_box(bbox) or not all(math.isfinite(v) for v in bbox):
+        return "malformed bboxes", f"bbox {bbox!r} is not four finite numbers [x, y, w, h]"
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return "degenerate bboxes", f"degenerate bbox {list(bbox)} (width and height must be > 0)"
+    if not isinstance(width, (int, float)) or not isinstance(height, (int, float)):
+        return None  # the image entry's own problem is reported once, with the image
+    tol = BOUNDS_TOLERANCE
+    if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+        return "bboxes outside their image", f"bbox {list(bbox)} lies outside the {width}x{height} image"
+    return None
 
 
-def size_mismatch(path: str | Path, width: object, height: object, size: tuple[int, int]) -> str | None:
-    """How an image entry's ``width``/``height`` disagree with the file's ``size`` (w, h), or None."""
-    if (width, height) == tuple(size):
-        return None
-    return f"json says {width}x{height} (w x h) but {path} is {size[0]}x{size[1]}"
+def check_coco(path: Path, images_root: Path | None = None) -> DataReport:
+    """Check a COCO json and its images; reports every problem found and what the dataset holds.
+
+    Errors: unreadable (fully decoded) or missing images and size mismatches, malformed entries,
+    duplicate ids, annotations with unknown image or category ids, degenerate or out-of-bounds
+    boxes, no boxes at all. Warnings: images without annotations. A missing file or malformed json
+    raises SparsedetError. ``images_root`` defaults to the json's folder.
+    """
+    data = read_coco_json(path)
+    root = Path(images_root) if images_root is not None else default_image_root(path, data)
+    problems: list[Problem] = []
+
+    def error(message: str, kind: str = "") -> None:
+        problems.append(Problem("error", message, kind))
+
+    if not data["images"]:
+        error(f"{path}: no images; add entries to 'images'")
+    category_ids = Counter(c["id"] for c in data["categories"] if isinstance(c, dict) and "id" in c)
+    if sum(category_ids.values()) < len(data["categories"]):
+        error(f"{path}: every category must be an object with an 'id'")
+    for cid, n in category_ids.items():
+        if n > 1:
+            error(f"{path}: category id {cid} is used by {n} categories", "duplicate category ids")
+
+    images: dict[object, dict] = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            error(f"{path}: image #{i} needs an 'id' and a 'file_name'", "image entries without 'id' or 'file_name'")
+            continue
+        where = f"image id {img['id']} ({img['file_name']})"
+        if img["id"] in images:
+            error(f"{where}: duplicate image id", "duplicate image ids")
+            continue
+        images[img["id"]] = img
+        if "width" not in img or "height" not in img:
+            error(f"{where}: missing 'width'/'height'", "image entries without 'width'/'height'")
+        found = image_problem(root / img["file_name"], img.get("width"), img.get("height"))
+        if found:
+            error(f"{where}: {found[1]}", found[0])
+
+    first = next(iter(images.values()), None)
+    if first is not None and not any((root / img["file_name"]).is_file() for img in images.values()):
+        found = find_image_root(path, first["file_name"])
+        if found is not None:
+            error(f"{path}: no image file is under {root}; {first['file_name']} is in {found}: pass --images {found}")
+
+    annotated: set[object] = set()
+    seen_ids: set[object] = set()
+    boxes = 0  # valid, non-crowd boxes of known images and categories
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            error(f"{path}: annotation #{i} is not a JSON object", "annotations that are not JSON objects")
+            continue
+        img = images.get(ann.get("image_id"))
+        where = f"annotation id {ann.get('id', f'#{i}')} (image id {ann.get('image_id')}" + (
+            f", {img['file_name']})" if img else ")")
+        if "id" not in ann:
+            error(f"{where}: missing 'id'", "annotations without 'id'")
+        elif ann["id"] in seen_ids:
+            error(f"{where}: duplicate annotation id", "duplicate annotation ids")
+        seen_ids.add(ann.get("id"))
+        if img is None:
+            error(f"{where}: image id not in 'images'", "annotations of image ids not in 'images'")
+        else:
+            annotated.add(ann["image_id"])
+        if ann.get("category_id") not in category_ids:
+            error(f"{where}: unknown category id {ann.get('category_id')}",
+                  "annotations of category ids not in 'categories'")
+        size = (img.get("width"), img.get("height")) if img else (None, None)
+        found = _bbox_problem(ann.get("bbox"), *size)
+        if found:
+            error(f"{where}: {found[1]}", found[0])
+        elif img is not None and ann.get("category_id") in category_ids and not ann.get("iscrowd", 0):
+            boxes += 1
+
+    if images and not boxes:  # training refuses it: one error, not a warning per image
+        why = "its annotations are all crowd or invalid" if data["annotations"] else "'annotations' is empty"
+        error(f"{path}: no boxes ({why}); training on it would learn only background and every metric on it "
+              "would be n/a")
+        return DataReport(problems, len(images), boxes, len(category_ids))
+    for img_id, img in images.items():
+        if img_id not in annotated:
+            problems.append(Problem("warning", f"image id {img_id} ({img['file_name']}): no annotations",
+                                    "images without annotations"))
+    return DataReport(problems, len(images), boxes, len(category_ids))

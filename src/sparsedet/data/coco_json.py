@@ -130,3 +130,10 @@ def validate_coco(data: object, source: str | Path, image_keys: tuple[str, ...] 
             raise SparsedetError(f"{name} in {source} has bbox {ann['bbox']!r}; a COCO bbox is four numbers "
                                  "[x, y, width, height] in pixels. Fix or remove the annotation.")
     return data
+
+
+def size_mismatch(path: str | Path, width: object, height: object, size: tuple[int, int]) -> str | None:
+    """How an image entry's ``width``/``height`` disagree with the file's ``size`` (w, h), or None."""
+    if (width, height) == tuple(size):
+        return None
+    return f"json says {width}x{height} (w x h) but {path} is {size[0]}x{size[1]}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -74,6 +75,22 @@ class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         return len(self._global_batches()) - self.start
+
+
+@dataclass
+class DataPosition:
+    """Where training is in its data: the epoch and how many of its batches it has trained on, where
+    :meth:`GroupedBatchSampler.set_epoch` starts again after a resume. Counted by the consumer of the
+    batches, since a data loader draws its sampler's batches ahead of their use."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch = state["epoch"], state["batch_in_epoch"]
 
 
 def aspect_groups(sizes: Sequence[tuple[int, int]]) -> list[int]:

@@ -1,4 +1,5 @@
-"""YOLO-format (Ultralytics-style ``data.yaml``) datasets, read as COCO dicts, and COCO -> YOLO export.
+"""YOLO-format (Ultralytics-style ``data.yaml``) datasets, read as COCO dicts, and COCO -> YOLO
+export; the YOLO dataset format (``YoloFormat``: opening and ``sparsedet check-data``).
 
 A YOLO label file holds one object per line: ``class cx cy w h`` with the box centre and
 size normalised to [0, 1] by the image width/height, or ``class x1 y1 x2 y2 ...`` (a
@@ -10,13 +11,17 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 from PIL import Image
 
 from ..errors import SparsedetError
+from .check import image_problem
+from .coco import CocoDetection
 from .coco_json import clipped_xyxy, read_coco_json, validate_coco
+from .formats import DataReport, DatasetFormat, Problem, register_format
 
 IMAGE_SUFFIXES = {".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
 YAML_NAMES = ("data.yaml", "data.yml")
@@ -315,3 +320,135 @@ def write_yolo(coco_json_path: str | Path, out_dir: str | Path) -> Path:
     splits[split] = f"images/{split}"
     yaml_path.write_text(yaml.safe_dump({"path": ".", **splits, "names": names}, sort_keys=False))
     return yaml_path
+
+
+@register_format("yolo")
+class YoloFormat(DatasetFormat):
+    """A YOLO dataset: its data.yaml (any .yaml or .yml file) or the folder holding one, with
+    ``images/<split>/`` beside ``labels/<split>/``."""
+
+    noun = "a YOLO dataset yaml (or its folder)"
+    folder_files = YAML_NAMES
+
+    def find(self, path: Path) -> Path | None:
+        return find_yolo_yaml(path)
+
+    def splits(self, file: Path) -> list[str]:
+        return yolo_splits(file)
+
+    def open(self, file: Path, split: str, images_root: Path | None, transforms: Callable | None) -> CocoDetection:
+        if images_root is not None:  # stacklevel: the caller of open_detection_dataset
+            warnings.warn(f"images_root {images_root} is ignored for the YOLO dataset {file}", stacklevel=3)
+        coco, root = read_yolo(file, split)
+        return CocoDetection(coco, root, transforms, source=f"{file} ({split})")
+
+    def why_no_boxes(self, dataset: CocoDetection) -> str:
+        images = [dataset.images_root / img["file_name"] for img in dataset.coco["images"]]
+        labelled = sum(label_path(p).is_file() for p in images)
+        where = label_folder(images)
+        if not labelled:
+            return (f"none of its {len(images)} images has a label file in {where} (images/<split>/a.jpg is "
+                    "labelled by labels/<split>/a.txt: is the labels folder misnamed or elsewhere?)")
+        annotations = dataset.coco["annotations"]
+        return (f"its {labelled} label file(s) in {where} hold " +
+                (f"only degenerate boxes ({len(annotations)})" if annotations else "no lines"))
+
+    def check(self, file: Path, images_root: Path | None) -> DataReport:
+        if images_root is not None:
+            raise SparsedetError(f"--images does not apply to the YOLO dataset {file}: its yaml locates "
+                                 "the images. Leave it out.")
+        return check_yolo(file)
+
+
+def check_yolo(yaml_path: str | Path) -> DataReport:
+    """Check every split (train, val, test) of a YOLO dataset; reports every problem found and what
+    the dataset holds (its splits' images and boxes together).
+
+    Errors: a split entry without images, unreadable (fully decoded) images, label lines that are
+    not numbers, name no class of 'names', have coordinates outside [0, 1] or an empty box; a train
+    or val split without a single box (naming the folder where its labels were looked for).
+    Warnings: images without a label file (one counted line per split), a test split without boxes.
+    A missing or malformed yaml raises SparsedetError.
+    """
+    yaml_path = Path(yaml_path)
+    problems: list[Problem] = []
+    unknown_class: list[Problem] = []  # their kind, the classes all labels use, is known at the end
+    used: set[int] = set()
+    classes: dict[int, str] = {}
+    images = all_boxes = 0
+    splits = yolo_splits(yaml_path)
+    if not splits:
+        problems.append(Problem("error", f"{yaml_path}: no split entry; add e.g. `train: images/train`"))
+    for split in splits:
+        where = f"{yaml_path} ({split})"
+        try:
+            classes, _, paths = split_images(yaml_path, split)
+        except SparsedetError as err:  # a bad 'names' is the same error for every split: report it once
+            if all(p.message != str(err) for p in problems):
+                problems.append(Problem("error", str(err)))
+            continue
+        unlabelled, boxes = [], 0
+        for path in paths:
+            found = image_problem(path)
+            if found:
+                problems.append(Problem("error", f"{where}: {found[1]}", found[0]))
+            label = label_path(path)
+            if not label.is_file():
+                unlabelled.append(path)
+                continue
+            lines, count, label_classes = _label_problems(label, classes)
+            in_file = [Problem("error", line, kind) for kind, line in lines]
+            problems += in_file
+            unknown_class += [p for p in in_file if not p.kind]
+            used |= label_classes
+            boxes += count
+        images, all_boxes = images + len(paths), all_boxes + boxes
+        if not boxes:
+            labelled = len(paths) - len(unlabelled)
+            why = (f"none of its {len(paths)} images has a label file in {label_folder(paths)} (is the labels "
+                   "folder misnamed or elsewhere?)" if not labelled else
+                   f"its {labelled} label file(s) in {label_folder(paths)} hold no boxes")
+            problems.append(Problem("warning" if split == "test" else "error", f"{where}: no boxes: {why}"))
+        elif unlabelled:
+            problems.append(Problem("warning", f"{where}: {len(unlabelled)} of {len(paths)} images have no label "
+                                    f"file in {label_folder(unlabelled)} (e.g. {label_path(unlabelled[0]).name}); "
+                                    "they count as background (an image without objects gets an empty .txt)"))
+    summary = (f"label lines of a class not in 'names' (labels use {len(used)} classes: "
+               f"{', '.join(map(str, sorted(used)[:10]))}{', ...' if len(used) > 10 else ''}; 'names' lists "
+               f"{len(classes)})")
+    for p in unknown_class:
+        p.kind = summary
+    return DataReport(problems, images, all_boxes, len(classes))
+
+
+def _label_problems(path: Path, classes: dict[int, str]) -> tuple[list[tuple[str, str]], int, set[int]]:
+    """What is wrong with the lines of a YOLO label file as (kind, message) (kind "" for a class not in
+    ``classes``: the caller summarises those), how many boxes of known classes it holds, and the
+    class indices its lines use."""
+    problems, boxes, used = [], 0, set()
+    text = path.read_bytes().decode("utf-8", errors="replace")  # odd bytes fail as a non-numeric line
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        values = parse_label_line(line)
+        if values is None:
+            problems.append(("label lines that are not `class cx cy w h`", f"{where}: not `class cx cy w h` (finite "
+                             f"numbers, optionally followed by polygon points): {line.strip()[:80]!r}"))
+            continue
+        if values[0] == int(values[0]):
+            used.add(int(values[0]))
+        if values[0] != int(values[0]) or int(values[0]) not in classes:
+            problems.append(("", f"{where}: class {line.split()[0]} is not a class index in 'names' "
+                                 f"(0..{max(classes)})"))
+            continue
+        boxes += 1
+        found = coordinate_problem(values)
+        if found is None and is_polygon(values):
+            xs, ys = values[1::2], values[2::2]
+            found = "degenerate polygon (no width or height)" if max(xs) <= min(xs) or max(ys) <= min(ys) else None
+        elif found is None and (values[3] <= 0 or values[4] <= 0):
+            found = f"degenerate box w={values[3]:g} h={values[4]:g} (both must be > 0)"
+        if found:
+            problems.append(("label lines with coordinates outside [0, 1] or an empty box", f"{where}: {found}"))
+    return problems, boxes, used

@@ -12,14 +12,15 @@ from torch.utils.data import DataLoader
 
 from ..config import Config, validate
 from ..data.batch import collate
-from ..data.coco import CocoDetection
+from ..data.protocol import DetectionDataset
 from ..data.sampler import GroupedBatchSampler, SeededSamples, aspect_groups
+from ..errors import SparsedetError
 from ..losses.criterion import SetCriterion
 from . import distributed
 from .hooks import Checkpoints, EMAUpdate, Evaluate, Hook, LogSteps, SpeedWatch, StepPlan, StopOnSignal
 from .interrupt import ignore_stop_signals
 from .optim import WeightEMA, make_optimizer
-from .precision import resolve_precision
+from .precision import LossScaler, resolve_precision
 from .rng import seed_everything
 from .runlog import RunLog
 from .trainer import Trainer
@@ -43,14 +44,20 @@ def free_run_folder(parent: Path = Path("runs"), name: str = "train") -> Path:
             continue
 
 
-def build_trainer(model, config: Config, train_set: CocoDetection, val_set: CocoDetection | None,
+def build_trainer(model, config: Config, train_set: DetectionDataset, val_set: DetectionDataset | None,
                   out_dir: str | Path | None, progress: bool = True, origin: str = "") -> Trainer:
-    """A Trainer of ``model`` (a ``sparsedet.Detector``) on ``train_set``, evaluating on ``val_set``
-    (None: no evaluation), writing ``out_dir`` (None: the first free ``runs/train``, ``runs/train2``,
-    ...), with the default hooks. Under ``torchrun`` it joins the process group. Every part is an
-    attribute of the result and may be replaced before ``fit``; ``progress``: a progress bar on
-    process 0, else plain log lines; ``origin``: where the model and the schedule come from, for
-    the summary ("" leaves that line out)."""
+    """A Trainer of ``model`` (a ``sparsedet.Detector`` built from ``config``:
+    ``Detector.from_config(config)``) on ``train_set``, evaluating on ``val_set`` (None: no
+    evaluation), writing ``out_dir`` (None: the first free ``runs/train``, ``runs/train2``, ...), with
+    the default hooks. Under ``torchrun`` it joins the process group. Every part is an attribute of
+    the result and may be replaced before ``fit``; ``progress``: a progress bar on process 0, else
+    plain log lines; ``origin``: where the model and the schedule come from, for the summary (""
+    leaves that line out)."""
+    if model.run_config is not config:
+        # What training settles in the config (the score threshold) must reach the model, and what
+        # the model records when saved or exported (its run_config) must be the run's.
+        raise SparsedetError("build_trainer needs the model built from the run's config: pass "
+                             "Detector.from_config(config) (or Detector.for_finetuning(run, config)) with that config")
     t = validate(config).train
     ctx, device = distributed.setup(t.device)
     if out_dir is None:  # process 0 picks the folder, the others take its choice
@@ -77,13 +84,13 @@ def build_trainer(model, config: Config, train_set: CocoDetection, val_set: Coco
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     seed_everything(t.seed + ctx.rank)  # the same model everywhere (DDP broadcasts), own dropout
     return Trainer(config=config, model=model, net=net, criterion=criterion, optimizer=optimizer,
-                   scaler=torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16),
+                   scaler=LossScaler(device.type, enabled=autocast_dtype == torch.float16),
                    autocast_dtype=autocast_dtype, ema=ema, sampler=sampler, loader=loader, train_set=train_set,
                    val_set=val_set, log=RunLog(out_dir, ctx.is_main, progress, t.tensorboard), out_dir=out_dir,
                    ctx=ctx, device=device, hooks=default_hooks(config, val_set), origin=origin)
 
 
-def default_hooks(config: Config, val_set: CocoDetection | None) -> list[Hook]:
+def default_hooks(config: Config, val_set: DetectionDataset | None) -> list[Hook]:
     """EMA update, plan and budget, step logging, evaluation, checkpoints, stop signals: in this
     order, so that evaluation and checkpoints see whether this step ends training and a signal that
     arrives during any of them stops training after this step."""

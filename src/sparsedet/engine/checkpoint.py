@@ -2,8 +2,8 @@
 
 A run folder holds ``model.safetensors`` + ``config.json`` (and ``ema.safetensors`` when training
 kept an EMA). Training adds ``checkpoints/step_NNNNNNNN/`` (the newest ``keep`` of them) and
-``checkpoints/best_step_NNNNNNNN/``: each a run folder plus ``train_state.pt`` (optimiser, loss
-scaler, RNG states, step, data position), written into a temporary folder and renamed, so a
+``checkpoints/best_step_NNNNNNNN/``: each a run folder plus ``train_state.pt`` (each part of the
+trainer's state under its name: ``Trainer.state_parts``), written into a temporary folder and renamed, so a
 crash at any moment leaves the previous checkpoint complete. A best checkpoint of a step that
 also has a step checkpoint shares its files (hard links), so it costs no second copy on disk.
 """
@@ -173,14 +173,29 @@ def prune_checkpoints(run_dir: str | Path, keep: int, upto: int | None = None) -
 
 
 def load_train_state(checkpoint: str | Path) -> dict:
-    """A checkpoint's training state; tensors and plain containers only (``weights_only=True``)."""
+    """A checkpoint's training state, each part under its name (an older checkpoint's flat layout
+    read into that one); tensors and plain containers only (``weights_only=True``)."""
     path = Path(checkpoint) / TRAIN_STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SparsedetError(f"{path} not found: {checkpoint} is not a resumable checkpoint") from None
     except Exception as e:  # noqa: BLE001 - corrupt or foreign pickles raise many types
         raise SparsedetError(f"could not read {path} as a training state: {e}") from None
+    try:
+        return state if "trainer" in state else _by_part(state)
+    except (KeyError, TypeError) as e:  # a readable file that holds something else
+        raise SparsedetError(f"could not read {path} as a training state: it has no {e}") from None
+
+
+def _by_part(flat: dict) -> dict:
+    """The one flat dict of counters and parts that checkpoints held before each part kept its own
+    state, in today's layout, so that older runs resume."""
+    return {"trainer": {key: flat[key] for key in ("step", "trained_seconds", "skipped_images")},
+            "data": {"epoch": flat["epoch"], "batch_in_epoch": flat["batch_in_epoch"]},
+            "optimizer": flat["optimizer"], "scaler": flat["scaler"],
+            "rng": {"world_size": flat["world_size"], "states": flat["rng"]},
+            "ema": {"updates": flat["ema_updates"]}, "checkpoints": {"best": flat["best"]}}
 
 
 def split_resume_target(path: str | Path) -> tuple[Path, Path | None]:

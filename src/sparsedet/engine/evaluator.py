@@ -305,8 +305,8 @@ class Evaluator:
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int = 8, progress: bool = True,
              ctx: Context = Context(), precision: str = "fp32", corr: bool = False) -> tuple[dict, list[dict]]:
-    """COCO metrics of ``model`` on ``dataset`` (a ``CocoDetection``; boxes rescaled to each file's
-    original size) and the detections in the COCO results format, the model run in ``precision``
+    """COCO metrics of ``model`` on ``dataset`` (a ``data.protocol.DetectionDataset``; boxes rescaled
+    to each file's original size) and the detections in the COCO results format, the model run in ``precision``
     ("fp32", "bf16" or "fp16" on CUDA). Under torchrun every process evaluates its share of the
     images and every process gets the metrics of all of them. ``model`` may also be an
     ``OnnxDetector`` (an exported file, fp32 only). ``corr``: also ``metrics["corr"]``, the share of the

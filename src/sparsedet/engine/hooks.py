@@ -23,7 +23,7 @@ from .thresholds import MIN_SCORE, choose_threshold
 from .trainer import Hook, Trainer  # Hook is defined beside the loop that calls it; re-exported here
 
 if TYPE_CHECKING:
-    from ..data.coco import CocoDetection
+    from ..data.protocol import DetectionDataset
 
 REFRESH_S = 1.0  # the progress bar's loss and steps/s describe at least this much training time
 
@@ -166,12 +166,12 @@ class LogSteps(Hook):
 
 class Evaluate(Hook):
     """Evaluates on ``val_set`` (and the EMA weights too) every ``train.eval_every`` steps and at the
-    end: the run log, ``metrics.json`` and a table for the user; ``trainer.metrics`` and, when the AP
-    is the best so far, ``trainer.best``. The final evaluation's detections also choose the run's
+    end: the run log, ``metrics.json`` and a table for the user; ``trainer.metrics`` and
+    ``trainer.evaluated_step``. The final evaluation's detections also choose the run's
     score threshold (``engine.thresholds``), which the checkpoint saved after it records in
     ``model.score_threshold``. Every process takes part."""
 
-    def __init__(self, val_set: CocoDetection):
+    def __init__(self, val_set: DetectionDataset):
         self.val_set = val_set
 
     def before_train(self, trainer: Trainer) -> None:
@@ -204,8 +204,6 @@ class Evaluate(Hook):
                          f"metrics of step {trainer.step} (metrics.json)")
             trainer.log.say(format_metrics(metrics))
         trainer.metrics, trainer.evaluated_step = metrics, trainer.step
-        if trainer.best is None or metrics["AP"] > trainer.best["AP"]:
-            trainer.best = {"AP": metrics["AP"], "step": trainer.step}
         return results
 
     def record_threshold(self, trainer: Trainer, results: list[dict]) -> None:
@@ -221,30 +219,53 @@ class Evaluate(Hook):
 class Checkpoints(Hook):
     """Resumable checkpoints (``checkpoints/step_N``, whose weights become the run folder's) every
     ``every`` steps, or after each evaluation when ``every`` is 0, and at the end, also when a signal
-    stopped training; ``best_step_N`` when an evaluation is the best so far (hard links to
+    stopped training; ``best_step_N`` when an evaluation's AP is the best so far (hard links to
     ``step_N`` when that step has one). The newest ``keep`` step checkpoints and the newest best stay.
-    Every process takes part (RNG states are gathered); process 0 writes."""
+    ``best`` ({"AP", "step"} of the best evaluation, None before one) is this hook's part of the
+    training state. Every process takes part (RNG states are gathered); process 0 writes."""
+
+    state_key = "checkpoints"
 
     def __init__(self, every: int, keep: int):
         self.every, self.keep = every, keep
+        self.best: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = state["best"]
 
     def before_train(self, trainer: Trainer) -> None:
         self._saved_step: int | None = None  # the newest step checkpoint written by this run
         self._warned_space = False
-        self._best = trainer.best              # the best already saved
 
     def after_step(self, trainer: Trainer) -> None:
         if trainer.stop_reason is not None:
             return  # after_train saves the last step
+        new_best = self._new_best(trainer)
         evaluated = trainer.evaluated_step == trainer.step
         if trainer.step % self.every == 0 if self.every else evaluated:
             self.save(trainer)
-        self._save_new_best(trainer)
+        if new_best:
+            self.save(trainer, best=True)
 
     def after_train(self, trainer: Trainer) -> None:
+        new_best = self._new_best(trainer)
         if trainer.stop_signal is None or self._saved_step != trainer.step:
             self.save(trainer)
-        self._save_new_best(trainer)
+        if new_best:
+            self.save(trainer, best=True)
+
+    def _new_best(self, trainer: Trainer) -> bool:
+        """Whether an evaluation of this step has the best AP so far (then it becomes ``best``)."""
+        if trainer.evaluated_step != trainer.step:
+            return False
+        ap = trainer.metrics["AP"]
+        if self.best is not None and (self.best["step"] == trainer.step or not ap > self.best["AP"]):
+            return False
+        self.best = {"AP": ap, "step": trainer.step}
+        return True
 
     def save(self, trainer: Trainer, best: bool = False) -> None:
         link = best and self._saved_step == trainer.step  # the step's own checkpoint: share its files
@@ -256,7 +277,6 @@ class Checkpoints(Hook):
             if link:
                 link_checkpoint(trainer.out_dir / CHECKPOINTS / f"step_{trainer.step:08d}", name)
             else:
-                trainer.model.run_config = trainer.config
                 ema = trainer.ema.module.state_dict() if trainer.ema is not None else None
                 weights = trainer.model.state_dict()
                 needed = self._check_space(trainer, (weights, ema, state))
@@ -280,12 +300,6 @@ class Checkpoints(Hook):
                           f"{human_bytes(needed)} a checkpoint takes: the next one will likely fail (the previous "
                           "one stays whole); free some space now")
         return needed
-
-    def _save_new_best(self, trainer: Trainer) -> None:
-        if trainer.best is not self._best and trainer.best["step"] == trainer.step:
-            self.save(trainer, best=True)
-            self._best = trainer.best
-
 
 class StopOnSignal(Hook):
     """SIGINT (Ctrl-C) or SIGTERM reaching any process stops training after the current step (and

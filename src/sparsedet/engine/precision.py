@@ -43,6 +43,16 @@ def resolve_precision(name: str, device: torch.device, training: bool = False) -
     return torch.bfloat16 if native else None
 
 
+class LossScaler(torch.amp.GradScaler):
+    """fp16 training's loss scaler (disabled in other precisions), as a part of a checkpoint's
+    training state: the state of a run trained without one (empty) leaves it as it starts, so a
+    run may resume in fp16 from a checkpoint of another precision."""
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            super().load_state_dict(state)
+
+
 def autocast(dtype: torch.dtype | None, device: torch.device):
     """Autocast to ``dtype`` on ``device``; None: off (fp32)."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -3,9 +3,13 @@ NumPy, torch CPU and CUDA) so that a resumed run continues exactly."""
 from __future__ import annotations
 
 import random
+import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from . import distributed
 
 
 def seed_everything(seed: int) -> None:
@@ -30,3 +34,23 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RandomStreams:
+    """Every process's generators as a part of a checkpoint's training state (``state_dict`` gathers
+    them: every process takes part). Loaded on as many processes as saved them, each continues its
+    own; on another number they restart from ``seed`` + rank + the step (``step()``), with a warning."""
+
+    def __init__(self, ctx: distributed.Context, seed: int, step: Callable[[], int]):
+        self.ctx, self.seed, self.step = ctx, seed, step
+
+    def state_dict(self) -> dict:
+        return {"world_size": self.ctx.world_size, "states": distributed.gather_objects(rng_state(), self.ctx)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] == self.ctx.world_size:
+            set_rng_state(state["states"][self.ctx.rank])
+            return
+        warnings.warn(f"the checkpoint was written by {state['world_size']} processes, resuming with "
+                      f"{self.ctx.world_size}: random streams restart from train.seed")
+        seed_everything(self.seed + self.ctx.rank + self.step())

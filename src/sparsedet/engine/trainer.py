@@ -10,13 +10,14 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..data.coco import CocoDetection
-from ..data.sampler import GroupedBatchSampler
+from ..data.protocol import DetectionDataset
+from ..data.sampler import DataPosition, GroupedBatchSampler
 from ..errors import SparsedetError
 from ..filewrite import WriteFailed
 from ..losses.criterion import SetCriterion
@@ -25,17 +26,35 @@ from .checkpoint import latest_checkpoint, load_run, load_train_state, newest_in
 from .interrupt import TrainingInterrupted, resume_command
 from .optim import WeightEMA, lr_factor
 from .plan import Plan
-from .precision import NAMES, autocast, outputs_in_fp32
-from .rng import rng_state, seed_everything, set_rng_state
+from .precision import NAMES, LossScaler, autocast, outputs_in_fp32
+from .rng import RandomStreams
 from .runlog import RunLog
 
-# What a checkpoint's train_state holds besides the optimiser, loss scaler, EMA count and RNG states.
-COUNTERS = ("step", "epoch", "batch_in_epoch", "trained_seconds", "skipped_images", "best")
+# The trainer's own part of a checkpoint's training state (its "trainer" entry).
+COUNTERS = ("step", "trained_seconds", "skipped_images")
+
+
+class Stateful(Protocol):
+    """A part of a checkpoint's training state: what it needs to continue exactly, as tensors and
+    plain containers (``torch.load(weights_only=True)`` reads them back)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Hook:
     """What runs around the steps (``engine.hooks`` holds the default ones): a no-op at every event;
-    subclasses override the events they need."""
+    subclasses override the events they need. A hook that keeps state across a resume names its
+    entry of the training state (``state_key``) and overrides ``state_dict`` / ``load_state_dict``."""
+
+    state_key: str | None = None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def before_train(self, trainer: Trainer) -> None:
         pass
@@ -68,13 +87,13 @@ class Trainer:
     net: torch.nn.Module
     criterion: SetCriterion
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    scaler: LossScaler
     autocast_dtype: torch.dtype | None
     ema: WeightEMA | None
     sampler: GroupedBatchSampler
     loader: DataLoader
-    train_set: CocoDetection
-    val_set: CocoDetection | None
+    train_set: DetectionDataset
+    val_set: DetectionDataset | None
     log: RunLog
     out_dir: Path
     ctx: distributed.Context
@@ -85,10 +104,11 @@ class Trainer:
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
         self.plan = Plan.of(self.config.train, len(self.sampler))
-        self.step = self.epoch = self.batch_in_epoch = 0
+        self.step = 0
         self.trained_seconds = 0.0          # evaluation and checkpoint time do not count
         self.skipped_images = 0
-        self.best: dict | None = None       # {"AP", "step"} of the best evaluation
+        self.position = DataPosition()      # the epoch and batch the data have reached
+        self.rng = RandomStreams(self.ctx, self.config.train.seed, lambda: self.step)
         self.metrics: dict = {}             # the last evaluation
         self.evaluated_step: int | None = None
         self.losses: dict[str, float] = {}  # the last step's loss terms (this process)
@@ -185,9 +205,9 @@ class Trainer:
         """(batch, targets) for ever, epoch after epoch from the current data position, counting
         unreadable images; a batch in which some process could read no image is skipped by all."""
         while True:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.sampler.set_epoch(self.position.epoch, self.position.batch)
             for batch, targets, dropped in self.loader:
-                self.batch_in_epoch += 1
+                self.position.batch += 1
                 self.skipped_images += dropped
                 if not distributed.all_agree(batch is not None, self.ctx, self.device):
                     self._require_readable_images()  # an image root where nothing reads never fills a batch
@@ -196,7 +216,7 @@ class Trainer:
                     if "size_mismatch" in target:
                         self.size_mismatches.setdefault(target["image_id"], target["size_mismatch"])
                 yield batch, targets
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.position.epoch, self.position.batch = self.position.epoch + 1, 0
             self._warn_size_mismatches()
 
     def _set_lr(self) -> None:
@@ -296,16 +316,53 @@ class Trainer:
                      f"checkpoints {saves}at the end, a log line every {t.log_every} step(s)")
         return "\n".join(lines)
 
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.position.batch
+
+    def state_dict(self) -> dict:
+        """The trainer's own counters: its entry ("trainer") of the training state."""
+        return {key: getattr(self, key) for key in COUNTERS}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in COUNTERS:
+            setattr(self, key, state[key])
+
+    def state_parts(self) -> dict[str, Stateful]:
+        """The parts of a checkpoint's training state by name, in the order they load: the trainer's
+        counters first (the others may read the step), the data position, optimiser, loss scaler,
+        random streams and EMA, then every hook that keeps state (``Hook.state_key``)."""
+        parts: dict[str, Stateful] = {"trainer": self, "data": self.position, "optimizer": self.optimizer,
+                                      "scaler": self.scaler, "rng": self.rng}
+        if self.ema is not None:
+            parts["ema"] = self.ema
+        for hook in self.hooks:
+            if hook.state_key is not None:
+                if hook.state_key in parts:
+                    raise SparsedetError(f"{type(hook).__name__}.state_key {hook.state_key!r} is already the name "
+                                         "of another part of the training state; give the hook another one")
+                parts[hook.state_key] = hook
+        return parts
+
     def train_state(self) -> dict:
-        """What a checkpoint needs to continue exactly. Every process takes part (RNG states are gathered)."""
-        return {**{key: getattr(self, key) for key in COUNTERS},
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "ema_updates": self.ema.updates if self.ema is not None else 0,
-                "world_size": self.ctx.world_size, "rng": distributed.gather_objects(rng_state(), self.ctx)}
+        """What a checkpoint needs to continue exactly: every part's ``state_dict`` under its name
+        (:meth:`state_parts`). Every process takes part (the random streams are gathered)."""
+        return {name: part.state_dict() for name, part in self.state_parts().items()}
+
+    def restore(self, state: dict) -> None:
+        """Give every part its entry of ``state`` (a :meth:`train_state`); a part the checkpoint has
+        no entry for (a hook added since, an EMA turned on) starts as it is."""
+        for name, part in self.state_parts().items():
+            if name in state:
+                part.load_state_dict(state[name])
 
     def resume(self, checkpoint: str | Path | None = None) -> Path:
         """Continue from ``checkpoint`` (default: the newest in ``out_dir``) exactly where it stopped:
-        weights, EMA, optimiser, loss scaler, RNG states, step and data position."""
+        weights, EMA, and every part of the training state (:meth:`restore`)."""
         path = Path(checkpoint) if checkpoint else latest_checkpoint(self.out_dir)
         if path is None:
             raise SparsedetError(f"{self.out_dir} has no checkpoint to resume from (checkpoints/step_*)")
@@ -315,27 +372,13 @@ class Trainer:
         except SparsedetError as err:
             raise SparsedetError(f"{err}. {self._fallback(path)}") from None
         self.model.load_state_dict(_on(weights, self.device))
+        self.restore(state)
         if self.ema is not None:
             try:
                 self.ema.module.load_state_dict(_on(load_run(path, ema=True)[1], self.device))
-                self.ema.updates = state["ema_updates"]
             except SparsedetError:
                 warnings.warn(f"{path} holds no EMA weights; the EMA starts from the current weights")
                 self.ema = WeightEMA(self.model, self.config.train.ema_decay)
-        base_lrs = {g["name"]: g["base_lr"] for g in self.optimizer.param_groups}
-        self.optimizer.load_state_dict(state["optimizer"])
-        for g in self.optimizer.param_groups:  # learning rates follow the config, which may have changed
-            g["base_lr"] = base_lrs[g["name"]]
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        for key in COUNTERS:
-            setattr(self, key, state[key])
-        if state["world_size"] == self.ctx.world_size:
-            set_rng_state(state["rng"][self.ctx.rank])
-        else:
-            warnings.warn(f"{path} was written by {state['world_size']} processes, resuming with "
-                          f"{self.ctx.world_size}: random streams restart from train.seed")
-            seed_everything(self.config.train.seed + self.ctx.rank + self.step)
         self._resumed = True
         return path
 
@@ -349,8 +392,9 @@ class Trainer:
             return (f"{self.out_dir / 'checkpoints'} holds no other intact checkpoint: start the run again (into "
                     "a new --out, or after deleting the checkpoints).")
         target = self.out_dir if unreadable is None and found == latest_checkpoint(self.out_dir) else found
-        return (f"The newest intact checkpoint is {found} (step {load_train_state(found)['step']}); continue "
-                f"from it with:\n  {resume_command(target, self.ctx.distributed)}")
+        step = load_train_state(found)["trainer"]["step"]
+        return (f"The newest intact checkpoint is {found} (step {step}); continue from it with:\n  "
+                f"{resume_command(target, self.ctx.distributed)}")
 
 
 def _on(state: dict, device: torch.device) -> dict:
