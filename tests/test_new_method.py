@@ -96,7 +96,7 @@ def test_a_run_whose_encoder_no_plugin_provides_says_what_to_install(tmp_path):
 def test_an_encoder_class_that_declares_nothing_is_refused_where_it_registers():
     from sparsedet.errors import SparsedetError
     from sparsedet.models.encoders import register_encoder
-    with pytest.raises(SparsedetError, match="Loose does not declare supervision, config_fields, learns_from_decoder, "
+    with pytest.raises(SparsedetError, match="Loose does not declare supervision, config_fields, needs, single_level, "
                        "check, from_config; derive it from sparsedet.models.encoders.Encoder"):
         register_encoder("loose")(type("Loose", (torch.nn.Module,), {}))
     assert "loose" not in ENCODERS
