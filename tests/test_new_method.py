@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import require_module
+from tiny import two_images
 from sparsedet import Detector
-from sparsedet.data.batch import Batch
 from sparsedet.losses.criterion import SetCriterion
 from sparsedet.models.encoders import ENCODERS
 from sparsedet.presets import PRESETS
@@ -39,9 +39,7 @@ def test_the_example_adds_a_method_that_trains():
         assert type(model.encoder).__name__ == "FlatFocusEncoder"
         torch.manual_seed(0)
         model.train()
-        batch = Batch(torch.rand(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool))
-        targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.4]])},
-                   {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5]])}]
+        batch, targets = two_images()
         out = model(batch, targets)
         layers = out.selection.layers
         assert all(torch.equal(s.indices, layers[0].indices) for s in layers)  # one set, no cascade

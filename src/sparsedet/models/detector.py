@@ -43,7 +43,7 @@ def check_model_config(c: ModelConfig) -> None:
     if base.single_level and (c.num_levels != 1 or not encoder.single_level):
         one = " or ".join(repr(kind) for kind, cls in ENCODERS.items() if cls.single_level)
         raise SparsedetError(f"kind={c.kind!r} attends globally over one feature level: set num_levels=1 and "
-                             f"encoder.kind={one} (as the presets of kind={c.kind!r})")
+                             f"encoder.kind={one} (as its presets do)")
     if encoder.single_level and not base.single_level:
         single = ", ".join(kind for kind, b in BASES.items() if b.single_level)
         raise SparsedetError(f"encoder.kind={c.encoder.kind!r} attends over one feature level: it is for the "

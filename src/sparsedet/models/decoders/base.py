@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ...config import ModelConfig
 from ...nn.neck import MultiLevel
+from ..stage import Stage
 
 
 @dataclass
@@ -24,16 +24,14 @@ class DecoderOutput:
     sampling: tuple[Tensor, Tensor] | None = None
 
 
-class Decoder(nn.Module):
+class Decoder(Stage):
     """The base of every decoder (``register_decoder`` takes its subclasses; a base detector names
     one by its kind).
 
     config_fields: the ``model.decoder.*`` fields it reads (overrides of the others are refused for
     the model kinds built on it); provides: what it gives the other stages (``stage_kinds``
-    capabilities: ``DECODER_SAMPLING``, where it can record where it sampled); single_level: it
-    attends globally over one feature level (then the model has one level, no level embedding,
-    and a single-level encoder); check: refuses a model config it cannot be built into;
-    from_config: builds it.
+    capabilities: ``DECODER_SAMPLING``, where it can record where it sampled); single_level, check,
+    from_config: ``Stage``.
 
     ``forward``: the first queries (``tgt`` [B, Q, C], ``reference`` [B, Q, 2|4] in [0, 1],
     ``query_pos``), the memory [B, S, C] and its levels -> ``DecoderOutput``. ``attn_mask`` keeps
@@ -42,17 +40,7 @@ class Decoder(nn.Module):
     its method has no use for.
     """
 
-    config_fields: tuple[str, ...] = ()
     provides: frozenset[str] = frozenset()
-    single_level = False
-
-    @classmethod
-    def check(cls, c: ModelConfig) -> None:
-        """Nothing beyond the shared chain is needed by default."""
-
-    @classmethod
-    def from_config(cls, c: ModelConfig) -> "Decoder":
-        return cls(c)
 
     def forward(self, tgt: Tensor, reference: Tensor, memory: Tensor, levels: MultiLevel,
                 query_pos: Tensor | None = None, attn_mask: Tensor | None = None,
