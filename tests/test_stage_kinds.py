@@ -95,8 +95,8 @@ def test_what_an_override_may_set_and_what_a_stage_needs_come_from_declarations(
         DetectionTransformer(apply_overrides(get_preset("deformable_detr_tiny"), ["kind=hollow"]).model)
 
 
-@pytest.mark.parametrize("override, what", [("kind=absent", "model kind"), ("backbone.kind=absent", "model.backbone.kind"),
-                                            ("kind=orphan", "decoder kind")])
+@pytest.mark.parametrize("override, what", [("kind=absent", "model kind"), ("kind=orphan", "decoder kind"),
+                                            ("backbone.kind=absent", "model.backbone.kind")])
 def test_a_kind_nothing_registers_says_what_to_install(override, what):
     register_base("orphan", Base(BASES["dino"].queries, "absent"))
     config = apply_overrides(get_preset("dino_tiny"), [override])
