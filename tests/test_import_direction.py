@@ -29,7 +29,7 @@ ROOT = "sparsedet"
 # resolves its name).
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "version", "plugins"),
-    ("jsonfile", "filewrite", "encoder_kinds"),
+    ("jsonfile", "filewrite", "stage_kinds"),
     ("config",),
     ("presets",),
     ("ops",),

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import require_module
+from tiny import two_images
 from sparsedet import Detector
-from sparsedet.data.batch import Batch
 from sparsedet.losses.criterion import SetCriterion
 from sparsedet.models.encoders import ENCODERS
 from sparsedet.presets import PRESETS
@@ -39,9 +39,7 @@ def test_the_example_adds_a_method_that_trains():
         assert type(model.encoder).__name__ == "FlatFocusEncoder"
         torch.manual_seed(0)
         model.train()
-        batch = Batch(torch.rand(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool))
-        targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.5, 0.3, 0.4]])},
-                   {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.5]])}]
+        batch, targets = two_images()
         out = model(batch, targets)
         layers = out.selection.layers
         assert all(torch.equal(s.indices, layers[0].indices) for s in layers)  # one set, no cascade
@@ -96,7 +94,7 @@ def test_a_run_whose_encoder_no_plugin_provides_says_what_to_install(tmp_path):
 def test_an_encoder_class_that_declares_nothing_is_refused_where_it_registers():
     from sparsedet.errors import SparsedetError
     from sparsedet.models.encoders import register_encoder
-    with pytest.raises(SparsedetError, match="Loose does not declare supervision, config_fields, learns_from_decoder, "
+    with pytest.raises(SparsedetError, match="Loose does not declare supervision, config_fields, needs, single_level, "
                        "check, from_config; derive it from sparsedet.models.encoders.Encoder"):
         register_encoder("loose")(type("Loose", (torch.nn.Module,), {}))
     assert "loose" not in ENCODERS

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .encoder_kinds import ENCODERS
+from .stage_kinds import BACKBONES, BASES, DECODERS, ENCODERS
 from .plugins import load_plugins
 from .errors import SparsedetError, close_names
 from .jsonfile import read_json_object
@@ -321,42 +321,43 @@ def apply_overrides(config: Config, overrides: dict[str, Any] | list[str]) -> Co
     return config
 
 
-# Fields that only some model kinds (model.kind) read, or some encoder kinds (each encoder class
-# lists its ``config_fields``): an override of one of them elsewhere could not take effect, so it
-# is refused.
-ONLY_FOR = {
-    "model.decoder.smca": ("sam",),
-    "model.decoder.task_queries": ("decoupled",),
-    "model.decoder.split_cross_attention": ("decoupled",),
-    "model.decoder.task_points": ("decoupled",),
+def _decoder_fields(base: Any) -> tuple[str, ...]:
+    decoder = DECODERS.get(base.decoder)
+    return decoder.config_fields if decoder is not None else ()
+
+
+# The sections whose fields only some kinds read, each kind declaring its own (``config_fields``;
+# a base: its decoder's): prefix -> (the key that picks the kind, its table, a kind's fields). An
+# override of a field that the kind in use does not read, and another does, cannot take effect: it
+# is refused. A field that no kind declares (backbone weights) every kind reads.
+STAGE_SECTIONS = {
+    "model.backbone.": ("model.backbone.kind", BACKBONES, lambda kind: kind.config_fields),
+    "model.encoder.": ("model.encoder.kind", ENCODERS, lambda cls: cls.config_fields),
+    "model.decoder.": ("model.kind", BASES, _decoder_fields),
 }
 
 
-# Backbone fields each backbone kind reads; an override of another kind's field is refused.
-BACKBONE_FIELDS = {"resnet": ("depth", "width", "norm", "dilation"),
-                   "swin": ("variant", "embed_dim", "window_size", "drop_path", "output_norms")}
-
-
 def _check_takes_effect(config: Config, key: str) -> None:
-    field_name = key.removeprefix("model.backbone.")
-    owner = [kind for kind, names in BACKBONE_FIELDS.items() if field_name in names]
-    if key.startswith("model.backbone.") and owner and config.model.backbone.kind not in owner:
-        raise SparsedetError(f"{key} has no effect with model.backbone.kind={config.model.backbone.kind!r}: only "
-                             f"the {owner[0]} backbone reads it; set model.backbone.kind={owner[0]} or leave it out")
-    if key.startswith("model.encoder.") and key != "model.encoder.kind":
-        field_name = key.removeprefix("model.encoder.")
-        switch, current = "encoder.kind", config.model.encoder.kind
-        if current not in ENCODERS:
-            load_plugins()  # a third-party encoder declares its fields when its package is imported
-        kinds = tuple(k for k, cls in ENCODERS.items() if field_name in cls.config_fields)
-    elif key in ONLY_FOR:
-        switch, current, kinds = "kind", config.model.kind, ONLY_FOR[key]
-    else:
+    prefix = next((p for p in STAGE_SECTIONS if key.startswith(p)), None)
+    if prefix is None:
         return
-    if current not in kinds:
-        raise SparsedetError(f"{key} has no effect with model.{switch}={current!r}: only {' and '.join(kinds)} "
-                             f"read it; leave it out, or choose a preset with a {'/'.join(kinds)} "
-                             f"{'encoder' if switch.startswith('encoder') else 'model'}")
+    switch, table, fields_of = STAGE_SECTIONS[prefix]
+    current = config
+    for name in switch.split("."):
+        current = getattr(current, name)
+    if current not in table:
+        load_plugins()  # a third-party kind declares its fields when its package is imported
+    field_name = key.removeprefix(prefix)
+    kinds = tuple(kind for kind, entry in table.items() if field_name in fields_of(entry))
+    if not kinds or current in kinds:
+        return
+    if prefix == "model.backbone.":
+        who = f"the {' and '.join(kinds)} backbone{'s read' if len(kinds) > 1 else ' reads'} it"
+        fix = f"set {switch}={kinds[0]} or leave it out"
+    else:
+        noun = "encoder" if prefix == "model.encoder." else "model"
+        who, fix = f"{' and '.join(kinds)} read it", f"leave it out, or choose a preset with a {'/'.join(kinds)} {noun}"
+    raise SparsedetError(f"{key} has no effect with {switch}={current!r}: only {who}; {fix}")
 
 
 # Range checks: (field, test, what it must be). Every entry point (CLI overrides, the API,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import CLS_LOSSES, LossConfig, ModelConfig
-from ..encoder_kinds import encoder_class
+from ..stage_kinds import encoder_class
 from ..errors import SparsedetError
 from ..ops.boxes import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .focal import aligned_loss, sigmoid_focal_loss, varifocal_loss

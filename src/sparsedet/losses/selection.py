@@ -166,7 +166,7 @@ def single_process(value: float, device: torch.device) -> float:
 class SelectionSupervision:
     """A token scorer's supervision, as the encoder class that owns the scorer declares it
     (``supervision``): called with the encoder's ``TokenSelection``, the decoder's sampling
-    (locations, weights; recorded in training when the encoder ``learns_from_decoder``) and the
+    (locations, weights; recorded in training when the encoder ``needs`` the decoder's sampling) and the
     targets ({"labels", "boxes": normalised cxcywh of the unpadded image}), it returns the
     ``loss_select`` term. mean_over_processes averages a normaliser over a torchrun group."""
 

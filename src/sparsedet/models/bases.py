@@ -1,36 +1,59 @@
 """The base detectors (papers and official code: docs/methods.md): what each builds around the shared chain
-(its queries and decoder) and the rules it states. ``DetectionTransformer`` reads this table and names no
-base detector itself; a new base is one entry here plus its decoder and query modules."""
+(its queries, the decoder it names) and the rules it states. ``DetectionTransformer`` reads this table
+and names no base detector itself; a new base is one ``register_base`` call (and its decoder, if new,
+one ``register_decoder`` class), in any module that is imported (a plug-in's)."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import ModelConfig
-from .decoders.conditional import ConditionalDecoder
-from .decoders.decoupled import DecoupledDecoder
-from .decoders.deformable import DeformableDecoder
-from .decoders.sam import SamDecoder
+from ..config import ModelConfig, parse_value
+from ..stage_kinds import BASES, DECODERS, MIXED_QUERY_SELECTION, TOKEN_PROJECTION, register_base  # noqa: F401
+from .decoders import Decoder
+from .projection import TokenProjection
 from .queries import AnchorPointQueries, BoxQueries, LearnedQueries, ProposalQueries
+
+
+def _nothing(c: ModelConfig) -> None:
+    """No rule beyond the shared chain's."""
 
 
 @dataclass(frozen=True)
 class Base:
-    """queries / decoder: build the stage for a config. single_level: attends globally over the
-    last backbone level alone (no level embedding). refines: boxes are refined layer by layer
-    whatever ``box_refine`` says. shared_heads: the default of ``share_heads`` (None: shared unless
-    boxes are refined). denoising: contrastive denoising queries in training. size_bias: the
-    initial bias of the box heads' size outputs."""
+    """queries: builds the query stage for a config, given the model's ``TokenProjection`` (None
+    unless the base provides one). decoder: the decoder kind it uses (``register_decoder``; its
+    ``single_level`` makes the model single-level). provides: what its queries give the other
+    stages (``stage_kinds`` capabilities); provides_with: those it gives under a model setting
+    ({capability: "field=value"}), which messages name as the fix. refines: boxes are refined layer
+    by layer whatever ``box_refine`` says. shared_heads: the default of ``share_heads`` (None:
+    shared unless boxes are refined). denoising: contrastive denoising queries in training.
+    size_bias: the initial bias of the box heads' size outputs. check: refuses a model config it
+    cannot be built into."""
 
-    queries: Callable[[ModelConfig], nn.Module]
-    decoder: Callable[[ModelConfig], nn.Module]
-    single_level: bool = False
+    queries: Callable[[ModelConfig, TokenProjection | None], nn.Module]
+    decoder: str
+    provides: frozenset[str] = frozenset()
+    provides_with: Mapping[str, str] = field(default_factory=dict)
     refines: bool = False
     shared_heads: bool | None = None
     denoising: bool = False
     size_bias: Callable[[ModelConfig], float] = lambda c: 0.0
+    check: Callable[[ModelConfig], None] = _nothing
+
+    @property
+    def decoder_class(self) -> type[Decoder]:
+        return DECODERS.find(self.decoder)
+
+    @property
+    def single_level(self) -> bool:
+        return self.decoder_class.single_level
+
+    def capabilities(self, c: ModelConfig) -> frozenset[str]:
+        """What the queries (under ``c``) and the decoder give the other stages."""
+        switched = {cap for cap, setting in self.provides_with.items() if _holds(c, setting)}
+        return self.provides | switched | self.decoder_class.provides
 
     def refine(self, c: ModelConfig) -> bool:
         return self.refines or c.box_refine
@@ -41,42 +64,30 @@ class Base:
         return self.shared_heads if self.shared_heads is not None else not c.box_refine
 
 
-def _deformable_queries(c: ModelConfig) -> nn.Module:
+def _holds(c: ModelConfig, setting: str) -> bool:
+    key, value = setting.split("=", 1)
+    return getattr(c, key) == parse_value(value)
+
+
+def _deformable_queries(c: ModelConfig, projection: TokenProjection | None) -> nn.Module:
     if c.two_stage:
         mode = "efficient" if c.efficient_queries else "two_stage"
-        return ProposalQueries(mode, c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
+        return ProposalQueries(mode, c.num_queries, c.hidden_dim, projection, c.proposal_nms)
     return LearnedQueries(c.num_queries, c.hidden_dim)
 
 
-def _mixed_queries(c: ModelConfig) -> nn.Module:
+def _mixed_queries(c: ModelConfig, projection: TokenProjection | None) -> nn.Module:
     """DINO's mixed query selection: positions from the best proposals, learned content."""
-    return ProposalQueries("mixed", c.num_queries, c.hidden_dim, c.num_classes, c.proposal_nms)
+    return ProposalQueries("mixed", c.num_queries, c.hidden_dim, projection, c.proposal_nms)
 
 
-def _deformable_decoder(c: ModelConfig, dino: bool = False) -> nn.Module:
-    return DeformableDecoder(
-        c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.dec_points,
-        query_pos_from_reference=dino, final_norm=dino, look_forward_twice=dino, eps=c.sigmoid_eps)
-
-
-BASES: dict[str, Base] = {
-    # Without two-stage proposals the first boxes are small: the size bias starts them at sigmoid(-2).
-    "deformable": Base(_deformable_queries, _deformable_decoder, size_bias=lambda c: 0.0 if c.two_stage else -2.0),
-    "dino": Base(_mixed_queries, lambda c: _deformable_decoder(c, dino=True), refines=True, shared_heads=True,
-                 denoising=True),
-    "conditional": Base(
-        lambda c: AnchorPointQueries(c.num_queries, c.hidden_dim),
-        lambda c: ConditionalDecoder(c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads),
-        single_level=True, shared_heads=True),
-    "sam": Base(
-        lambda c: BoxQueries(c.num_queries, c.hidden_dim),
-        lambda c: SamDecoder(c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads, c.decoder.smca,
-                             c.sigmoid_eps),
-        single_level=True, refines=True, shared_heads=False),
-    "decoupled": Base(
-        _mixed_queries,
-        lambda c: DecoupledDecoder(c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads,
-                                   c.decoder.task_queries, c.decoder.split_cross_attention, c.decoder.task_points,
-                                   c.sigmoid_eps),
-        single_level=True, refines=True, shared_heads=False),
-}
+MIXED = frozenset({TOKEN_PROJECTION, MIXED_QUERY_SELECTION})
+# Without two-stage proposals the first boxes are small: the size bias starts them at sigmoid(-2).
+register_base("deformable", Base(_deformable_queries, "deformable", provides_with={TOKEN_PROJECTION: "two_stage=true"},
+                                 size_bias=lambda c: 0.0 if c.two_stage else -2.0))
+register_base("dino", Base(_mixed_queries, "dino", MIXED, refines=True, shared_heads=True, denoising=True))
+register_base("conditional", Base(lambda c, p: AnchorPointQueries(c.num_queries, c.hidden_dim), "conditional",
+                                  shared_heads=True))
+register_base("sam", Base(lambda c, p: BoxQueries(c.num_queries, c.hidden_dim), "sam", refines=True,
+                          shared_heads=False))
+register_base("decoupled", Base(_mixed_queries, "decoupled", MIXED, refines=True, shared_heads=False))

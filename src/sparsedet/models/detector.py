@@ -12,10 +12,11 @@ from ..data.batch import Batch
 from ..errors import SparsedetError
 from ..nn.init import transformer_init
 from ..nn.neck import MultiLevel, Neck
+from ..stage_kinds import BASES, CAPABILITIES, DECODER_SAMPLING, ENCODERS, TOKEN_PROJECTION, encoder_class
 from .backbones import build_backbone
-from .bases import BASES
+from .bases import Base
 from .denoising import ContrastiveDenoising
-from .decoders import Decoder
+from .decoders import Decoder, build_decoder
 from .encoders import Encoder, build_encoder
 from .heads import DenoisingPredictions, PredictionHeads, Predictions, ProposalPredictions
 from .postprocess import PostProcess
@@ -28,9 +29,8 @@ _LAYOUT_LOCK = threading.Lock()
 
 
 def check_model_config(c: ModelConfig) -> None:
-    """Clear errors for combinations the architecture cannot build."""
-    if c.kind not in BASES:
-        raise SparsedetError(f"unknown model kind {c.kind!r}; choose one of {tuple(BASES)}")
+    """Clear errors for combinations the architecture cannot build, read from what each stage declares."""
+    base = BASES.find(c.kind)
     if c.num_heads < 1 or c.hidden_dim % c.num_heads:  # every attention splits hidden_dim among the heads
         divisors = [n for n in range(1, min(c.hidden_dim, 32) + 1) if c.hidden_dim % n == 0]
         raise SparsedetError(f"model.hidden_dim={c.hidden_dim} does not split among model.num_heads={c.num_heads} "
@@ -39,12 +39,41 @@ def check_model_config(c: ModelConfig) -> None:
     if c.classes and len(c.classes) != c.num_classes:
         raise SparsedetError(
             f"model has {c.num_classes} classes but {len(c.classes)} class names; make them agree")
-    single = [kind for kind, base in BASES.items() if base.single_level]
-    if c.kind in single and (c.num_levels != 1 or c.encoder.kind != "global"):
+    encoder = encoder_class(c.encoder.kind)
+    if base.single_level and (c.num_levels != 1 or not encoder.single_level):
+        one = " or ".join(repr(kind) for kind, cls in ENCODERS.items() if cls.single_level)
         raise SparsedetError(f"kind={c.kind!r} attends globally over one feature level: set num_levels=1 and "
-                             "encoder.kind='global' (as the conditional_detr/sam_detr/decoupled_detr presets)")
-    if c.kind not in single and c.encoder.kind == "global":
-        raise SparsedetError(f"encoder.kind='global' is for the single-level kinds ({', '.join(single)})")
+                             f"encoder.kind={one} (as its presets do)")
+    if encoder.single_level and not base.single_level:
+        single = ", ".join(kind for kind, b in BASES.items() if b.single_level)
+        raise SparsedetError(f"encoder.kind={c.encoder.kind!r} attends over one feature level: it is for the "
+                             f"single-level kinds ({single})")
+    _check_needs(c, base, encoder)
+    base.check(c)
+
+
+def _check_needs(c: ModelConfig, base: Base, encoder: type[Encoder]) -> None:
+    """What the encoder needs, the base's queries or its decoder must provide."""
+    missing = sorted(encoder.needs - base.capabilities(c))
+    if not missing:
+        return
+    need = missing[0]
+    if need in base.provides_with:
+        fix = f"kind={c.kind!r} gives it with {base.provides_with[need]}: set {base.provides_with[need]}"
+    else:
+        givers = [kind for kind, b in BASES.items()
+                  if need in b.provides | b.provides_with.keys() | b.decoder_class.provides]
+        fix = f"kind={c.kind!r} does not give it: choose a model kind that does ({', '.join(givers) or 'none'})"
+    raise SparsedetError(f"encoder.kind={c.encoder.kind!r} needs {CAPABILITIES.get(need, repr(need))}; {fix}")
+
+
+def _check_holds(queries: nn.Module, projection: TokenProjection | None, kind: str) -> None:
+    """A base that provides the token projection registers its layers in its queries (else they
+    would neither train nor save)."""
+    held = {id(m) for m in queries.modules()}
+    if projection is not None and any(id(layer) not in held for layer in projection.layers().values()):
+        raise SparsedetError(f"kind={kind!r} provides {TOKEN_PROJECTION}, but its queries do not hold the projection's "
+                             "layers: register them in the query module, as ProposalQueries does")
 
 
 @dataclass
@@ -73,7 +102,9 @@ class DetectorOutput:
 
 class DetectionTransformer(nn.Module):
     """The chain backbone -> neck -> encoder -> queries -> decoder -> heads; the base detector
-    (``bases.BASES``) builds the queries and decoder, the encoder table the encoder."""
+    (``stage_kinds.BASES``) builds the queries and names the decoder, the kind tables build the
+    backbone, encoder and decoder. ``projection``: the two-stage ``TokenProjection`` that the
+    queries and the encoder share, None where the base provides none."""
 
     encoder: Encoder
     queries: Queries
@@ -93,8 +124,12 @@ class DetectionTransformer(nn.Module):
                          norm=c.input_norm, level_embed=not base.single_level,
                          in_strides=self.backbone.out_strides, mask_padding=c.mask_padding)
         self.encoder = build_encoder(c)
-        self.queries = base.queries(c)
-        self.decoder = base.decoder(c)
+        # One part, built here: the queries hold its layers (their keys: queries.*), the encoder may score with it.
+        self.projection = (TokenProjection(c.hidden_dim, c.num_classes) if TOKEN_PROJECTION in base.capabilities(c)
+                           else None)
+        self.queries = base.queries(c, self.projection)
+        _check_holds(self.queries, self.projection, c.kind)
+        self.decoder = build_decoder(c, base.decoder)
         self.heads = PredictionHeads(c.hidden_dim, c.num_classes, c.num_decoder_layers, base.share_heads(c),
                                      initial_size_bias=base.size_bias(c))
         self.postprocess = PostProcess(c)
@@ -134,7 +169,7 @@ class DetectionTransformer(nn.Module):
         """batch: images [B, 3, H, W] in [0, 1] with padding mask; targets enable denoising in training;
         record_sampling: also return the deformable decoder's sampling (for figures)."""
         levels = self.features(batch)
-        encoded = self.encoder(levels, self.queries if isinstance(self.queries, TokenProjection) else None)
+        encoded = self.encoder(levels, self.projection)
         memory, selection = encoded.memory, encoded.selection
         init = self.queries(memory, levels)
         tgt, reference, attn_mask, dn = init.tgt, init.reference, None, None
@@ -146,8 +181,9 @@ class DetectionTransformer(nn.Module):
                 attn_mask = dn.attn_mask
         box_heads = ([self.heads.box_head(i) for i in range(self.config.num_decoder_layers)] if self.refine_boxes
                      else None)
-        # An encoder whose scorer learns from where the decoder looked (Sparse DETR) says so.
-        record = record_sampling or (self.training and self.encoder.learns_from_decoder)
+        # An encoder whose loss reads where the decoder looked (Sparse DETR) declares it needs that.
+        wanted = record_sampling or (self.training and DECODER_SAMPLING in self.encoder.needs)
+        record = wanted and DECODER_SAMPLING in self.decoder.provides
         decoded = self.decoder(tgt, reference, memory, levels, init.query_pos, attn_mask, box_heads,
                                record_sampling=record)
         logits, boxes = self.heads(decoded, self.config.sigmoid_eps)

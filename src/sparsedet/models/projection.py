@@ -1,4 +1,4 @@
-"""The two-stage token projection and class head: one module that the query selection and the
+"""The two-stage token projection and class head: one part that the query selection and the
 token-sparse encoders share (the encoders score tokens with it, the proposals are ranked by it;
 weights shared as in the official models)."""
 from __future__ import annotations
@@ -39,22 +39,24 @@ def encoder_proposals(memory: Tensor, padding: Tensor, shapes: list[tuple[int, i
     return memory.masked_fill(invalid, 0.0), logits
 
 
-class TokenProjection(nn.Module):
-    """``enc_output`` + ``enc_output_norm`` (the projection) and ``class_head`` over every token.
-    A query module that selects proposals is one (``ProposalQueries``); the detector hands it to the
-    encoder, which may score tokens with it."""
+class TokenProjection:
+    """``enc_output`` + ``enc_output_norm`` (the projection) and ``class_head`` over every token: one
+    part, built once by the detector and handed to the query selection (which ranks proposals by
+    it) and to the encoder (which may score tokens with it). It is no module of its own: the query
+    selection registers its layers under these names, so that checkpoints keep their keys
+    (``queries.enc_output.*``, ``queries.class_head.*``)."""
 
-    enc_output: nn.Linear
-    enc_output_norm: nn.LayerNorm
-    class_head: nn.Linear
-
-    def add_token_projection(self, dim: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_classes: int):
         """Create the projection and the class head (prior 0.01 on every class, as the official code)."""
         self.enc_output = nn.Linear(dim, dim)
         self.enc_output_norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, num_classes)
         nn.init.constant_(self.class_head.bias, -math.log((1 - 0.01) / 0.01))
         keep_own_init(self.class_head)
+
+    def layers(self) -> dict[str, nn.Module]:
+        """The layers by the names their owner registers them under."""
+        return {"enc_output": self.enc_output, "enc_output_norm": self.enc_output_norm, "class_head": self.class_head}
 
     def project(self, tokens: Tensor, padding: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """LayerNorm(Linear(tokens)) with padded and border tokens zeroed first, and each token's

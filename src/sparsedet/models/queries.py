@@ -96,7 +96,7 @@ class BoxQueries(nn.Module):
         return QueryInit(memory.new_zeros(B, Q, self.dim), boxes)
 
 
-class ProposalQueries(TokenProjection):
+class ProposalQueries(nn.Module):
     """Two-stage query selection on the encoder memory.
 
     ``mode='two_stage'`` (Deformable DETR): rank by the first class channel, build query_pos and
@@ -108,16 +108,19 @@ class ProposalQueries(TokenProjection):
     encoder loss is multi-class on the selected tokens. ``nms_iou > 0`` (Salience DETR) first drops
     candidates next to a better one on the same level (cell-grid NMS).
 
-    It is the model's ``TokenProjection``: the token-sparse encoders score tokens with the same
+    ``projection``: the model's ``TokenProjection``, whose layers it holds (``enc_output``,
+    ``enc_output_norm``, ``class_head``); the token-sparse encoders score tokens with the same
     projection and class head (weights shared as in the official models).
     """
 
-    def __init__(self, mode: str, num_queries: int, dim: int, num_classes: int, nms_iou: float = 0.0):
+    def __init__(self, mode: str, num_queries: int, dim: int, projection: TokenProjection, nms_iou: float = 0.0):
         super().__init__()
         if mode not in ("two_stage", "efficient", "mixed"):
             raise ValueError(f"unknown query selection mode {mode!r}")
         self.mode, self.num_queries, self.dim, self.nms_iou = mode, num_queries, dim, nms_iou
-        self.add_token_projection(dim, num_classes)
+        self.projection = projection  # a plain attribute: its layers are registered here, by their own names
+        for name, layer in projection.layers().items():
+            self.add_module(name, layer)
         self.box_head = MLP(dim, dim, 4, 3, fp32=True)
         if mode == "two_stage":
             self.pos_trans = nn.Linear(2 * dim, 2 * dim)
@@ -140,7 +143,7 @@ class ProposalQueries(TokenProjection):
 
     def forward(self, memory: Tensor, levels: MultiLevel) -> QueryInit:
         B = memory.shape[0]
-        feats, proposals = self.project(memory, levels.padding, levels.shapes)
+        feats, proposals = self.projection.project(memory, levels.padding, levels.shapes)
         logits = self.class_head(feats)
         boxes_unact = self.box_head(feats) + proposals
         padding = levels.padding if levels.per_image else None

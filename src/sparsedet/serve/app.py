@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 
 from ..engine.thresholds import PREDICT_DEFAULT, Threshold, keep_above
+from ..stage_kinds import encoder_class
 from ..version import __version__
 from .batcher import Batcher, QueueFull
 from .inputs import HttpError, Limits, decode_image, image_bytes
@@ -125,7 +126,8 @@ def model_facts(model, weights: str, options: ServeOptions) -> dict:
             "input_size": {"short_side": c.eval_size, "long_side_max": c.eval_max_size,
                            "fixed": list(model.input_size) if exported and model.input_size else None},
             "top_k": c.top_k, "threshold": Threshold.of(None, c, PREDICT_DEFAULT).value,
-            "token_overlay": not exported and c.encoder.kind != "dense",
+            # A token-sparse encoder declares its scorer's loss; a dense or global one keeps every token.
+            "token_overlay": not exported and encoder_class(c.encoder.kind).supervision is not None,
             "workers": options.workers, "threads_per_worker": torch.get_num_threads(), "max_batch": options.max_batch}
 
 
@@ -192,8 +194,8 @@ def create_app(model, weights: str, options: ServeOptions = ServeOptions()) -> F
     @app.post("/v1/tokens")
     async def tokens(request: Request):
         if not facts["token_overlay"]:
-            why = ("an exported file computes detections only" if facts["encoder"] != "dense"
-                   else "its encoder updates every token")
+            why = ("its encoder updates every token" if isinstance(model, torch.nn.Module)
+                   else "an exported file computes detections only")
             raise HttpError(409, f"this model has no kept tokens to show: {why}. Serve a run folder of a token-sparse "
                             "model (sparse_detr_*, focus_detr_*, salience_detr_*)")
         from .tokens import kept_tokens

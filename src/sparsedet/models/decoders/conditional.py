@@ -11,7 +11,9 @@ from ...nn.attention import ProjectedAttention
 from ...nn.mlp import FeedForward, MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
-from . import DecoderOutput
+from ...config import ModelConfig
+from ...stage_kinds import register_decoder
+from .base import Decoder, DecoderOutput
 
 
 def heads_concat(a: Tensor, b: Tensor, num_heads: int) -> Tensor:
@@ -89,9 +91,16 @@ class ConditionalDecoderLayer(QueryPositionSelfAttention):
         return self.cross(self.self_attend(tgt, query_pos), query_sine, memory, pos, padding, query_pos)
 
 
-class ConditionalDecoder(nn.Module):
+@register_decoder("conditional")
+class ConditionalDecoder(Decoder):
     """Reference points stay fixed across layers; every layer's output goes through the shared
     final LayerNorm (``norm``) before the heads."""
+
+    single_level = True
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "ConditionalDecoder":
+        return cls(c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads)
 
     def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float, num_heads: int):
         super().__init__()

@@ -22,7 +22,9 @@ from ...nn.mlp import MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.functional import apply_box_delta
-from . import DecoderOutput
+from ...config import ModelConfig
+from ...stage_kinds import register_decoder
+from .base import Decoder, DecoderOutput
 from .conditional import ConditionalCrossAttention, QueryPositionSelfAttention
 from .sam import box_features, point_predictor, point_positions, salient_points
 
@@ -61,7 +63,17 @@ class DecoupledDecoderLayer(QueryPositionSelfAttention):
                 for cross, h, sine in zip(self.cross.values(), x, sines)]
 
 
-class DecoupledDecoder(nn.Module):
+@register_decoder("decoupled")
+class DecoupledDecoder(Decoder):
+    single_level = True
+    config_fields = ("task_queries", "split_cross_attention", "task_points")
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "DecoupledDecoder":
+        d = c.decoder
+        return cls(c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads, d.task_queries,
+                   d.split_cross_attention, d.task_points, c.sigmoid_eps)
+
     def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float, num_heads: int,
                  task_queries: bool, split: bool, num_points: int, eps: float = 1e-5):
         super().__init__()

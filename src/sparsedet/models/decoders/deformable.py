@@ -11,7 +11,9 @@ from ...nn.mlp import FeedForward, MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.functional import apply_box_delta
-from . import DecoderOutput
+from ...config import ModelConfig
+from ...stage_kinds import DECODER_SAMPLING, register_decoder
+from .base import Decoder, DecoderOutput
 
 
 class DeformableDecoderLayer(FeedForward, nn.Module):
@@ -43,8 +45,9 @@ class DeformableDecoderLayer(FeedForward, nn.Module):
         return self.norm3(tgt + self.dropout(x)), sampling
 
 
-class DeformableDecoder(nn.Module):
-    """Stack of deformable decoder layers.
+@register_decoder("deformable")
+class DeformableDecoder(Decoder):
+    """Stack of deformable decoder layers (Deformable DETR's; ``DinoDecoder`` switches DINO's on).
 
     Args:
         query_pos_from_reference: DINO: query_pos = ref_point_head(sine(reference)) at every layer.
@@ -52,6 +55,13 @@ class DeformableDecoder(nn.Module):
         look_forward_twice: DINO: layer l predicts from the undetached refined box of layer l-1.
         eps: inverse-sigmoid floor (1e-5 Deformable DETR, 1e-3 DINO).
     """
+
+    provides = frozenset({DECODER_SAMPLING})  # its cross-attention's sampling, where asked
+
+    @classmethod
+    def from_config(cls, c: ModelConfig, dino: bool = False) -> "DeformableDecoder":
+        return cls(c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_levels, c.num_heads, c.dec_points,
+                   query_pos_from_reference=dino, final_norm=dino, look_forward_twice=dino, eps=c.sigmoid_eps)
 
     def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float, num_levels: int,
                  num_heads: int, num_points: int, query_pos_from_reference: bool = False,
@@ -100,3 +110,12 @@ class DeformableDecoder(nn.Module):
             return DecoderOutput(outputs, pred_refs)
         return DecoderOutput(outputs, pred_refs,
                              (torch.stack([s[0] for s in sampling], 1), torch.stack([s[1] for s in sampling], 1)))
+
+
+@register_decoder("dino")
+class DinoDecoder(DeformableDecoder):
+    """DINO's: query positions from the reference at every layer, a final norm, look-forward-twice."""
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "DinoDecoder":
+        return super().from_config(c, dino=True)

@@ -16,7 +16,9 @@ from ...nn.position import sine_embed_coords
 from ...ops.boxes import cxcywh_to_xyxy
 from ...ops.functional import apply_box_delta
 from ...ops.roi_align import roi_align
-from . import DecoderOutput
+from ...config import ModelConfig
+from ...stage_kinds import register_decoder
+from .base import Decoder, DecoderOutput
 from .conditional import QueryPositionSelfAttention
 
 ROI = 7
@@ -121,9 +123,18 @@ class SamDecoderLayer(FeedForward, QueryPositionSelfAttention):
         return self.norm3(tgt + self.dropout(ffn))
 
 
-class SamDecoder(nn.Module):
+@register_decoder("sam")
+class SamDecoder(Decoder):
     """Reference boxes refined layer by layer in logit space (detached between layers, as the
     official decoder); layer outputs go to the heads without a final norm."""
+
+    single_level = True
+    config_fields = ("smca",)
+
+    @classmethod
+    def from_config(cls, c: ModelConfig) -> "SamDecoder":
+        return cls(c.num_decoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads, c.decoder.smca,
+                   c.sigmoid_eps)
 
     def __init__(self, num_layers: int, dim: int, ffn_dim: int, dropout: float, num_heads: int, smca: bool,
                  eps: float = 1e-5):

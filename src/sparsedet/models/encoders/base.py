@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from ...config import ModelConfig
 from ...nn.neck import MultiLevel
 from ...nn.tokens import TokenSelection
 from ..heads import Predictions
+from ..projection import TokenProjection
+from ..stage import Stage
 
 if TYPE_CHECKING:
     from ...losses.selection import SelectionSupervision
@@ -26,31 +27,21 @@ class EncoderOutput:
     aux: list[Predictions] = field(default_factory=list)
 
 
-class Encoder(nn.Module):
+class Encoder(Stage):
     """The base of every encoder (``register_encoder`` takes its subclasses).
 
     supervision: the loss of a token-sparse encoder's scorer (``loss_select``; None: it selects
-    nothing); config_fields: the ``model.encoder.*`` fields it reads (overrides of the others are
-    refused); learns_from_decoder: its loss needs the decoder's sampling, which the detector then
-    records in training (Sparse DETR's attention-map target); check: refuses a model config it
-    cannot be built into; from_config: builds it.
+    nothing); config_fields: the ``model.encoder.*`` fields it reads; needs: what it needs from
+    the other stages (``stage_kinds`` capabilities: the token projection it scores with, the
+    decoder's sampling its loss reads, which the detector then records in training), checked
+    against what the base and its decoder provide; single_level, check, from_config: ``Stage``.
 
-    ``forward(levels, projection)``: ``projection`` is the model's two-stage token projection and
-    class head (None without two-stage proposals), which the token-sparse encoders score tokens
-    with; the others ignore it.
+    ``forward(levels, projection)``: ``projection`` is the model's ``TokenProjection`` (None where
+    the base provides none), which the token-sparse encoders score tokens with; the others ignore it.
     """
 
     supervision: type[SelectionSupervision] | None = None
-    config_fields: tuple[str, ...] = ()
-    learns_from_decoder = False
+    needs: frozenset[str] = frozenset()
 
-    @classmethod
-    def check(cls, c: ModelConfig) -> None:
-        """Nothing beyond the shared chain is needed by default."""
-
-    @classmethod
-    def from_config(cls, c: ModelConfig) -> "Encoder":
-        return cls(c)
-
-    def forward(self, levels: MultiLevel, projection: nn.Module | None = None) -> EncoderOutput:
+    def forward(self, levels: MultiLevel, projection: TokenProjection | None = None) -> EncoderOutput:
         raise NotImplementedError

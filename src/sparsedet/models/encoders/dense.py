@@ -8,6 +8,7 @@ from ...config import ModelConfig
 from ...nn.attention import MSDeformAttn
 from ...nn.neck import MultiLevel
 from ...nn.mlp import FeedForward
+from ..projection import TokenProjection
 from .base import Encoder, EncoderOutput  # noqa: F401 (EncoderOutput re-exported)
 
 
@@ -57,7 +58,7 @@ class DenseEncoder(Encoder):
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim, ffn_dim, dropout, num_levels, num_heads, num_points) for _ in range(num_layers))
 
-    def forward(self, levels: MultiLevel, projection: nn.Module | None = None) -> EncoderOutput:
+    def forward(self, levels: MultiLevel, projection: TokenProjection | None = None) -> EncoderOutput:
         """Every token attends, every layer (``projection`` is unused: sparse encoders score with it)."""
         reference = encoder_reference_points(levels.shapes, levels.valid_ratios)
         x = levels.tokens

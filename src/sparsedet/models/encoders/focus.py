@@ -15,6 +15,7 @@ from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows, top_k
 from ...ops.padding import rank_padding_last
+from ...stage_kinds import MIXED_QUERY_SELECTION, TOKEN_PROJECTION
 from ..projection import TokenProjection
 from .dense import DeformableEncoderLayer, EncoderOutput
 from .scoring import (LayerSelection, TokenScorer, TokenSelection, TokenSparseEncoder, cascade, check_ratios,
@@ -53,12 +54,8 @@ class DualAttentionLayer(DeformableEncoderLayer):
 class FocusEncoder(TokenSparseEncoder):
     supervision = ForegroundSupervision
     config_fields = ("keep_ratio", "layer_ratios", "object_tokens", "label_ranges")
-
-    @classmethod
-    def check(cls, c: ModelConfig) -> None:
-        if c.kind != "dino":
-            raise SparsedetError(f"encoder.kind={c.encoder.kind!r} needs the DINO base (kind='dino'): its object "
-                                 "scores come from the mixed query selection's class head")
+    # Its object scores come from the class head of the mixed query selection.
+    needs = frozenset({TOKEN_PROJECTION, MIXED_QUERY_SELECTION})
 
     def alpha_index(self, num_levels: int) -> list[int]:
         """Which modulation weight each level below the top uses: Focus counts from the top

@@ -8,6 +8,7 @@ from ...config import ModelConfig
 from ...nn.attention import SelfAttention
 from ...nn.neck import MultiLevel
 from ...nn.mlp import FeedForward
+from ..projection import TokenProjection
 from .base import Encoder, EncoderOutput
 
 
@@ -32,6 +33,8 @@ class GlobalEncoder(Encoder):
     """Every token attends to every token: cost grows with the square of the token count, so
     the methods built on it use the stride-32 map only."""
 
+    single_level = True
+
     @classmethod
     def from_config(cls, c: ModelConfig) -> "GlobalEncoder":
         return cls(c.num_encoder_layers, c.hidden_dim, c.ffn_dim, c.dropout, c.num_heads)
@@ -40,7 +43,7 @@ class GlobalEncoder(Encoder):
         super().__init__()
         self.layers = nn.ModuleList(GlobalEncoderLayer(dim, ffn_dim, dropout, num_heads) for _ in range(num_layers))
 
-    def forward(self, levels: MultiLevel, projection: nn.Module | None = None) -> EncoderOutput:
+    def forward(self, levels: MultiLevel, projection: TokenProjection | None = None) -> EncoderOutput:
         x = levels.tokens
         for layer in self.layers:
             x = layer(x, levels.pos, levels.padding)

@@ -7,10 +7,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ...config import ModelConfig
-from ...errors import SparsedetError
 from ...losses.selection import AttentionMapSupervision
 from ...nn.neck import MultiLevel
 from ...ops.functional import gather_rows
+from ...stage_kinds import DECODER_SAMPLING, TOKEN_PROJECTION
 from ..heads import PredictionHeads, Predictions
 from ..projection import TokenProjection
 from .dense import DeformableEncoderLayer, EncoderOutput
@@ -20,13 +20,9 @@ from .scoring import (LayerSelection, TokenScorer, TokenSelection, TokenSparseEn
 
 class SparseEncoder(TokenSparseEncoder):
     supervision = AttentionMapSupervision
-    learns_from_decoder = True  # its scorer's target is the decoder's attention map (DAM)
+    # It scores tokens with the two-stage projection; its scorer's target is the decoder's attention map (DAM).
+    needs = frozenset({TOKEN_PROJECTION, DECODER_SAMPLING})
     config_fields = ("keep_ratio", "aux_heads")
-
-    @classmethod
-    def check(cls, c: ModelConfig) -> None:
-        if not c.two_stage:
-            raise SparsedetError("encoder.kind='sparse' scores tokens with the two-stage projection; set two_stage=true")
 
     def __init__(self, c: ModelConfig):
         super().__init__()
