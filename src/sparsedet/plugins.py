@@ -1,7 +1,10 @@
-"""Third-party kinds (encoders, presets) from installed packages.
+"""Third-party kinds (encoders, decoders, base detectors, backbones, presets, dataset formats,
+runtimes) from installed packages.
 
 A package declares an entry point in the group ``sparsedet.plugins`` whose value is a module; that
-module registers its kinds when imported (``register_encoder``, ``register_preset``). The modules
+module registers its kinds when imported (``register_encoder``, ``register_decoder``,
+``register_base``, ``register_backbone``, ``register_preset``, ``register_format``,
+``register_runtime``). The modules
 are imported once, the first time a name is not found in a table (a run saved with a plugin's
 encoder then loads in ``eval``, ``predict``, ``serve`` and ``export`` with nothing imported by
 hand) and when the CLI starts (so that ``sparsedet presets`` lists the plugins' presets).
