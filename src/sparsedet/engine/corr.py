@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SparsedetError
+from ..stage_kinds import DECODER_SAMPLING
 from ..losses.selection import decoder_attention_map
-from ..models.bases import BASES
 from ..models.detector import DetectorOutput
 from ..models.encoders.scoring import TokenSelection, written
 
@@ -75,12 +75,12 @@ def check_corr(model) -> None:
     if not isinstance(model, nn.Module):
         raise SparsedetError("Corr needs the PyTorch model (a run folder or zoo name): an exported .onnx file "
                              "returns detections only, not where the decoder looked")
-    kind = model.config.kind
-    if BASES[kind].single_level:
+    if DECODER_SAMPLING not in model.decoder.provides:
+        kind = model.config.kind
         raise SparsedetError(
-            f"Corr is undefined for kind={kind!r}: its decoder cross-attends densely to one feature level, so "
-            "there are no deformable sampling points to build the decoder attention map from (and its encoder "
-            "keeps every token); leave out --corr")
+            f"Corr is undefined for kind={kind!r}: its decoder has no sampling points (it "
+            "cross-attends densely), so there is no decoder attention map to compare the kept tokens with; "
+            "leave out --corr")
 
 
 class CorrTracker:
