@@ -83,6 +83,21 @@ def test_train_eval_predict_round_trip(synth, tmp_path, capsys):
     assert "AP" in json.loads((tmp_path / "m" / "metrics.json").read_text())
 
 
+def test_every_verb_that_runs_a_model_takes_device(synth, tiny_run, tmp_path, capsys):
+    for verb in ("train", "demo", "eval", "predict", "viz", "export", "bench", "serve"):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        assert "--device DEVICE" in capsys.readouterr().out, verb
+    # A device this machine lacks (no CUDA build, or not that many GPUs) stops the verb with one line.
+    image = next((Path(synth["root"]) / "images" / "val").glob("*.png"))
+    for argv in (["train", "--preset", "dino_tiny", "--train", synth["train"], "--out", str(tmp_path / "t"), *TINY],
+                 ["viz", str(tiny_run), str(image), "--out", str(tmp_path / "v")],
+                 ["export", str(tiny_run), "--out", str(tmp_path / "m.onnx")]):
+        err = _error(capsys, [*argv, "--device", "cuda:99"])
+        assert "cuda" in err.lower() and "cpu" in err, err
+    assert not (tmp_path / "t").exists() and not (tmp_path / "v").exists()
+
+
 def _error(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -163,6 +163,7 @@ def cmd_train(args) -> int:
     from .engine.build import build_trainer, set_threads
     from .tools.report import RunReport
     data = {"train": args.train_ann, "val": args.val_ann, "images": args.images}
+    args.overrides = _with_device(args)
     if args.resume:
         from .api import Detector
         from .config import apply_overrides
@@ -208,6 +209,11 @@ def cmd_train(args) -> int:
             print(f"saved {trainer.out_dir}")
         code = 0
     return distributed.exit_together(code)
+
+
+def _with_device(args) -> list[str]:
+    """The overrides, with ``--device D`` (train, demo) as ``train.device=D`` after them: the flag wins."""
+    return [*args.overrides, f"train.device={args.device}"] if args.device else list(args.overrides)
 
 
 def cmd_eval(args) -> int:
@@ -341,7 +347,8 @@ def cmd_viz(args) -> int:
     if not Path(args.image).is_file():
         raise SparsedetError(f"image not found: {args.image}")
     ref = resolve_model(args.target, "viz")
-    model = load_ref(ref, device="cpu", overrides=parse_overrides(args.overrides + _deprecated_set(args)))
+    overrides = parse_overrides(args.overrides + _deprecated_set(args))
+    model = load_ref(ref, device=args.device or "cpu", overrides=overrides)
     if ref.kind == "preset":
         warnings.warn(f"{args.target} is a preset with random weights: the figures show an untrained model")
     facts = visualize(model, args.image, args.out, args.query, args.layer, args.threshold)
@@ -449,7 +456,7 @@ def cmd_demo(args) -> int:
     # Steps, not minutes, set the recipe: the learning rate follows whichever of the two is further
     # along (engine.plan), so a busy machine stops at its budget with its schedule finished.
     overrides = [f"train.minutes={args.minutes}", f"train.max_steps={args.steps}", "train.eval_every=-1",
-                 f"train.seed={args.seed}"] + args.overrides
+                 f"train.seed={args.seed}"] + _with_device(args)
     config, model, train_set, val_set = _prepare_training(args.preset, None, overrides,
                                                           {"train": info["train"], "val": info["val"]})
     print(f"[2/4] training {args.preset} for {config.train.max_steps} steps or {config.train.minutes:g} min, "

@@ -17,7 +17,7 @@ def cmd_export(args) -> int:
     ref = resolve_model(args.target, "export --int8" if args.int8 else "export")
     if ref.kind == "exported":
         return _quantize_onnx_file(args)
-    model = load_ref(ref, device="cpu")
+    model = load_ref(ref, device=args.device or "cpu")
     if ref.kind == "preset":
         warnings.warn(f"{args.target} is a preset with random weights: the file computes an untrained model")
     size = bench.parse_size(args.size) if args.size else None
@@ -44,6 +44,8 @@ def _quantize_onnx_file(args) -> int:
              if used]
     if fixed:
         raise SparsedetError(f"{fixed[0]} was fixed when {args.target} was exported; leave it out")
+    if args.device not in (None, "cpu"):
+        raise SparsedetError(f"an .onnx file is quantised on the CPU (onnxruntime); leave out --device {args.device}")
     source = OnnxDetector(args.target)
     data = Int8Data.open(source, args.calibration, args.val, args.images, args.calibration_images, args.max_ap_drop)
     print(f"wrote {args.out}\n{describe_int8(quantize_checked(args.target, args.out, data, recipe))}")

@@ -11,6 +11,8 @@ from .tools.runtimes import RUNTIMES, runtime_help
 PRECISION_HELP = ("precision of the forward pass: fp32 (default), bf16 or fp16 (autocast; fp16 on CUDA only); "
                   "boxes and scores come back in fp32")
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu; an .onnx file runs on the CPU)"
+TRAIN_DEVICE_HELP = ("cpu, cuda, cuda:N or auto (the same as the override train.device=...; default auto: cuda when "
+                     "available, else cpu; under torchrun each process takes cuda:LOCAL_RANK)")
 RUNTIME_HELP = runtime_help()  # the built-in runtimes (a plug-in's is a choice too, from the same table)
 
 
@@ -30,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="dino_tiny", help="model preset (default dino_tiny)")
     s.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", help=TRAIN_DEVICE_HELP)
     add_overrides(s)
     s.set_defaults(command="demo")
 
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --resume: RUN)")
     s.add_argument("--no-progress", action="store_true",
                    help="no progress bars: plain log lines every train.log_every steps (for nohup and batch logs)")
+    s.add_argument("--device", help=TRAIN_DEVICE_HELP)
     add_overrides(s)
     s.set_defaults(command="train")
 
@@ -222,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                    help="weights and dense layers of the file (default fp32); fp16 is for GPU runtimes: "
                    "onnxruntime on a CPU runs it slower than fp32")
+    s.add_argument("--device", help="where PyTorch traces the model and computes the detections the file is "
+                   "checked against: cpu (default), cuda or cuda:N (the check itself runs onnxruntime on the CPU)")
     q = s.add_argument_group("int8", "post-training static quantisation for CPUs (docs/export.md, INT8): the float "
                              "file is checked against PyTorch, quantised with ranges from --calibration images, then "
                              "both files are scored (COCO AP) on --val; the export refuses a file that loses more "
@@ -288,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--layer", type=int, default=-1, help="decoder layer to show (default: the last)")
     s.add_argument("--threshold", type=float, default=None, help="minimum score of drawn detections (default: the "
                    "run's, recorded at the end of its training from its val split; else 0.3)")
+    s.add_argument("--device", help="cpu (default), cuda or cuda:N: where the model runs (the figures are drawn on "
+                   "the CPU)")
     s.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)  # deprecated: positional k=v
     add_overrides(s)
     s.set_defaults(command="viz")
