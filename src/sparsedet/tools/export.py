@@ -43,7 +43,7 @@ class ExportedDetector(nn.Module):
     def __init__(self, model: nn.Module, top_k: int):
         super().__init__()
         self.model, self.top_k = model, top_k
-        self.register_buffer("category_ids", torch.tensor(model.category_ids))
+        self.register_buffer("category_ids", torch.tensor(model.category_ids, device=model.image_mean.device))
 
     def forward(self, images: Tensor, mask: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """images stay fp32 in every precision: the model's own dtype starts inside the graph, and
@@ -175,7 +175,8 @@ def export_onnx(model, path: str | Path, size: tuple[int, int] | None = None, op
     model = model.eval().to(PRECISIONS[precision])
     wrapper = ExportedDetector(model, top_k or model.config.top_k).eval()
     sample = prepare(model, sample_images(size or sample_size(model), 2), size)
-    args = tuple(torch.from_numpy(sample[k]) for k in INPUTS)
+    # Traced where the model is (a GPU too): the graph holds no device, the file runs anywhere.
+    args = tuple(torch.from_numpy(sample[k]).to(model.image_mean.device) for k in INPUTS)
     batch = torch.export.Dim("batch", min=1, max=64)
     dynamic = {"images": {0: batch}, "mask": {0: batch}, "sizes": {0: batch}}
     if size is None:  # the coarsest (stride 64) map must be wider than one cell
@@ -259,8 +260,9 @@ def compare(wrapper: ExportedDetector, path: Path, inputs: dict[str, np.ndarray]
     """Run the file in onnxruntime and the wrapper in PyTorch on ``inputs``, and match the two
     (``match_detections``, PyTorch's detections expected)."""
     got = onnxruntime_session(path).run(OUTPUTS, inputs)
+    device = wrapper.category_ids.device  # PyTorch computes where the model is
     with torch.no_grad():
-        expected = [t.numpy() for t in wrapper(*(torch.from_numpy(inputs[k]) for k in INPUTS))]
+        expected = [t.cpu().numpy() for t in wrapper(*(torch.from_numpy(inputs[k]).to(device) for k in INPUTS))]
     return match_detections(expected, got, top, precision)
 
 

@@ -8,6 +8,8 @@ valid tokens it updates): nothing is re-scored here.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -77,8 +79,26 @@ def observe(model, image) -> Observation:
     # SD-DETR runs two cross-attentions per layer (classification, localisation): show the first.
     per_layer = len(attention) // max(1, model.config.num_decoder_layers)
     attention = attention[::per_layer] if per_layer else []
-    return Observation(resized[0], out, levels.shapes, levels.padding[0].cpu(),
+    # The figures read the output number by number: on the host, after one copy from a GPU.
+    return Observation(resized[0], on_cpu(out), levels.shapes, levels.padding[0].cpu(),
                        (int(batch.images.shape[-2]), int(batch.images.shape[-1])), attention)
+
+
+def on_cpu(value):
+    """``value`` with every tensor in it on the CPU: tensors, and the lists, tuples, dicts and
+    dataclasses (a ``DetectorOutput`` and what it holds) around them; anything else as it is."""
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        moved = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(moved, f.name, on_cpu(getattr(value, f.name)))
+        return moved
+    return value
 
 
 def updated_tokens(obs: Observation, layer: int) -> Tensor:
