@@ -231,7 +231,7 @@ class Trainer:
         Returns the logged loss terms, or None (gradients dropped) when some process's loss is not finite."""
         t = self.config.train
         batch = batch.to(self.device, non_blocking=True)
-        targets = [{"labels": x["labels"].to(self.device), "boxes": x["boxes"].to(self.device)} for x in targets]
+        targets = [{k: x[k].to(self.device, non_blocking=True) for k in ("labels", "boxes")} for x in targets]
         sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.net.no_sync()
         with sync:
             with autocast(self.autocast_dtype, self.device):

@@ -88,10 +88,13 @@ class SetCriterion:
 
     def _terms(self, logits: Tensor, boxes: Tensor, targets: list[dict], match, num_boxes: float) -> dict[str, Tensor]:
         B, Q, C = logits.shape
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(match)]).to(logits.device)
-        src_idx = torch.cat([src for src, _ in match]).to(logits.device)
-        tgt_labels = torch.cat([t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, match)])
-        tgt_boxes = torch.cat([t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, match)])
+        # The matches come from the host (the matcher's one transfer): copied without waiting for the device.
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(match)]).to(
+            logits.device, non_blocking=True)
+        src_idx = torch.cat([src for src, _ in match]).to(logits.device, non_blocking=True)
+        tgt = [j.to(t["labels"].device, non_blocking=True) for t, (_, j) in zip(targets, match)]
+        tgt_labels = torch.cat([t["labels"][j] for t, j in zip(targets, tgt)])
+        tgt_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, j in zip(targets, tgt)])
         tgt_labels, tgt_boxes = tgt_labels.to(logits.device), tgt_boxes.to(boxes.device)
         onehot = torch.zeros(B, Q, C, dtype=logits.dtype, device=logits.device)
         onehot[batch_idx, src_idx, tgt_labels] = 1.0

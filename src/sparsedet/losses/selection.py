@@ -18,7 +18,7 @@ from torch import Tensor
 from ..config import LossConfig
 from ..nn.tokens import TokenSelection
 from ..ops.boxes import cxcywh_to_xyxy
-from ..ops.functional import top_k
+from ..ops.functional import host_tensor, top_k
 from .focal import sigmoid_focal_loss
 
 
@@ -80,7 +80,7 @@ def _edge_distances(centres: Tensor, boxes: Tensor) -> Tensor:
 
 def _level_ranges(shapes: list[tuple[int, int]], ranges: list[list[float]], device: torch.device) -> Tensor:
     """[S, 2] the (low, high] box-size range owned by each token's level."""
-    return torch.cat([torch.tensor(r, dtype=torch.float32, device=device).expand(h * w, 2)
+    return torch.cat([host_tensor(r, device, torch.float32).expand(h * w, 2)
                       for (h, w), r in zip(shapes, ranges)])
 
 

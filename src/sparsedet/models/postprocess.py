@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..data.categories import unused_columns
 from ..errors import SparsedetError
 from ..ops.boxes import cxcywh_to_xyxy
-from ..ops.functional import top_k as best
+from ..ops.functional import host_tensor, top_k as best
 
 
 class PostProcess(nn.Module):
@@ -32,7 +32,7 @@ class PostProcess(nn.Module):
         logits = logits.float()  # bf16 pixel coordinates are off by up to 4 px at 1000 px
         unused = unused_columns(self.config.classes)
         if unused:
-            logits = logits.index_fill(-1, torch.tensor(unused, device=logits.device), float("-inf"))
+            logits = logits.index_fill(-1, host_tensor(unused, logits.device), float("-inf"))
         return top_detections(logits, boxes.float(), sizes, top_k or self.config.top_k)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from ..nn.mlp import MLP
 from ..nn.neck import MultiLevel
 from ..nn.position import sine_embed_coords
 from ..ops.boxes import cell_nms_batch
-from ..ops.functional import gather_rows, token_levels, top_k
+from ..ops.functional import gather_rows, host_tensor, token_levels, top_k
 from ..ops.padding import rank_padding_last
 from .heads import ProposalPredictions
 from .projection import TokenProjection
@@ -178,8 +178,8 @@ class ProposalQueries(nn.Module):
         scores = logits.max(-1).values
         cand = top_k(scores if padding is None else rank_padding_last(scores, padding),
                      min(4 * self.num_queries, S))[1]  # best first
-        starts = torch.tensor([0] + [h * w for h, w in shapes], device=logits.device).cumsum(0)
-        widths = torch.tensor([w for _, w in shapes], device=logits.device)
+        starts = host_tensor([0] + [h * w for h, w in shapes], logits.device).cumsum(0)
+        widths = host_tensor([w for _, w in shapes], logits.device)
         level = token_levels(cand, shapes)
         local = cand - starts[level]
         kept = cell_nms_batch(level, local % widths[level], local // widths[level], self.nms_iou)

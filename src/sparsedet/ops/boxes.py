@@ -111,10 +111,13 @@ def cell_nms(level: Tensor, x: Tensor, y: Tensor, iou_threshold: float) -> Tenso
 @torch.library.custom_op("sparsedet::cell_nms", mutates_args=())
 def cell_nms_batch(level: Tensor, x: Tensor, y: Tensor, iou_threshold: float) -> Tensor:
     """``cell_nms`` per image of [B, n] candidates (best first) -> kept [B, n] bool. One graph
-    node, so that export can replace it by ONNX NonMaxSuppression (tools/export.py)."""
+    node, so that export can replace it by ONNX NonMaxSuppression (tools/export.py). Runs on the
+    host: from a GPU, one copy of the whole batch there and one asynchronous copy back."""
     if level.shape[0] == 0:
         return torch.zeros_like(level, dtype=torch.bool)
-    return torch.stack([cell_nms(level[b], x[b], y[b], iou_threshold) for b in range(level.shape[0])])
+    cells = torch.stack([t.long() for t in (level, x, y)]).cpu()
+    keep = torch.stack([cell_nms(cells[0, b], cells[1, b], cells[2, b], iou_threshold) for b in range(level.shape[0])])
+    return keep.to(level.device, non_blocking=True)
 
 
 @cell_nms_batch.register_fake

@@ -5,6 +5,13 @@ import torch
 from torch import Tensor
 
 
+def host_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.tensor(values, dtype=dtype, device=device)`` without waiting for the device: built on
+    the host and copied asynchronously. ``torch.tensor(..., device=cuda)`` copies synchronously: the
+    host waits for every kernel queued before it (docs/architecture.md, host synchronisations)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x) with x clamped to [0, 1] and both x and 1 - x floored at ``eps``."""
     x = x.clamp(0, 1)
@@ -35,5 +42,5 @@ def top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def token_levels(indices: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
     """Level of each flat token index (levels flattened fine to coarse)."""
-    ends = torch.tensor([h * w for h, w in shapes], device=indices.device).cumsum(0)
+    ends = host_tensor([h * w for h, w in shapes], indices.device).cumsum(0)
     return torch.bucketize(indices, ends, right=True)

@@ -14,7 +14,7 @@ from ...nn.mlp import FeedForward, MLP
 from ...nn.neck import MultiLevel
 from ...nn.position import sine_embed_coords
 from ...ops.boxes import cxcywh_to_xyxy
-from ...ops.functional import apply_box_delta
+from ...ops.functional import apply_box_delta, host_tensor
 from ...ops.roi_align import roi_align
 from ...config import ModelConfig
 from ...stage_kinds import register_decoder
@@ -41,7 +41,7 @@ def box_features(memory: Tensor, levels: MultiLevel, boxes: Tensor) -> Tensor:
     B, _, C = memory.shape
     H, W = levels.shapes[0]
     fmap = memory.transpose(1, 2).reshape(B, C, H, W)
-    valid = levels.valid_ratios[:, 0] * torch.tensor([W, H], dtype=memory.dtype, device=memory.device)  # (w, h)
+    valid = levels.valid_ratios[:, 0] * host_tensor([W, H], memory.device, memory.dtype)  # (w, h)
     extents = valid.round().flip(-1) if levels.per_image else None
     return roi_align(fmap, cxcywh_to_xyxy(boxes.detach()) * valid.repeat(1, 2)[:, None], (ROI, ROI), extents=extents)
 
@@ -70,7 +70,7 @@ def gaussian_prior(points: Tensor, scales: Tensor, shape: tuple[int, int], valid
     """SMCA's logit bias -(sx^2 dx^2 + sy^2 dy^2) / 8 between each head's point and every cell
     centre, in feature pixels. points: [B, Q, M, 2]; scales: [B, Q, M, 2]. Returns [B, M, Q, H*W]."""
     H, W = shape
-    size = torch.tensor([W, H], dtype=points.dtype, device=points.device)
+    size = host_tensor([W, H], points.device, points.dtype)
     centre = points * size * valid_ratio[:, None, None]
     ys, xs = torch.meshgrid(torch.arange(H, device=points.device, dtype=points.dtype),
                             torch.arange(W, device=points.device, dtype=points.dtype), indexing="ij")
