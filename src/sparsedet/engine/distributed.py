@@ -1,4 +1,5 @@
-"""Process groups for ``torchrun``: NCCL on GPUs, Gloo on CPUs. One process and no group otherwise."""
+"""Process groups for ``torchrun``: NCCL on GPUs, Gloo on CPUs (one process under torchrun too, so
+that a one-GPU launch runs the NCCL path). No group outside torchrun."""
 from __future__ import annotations
 
 import os
@@ -16,10 +17,11 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    grouped: bool = False  # in a process group (torchrun's, of one process or more)
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.grouped or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -28,18 +30,24 @@ class Context:
 
 def setup(device_name: str) -> tuple[Context, torch.device]:
     """Join the group torchrun describes in the environment (WORLD_SIZE, RANK, LOCAL_RANK) and pick
-    this process's device: ``cuda:LOCAL_RANK`` with NCCL where GPUs are used, else the CPU with Gloo."""
+    this process's device: ``cuda:LOCAL_RANK`` with NCCL where GPUs are used, else the CPU with Gloo.
+    A single process joins a group of one when torchrun started it (TORCHELASTIC_RUN_ID), else none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(device_name)
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return Context(), device
-    ctx = Context(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    ctx = Context(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), grouped=True)
     if device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return ctx, device
+
+
+def backend() -> str:
+    """The process group's backend ("nccl", "gloo"), "" without a group."""
+    return dist.get_backend() if dist.is_initialized() else ""
 
 
 def teardown() -> None:

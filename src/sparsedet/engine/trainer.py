@@ -291,7 +291,8 @@ class Trainer:
         names = ", ".join(self.train_set.classes[:10]) + (", ..." if len(self.train_set.classes) > 10 else "")
         lines.append(f"{'classes':9s}{len(self.train_set.classes)}: {names}")
         precision = NAMES[self.autocast_dtype] + (" with loss scaling" if self.scaler.is_enabled() else "")
-        lines.append(f"{'device':9s}{self.device} x {world} process{'es' if world > 1 else ''}, {precision} "
+        group = f" ({distributed.backend()})" if self.ctx.distributed else ""
+        lines.append(f"{'device':9s}{self.device} x {world} process{'es' if world > 1 else ''}{group}, {precision} "
                      f"(train.precision={t.precision}), batch {t.batch_size} per process x {t.accumulate} "
                      "accumulated")
         if self.origin:
