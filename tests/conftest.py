@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 
 @pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the tests marked ``gpu`` run their models and ops: $SPARSEDET_TEST_DEVICE, default cpu.
+    ``SPARSEDET_TEST_DEVICE=cuda pytest -m gpu`` repeats them on a GPU (benchmarks/gpu_check.sh)."""
+    from sparsedet.engine.device import resolve_device
+    return resolve_device(os.environ.get("SPARSEDET_TEST_DEVICE", "cpu"), fix="SPARSEDET_TEST_DEVICE=cpu")
+
+
+@pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> dict:
     """A small synthetic COCO dataset shared by the tests (8 train, 4 val images of 128 px)."""
     root = tmp_path_factory.mktemp("synth")

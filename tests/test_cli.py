@@ -31,10 +31,11 @@ def test_inference_verbs_take_precision(capsys):
     assert stop.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
-def test_train_eval_predict_round_trip(synth, tmp_path, capsys):
-    run = tmp_path / "run"
+@pytest.mark.gpu
+def test_train_eval_predict_round_trip(synth, tmp_path, capsys, device):
+    run, on = tmp_path / "run", ["--device", str(device)]
     assert main(["train", "--preset", "dino_tiny", "--train", synth["train"], "--val", synth["val"],
-                 "--out", str(run), "--no-progress", *TINY]) == 0
+                 "--out", str(run), "--no-progress", *on, *TINY]) == 0
     assert (run / "model.safetensors").is_file() and (run / "config.json").is_file()
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["classes"] == synth["classes"] and config["model"]["category_ids"] == [1, 2, 3, 5, 7]
@@ -43,20 +44,21 @@ def test_train_eval_predict_round_trip(synth, tmp_path, capsys):
 
     trained = (run / "metrics.json").read_text()
     capsys.readouterr()
-    assert main(["eval", "--weights", str(run), "--val", synth["val"]]) == 0
+    assert main(["eval", "--weights", str(run), "--val", synth["val"], *on]) == 0
     # Evaluations go to RUN/eval/<val data name>/; the training metrics (which bench --plot reads) stay.
     assert f"wrote {run / 'eval' / 'val' / 'metrics.json'}" in capsys.readouterr().out
     assert (run / "metrics.json").read_text() == trained
     metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"}
     assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1 for k in ("AP", "AP50", "AR100"))
-    assert main(["eval", "--weights", str(run), "--val", synth["val"], "--out", str(run)]) == 0  # replaces them
+    assert main(["eval", "--weights", str(run), "--val", synth["val"], "--out", str(run), *on]) == 0  # replaces them
     assert json.loads((run / "metrics.json").read_text()) == metrics
 
     images = tmp_path / "images"
     shutil.copytree(Path(synth["root"]) / "images" / "val", images)
     out = tmp_path / "pred"
-    assert main(["predict", "--weights", str(run), str(images), "--out", str(out), "--threshold", "0", "--top-k", "5"]) == 0
+    assert main(["predict", "--weights", str(run), str(images), "--out", str(out), "--threshold", "0", "--top-k", "5",
+                 *on]) == 0
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds) == 4 * 5 and {"file_name", "bbox", "score", "category_id"} <= set(preds[0])
     assert all(p["category_id"] in (1, 2, 3, 5, 7) for p in preds)
@@ -64,15 +66,15 @@ def test_train_eval_predict_round_trip(synth, tmp_path, capsys):
     # Batches of 3 (3 + 1 images): the same files in the same order with their ids. (Scores differ in
     # the last digits: another batch rounds differently, which moves this barely trained model's top-k.)
     assert main(["predict", "--weights", str(run), str(images), "--out", str(tmp_path / "b3"), "--threshold", "0",
-                 "--top-k", "5", "--batch-size", "3"]) == 0
+                 "--top-k", "5", "--batch-size", "3", *on]) == 0
     batched = json.loads((tmp_path / "b3" / "predictions.json").read_text())
     assert [(p["file_name"], p["image_id"]) for p in batched] == [(p["file_name"], p["image_id"]) for p in preds]
     assert len(list((tmp_path / "b3").glob("*_pred.png"))) == 4
     assert main(["predict", "--weights", str(run), str(images), "--out", str(tmp_path / "bf16"), "--threshold", "0",
-                 "--top-k", "5", "--precision", "bf16"]) == 0
+                 "--top-k", "5", "--precision", "bf16", *on]) == 0
     assert len(json.loads((tmp_path / "bf16" / "predictions.json").read_text())) == 4 * 5
     assert main(["eval", "--weights", str(run), "--val", synth["val"], "--out", str(tmp_path / "e16"),
-                 "--precision", "bf16"]) == 0
+                 "--precision", "bf16", *on]) == 0
     assert "AP" in json.loads((tmp_path / "e16" / "metrics.json").read_text())
 
     # A COCO results file evaluates the same way (writes metrics.json in --out).

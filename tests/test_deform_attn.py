@@ -1,6 +1,7 @@
 """Deformable attention: every backend of the ``sparsedet::ms_deform_attn`` op equals the
 grid_sample reference, values and gradients, on hand-made inputs and on every preset's own calls."""
 import math
+import os
 import subprocess
 import threading
 import warnings
@@ -21,6 +22,11 @@ from sparsedet.presets import PRESETS
 # triton runs on CPUs only in Triton's interpreter, in a process of its own: tests/test_deform_attn_triton.py.
 CPU_BACKENDS = [b for b in BACKENDS if b != "triton"]
 FAST = [b for b in CPU_BACKENDS if b != "reference"]
+# The backends the gpu-marked tests run on the test device ($SPARSEDET_TEST_DEVICE, the `device`
+# fixture): on a GPU every one but the cpu kernel.
+ON_CPU = torch.device(os.environ.get("SPARSEDET_TEST_DEVICE", "cpu")).type == "cpu"
+DEVICE_BACKENDS = CPU_BACKENDS if ON_CPU else [b for b in BACKENDS if b != "cpu"]
+DEVICE_FAST = [b for b in DEVICE_BACKENDS if b != "reference"]
 
 
 def _inputs(seed, B, Q, shapes, M=2, D=3, P=3, dtype=torch.float64):
@@ -37,7 +43,7 @@ def _run(backend, shapes, value, loc, weights, grad_seed=7):
     """Output and the gradients of a fixed random projection of it, for value, locations, weights."""
     leaves = [t.detach().clone().requires_grad_() for t in (value, loc, weights)]
     out = ms_deform_attn(leaves[0], shapes, leaves[1], leaves[2], backend=backend)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype).to(out.device)
     return (out.detach(), *torch.autograd.grad((out * g).sum(), leaves))
 
 
@@ -50,15 +56,28 @@ def _assert_matches(backend, shapes, value, loc, weights, atol):
         torch.testing.assert_close(a, b, rtol=0, atol=atol * scale, msg=lambda m: f"{backend} {name}: {m}")
 
 
-@pytest.mark.parametrize("backend", FAST)
+def _require_backend(backend, device):
+    """Skip a backend that cannot run on ``device``: the cpu kernel off the CPU, triton on a GPU
+    where it does not import; the cpu backend needs its kernel built."""
+    if backend == "cpu":
+        if device.type != "cpu":
+            pytest.skip(f"the cpu backend runs on CPU tensors only, not {device.type}")
+        require_kernel()
+    if backend == "triton" and not deform_attn_triton.available():
+        pytest.skip(f"triton does not import here: {deform_attn_triton.failure()}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", DEVICE_FAST)
 @pytest.mark.parametrize("seed,shapes,D", [(0, [(5, 7)], 3), (1, [(6, 4), (3, 2), (1, 1)], 16),
                                           (2, [(9, 11), (5, 6), (3, 3), (2, 2)], 32)])
-def test_backend_matches_reference_values_and_gradients(backend, seed, shapes, D):
-    if backend == "cpu":
-        require_kernel()
-    # gather keeps float64 (exact); the cpu kernel computes in fp32 and returns the input dtype.
-    value, loc, weights = _inputs(seed, 2, 13, shapes, D=D)
-    _assert_matches(backend, shapes, value, loc, weights, atol=1e-10 if backend == "gather" else 1e-5)
+def test_backend_matches_reference_values_and_gradients(backend, seed, shapes, D, device):
+    _require_backend(backend, device)
+    # gather keeps float64 (exact); the cpu kernel computes in fp32 and returns the input dtype;
+    # triton takes fp32, bf16 and fp16.
+    value, loc, weights = (t.to(device) for t in _inputs(seed, 2, 13, shapes, D=D))
+    if backend != "triton":
+        _assert_matches(backend, shapes, value, loc, weights, atol=1e-10 if backend == "gather" else 1e-5)
     _assert_matches(backend, shapes, *(t.float() for t in (value, loc, weights)), atol=1e-5)
 
 
@@ -88,16 +107,17 @@ def test_cpu_kernel_result_does_not_depend_on_thread_count():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_sample_at_pixel_centre_reads_that_pixel(backend):
-    if backend == "cpu":
-        require_kernel()
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
+def test_sample_at_pixel_centre_reads_that_pixel(backend, device):
+    _require_backend(backend, device)
+    dtype = torch.float32 if backend == "triton" else torch.float64  # triton: fp32, bf16 and fp16
     # 1 level of 2x4, one head of width 1: location of pixel (row 1, col 2) centre is ((2+.5)/4, (1+.5)/2).
-    value = torch.arange(8, dtype=torch.float64).view(1, 8, 1, 1)
-    w = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    value = torch.arange(8, dtype=dtype, device=device).view(1, 8, 1, 1)
+    w = torch.ones(1, 1, 1, 1, 1, dtype=dtype, device=device)
 
     def at(x, y):
-        loc = torch.tensor([[x, y]], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+        loc = torch.tensor([[x, y]], dtype=dtype, device=device).view(1, 1, 1, 1, 1, 2)
         return ms_deform_attn(value, [(2, 4)], loc, w, backend).item()
 
     assert at(2.5 / 4, 1.5 / 2) == pytest.approx(6.0)
@@ -327,16 +347,17 @@ def test_kernel_rejecting_native_tuning_builds_generic_code_with_a_note(monkeypa
     _assert_matches("cpu", [(3, 4)], *_inputs(1, 1, 5, [(3, 4)], dtype=torch.float32), atol=1e-5)
 
 
-def _recorded_calls(preset):
+def _recorded_calls(preset, device=torch.device("cpu")):
     """Whether ``preset`` has deformable attention, and the inputs of every call to it in one
-    training forward."""
+    training forward on ``device``."""
     torch.manual_seed(0)
-    model = Detector.from_preset(preset, num_classes=3).train()
+    model = Detector.from_preset(preset, num_classes=3).train().to(device)
     deformable = any(isinstance(m, MSDeformAttn) for m in model.modules())
     g = torch.Generator().manual_seed(0)
-    batch = Batch.from_images([torch.rand(3, 96, 128, generator=g), torch.rand(3, 112, 80, generator=g)])
+    batch = Batch.from_images([torch.rand(3, 96, 128, generator=g), torch.rand(3, 112, 80, generator=g)]).to(device)
     targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
                {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     calls = []
     original = deform_attn.ms_deform_attn
 
@@ -352,12 +373,18 @@ def _recorded_calls(preset):
     return deformable, calls
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("preset", [p for p in PRESETS if p.endswith("_tiny")])
-def test_fast_backends_match_reference_on_every_preset(preset):
-    deformable, calls = _recorded_calls(preset)
+def test_fast_backends_match_reference_on_every_preset(preset, device):
+    deformable, calls = _recorded_calls(preset, device)
     assert bool(calls) == deformable
     for value, shapes, loc, weights in calls:
         _assert_matches("gather", shapes, value, loc, weights, atol=1e-4)
+    if device.type != "cpu":  # the cpu backend runs on CPU tensors only
+        if deform_attn_triton.available():
+            for value, shapes, loc, weights in calls:
+                _assert_matches("triton", shapes, value, loc, weights, atol=1e-4)
+        return
     require_kernel()  # after gather's checks, which need no compiler
     for value, shapes, loc, weights in calls:
         _assert_matches("cpu", shapes, value, loc, weights, atol=1e-4)

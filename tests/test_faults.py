@@ -39,7 +39,8 @@ def _train_args(synth: dict, run: Path) -> list[str]:
 def _cli(argv: list[str], before: str) -> subprocess.CompletedProcess:
     """`sparsedet ARGV` in a fresh Python process, after ``before`` (the patch that kills it)."""
     code = before + f"\nimport sys\nfrom sparsedet.cli import main\nsys.exit(main({argv!r}))\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 

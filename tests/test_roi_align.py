@@ -47,15 +47,16 @@ def _explicit(fmap, box, out_h, out_w, ratio):
     return out
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("ratio", [-1, 2])
-def test_matches_explicit_sampling(ratio):
+def test_matches_explicit_sampling(ratio, device):
     gen = torch.Generator().manual_seed(0)
     fmap = torch.randn(2, 3, 9, 11, generator=gen, dtype=torch.float64)
     boxes = torch.tensor([
         [[0.0, 0.0, 11.0, 9.0], [2.3, 1.7, 6.9, 8.2], [4.0, 4.0, 4.0, 4.0], [8.5, 0.2, 11.0, 3.1]],   # whole, inner, empty, edge
         [[0.1, 0.1, 1.4, 1.2], [3.3, 2.2, 10.9, 8.8], [10.2, 8.1, 11.0, 9.0], [0.0, 5.5, 7.7, 9.0]],  # tiny, large, corner
     ], dtype=torch.float64)
-    got = roi_align(fmap, boxes, (7, 5), ratio)
+    got = roi_align(fmap.to(device), boxes.to(device), (7, 5), ratio).cpu()
     assert got.shape == (2, 4, 3, 7, 5)
     for b in range(2):
         for n in range(4):

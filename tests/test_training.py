@@ -20,16 +20,18 @@ from sparsedet.data.sampler import GroupedBatchSampler, SeededSamples
 from sparsedet.engine.checkpoint import latest_checkpoint, load_run, load_train_state
 from sparsedet.engine.optim import WeightEMA, lr_factor, param_groups
 from sparsedet.errors import SparsedetError
-from sparsedet.presets import get_preset
+from sparsedet.presets import PRESETS, get_preset
 from tiny import TINY
 
 LOSS_KEYS = ("loss", "loss_cls", "loss_bbox", "loss_giou")
 
 
-def _cli(argv: list[str], before: str = "") -> subprocess.CompletedProcess:
-    """`sparsedet ARGV` in a fresh Python process; ``before`` runs first (test hooks)."""
+def _cli(argv: list[str], before: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
+    """`sparsedet ARGV` in a fresh Python process; ``before`` runs first (test hooks); ``env`` adds
+    variables."""
     code = before + f"\nimport sys\nfrom sparsedet.cli import main\nsys.exit(main({argv!r}))\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -53,18 +55,25 @@ LogSteps._log = _killing
 """
 
 
-def test_sigkilled_run_resumes_exactly(synth, tmp_path):
+# On a GPU, bit-identical runs need deterministic kernels (the gather backend's value gradient and
+# the losses' index_put accumulate with atomics otherwise); cuBLAS needs a fixed workspace for them.
+DETERMINISTIC = "import torch\ntorch.use_deterministic_algorithms(True, warn_only=True)\n"
+
+
+@pytest.mark.gpu
+def test_sigkilled_run_resumes_exactly(synth, tmp_path, device):
     args = ["train", "--preset", "dino_tiny", "--train", synth["train"], "--no-progress", *TINY,
             "train.max_steps=8", "train.log_every=1", "train.checkpoint_every=3", "train.seed=5",
-            "model.dropout=0.1", "train.threads=1"]  # dropout on: the RNG state must be restored too
-    whole = _cli(args + ["--out", str(tmp_path / "whole")])
+            "model.dropout=0.1", "train.threads=1", "--device", str(device)]  # dropout: the RNG state must be restored
+    exact = (DETERMINISTIC, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}) if device.type == "cuda" else ("", {})
+    whole = _cli(args + ["--out", str(tmp_path / "whole")], *exact)
     assert whole.returncode == 0, whole.stderr
-    killed = _cli(args + ["--out", str(tmp_path / "cut")], before=KILL_AT_STEP.format(step=5))
+    killed = _cli(args + ["--out", str(tmp_path / "cut")], exact[0] + KILL_AT_STEP.format(step=5), exact[1])
     assert killed.returncode == -9, killed.stderr
     assert latest_checkpoint(tmp_path / "cut").name == "step_00000003"
     assert max(_losses(tmp_path / "cut")) == 5  # steps 4 and 5 were logged after the checkpoint
 
-    resumed = _cli(["train", "--resume", str(tmp_path / "cut"), "--no-progress"])
+    resumed = _cli(["train", "--resume", str(tmp_path / "cut"), "--no-progress"], *exact)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and "at step 3" in resumed.stdout
     expected, got = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
@@ -73,6 +82,25 @@ def test_sigkilled_run_resumes_exactly(synth, tmp_path):
     _, a = load_run(tmp_path / "whole")
     _, b = load_run(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+def test_torchrun_of_one_process_trains_in_a_group_of_one(synth, tmp_path, device):
+    """torchrun with one process joins a process group of one, NCCL on a GPU (Gloo on a CPU), and
+    trains through DDP and the collectives as a one-GPU node of a larger run would."""
+    if "SPARSEDET_TEST_DEVICE" not in os.environ:
+        pytest.skip("on a CPU the two-process Gloo test covers the group's code; SPARSEDET_TEST_DEVICE=cpu (or "
+                    "cuda) runs this one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "sparsedet",
+            "train", "--preset", "dino_tiny", "--train", synth["train"], "--no-progress", "--out", str(tmp_path / "run"),
+            "--device", str(device), *TINY, "train.max_steps=1", "train.threads=1"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    assert f"{device.type}{':0' if device.type == 'cuda' else ''} x 1 process ({backend})" in done.stdout, done.stdout
+    assert [r["step"] for r in _log(tmp_path / "run") if "loss" in r] == [1]
+    assert latest_checkpoint(tmp_path / "run") is not None
 
 
 def test_train_state_is_never_unpickled(synth, tmp_path):
@@ -371,6 +399,40 @@ def test_train_amp_is_a_deprecated_alias_of_train_precision(tmp_path):
     loaded = []
     warns_once(lambda: loaded.append(Detector.from_pretrained(run)))
     assert loaded[0].run_config.train.precision == "fp32"
+
+
+# Every tiny preset in every precision where a test device is named (SPARSEDET_TEST_DEVICE=cuda, or
+# =cpu for all of them on a CPU); three in the default CPU run, whose other tests train every preset
+# in fp32 (test_overfit.py) and DINO in bf16 and fp16 (test_mixed_precision_trains_on_cpu).
+STEP_CASES = ([(p, precision) for p in PRESETS if p.endswith("_tiny") for precision in ("fp32", "bf16", "fp16")]
+              if "SPARSEDET_TEST_DEVICE" in os.environ else
+              [("conditional_detr_tiny", "fp32"), ("deformable_detr_tiny", "bf16"), ("dino_tiny", "fp16")])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset,precision", STEP_CASES)
+def test_one_training_step_per_tiny_preset_and_precision(preset, precision, synth, tmp_path, device):
+    """One optimiser step of every tiny preset (at tiny widths) in every training precision, fp16
+    with its loss scaler, on the test device: model, batches and optimiser state stay on it."""
+    from sparsedet.cli import _prepare_training
+    from sparsedet.engine.build import build_trainer
+    one_layer = ["model.encoder.layer_ratios=[0.5]"] if preset.startswith(("focus", "salience")) else []
+    cfg, model, train_set, _ = _prepare_training(preset, None, TINY + one_layer + [
+        f"train.precision={precision}", f"train.device={device}", "train.tensorboard=false"], {"train": synth["train"]})
+    trainer = build_trainer(model, cfg, train_set, None, tmp_path / "run", progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no native bf16" where the CPU has none
+        terms = trainer.run_step((batch, targets) for batch, targets, _ in trainer.loader)
+    assert trainer.step == 1 and math.isfinite(terms["loss"]), terms
+    assert trainer.autocast_dtype == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision] or (
+        precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert {p.device.type for p in model.parameters()} == {device.type}
+    assert {s.device.type for state in trainer.optimizer.state.values() for s in state.values()
+            if torch.is_tensor(s) and s.dim()} == {device.type}
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert len(changed) > 10
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
