@@ -424,8 +424,8 @@ def predict_section(s: Settings, out: dict) -> None:
                             return model.detect(batch, sizes, threshold=0.0)
 
                     big = batch_size > 1
-                    row = measure(detect, device, 1 if big else s.model_warmup, s.big_batch_runs if big
-                                  else s.model_runs)
+                    row = measure(detect, device, min(1, s.model_warmup) if big else s.model_warmup,
+                                  s.big_batch_runs if big else s.model_runs)
                     row["ms_per_image"] = row["median_ms"] / batch_size
                     row["images_per_second"] = 1000 * batch_size / row["median_ms"]
                     entry[key] = row
