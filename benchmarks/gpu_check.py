@@ -263,9 +263,15 @@ def deform_attn_section(s: Settings, out: dict) -> None:
     cases = {"encoder": S, f"decoder_{s.op_queries[0]}": s.op_queries[0], f"decoder_{s.op_queries[1]}": s.op_queries[1]}
     out.update({"shapes": shapes, "tokens": S, "batch": s.op_batch, "heads": M, "levels": L, "points": P,
                 "channels_per_head": D, "cases": {}})
-    backends = [b for b in deform_attn.BACKENDS if not (b == "cpu" and device.type != "cpu")]
-    out["backends"] = backends
-    out["left_out"] = {b: "runs on CPU tensors only" for b in deform_attn.BACKENDS if b not in backends}
+    out["left_out"] = left_out = {}
+    for name in deform_attn.BACKENDS:
+        if name == "cpu" and device.type != "cpu":
+            left_out[name] = "runs on CPU tensors only"
+        elif name == "triton":
+            reason = getattr(getattr(deform_attn, "deform_attn_triton", None), "unusable_reason", lambda d: None)
+            if reason(device):
+                left_out[name] = reason(device)
+    out["backends"] = backends = [b for b in deform_attn.BACKENDS if b not in left_out]
     g = torch.Generator(device="cpu").manual_seed(0)
     for case, Q in cases.items():
         for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -600,7 +606,8 @@ def targets(report: dict) -> dict:
     encoder = get("deform_attn", "cases", "encoder_bf16") or {}
     triton_ms = get("deform_attn", "cases", "encoder_bf16", "triton", "forward_backward", "median_ms")
     gather_ms = get("deform_attn", "cases", "encoder_bf16", "gather", "forward_backward", "median_ms")
-    no_triton = "" if "triton" in (get("deform_attn", "backends") or []) else "the op has no triton backend here"
+    no_triton = "" if "triton" in (get("deform_attn", "backends") or []) else (
+        get("deform_attn", "left_out", "triton") or "the op has no triton backend here")
     result["triton_fwd_bwd_vs_gather_bf16_encoder"] = judge(
         gather_ms / triton_ms if triton_ms and gather_ms else None, lambda v: v >= 5, ">= 5",
         "gather's forward+backward median over triton's, encoder case, bf16", no_triton)
