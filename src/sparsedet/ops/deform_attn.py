@@ -33,6 +33,7 @@ from torch import Tensor
 from ..errors import SparsedetError
 from . import deform_attn_kernel, deform_attn_triton
 from .deform_attn_check import check_inputs
+from .functional import host_tensor
 
 BACKENDS = ("reference", "cpu", "gather", "triton")
 ENV = "SPARSEDET_DEFORM_ATTN"
@@ -233,9 +234,9 @@ def _corners(shapes: list[tuple[int, int]], locations: Tensor) -> tuple[Tensor, 
     for h, w in shapes:
         starts.append(acc)
         acc += h * w
-    level_h = torch.tensor([h for h, _ in shapes], device=dev)[:, None]
-    level_w = torch.tensor([w for _, w in shapes], device=dev)[:, None]
-    level_start = torch.tensor(starts, device=dev)[:, None]
+    level_h = host_tensor([h for h, _ in shapes], dev)[:, None]
+    level_w = host_tensor([w for _, w in shapes], dev)[:, None]
+    level_start = host_tensor(starts, dev)[:, None]
     loc = locations.transpose(1, 2)  # [B, M, Q, L, P, 2]
     # Pixel coordinates with align_corners=False (the centre of pixel i sits at i + 0.5), computed
     # as grid_sample does, so that locations on pixel lines fall in the same cell.
