@@ -147,6 +147,13 @@ def _blocks(rows: int, K: int, D: int) -> tuple[int, int, int]:
     return max(1, min(64, 4096 // per_row)), block_k, block_d
 
 
+def _launch(rows: int, K: int, D: int, block_rows: int | None) -> tuple[tuple[int], dict]:
+    """The grid and the tile sizes (with the compile options) of a launch over ``rows`` rows."""
+    block_r, block_k, block_d = _blocks(rows, K, D)
+    block_r = block_rows or block_r
+    return (-(-rows // block_r),), {"BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_D": block_d, **COMPILE}
+
+
 def _next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -164,12 +171,10 @@ def forward(value: Tensor, shapes: list[int], locations: Tensor, weights: Tensor
     out = value.new_empty(B, Q, M, D)
     rows = B * Q * M
     if rows and D and L * P:
-        block_r, block_k, block_d = _blocks(rows, L * P, D)
-        block_r = block_rows or block_r
-        grid = (-(-rows // block_r),)
+        grid, tiles = _launch(rows, L * P, D, block_rows)
         kernels._forward_kernel[grid](value.contiguous(), _levels(shapes, value.device), locations.contiguous(),
                                       weights.contiguous(), out, rows, S, M, D, Q, L, P,
-                                      BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, **COMPILE)
+                                      **tiles)
     elif out.numel():
         out.zero_()
     return out.view(B, Q, M * D)
@@ -191,11 +196,9 @@ def backward(grad_out: Tensor, value: Tensor, shapes: list[int], locations: Tens
     grad_weights = torch.zeros(weights.shape, dtype=weights.dtype, device=weights.device)
     rows = B * Q * M
     if rows and D and L * P:
-        block_r, block_k, block_d = _blocks(rows, L * P, D)
-        block_r = block_rows or block_r
-        grid = (-(-rows // block_r),)
+        grid, tiles = _launch(rows, L * P, D, block_rows)
         kernels._backward_kernel[grid](value.contiguous(), _levels(shapes, value.device), locations.contiguous(),
                                        weights.contiguous(), grad_out.contiguous(), grad_value, grad_locations,
                                        grad_weights, rows, S, M, D, Q, L, P,
-                                       BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_D=block_d, **COMPILE)
+                                       **tiles)
     return grad_value.to(value.dtype), grad_locations, grad_weights

@@ -55,6 +55,20 @@ def _samples(levels_ptr, loc_ptr, weight_ptr, row, rmask, L, P, BLOCK_K: tl.cons
 
 
 @triton.jit
+def _neighbour(dx: tl.constexpr, dy: tl.constexpr, x0, y0, fx, fy, inside, h, w, first, base, d, M, D):
+    """The neighbour (x0 + dx, y0 + dy) of every (row, sample): whether it lies inside its level,
+    its bilinear factors along x and y, and the [BLOCK_R, BLOCK_K, BLOCK_D] offsets of its channels
+    in ``value`` (token 0 where outside: the loads and adds there are masked)."""
+    xi = x0 + dx
+    yi = y0 + dy
+    ok = inside & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+    s = first + tl.where(ok, yi * w + xi, 0)
+    wx = fx if dx else 1.0 - fx
+    wy = fy if dy else 1.0 - fy
+    return ok, wx, wy, (base[:, None] + s * (M * D))[:, :, None] + d[None, None, :]
+
+
+@triton.jit
 def _forward_kernel(value_ptr, levels_ptr, loc_ptr, weight_ptr, out_ptr, rows, S, M, D, Q, L, P,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -66,14 +80,8 @@ def _forward_kernel(value_ptr, levels_ptr, loc_ptr, weight_ptr, out_ptr, rows, S
     x0, y0, fx, fy, a, inside, h, w, first, _ = _samples(levels_ptr, loc_ptr, weight_ptr, row, rmask, L, P, BLOCK_K)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for n in tl.static_range(4):
-        dx = n % 2
-        dy = n // 2
-        xi = x0 + dx
-        yi = y0 + dy
-        ok = inside & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        s = first + tl.where(ok, yi * w + xi, 0)
-        coef = a * (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy)
-        at = (base[:, None] + s * (M * D))[:, :, None] + d[None, None, :]
+        ok, wx, wy, at = _neighbour(n % 2, n // 2, x0, y0, fx, fy, inside, h, w, first, base, d, M, D)
+        coef = a * wx * wy
         v = tl.load(value_ptr + at, mask=ok[:, :, None] & dmask, other=0.0).to(tl.float32)
         acc += tl.sum(coef[:, :, None] * v, axis=1)
     out = out_ptr + row[:, None] * D + d[None, :]
@@ -101,13 +109,7 @@ def _backward_kernel(value_ptr, levels_ptr, loc_ptr, weight_ptr, grad_out_ptr, g
     for n in tl.static_range(4):
         dx = n % 2
         dy = n // 2
-        xi = x0 + dx
-        yi = y0 + dy
-        ok = inside & (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        s = first + tl.where(ok, yi * w + xi, 0)
-        wx = fx if dx else 1.0 - fx
-        wy = fy if dy else 1.0 - fy
-        at = (base[:, None] + s * (M * D))[:, :, None] + d[None, None, :]
+        ok, wx, wy, at = _neighbour(dx, dy, x0, y0, fx, fy, inside, h, w, first, base, d, M, D)
         okd = ok[:, :, None] & dmask
         v = tl.load(value_ptr + at, mask=okd, other=0.0).to(tl.float32)
         dot = tl.sum(g * v, axis=2)  # zero where the neighbour is outside
