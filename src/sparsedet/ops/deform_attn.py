@@ -218,11 +218,11 @@ def _reference(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, 
 
 
 def _unnormalize(grid: Tensor, size: Tensor) -> Tensor:
-    """grid in [-1, 1] -> pixel coordinate ``grid * size / 2 + (size - 1) / 2``, rounded once to
-    grid's dtype, as grid_sample's fused multiply-add does (the fp32 product is exact in fp64, and
-    so is the sum for any location a model makes; MPS has no fp64 and rounds twice)."""
+    """grid in [-1, 1] -> pixel coordinate ``(grid + 1) * (size / 2) - 0.5`` as grid_sample computes
+    it: ``grid + 1`` in grid's dtype, then the product and the difference rounded once, as its
+    fused multiply-add does (both are exact in fp64; MPS has no fp64 and rounds twice)."""
     wide = torch.float64 if grid.device.type != "mps" else torch.float32
-    return (grid.to(wide) * (size.to(wide) * 0.5) + (size.to(wide) - 1) * 0.5).to(grid.dtype)
+    return ((grid + 1).to(wide) * (size.to(wide) * 0.5) - 0.5).to(grid.dtype)
 
 
 def _corners(shapes: list[tuple[int, int]], locations: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

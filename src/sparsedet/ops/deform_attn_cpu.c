@@ -37,12 +37,11 @@ typedef struct {
 /* Pixel coordinates of a sampling location; 0 when no neighbour lies inside the map. The
    arithmetic is grid_sample's on the CPU, operation for operation, so that a location on a pixel
    line (every location at initialisation) falls in the same cell and gets the same one-sided
-   gradient: grid = 2 * loc - 1, then grid * (size / 2) + (size - 1) / 2 rounded once (grid_sample's
-   vectorised kernels use a fused multiply-add; fmaf rounds once on every CPU). */
+   gradient: grid = 2 * loc - 1, then (grid + 1) * (size / 2) - 0.5, the last two steps rounded once
+   (ATen's vectorised kernel is compiled to a fused multiply-add; fmaf rounds once on every CPU). */
 static int locate(float lx, float ly, int64_t h, int64_t w, Corner *c) {
     float gx = 2.0f * lx - 1.0f, gy = 2.0f * ly - 1.0f;
-    float x = fmaf(gx, (float)w * 0.5f, ((float)w - 1.0f) * 0.5f);
-    float y = fmaf(gy, (float)h * 0.5f, ((float)h - 1.0f) * 0.5f);
+    float x = fmaf(gx + 1.0f, (float)w * 0.5f, -0.5f), y = fmaf(gy + 1.0f, (float)h * 0.5f, -0.5f);
     /* At exactly -1 only the far neighbour is inside, with bilinear weight 0 but a gradient. */
     if (!(x >= -1.0f && x < (float)w && y >= -1.0f && y < (float)h)) return 0; /* also NaN */
     float x0 = floorf(x), y0 = floorf(y);
